@@ -1,0 +1,301 @@
+//! Agent configuration: one YAML file. Parsing is strict (unknown keys are errors)
+//! and every error names `file:line:col`.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use mdsec_common::maps;
+use serde::{Deserialize, Serialize};
+
+/// Largest config file accepted; a config is a few kilobytes.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9740";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mdsec";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/mdsec";
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Gateway interfaces the datapath attaches to.
+    pub interfaces: Vec<Interface>,
+    #[serde(default)]
+    pub maps: MapSizes,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// bpffs directory for pinned maps and links.
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    /// HTTP API and metrics. Loopback by default: the API is not meant for the network.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// How often maps are read.
+    #[serde(default = "default_poll_ms")]
+    pub poll_interval_ms: u64,
+    /// Flows idle this long are removed from the kernel map and the API.
+    #[serde(default = "default_idle_secs")]
+    pub flow_idle_timeout_secs: u64,
+    /// What a clean stop (SIGINT/SIGTERM) does to the datapath.
+    #[serde(default)]
+    pub on_exit: OnExit,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interface {
+    pub name: String,
+    pub role: Role,
+    /// Required: the operator decides between native and generic XDP. There is no
+    /// silent fallback from one to the other.
+    pub xdp_mode: XdpMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Traffic crosses this interface: the datapath may enforce here.
+    Inline,
+    /// A SPAN/mirror port: frames are copies, mdsec only observes.
+    Mirror,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Native XDP in the driver.
+    Driver,
+    /// Generic XDP in the stack (works on every interface, slower).
+    Skb,
+}
+
+impl fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            XdpMode::Driver => "driver",
+            XdpMode::Skb => "skb",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnExit {
+    /// Detach XDP and remove every pin: a stopped agent leaves nothing behind.
+    #[default]
+    Detach,
+    /// Leave the datapath attached and its maps pinned (for upgrades: the next start
+    /// atomically replaces the program and keeps counting into the same maps).
+    Keep,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MapSizes {
+    #[serde(default = "default_flows")]
+    pub flows: u32,
+    #[serde(default = "default_devices")]
+    pub devices: u32,
+    #[serde(default = "default_fragments")]
+    pub fragments: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes { flows: default_flows(), devices: default_devices(), fragments: default_fragments() }
+    }
+}
+
+fn default_flows() -> u32 {
+    maps::DEFAULT_FLOWS_MAX
+}
+fn default_devices() -> u32 {
+    maps::DEFAULT_DEVICES_MAX
+}
+fn default_fragments() -> u32 {
+    maps::DEFAULT_FRAGS_MAX
+}
+fn default_state_dir() -> PathBuf {
+    DEFAULT_STATE_DIR.into()
+}
+fn default_pin_dir() -> PathBuf {
+    DEFAULT_PIN_DIR.into()
+}
+fn default_listen() -> SocketAddr {
+    DEFAULT_LISTEN.parse().unwrap()
+}
+fn default_poll_ms() -> u64 {
+    1000
+}
+fn default_idle_secs() -> u64 {
+    300
+}
+
+/// A configuration error located in a file.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.col, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms)
+    }
+
+    pub fn flow_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.flow_idle_timeout_secs)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let at = |line, col, message: String| ConfigError { file: path.to_owned(), line, col, message };
+        let meta = std::fs::metadata(path).map_err(|e| at(0, 0, format!("cannot read: {e}")))?;
+        if meta.len() > MAX_CONFIG_BYTES {
+            return Err(at(1, 1, format!("file is {} bytes; the limit is {MAX_CONFIG_BYTES}", meta.len())));
+        }
+        let bytes = std::fs::read(path).map_err(|e| at(0, 0, format!("cannot read: {e}")))?;
+        let text = std::str::from_utf8(&bytes).map_err(|e| {
+            let (line, col) = line_col(&bytes, e.valid_up_to());
+            at(line, col, "not valid UTF-8".into())
+        })?;
+        Self::parse(text).map_err(|mut e| {
+            e.file = path.to_owned();
+            e
+        })
+    }
+
+    /// Parses and validates YAML text; errors carry an empty file name.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = serde_saphyr::from_str(text).map_err(|e| {
+            let (line, col) = e.location().map(|l| (l.line() as usize, l.column() as usize)).unwrap_or((1, 1));
+            ConfigError { file: PathBuf::new(), line, col, message: saphyr_message(&e.to_string()) }
+        })?;
+        cfg.validate(text)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, text: &str) -> Result<(), ConfigError> {
+        // Semantic errors point at the line that names the offending value.
+        let at = |needle: &str, message: String| {
+            let (line, col) = find(text, needle);
+            ConfigError { file: PathBuf::new(), line, col, message }
+        };
+        if self.interfaces.is_empty() {
+            return Err(at("interfaces", "`interfaces` must name at least one interface".into()));
+        }
+        let mut seen = HashSet::new();
+        for i in &self.interfaces {
+            if i.name.is_empty() || i.name.len() >= libc::IFNAMSIZ || i.name.contains('/') {
+                return Err(at(&i.name, format!("`{}` is not a valid interface name", i.name)));
+            }
+            if !seen.insert(&i.name) {
+                return Err(at(&i.name, format!("interface `{}` is listed twice", i.name)));
+            }
+        }
+        for (name, v) in [("flows", self.maps.flows), ("devices", self.maps.devices), ("fragments", self.maps.fragments)] {
+            if !(16..=1 << 26).contains(&v) {
+                return Err(at(name, format!("maps.{name} = {v} is outside 16..=67108864")));
+            }
+        }
+        if !(10..=60_000).contains(&self.poll_interval_ms) {
+            return Err(at("poll_interval_ms", "poll_interval_ms must be within 10..=60000".into()));
+        }
+        if self.flow_idle_timeout_secs == 0 {
+            return Err(at("flow_idle_timeout_secs", "flow_idle_timeout_secs must be positive".into()));
+        }
+        if !self.pin_dir.is_absolute() || !self.state_dir.is_absolute() {
+            return Err(at("_dir", "pin_dir and state_dir must be absolute paths".into()));
+        }
+        Ok(())
+    }
+}
+
+/// serde-saphyr renders "error: line L column C: message" plus a snippet; keep the
+/// message only, the location is printed in `file:line:col` form.
+fn saphyr_message(rendered: &str) -> String {
+    let first = rendered.lines().next().unwrap_or(rendered);
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    match first.split_once(": ") {
+        Some((loc, msg)) if loc.starts_with("line ") => msg.to_string(),
+        _ => first.to_string(),
+    }
+}
+
+/// 1-based line and column of the first occurrence of `needle`, or 1:1.
+fn find(text: &str, needle: &str) -> (usize, usize) {
+    text.find(needle).map(|off| line_col(text.as_bytes(), off)).unwrap_or((1, 1))
+}
+
+fn line_col(bytes: &[u8], off: usize) -> (usize, usize) {
+    let before = &bytes[..off.min(bytes.len())];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let col = off - before.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1) + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "interfaces:\n  - name: eth1\n    role: inline\n    xdp_mode: driver\n";
+
+    #[test]
+    fn minimal_config_gets_safe_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert!(c.listen.ip().is_loopback());
+        assert_eq!(c.maps.flows, maps::DEFAULT_FLOWS_MAX);
+        assert_eq!(c.on_exit, OnExit::Detach);
+        assert_eq!(c.interfaces[0].xdp_mode, XdpMode::Driver);
+    }
+
+    #[test]
+    fn errors_name_line_and_column() {
+        let e = Config::parse("interfaces:\n  - name: eth1\n    role: inline\n    xdp_mode: native\n").unwrap_err();
+        assert_eq!((e.line, e.col), (4, 15), "{e}");
+        let e = Config::parse(&format!("{GOOD}bogus: 1\n")).unwrap_err();
+        assert_eq!(e.line, 5, "{e}");
+        assert!(e.message.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn xdp_mode_is_required() {
+        let e = Config::parse("interfaces:\n  - name: eth1\n    role: inline\n").unwrap_err();
+        assert!(e.message.contains("xdp_mode"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_point_at_the_value() {
+        let text = format!("{GOOD}  - name: eth1\n    role: mirror\n    xdp_mode: skb\n");
+        let e = Config::parse(&text).unwrap_err();
+        assert!(e.message.contains("twice"), "{e}");
+        let e = Config::parse(&format!("{GOOD}maps:\n  flows: 3\n")).unwrap_err();
+        assert_eq!(e.line, 6, "{e}");
+    }
+
+    #[test]
+    fn non_utf8_file_is_located() {
+        let dir = std::env::temp_dir().join(format!("mdsec-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("bad.yaml");
+        std::fs::write(&p, b"interfaces:\n  - name: \xff\n").unwrap();
+        let e = Config::load(&p).unwrap_err();
+        assert_eq!((e.line, e.col), (2, 11), "{e}");
+        assert!(e.to_string().starts_with(&format!("{}:2:11:", p.display())));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

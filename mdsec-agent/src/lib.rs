@@ -1,0 +1,14 @@
+//! mdsec agent: loads the XDP datapath, polls its maps and serves what it counts.
+//! See docs/ARCHITECTURE.md for the module map.
+
+pub mod api;
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod loader;
+pub mod model;
+pub mod netlink;
+pub mod poller;
+pub mod run;
+pub mod state;
+pub mod table;

@@ -1,0 +1,163 @@
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use mdsec_agent::{
+    client,
+    config::{self, Config},
+    loader, model,
+    table::{human, render},
+};
+
+#[derive(Parser)]
+#[command(name = "mdsec-agent", version, about = "Network-layer security for medical devices (XDP)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Attach the datapath to the configured interfaces and serve the API.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file; prints `file:line:col: message` and exits 1 on error.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// List flows seen by a running agent.
+    Flows(Query),
+    /// List devices seen by a running agent.
+    Devices(Query),
+    /// Show datapath counters by reason.
+    Stats(Query),
+    /// Detach the datapath and remove its pins (after a crash, or an `on_exit: keep` stop).
+    Detach {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct Query {
+    /// API address of the agent.
+    #[arg(long, default_value = config::DEFAULT_LISTEN)]
+    api: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: &PathBuf) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::FAILURE
+    })
+}
+
+fn real_main() -> Result<ExitCode> {
+    match Cli::parse().cmd {
+        Cmd::Run { config } => {
+            let cfg = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(mdsec_agent::run::run(cfg))?;
+        }
+        Cmd::Check { config } => {
+            if let Err(code) = load_config(&config) {
+                return Ok(code);
+            }
+            println!("{}: ok", config.display());
+        }
+        Cmd::Detach { config } => {
+            let cfg = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            loader::remove_pins(&loader::layout_dir(&cfg.pin_dir))?;
+            println!("removed pins under {}", cfg.pin_dir.display());
+        }
+        Cmd::Flows(q) => {
+            let flows: Vec<model::Flow> = client::get_json(addr(&q)?, "/api/v1/flows")?;
+            if q.json {
+                println!("{}", serde_json::to_string_pretty(&flows)?);
+            } else {
+                let rows: Vec<Vec<String>> = flows
+                    .iter()
+                    .map(|f| {
+                        vec![
+                            f.iface.clone(),
+                            f.vlan.to_string(),
+                            f.proto.clone(),
+                            format!("{}:{}", f.src, f.sport),
+                            format!("{}:{}", f.dst, f.dport),
+                            human(f.packets),
+                            human(f.bytes),
+                            f.last_seen.clone(),
+                        ]
+                    })
+                    .collect();
+                print!("{}", render(&["IFACE", "VLAN", "PROTO", "SRC", "DST", "PKTS", "BYTES", "LAST SEEN"], &rows));
+            }
+        }
+        Cmd::Devices(q) => {
+            let devices: Vec<model::Device> = client::get_json(addr(&q)?, "/api/v1/devices")?;
+            if q.json {
+                println!("{}", serde_json::to_string_pretty(&devices)?);
+            } else {
+                let rows: Vec<Vec<String>> = devices
+                    .iter()
+                    .map(|d| {
+                        vec![
+                            d.iface.clone(),
+                            d.vlan.to_string(),
+                            d.mac.clone(),
+                            d.ips.join(","),
+                            human(d.packets),
+                            human(d.bytes),
+                            d.last_seen.clone(),
+                        ]
+                    })
+                    .collect();
+                print!("{}", render(&["IFACE", "VLAN", "MAC", "IPS", "PKTS", "BYTES", "LAST SEEN"], &rows));
+            }
+        }
+        Cmd::Stats(q) => {
+            let stats: model::Stats = client::get_json(addr(&q)?, "/api/v1/stats")?;
+            if q.json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+            } else {
+                let rows: Vec<Vec<String>> = stats
+                    .iter()
+                    .filter(|(_, c)| c.packets > 0)
+                    .map(|(k, c)| vec![k.clone(), c.packets.to_string(), c.bytes.to_string()])
+                    .collect();
+                print!("{}", render(&["REASON", "PACKETS", "BYTES"], &rows));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn addr(q: &Query) -> Result<SocketAddr> {
+    client::parse_api(&q.api)
+}

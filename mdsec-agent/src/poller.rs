@@ -1,0 +1,85 @@
+//! Owns the FLOWS, DEVICES and STATS maps on the user side: reads them every poll
+//! interval, merges into [`Tables`], and ages idle flows out of the kernel.
+
+use std::{
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use log::warn;
+use mdsec_common::{
+    device::{DeviceKey, DeviceValue},
+    flow::{FlowKey, FlowValue},
+    maps as names,
+    stats::{Counter, STATS_LEN},
+};
+
+use crate::{clock, loader::Datapath, state::Tables};
+
+pub struct Poller {
+    flows: BpfHashMap<MapData, FlowKey, FlowValue>,
+    devices: BpfHashMap<MapData, DeviceKey, DeviceValue>,
+    stats: PerCpuArray<MapData, Counter>,
+    idle: Duration,
+}
+
+impl Poller {
+    pub fn new(dp: &mut Datapath, idle: Duration) -> Result<Poller> {
+        Ok(Poller {
+            flows: BpfHashMap::try_from(dp.take_map(names::FLOWS)?)?,
+            devices: BpfHashMap::try_from(dp.take_map(names::DEVICES)?)?,
+            stats: PerCpuArray::try_from(dp.take_map(names::STATS)?)?,
+            idle,
+        })
+    }
+
+    /// One poll: snapshot the maps outside the lock, merge under it, then age.
+    pub fn poll(&mut self, tables: &RwLock<Tables>) -> Result<()> {
+        let flows: Vec<_> = self.flows.iter().filter_map(Result::ok).collect();
+        let devices: Vec<_> = self.devices.iter().filter_map(Result::ok).collect();
+        let mut stats = Vec::with_capacity(STATS_LEN as usize);
+        for i in 0..STATS_LEN {
+            let per_cpu = self.stats.get(&i, 0).context("read STATS")?;
+            stats.push(per_cpu.iter().fold(Counter::default(), |a, c| Counter {
+                packets: a.packets + c.packets,
+                bytes: a.bytes + c.bytes,
+            }));
+        }
+        let idle = {
+            let mut t = tables.write().unwrap();
+            t.merge_flows(&flows);
+            t.merge_devices(&devices);
+            t.set_stats(stats);
+            t.idle_flows(clock::boottime_ns(), self.idle.as_nanos() as u64)
+        };
+        for k in idle {
+            // A packet may have arrived since the snapshot: only delete what is
+            // still idle, so no count is lost.
+            let still_idle = match self.flows.get(&k, 0) {
+                Ok(v) => clock::boottime_ns().saturating_sub(v.last_seen_ns) > self.idle.as_nanos() as u64,
+                Err(_) => true,
+            };
+            if !still_idle {
+                continue;
+            }
+            let _ = self.flows.remove(&k);
+            tables.write().unwrap().forget_flow(&k);
+        }
+        Ok(())
+    }
+
+    /// Polls forever on a dedicated thread: map reads are blocking syscalls.
+    pub fn spawn(mut self, tables: Arc<RwLock<Tables>>, every: Duration) -> std::thread::JoinHandle<()> {
+        std::thread::Builder::new()
+            .name("mdsec-poller".into())
+            .spawn(move || loop {
+                if let Err(e) = self.poll(&tables) {
+                    warn!("poll failed: {e:#}");
+                }
+                std::thread::sleep(every);
+            })
+            .expect("spawn poller thread")
+    }
+}

@@ -1,0 +1,240 @@
+//! The agent's view of flows and devices, merged from kernel map snapshots.
+//!
+//! Kernel entries can disappear (LRU eviction, idle ageing) and reappear with
+//! counters starting from zero. Each record therefore keeps a `base` of everything
+//! counted by earlier kernel incarnations, so reported counters never go backwards.
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    net::IpAddr,
+};
+
+use mdsec_common::{
+    device::{DeviceKey, DeviceValue},
+    flow::{FlowKey, FlowValue},
+    net::ip_from_key,
+    stats::{Counter, Stat},
+};
+
+/// How many distinct addresses a device record remembers.
+pub const MAX_DEVICE_IPS: usize = 32;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Counters of one key across kernel incarnations.
+#[derive(Debug, Clone, Default)]
+struct Monotonic {
+    base: Totals,
+    /// (first_seen_ns, packets, bytes) of the current kernel entry.
+    kernel: Option<(u64, u64, u64)>,
+}
+
+impl Monotonic {
+    fn observe(&mut self, first_seen_ns: u64, packets: u64, bytes: u64) {
+        if let Some((f, p, b)) = self.kernel {
+            if f != first_seen_ns || packets < p {
+                // A new kernel entry: the previous one's counts are final.
+                self.base.packets += p;
+                self.base.bytes += b;
+            }
+        }
+        self.kernel = Some((first_seen_ns, packets, bytes));
+    }
+
+    /// The kernel entry is gone; keep its counts.
+    fn vanished(&mut self) {
+        if let Some((_, p, b)) = self.kernel.take() {
+            self.base.packets += p;
+            self.base.bytes += b;
+        }
+    }
+
+    fn totals(&self) -> Totals {
+        let (p, b) = self.kernel.map_or((0, 0), |(_, p, b)| (p, b));
+        Totals { packets: self.base.packets + p, bytes: self.base.bytes + b }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FlowRecord {
+    counts: Monotonic,
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    pub tcp_flags: u8,
+}
+
+impl FlowRecord {
+    pub fn totals(&self) -> Totals {
+        self.counts.totals()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DeviceRecord {
+    counts: Monotonic,
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    /// Every address seen for this device, oldest dropped beyond [`MAX_DEVICE_IPS`].
+    pub ips: BTreeSet<IpAddr>,
+    /// Insertion order of `ips`, to know which is oldest.
+    ip_order: Vec<IpAddr>,
+}
+
+impl DeviceRecord {
+    pub fn totals(&self) -> Totals {
+        self.counts.totals()
+    }
+
+    fn remember_ip(&mut self, ip: IpAddr) {
+        if ip.is_unspecified() || !self.ips.insert(ip) {
+            return;
+        }
+        self.ip_order.push(ip);
+        if self.ip_order.len() > MAX_DEVICE_IPS {
+            let old = self.ip_order.remove(0);
+            self.ips.remove(&old);
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Tables {
+    pub flows: HashMap<FlowKey, FlowRecord>,
+    pub devices: HashMap<DeviceKey, DeviceRecord>,
+    /// Summed over CPUs, indexed like [`Stat::ALL`].
+    pub stats: Vec<Counter>,
+}
+
+impl Tables {
+    pub fn merge_flows(&mut self, snapshot: &[(FlowKey, FlowValue)]) {
+        let mut present = HashSet::with_capacity(snapshot.len());
+        for (k, v) in snapshot {
+            present.insert(*k);
+            let r = self.flows.entry(*k).or_insert_with(|| FlowRecord {
+                counts: Monotonic::default(),
+                first_seen_ns: v.first_seen_ns,
+                last_seen_ns: v.last_seen_ns,
+                tcp_flags: 0,
+            });
+            r.counts.observe(v.first_seen_ns, v.packets, v.bytes);
+            r.first_seen_ns = r.first_seen_ns.min(v.first_seen_ns);
+            r.last_seen_ns = r.last_seen_ns.max(v.last_seen_ns);
+            r.tcp_flags |= v.tcp_flags as u8;
+        }
+        for (k, r) in self.flows.iter_mut() {
+            if !present.contains(k) {
+                r.counts.vanished();
+            }
+        }
+    }
+
+    pub fn merge_devices(&mut self, snapshot: &[(DeviceKey, DeviceValue)]) {
+        let mut present = HashSet::with_capacity(snapshot.len());
+        for (k, v) in snapshot {
+            present.insert(*k);
+            let r = self.devices.entry(*k).or_insert_with(|| DeviceRecord {
+                counts: Monotonic::default(),
+                first_seen_ns: v.first_seen_ns,
+                last_seen_ns: v.last_seen_ns,
+                ips: BTreeSet::new(),
+                ip_order: Vec::new(),
+            });
+            r.counts.observe(v.first_seen_ns, v.packets, v.bytes);
+            r.first_seen_ns = r.first_seen_ns.min(v.first_seen_ns);
+            r.last_seen_ns = r.last_seen_ns.max(v.last_seen_ns);
+            if v.ipv4 != [0; 4] {
+                r.remember_ip(IpAddr::from(v.ipv4));
+            }
+            if v.ipv6 != [0; 16] {
+                r.remember_ip(ip_from_key(v.ipv6));
+            }
+        }
+        for (k, r) in self.devices.iter_mut() {
+            if !present.contains(k) {
+                r.counts.vanished();
+            }
+        }
+    }
+
+    pub fn set_stats(&mut self, per_cpu_sums: Vec<Counter>) {
+        self.stats = per_cpu_sums;
+    }
+
+    pub fn stat(&self, s: Stat) -> Counter {
+        self.stats.get(s as usize).copied().unwrap_or_default()
+    }
+
+    /// Flows with no packet for longer than `idle_ns` before `now_ns`.
+    pub fn idle_flows(&self, now_ns: u64, idle_ns: u64) -> Vec<FlowKey> {
+        self.flows
+            .iter()
+            .filter(|(_, r)| now_ns.saturating_sub(r.last_seen_ns) > idle_ns)
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    pub fn forget_flow(&mut self, k: &FlowKey) {
+        self.flows.remove(k);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(sport: u16) -> FlowKey {
+        FlowKey { ifindex: 2, vlan: 0, proto: 17, _pad: 0, src: [1; 16], dst: [2; 16], sport, dport: 53 }
+    }
+
+    fn val(first: u64, packets: u64) -> FlowValue {
+        FlowValue { packets, bytes: packets * 100, first_seen_ns: first, last_seen_ns: first + packets, tcp_flags: 0 }
+    }
+
+    #[test]
+    fn counters_survive_eviction_and_recreation() {
+        let mut t = Tables::default();
+        t.merge_flows(&[(key(1), val(10, 5))]);
+        assert_eq!(t.flows[&key(1)].totals(), Totals { packets: 5, bytes: 500 });
+        t.merge_flows(&[(key(1), val(10, 8))]);
+        assert_eq!(t.flows[&key(1)].totals().packets, 8);
+        // Evicted by the LRU: nothing lost.
+        t.merge_flows(&[]);
+        assert_eq!(t.flows[&key(1)].totals().packets, 8);
+        // Recreated with fresh counters.
+        t.merge_flows(&[(key(1), val(50, 2))]);
+        assert_eq!(t.flows[&key(1)].totals(), Totals { packets: 10, bytes: 1000 });
+        // Recreated between two polls (never seen missing).
+        t.merge_flows(&[(key(1), val(90, 1))]);
+        assert_eq!(t.flows[&key(1)].totals().packets, 11);
+        assert_eq!(t.flows[&key(1)].first_seen_ns, 10);
+        assert_eq!(t.flows[&key(1)].last_seen_ns, 91);
+    }
+
+    #[test]
+    fn idle_flows_are_found_and_forgotten() {
+        let mut t = Tables::default();
+        t.merge_flows(&[(key(1), val(10, 1)), (key(2), val(1000, 1))]);
+        assert_eq!(t.idle_flows(1100, 500), vec![key(1)]);
+        t.forget_flow(&key(1));
+        assert!(!t.flows.contains_key(&key(1)));
+    }
+
+    #[test]
+    fn device_ips_accumulate_and_stay_bounded() {
+        let mut t = Tables::default();
+        let k = DeviceKey { ifindex: 2, vlan: 0, mac: [2, 0, 0, 0, 0, 1] };
+        for i in 0..40u8 {
+            let v = DeviceValue { first_seen_ns: 1, last_seen_ns: 2, packets: 1 + i as u64, ipv4: [10, 0, 0, i], ..Default::default() };
+            t.merge_devices(&[(k, v)]);
+        }
+        let ips = &t.devices[&k].ips;
+        assert_eq!(ips.len(), MAX_DEVICE_IPS);
+        assert!(ips.contains(&"10.0.0.39".parse().unwrap()));
+        assert!(!ips.contains(&"10.0.0.0".parse().unwrap()));
+        assert_eq!(t.devices[&k].totals().packets, 40);
+    }
+}

@@ -1,0 +1,55 @@
+//! Wire constants shared by the kernel parser and userspace.
+
+pub const ETH_HLEN: usize = 14;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88A8;
+
+pub const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ROUTING: u8 = 43;
+pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const IPPROTO_DSTOPTS: u8 = 60;
+
+/// At most this many VLAN tags are parsed (802.1ad S-tag + 802.1Q C-tag).
+pub const MAX_VLAN_TAGS: usize = 2;
+/// At most this many IPv6 extension headers are skipped before giving up.
+pub const MAX_IPV6_EXT_HEADERS: usize = 6;
+
+/// Writes an IPv4 address as an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), the
+/// single address form used in every map key.
+#[inline(always)]
+pub fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use std::net::{IpAddr, Ipv6Addr};
+
+    /// Turns a map address back into the address family it came from.
+    pub fn ip_from_key(addr: [u8; 16]) -> IpAddr {
+        let v6 = Ipv6Addr::from(addr);
+        match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        }
+    }
+
+    /// The inverse of [`ip_from_key`].
+    pub fn ip_to_key(ip: IpAddr) -> [u8; 16] {
+        match ip {
+            IpAddr::V4(v4) => super::v4_mapped(v4.octets()),
+            IpAddr::V6(v6) => v6.octets(),
+        }
+    }
+}
+#[cfg(feature = "user")]
+pub use user::*;

@@ -1,0 +1,114 @@
+//! Per-CPU counters by reason. Every frame increments `Frames` and exactly one
+//! verdict (`Pass`/`Drop`); every early return of the parser increments exactly one
+//! malformed/truncated reason, so nothing leaves the program uncounted.
+
+/// One counter cell of the `STATS` per-CPU array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+macro_rules! stats {
+    ($($(#[$doc:meta])* $variant:ident = $name:literal,)*) => {
+        /// Index into the `STATS` map.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Stat { $($(#[$doc])* $variant,)* }
+
+        impl Stat {
+            pub const ALL: &'static [Stat] = &[$(Stat::$variant,)*];
+            /// Stable snake_case name used in the API and in metric labels.
+            pub const fn name(self) -> &'static str {
+                match self { $(Stat::$variant => $name,)* }
+            }
+        }
+    };
+}
+
+stats! {
+    /// Every frame the program saw.
+    Frames = "frames",
+    Pass = "pass",
+    Drop = "drop",
+    /// Frames carrying one or two VLAN tags.
+    VlanTagged = "vlan_tagged",
+    Arp = "arp",
+    Ipv4 = "ipv4",
+    Ipv6 = "ipv6",
+    /// Ethertypes mdsec does not parse further (LLDP, STP, …).
+    OtherL3 = "other_l3",
+    Tcp = "tcp",
+    Udp = "udp",
+    Icmp = "icmp",
+    Icmpv6 = "icmpv6",
+    OtherL4 = "other_l4",
+    /// First fragment of a fragmented datagram (carries the ports).
+    FragFirst = "fragment_first",
+    /// Later fragment accounted to the flow of its first fragment.
+    FragMatched = "fragment_matched",
+    /// Later fragment whose first fragment was not seen (yet): accounted to the
+    /// fragment bucket flow (ports 0).
+    FragBucket = "fragment_bucket",
+    /// Frame shorter than an Ethernet header.
+    TruncEth = "truncated_ethernet",
+    /// Frame ends inside a VLAN tag.
+    TruncVlan = "truncated_vlan",
+    /// More than two VLAN tags: the rest is not parsed.
+    VlanTooDeep = "vlan_too_deep",
+    TruncArp = "truncated_arp",
+    TruncIpv4 = "truncated_ipv4",
+    /// IPv4 version field is not 4.
+    BadIpv4Version = "bad_ipv4_version",
+    /// IHL below 5 (shorter than the fixed header).
+    BadIpv4Ihl = "bad_ipv4_ihl",
+    /// Total length below the header length or beyond the frame.
+    BadIpv4Len = "bad_ipv4_length",
+    TruncIpv6 = "truncated_ipv6",
+    /// Version field of an IPv6 ethertype frame is not 6.
+    BadIpv6Version = "bad_ipv6_version",
+    /// Frame ends inside an IPv6 extension header.
+    TruncIpv6Ext = "truncated_ipv6_ext",
+    /// More extension headers than the parser's bound.
+    Ipv6ExtTooDeep = "ipv6_ext_too_deep",
+    /// Frame ends inside the TCP/UDP/ICMP header.
+    TruncL4 = "truncated_l4",
+    /// TCP data offset below 5.
+    BadTcpOffset = "bad_tcp_offset",
+    /// A flow could not be inserted into `FLOWS`.
+    FlowUpdateFail = "flow_update_failed",
+    /// A device could not be inserted into `DEVICES`.
+    DeviceUpdateFail = "device_update_failed",
+    /// A first fragment could not be remembered in `FRAGS`.
+    FragUpdateFail = "fragment_update_failed",
+}
+
+/// Number of entries in the `STATS` array.
+pub const STATS_LEN: u32 = Stat::ALL.len() as u32;
+
+impl Stat {
+    /// True for reasons that mean the frame was malformed or truncated.
+    pub const fn is_malformed(self) -> bool {
+        matches!(
+            self,
+            Stat::TruncEth
+                | Stat::TruncVlan
+                | Stat::VlanTooDeep
+                | Stat::TruncArp
+                | Stat::TruncIpv4
+                | Stat::BadIpv4Version
+                | Stat::BadIpv4Ihl
+                | Stat::BadIpv4Len
+                | Stat::TruncIpv6
+                | Stat::BadIpv6Version
+                | Stat::TruncIpv6Ext
+                | Stat::Ipv6ExtTooDeep
+                | Stat::TruncL4
+                | Stat::BadTcpOffset
+        )
+    }
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Counter {}

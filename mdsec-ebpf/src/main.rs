@@ -1,0 +1,49 @@
+//! mdsec XDP datapath: one program attached to every gateway interface.
+//!
+//! Stages, one module each: [`parse`] → [`account`] → [`verdict`]. Malformed frames
+//! are counted by reason and passed; nothing here ever stops the program early
+//! without a counted reason.
+#![no_std]
+#![no_main]
+// BPF has atomic add/or instructions, but the target has no CAS, so core's atomic
+// types lack fetch_add there; the intrinsics lower to BPF_ATOMIC directly.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
+
+mod account;
+mod atomic;
+mod maps;
+mod parse;
+mod stats;
+mod verdict;
+
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_boot_ns, macros::xdp, programs::XdpContext};
+use mdsec_common::stats::Stat;
+
+#[xdp]
+pub fn mdsec_xdp(ctx: XdpContext) -> u32 {
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    stats::count(Stat::Frames, len);
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+
+    let mut pkt = parse::Packet::new(ctx.ingress_ifindex() as u32);
+    if let Err(reason) = parse::parse(&ctx, &mut pkt) {
+        stats::count(reason, len);
+    }
+    account::account(&pkt, now, len);
+    let action = verdict::decide(&pkt);
+    stats::count(if action == xdp_action::XDP_DROP { Stat::Drop } else { Stat::Pass }, len);
+    action
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// The kernel's name for a GPL-compatible dual licence (see `license_is_gpl_compatible`).
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,27 @@
+//! Map definitions. Names are fixed (see `mdsec_common::maps`) because they are the
+//! pin file names; sizes here are placeholders the agent overrides at load time.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{LruHashMap, PerCpuArray},
+};
+use mdsec_common::{
+    device::{DeviceKey, DeviceValue},
+    flow::{FlowKey, FlowValue},
+    frag::{FragKey, FragValue},
+    maps::{DEFAULT_DEVICES_MAX, DEFAULT_FLOWS_MAX, DEFAULT_FRAGS_MAX},
+    stats::{Counter, STATS_LEN},
+};
+
+#[map(name = "FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(DEFAULT_FLOWS_MAX, 0);
+
+#[map(name = "DEVICES")]
+pub static DEVICES: LruHashMap<DeviceKey, DeviceValue> =
+    LruHashMap::pinned(DEFAULT_DEVICES_MAX, 0);
+
+#[map(name = "FRAGS")]
+pub static FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(DEFAULT_FRAGS_MAX, 0);
+
+#[map(name = "STATS")]
+pub static STATS: PerCpuArray<Counter> = PerCpuArray::pinned(STATS_LEN, 0);

@@ -1,0 +1,277 @@
+//! Parse stage: Ethernet → up to two VLAN tags → ARP / IPv4 / IPv6 (+ bounded
+//! extension headers) → TCP / UDP / ICMP / ICMPv6 / other.
+//!
+//! `parse` fills a [`Packet`] as far as the frame allows and returns the reason it
+//! stopped early, if any. What was filled before the stop is still used by the
+//! account stage (a frame with a good Ethernet header but a truncated IP header still
+//! counts for its sending device).
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+use mdsec_common::{
+    net::{
+        v4_mapped, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6,
+        IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ICMP, IPPROTO_ICMPV6,
+        IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP, MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS,
+    },
+    stats::Stat,
+};
+
+pub const L3_NONE: u8 = 0;
+pub const L3_ARP: u8 = 1;
+pub const L3_IPV4: u8 = 4;
+pub const L3_IPV6: u8 = 6;
+pub const L3_OTHER: u8 = 255;
+
+pub const FRAG_NONE: u8 = 0;
+/// Offset 0 with more-fragments set: carries the L4 header.
+pub const FRAG_FIRST: u8 = 1;
+/// Offset > 0: no L4 header.
+pub const FRAG_LATER: u8 = 2;
+
+pub struct Packet {
+    pub ifindex: u32,
+    /// An Ethernet header was present (the frame has a source MAC).
+    pub has_eth: bool,
+    pub src_mac: [u8; 6],
+    pub vlan_tags: u8,
+    /// Innermost VLAN id, 0 when untagged.
+    pub vlan: u16,
+    pub l3: u8,
+    /// ARP sender protocol address.
+    pub arp_spa: [u8; 4],
+    /// Source and destination addresses are valid (IPv4-mapped for IPv4).
+    pub has_addrs: bool,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub proto: u8,
+    /// Ports (or ICMP type/code) are known; for port-less protocols they are 0.
+    pub has_l4: bool,
+    pub sport: u16,
+    pub dport: u16,
+    pub tcp_flags: u8,
+    pub frag: u8,
+    pub frag_id: u32,
+}
+
+impl Packet {
+    #[inline(always)]
+    pub fn new(ifindex: u32) -> Self {
+        Packet {
+            ifindex,
+            has_eth: false,
+            src_mac: [0; 6],
+            vlan_tags: 0,
+            vlan: 0,
+            l3: L3_NONE,
+            arp_spa: [0; 4],
+            has_addrs: false,
+            src: [0; 16],
+            dst: [0; 16],
+            proto: 0,
+            has_l4: false,
+            sport: 0,
+            dport: 0,
+            tcp_flags: 0,
+            frag: FRAG_NONE,
+            frag_id: 0,
+        }
+    }
+}
+
+/// Bounds-checked pointer to a `T` at `off` bytes into the frame. The explicit
+/// comparison against `data_end` is what the verifier needs to see.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *const T)
+}
+
+#[inline(always)]
+fn be16(a: u8, b: u8) -> u16 {
+    ((a as u16) << 8) | b as u16
+}
+
+// Inlined: packet pointers must not cross a BPF-to-BPF call (LLVM would pass
+// data_end as a truncated scalar, which the verifier rejects).
+#[inline(always)]
+pub fn parse(ctx: &XdpContext, p: &mut Packet) -> Result<(), Stat> {
+    let eth: *const [u8; ETH_HLEN] = ptr_at(ctx, 0).ok_or(Stat::TruncEth)?;
+    // SAFETY: bounds checked by ptr_at.
+    let eth = unsafe { &*eth };
+    p.has_eth = true;
+    p.src_mac = [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]];
+    let mut ethertype = be16(eth[12], eth[13]);
+    let mut off = ETH_HLEN;
+
+    for _ in 0..MAX_VLAN_TAGS {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        let tag: *const [u8; 4] = ptr_at(ctx, off).ok_or(Stat::TruncVlan)?;
+        // SAFETY: bounds checked by ptr_at.
+        let tag = unsafe { &*tag };
+        p.vlan = be16(tag[0], tag[1]) & 0x0fff;
+        p.vlan_tags += 1;
+        ethertype = be16(tag[2], tag[3]);
+        off += 4;
+    }
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        return Err(Stat::VlanTooDeep);
+    }
+
+    match ethertype {
+        ETH_P_IP => parse_ipv4(ctx, off, p),
+        ETH_P_IPV6 => parse_ipv6(ctx, off, p),
+        ETH_P_ARP => parse_arp(ctx, off, p),
+        _ => {
+            p.l3 = L3_OTHER;
+            Ok(())
+        }
+    }
+}
+
+#[inline(always)]
+fn parse_arp(ctx: &XdpContext, off: usize, p: &mut Packet) -> Result<(), Stat> {
+    p.l3 = L3_ARP;
+    // Ethernet/IPv4 ARP: 8-byte header, sender MAC (6), sender IP (4), …
+    let h: *const [u8; 28] = ptr_at(ctx, off).ok_or(Stat::TruncArp)?;
+    // SAFETY: bounds checked by ptr_at.
+    let h = unsafe { &*h };
+    // Only Ethernet (1) / IPv4 (0x0800) ARP carries an IPv4 sender address.
+    if be16(h[0], h[1]) == 1 && be16(h[2], h[3]) == ETH_P_IP {
+        p.arp_spa = [h[14], h[15], h[16], h[17]];
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, off: usize, p: &mut Packet) -> Result<(), Stat> {
+    p.l3 = L3_IPV4;
+    let h: *const [u8; 20] = ptr_at(ctx, off).ok_or(Stat::TruncIpv4)?;
+    // SAFETY: bounds checked by ptr_at.
+    let h = unsafe { &*h };
+    if h[0] >> 4 != 4 {
+        return Err(Stat::BadIpv4Version);
+    }
+    let ihl = (h[0] & 0x0f) as usize * 4;
+    if ihl < 20 {
+        return Err(Stat::BadIpv4Ihl);
+    }
+    let total = be16(h[2], h[3]) as usize;
+    // Frames may be longer than the datagram (Ethernet padding), never shorter.
+    if total < ihl || off + total > ctx.data_end() - ctx.data() {
+        return Err(Stat::BadIpv4Len);
+    }
+    p.src = v4_mapped([h[12], h[13], h[14], h[15]]);
+    p.dst = v4_mapped([h[16], h[17], h[18], h[19]]);
+    p.has_addrs = true;
+    p.proto = h[9];
+
+    let frag = be16(h[6], h[7]);
+    if frag & 0x3fff != 0 {
+        p.frag_id = be16(h[4], h[5]) as u32;
+        if frag & 0x1fff != 0 {
+            p.frag = FRAG_LATER;
+            return Ok(());
+        }
+        p.frag = FRAG_FIRST;
+    }
+    parse_l4(ctx, off + ihl, p)
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext, off: usize, p: &mut Packet) -> Result<(), Stat> {
+    p.l3 = L3_IPV6;
+    let h: *const [u8; 40] = ptr_at(ctx, off).ok_or(Stat::TruncIpv6)?;
+    // SAFETY: bounds checked by ptr_at.
+    let h = unsafe { &*h };
+    if h[0] >> 4 != 6 {
+        return Err(Stat::BadIpv6Version);
+    }
+    let mut i = 0;
+    while i < 16 {
+        p.src[i] = h[8 + i];
+        p.dst[i] = h[24 + i];
+        i += 1;
+    }
+    p.has_addrs = true;
+    let mut nh = h[6];
+    let mut off = off + 40;
+
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match nh {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let e: *const [u8; 2] = ptr_at(ctx, off).ok_or(Stat::TruncIpv6Ext)?;
+                // SAFETY: bounds checked by ptr_at.
+                let e = unsafe { &*e };
+                nh = e[0];
+                off += (e[1] as usize + 1) * 8;
+            }
+            IPPROTO_FRAGMENT => {
+                let e: *const [u8; 8] = ptr_at(ctx, off).ok_or(Stat::TruncIpv6Ext)?;
+                // SAFETY: bounds checked by ptr_at.
+                let e = unsafe { &*e };
+                nh = e[0];
+                off += 8;
+                let fo = be16(e[2], e[3]);
+                p.frag_id = u32::from_be_bytes([e[4], e[5], e[6], e[7]]);
+                if fo & 0xfff8 != 0 {
+                    p.proto = nh;
+                    p.frag = FRAG_LATER;
+                    return Ok(());
+                }
+                // An atomic fragment (offset 0, M clear) is a whole datagram.
+                if fo & 1 != 0 {
+                    p.frag = FRAG_FIRST;
+                }
+            }
+            _ => break,
+        }
+    }
+    p.proto = nh;
+    if matches!(nh, IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_FRAGMENT) {
+        return Err(Stat::Ipv6ExtTooDeep);
+    }
+    parse_l4(ctx, off, p)
+}
+
+#[inline(always)]
+fn parse_l4(ctx: &XdpContext, off: usize, p: &mut Packet) -> Result<(), Stat> {
+    match p.proto {
+        IPPROTO_TCP => {
+            let h: *const [u8; 20] = ptr_at(ctx, off).ok_or(Stat::TruncL4)?;
+            // SAFETY: bounds checked by ptr_at.
+            let h = unsafe { &*h };
+            if h[12] >> 4 < 5 {
+                return Err(Stat::BadTcpOffset);
+            }
+            p.sport = be16(h[0], h[1]);
+            p.dport = be16(h[2], h[3]);
+            p.tcp_flags = h[13];
+        }
+        IPPROTO_UDP => {
+            let h: *const [u8; 8] = ptr_at(ctx, off).ok_or(Stat::TruncL4)?;
+            // SAFETY: bounds checked by ptr_at.
+            let h = unsafe { &*h };
+            p.sport = be16(h[0], h[1]);
+            p.dport = be16(h[2], h[3]);
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            // type, code, checksum
+            let h: *const [u8; 4] = ptr_at(ctx, off).ok_or(Stat::TruncL4)?;
+            // SAFETY: bounds checked by ptr_at.
+            let h = unsafe { &*h };
+            p.sport = h[0] as u16;
+            p.dport = h[1] as u16;
+        }
+        _ => {}
+    }
+    p.has_l4 = true;
+    Ok(())
+}
