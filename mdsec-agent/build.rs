@@ -18,7 +18,13 @@ fn main() {
 
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest.parent().unwrap().to_path_buf();
-    for p in ["mdsec-ebpf/src", "mdsec-ebpf/Cargo.toml", "mdsec-common/src", "mdsec-common/Cargo.toml", "Cargo.lock"] {
+    for p in [
+        "mdsec-ebpf/src",
+        "mdsec-ebpf/Cargo.toml",
+        "mdsec-common/src",
+        "mdsec-common/Cargo.toml",
+        "Cargo.lock",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(p).display());
     }
     // One eBPF target dir per workspace, whatever profile builds the agent.

@@ -41,13 +41,20 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .fallback(|| async {
-            (StatusCode::NOT_FOUND, Json(model::ApiError { error: "no such endpoint".into() }))
+            (
+                StatusCode::NOT_FOUND,
+                Json(model::ApiError {
+                    error: "no such endpoint".into(),
+                }),
+            )
         })
         .with_state(state)
 }
 
 pub async fn serve(addr: SocketAddr, state: Arc<AppState>) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listen on {addr}"))?;
     axum::serve(listener, router(state)).await?;
     Ok(())
 }
@@ -64,7 +71,10 @@ pub fn flows_json(st: &AppState) -> Vec<model::Flow> {
         .map(|(k, r)| {
             let tot = r.totals();
             model::Flow {
-                iface: names.entry(k.ifindex).or_insert_with(|| st.ifname(k.ifindex)).clone(),
+                iface: names
+                    .entry(k.ifindex)
+                    .or_insert_with(|| st.ifname(k.ifindex))
+                    .clone(),
                 vlan: k.vlan,
                 src: k.src_ip().to_string(),
                 dst: k.dst_ip().to_string(),
@@ -80,7 +90,26 @@ pub fn flows_json(st: &AppState) -> Vec<model::Flow> {
             }
         })
         .collect();
-    out.sort_by(|a, b| (&a.iface, a.vlan, &a.src, &a.dst, a.proto_num, a.sport, a.dport).cmp(&(&b.iface, b.vlan, &b.src, &b.dst, b.proto_num, b.sport, b.dport)));
+    out.sort_by(|a, b| {
+        (
+            &a.iface,
+            a.vlan,
+            &a.src,
+            &a.dst,
+            a.proto_num,
+            a.sport,
+            a.dport,
+        )
+            .cmp(&(
+                &b.iface,
+                b.vlan,
+                &b.src,
+                &b.dst,
+                b.proto_num,
+                b.sport,
+                b.dport,
+            ))
+    });
     out
 }
 
@@ -123,7 +152,13 @@ async fn stats(axum::extract::State(st): S) -> Json<model::Stats> {
             .iter()
             .map(|s| {
                 let c = t.stat(*s);
-                (s.name().to_string(), model::Count { packets: c.packets, bytes: c.bytes })
+                (
+                    s.name().to_string(),
+                    model::Count {
+                        packets: c.packets,
+                        bytes: c.bytes,
+                    },
+                )
             })
             .collect(),
     )

@@ -106,7 +106,11 @@ pub struct MapSizes {
 
 impl Default for MapSizes {
     fn default() -> Self {
-        MapSizes { flows: default_flows(), devices: default_devices(), fragments: default_fragments() }
+        MapSizes {
+            flows: default_flows(),
+            devices: default_devices(),
+            fragments: default_fragments(),
+        }
     }
 }
 
@@ -146,7 +150,14 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.col, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.col,
+            self.message
+        )
     }
 }
 
@@ -162,10 +173,22 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let at = |line, col, message: String| ConfigError { file: path.to_owned(), line, col, message };
+        let at = |line, col, message: String| ConfigError {
+            file: path.to_owned(),
+            line,
+            col,
+            message,
+        };
         let meta = std::fs::metadata(path).map_err(|e| at(0, 0, format!("cannot read: {e}")))?;
         if meta.len() > MAX_CONFIG_BYTES {
-            return Err(at(1, 1, format!("file is {} bytes; the limit is {MAX_CONFIG_BYTES}", meta.len())));
+            return Err(at(
+                1,
+                1,
+                format!(
+                    "file is {} bytes; the limit is {MAX_CONFIG_BYTES}",
+                    meta.len()
+                ),
+            ));
         }
         let bytes = std::fs::read(path).map_err(|e| at(0, 0, format!("cannot read: {e}")))?;
         let text = std::str::from_utf8(&bytes).map_err(|e| {
@@ -181,8 +204,16 @@ impl Config {
     /// Parses and validates YAML text; errors carry an empty file name.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let cfg: Config = serde_saphyr::from_str(text).map_err(|e| {
-            let (line, col) = e.location().map(|l| (l.line() as usize, l.column() as usize)).unwrap_or((1, 1));
-            ConfigError { file: PathBuf::new(), line, col, message: saphyr_message(&e.to_string()) }
+            let (line, col) = e
+                .location()
+                .map(|l| (l.line() as usize, l.column() as usize))
+                .unwrap_or((1, 1));
+            ConfigError {
+                file: PathBuf::new(),
+                line,
+                col,
+                message: saphyr_message(&e.to_string()),
+            }
         })?;
         cfg.validate(text)?;
         Ok(cfg)
@@ -192,33 +223,63 @@ impl Config {
         // Semantic errors point at the line that names the offending value.
         let at = |needle: &str, message: String| {
             let (line, col) = find(text, needle);
-            ConfigError { file: PathBuf::new(), line, col, message }
+            ConfigError {
+                file: PathBuf::new(),
+                line,
+                col,
+                message,
+            }
         };
         if self.interfaces.is_empty() {
-            return Err(at("interfaces", "`interfaces` must name at least one interface".into()));
+            return Err(at(
+                "interfaces",
+                "`interfaces` must name at least one interface".into(),
+            ));
         }
         let mut seen = HashSet::new();
         for i in &self.interfaces {
             if i.name.is_empty() || i.name.len() >= libc::IFNAMSIZ || i.name.contains('/') {
-                return Err(at(&i.name, format!("`{}` is not a valid interface name", i.name)));
+                return Err(at(
+                    &i.name,
+                    format!("`{}` is not a valid interface name", i.name),
+                ));
             }
             if !seen.insert(&i.name) {
-                return Err(at(&i.name, format!("interface `{}` is listed twice", i.name)));
+                return Err(at(
+                    &i.name,
+                    format!("interface `{}` is listed twice", i.name),
+                ));
             }
         }
-        for (name, v) in [("flows", self.maps.flows), ("devices", self.maps.devices), ("fragments", self.maps.fragments)] {
+        for (name, v) in [
+            ("flows", self.maps.flows),
+            ("devices", self.maps.devices),
+            ("fragments", self.maps.fragments),
+        ] {
             if !(16..=1 << 26).contains(&v) {
-                return Err(at(name, format!("maps.{name} = {v} is outside 16..=67108864")));
+                return Err(at(
+                    name,
+                    format!("maps.{name} = {v} is outside 16..=67108864"),
+                ));
             }
         }
         if !(10..=60_000).contains(&self.poll_interval_ms) {
-            return Err(at("poll_interval_ms", "poll_interval_ms must be within 10..=60000".into()));
+            return Err(at(
+                "poll_interval_ms",
+                "poll_interval_ms must be within 10..=60000".into(),
+            ));
         }
         if self.flow_idle_timeout_secs == 0 {
-            return Err(at("flow_idle_timeout_secs", "flow_idle_timeout_secs must be positive".into()));
+            return Err(at(
+                "flow_idle_timeout_secs",
+                "flow_idle_timeout_secs must be positive".into(),
+            ));
         }
         if !self.pin_dir.is_absolute() || !self.state_dir.is_absolute() {
-            return Err(at("_dir", "pin_dir and state_dir must be absolute paths".into()));
+            return Err(at(
+                "_dir",
+                "pin_dir and state_dir must be absolute paths".into(),
+            ));
         }
         Ok(())
     }
@@ -237,13 +298,20 @@ fn saphyr_message(rendered: &str) -> String {
 
 /// 1-based line and column of the first occurrence of `needle`, or 1:1.
 fn find(text: &str, needle: &str) -> (usize, usize) {
-    text.find(needle).map(|off| line_col(text.as_bytes(), off)).unwrap_or((1, 1))
+    text.find(needle)
+        .map(|off| line_col(text.as_bytes(), off))
+        .unwrap_or((1, 1))
 }
 
 fn line_col(bytes: &[u8], off: usize) -> (usize, usize) {
     let before = &bytes[..off.min(bytes.len())];
     let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-    let col = off - before.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1) + 1;
+    let col = off
+        - before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |p| p + 1)
+        + 1;
     (line, col)
 }
 
@@ -265,7 +333,9 @@ mod tests {
 
     #[test]
     fn errors_name_line_and_column() {
-        let e = Config::parse("interfaces:\n  - name: eth1\n    role: inline\n    xdp_mode: native\n").unwrap_err();
+        let e =
+            Config::parse("interfaces:\n  - name: eth1\n    role: inline\n    xdp_mode: native\n")
+                .unwrap_err();
         assert_eq!((e.line, e.col), (4, 15), "{e}");
         let e = Config::parse(&format!("{GOOD}bogus: 1\n")).unwrap_err();
         assert_eq!(e.line, 5, "{e}");

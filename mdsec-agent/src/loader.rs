@@ -37,7 +37,8 @@ use crate::{
 };
 
 /// The eBPF object built by build.rs from `mdsec-ebpf`.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mdsec.bpf.o"));
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mdsec.bpf.o"));
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
@@ -65,7 +66,10 @@ fn map_layout(name: &str) -> (u32, u32) {
     use std::mem::size_of;
     match name {
         names::FLOWS => (size_of::<FlowKey>() as u32, size_of::<FlowValue>() as u32),
-        names::DEVICES => (size_of::<DeviceKey>() as u32, size_of::<DeviceValue>() as u32),
+        names::DEVICES => (
+            size_of::<DeviceKey>() as u32,
+            size_of::<DeviceValue>() as u32,
+        ),
         names::FRAGS => (size_of::<FragKey>() as u32, size_of::<FragValue>() as u32),
         names::STATS => (4, size_of::<Counter>() as u32),
         _ => unreachable!("unknown map {name}"),
@@ -83,7 +87,8 @@ impl Datapath {
         let maps_dir = root.join("maps");
         let links_dir = root.join("links");
         fs::create_dir_all(&maps_dir).with_context(|| format!("create {}", maps_dir.display()))?;
-        fs::create_dir_all(&links_dir).with_context(|| format!("create {}", links_dir.display()))?;
+        fs::create_dir_all(&links_dir)
+            .with_context(|| format!("create {}", links_dir.display()))?;
 
         let sizes = [
             (names::FLOWS, cfg.maps.flows),
@@ -94,10 +99,14 @@ impl Datapath {
         for (name, max) in sizes {
             drop_incompatible_pin(&maps_dir.join(name), name, max)?;
         }
+        let pins: Vec<(&str, PathBuf)> =
+            names::ALL.iter().map(|n| (*n, maps_dir.join(n))).collect();
         let mut loader = EbpfLoader::new();
-        loader.default_map_pin_directory(&maps_dir);
         for (name, max) in sizes {
             loader.map_max_entries(name, max);
+        }
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT).context("load the eBPF object")?;
 
@@ -120,10 +129,17 @@ impl Datapath {
                 a.0,
                 iface.xdp_mode,
                 effective,
-                if a.1 { ", replaced the program of a pinned link" } else { "" }
+                if a.1 {
+                    ", replaced the program of a pinned link"
+                } else {
+                    ""
+                }
             );
             if effective != iface.xdp_mode.to_string() {
-                warn!("{}: effective XDP mode {} differs from the requested {}", iface.name, effective, iface.xdp_mode);
+                warn!(
+                    "{}: effective XDP mode {} differs from the requested {}",
+                    iface.name, effective, iface.xdp_mode
+                );
             }
             attached.push(Attached {
                 name: iface.name.clone(),
@@ -134,15 +150,24 @@ impl Datapath {
                 replaced: a.1,
             });
         }
-        Ok(Datapath { ebpf, attached, root })
+        Ok(Datapath {
+            ebpf,
+            attached,
+            root,
+        })
     }
 
     pub fn take_map(&mut self, name: &str) -> Result<Map> {
-        self.ebpf.take_map(name).with_context(|| format!("map {name} missing from object"))
+        self.ebpf
+            .take_map(name)
+            .with_context(|| format!("map {name} missing from object"))
     }
 
     pub fn ifnames(&self) -> HashMap<u32, String> {
-        self.attached.iter().map(|a| (a.ifindex, a.name.clone())).collect()
+        self.attached
+            .iter()
+            .map(|a| (a.ifindex, a.name.clone()))
+            .collect()
     }
 
     /// Detach from every interface and remove all pins of this layout.
@@ -187,7 +212,10 @@ fn attach(prog: &mut Xdp, links_dir: &Path, ifname: &str, mode: XdpMode) -> Resu
                 let link = XdpLink::try_from(FdLink::from(pinned))?;
                 match prog.attach_to_link(link) {
                     Ok(_) => return Ok((ifindex, true)),
-                    Err(e) => warn!("{ifname}: cannot replace the program in {}: {e}; attaching anew", pin.display()),
+                    Err(e) => warn!(
+                        "{ifname}: cannot replace the program in {}: {e}; attaching anew",
+                        pin.display()
+                    ),
                 }
             }
             Err(e) => warn!("{ifname}: stale link pin {}: {e}", pin.display()),
@@ -203,18 +231,25 @@ fn attach(prog: &mut Xdp, links_dir: &Path, ifname: &str, mode: XdpMode) -> Resu
     let fd_link = FdLink::try_from(link).context(
         "the kernel attached XDP through netlink, not a bpf_link; mdsec needs bpf_link (Linux ≥ 5.9)",
     )?;
-    fd_link.pin(&pin).with_context(|| format!("pin link at {}", pin.display()))?;
+    fd_link
+        .pin(&pin)
+        .with_context(|| format!("pin link at {}", pin.display()))?;
     Ok((ifindex, false))
 }
 
 /// The full verifier log can be thousands of lines; its end says why.
 fn verifier_tail(e: aya::programs::ProgramError) -> anyhow::Error {
     match e {
-        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
             let log = verifier_log.to_string();
             let lines: Vec<&str> = log.lines().collect();
             let tail = lines[lines.len().saturating_sub(15)..].join("\n");
-            anyhow::anyhow!("the kernel verifier rejected the XDP program ({io_error}); end of its log:\n{tail}")
+            anyhow::anyhow!(
+                "the kernel verifier rejected the XDP program ({io_error}); end of its log:\n{tail}"
+            )
         }
         e => anyhow::Error::new(e).context("load the XDP program"),
     }
@@ -228,7 +263,9 @@ fn drop_incompatible_pin(path: &Path, name: &str, max: u32) -> Result<()> {
     }
     let (ks, vs) = map_layout(name);
     match MapInfo::from_pin(path) {
-        Ok(info) if info.key_size() == ks && info.value_size() == vs && info.max_entries() == max => {
+        Ok(info)
+            if info.key_size() == ks && info.value_size() == vs && info.max_entries() == max =>
+        {
             info!("{name}: reusing pinned map {}", path.display());
             return Ok(());
         }
@@ -239,7 +276,10 @@ fn drop_incompatible_pin(path: &Path, name: &str, max: u32) -> Result<()> {
             info.value_size(),
             info.max_entries()
         ),
-        Err(e) => warn!("{name}: unreadable pin {}: {e}; replacing it", path.display()),
+        Err(e) => warn!(
+            "{name}: unreadable pin {}: {e}; replacing it",
+            path.display()
+        ),
     }
     fs::remove_file(path).with_context(|| format!("remove {}", path.display()))
 }
@@ -254,16 +294,29 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     let src = CString::new("bpf")?;
     let dst = CString::new("/sys/fs/bpf")?;
     // SAFETY: valid C strings; no data argument.
-    let rc = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            src.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     if rc != 0 {
-        bail!("mount bpffs at /sys/fs/bpf: {}", std::io::Error::last_os_error());
+        bail!(
+            "mount bpffs at /sys/fs/bpf: {}",
+            std::io::Error::last_os_error()
+        );
     }
     info!("mounted bpffs at /sys/fs/bpf");
     Ok(())
 }
 
 fn is_bpffs(p: &Path) -> bool {
-    let Ok(c) = CString::new(p.as_os_str().as_encoded_bytes()) else { return false };
+    let Ok(c) = CString::new(p.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
     // SAFETY: statfs writes into the zeroed struct.
     unsafe {
         let mut s: libc::statfs = std::mem::zeroed();

@@ -10,7 +10,11 @@ use mdsec_agent::{
 };
 
 #[derive(Parser)]
-#[command(name = "mdsec-agent", version, about = "Network-layer security for medical devices (XDP)")]
+#[command(
+    name = "mdsec-agent",
+    version,
+    about = "Network-layer security for medical devices (XDP)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -62,7 +66,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_config(path: &PathBuf) -> Result<Config, ExitCode> {
+fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         eprintln!("{e}");
         ExitCode::FAILURE
@@ -116,7 +120,22 @@ fn real_main() -> Result<ExitCode> {
                         ]
                     })
                     .collect();
-                print!("{}", render(&["IFACE", "VLAN", "PROTO", "SRC", "DST", "PKTS", "BYTES", "LAST SEEN"], &rows));
+                print!(
+                    "{}",
+                    render(
+                        &[
+                            "IFACE",
+                            "VLAN",
+                            "PROTO",
+                            "SRC",
+                            "DST",
+                            "PKTS",
+                            "BYTES",
+                            "LAST SEEN"
+                        ],
+                        &rows
+                    )
+                );
             }
         }
         Cmd::Devices(q) => {
@@ -138,7 +157,13 @@ fn real_main() -> Result<ExitCode> {
                         ]
                     })
                     .collect();
-                print!("{}", render(&["IFACE", "VLAN", "MAC", "IPS", "PKTS", "BYTES", "LAST SEEN"], &rows));
+                print!(
+                    "{}",
+                    render(
+                        &["IFACE", "VLAN", "MAC", "IPS", "PKTS", "BYTES", "LAST SEEN"],
+                        &rows
+                    )
+                );
             }
         }
         Cmd::Stats(q) => {

@@ -71,9 +71,15 @@ pub fn proto_name(p: u8) -> String {
 
 pub fn tcp_flag_names(f: u8) -> Vec<String> {
     const NAMES: [&str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
-    (0..8).filter(|b| f & (1 << b) != 0).map(|b| NAMES[b].to_string()).collect()
+    (0..8)
+        .filter(|b| f & (1 << b) != 0)
+        .map(|b| NAMES[b].to_string())
+        .collect()
 }
 
 pub fn mac_string(m: [u8; 6]) -> String {
-    format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
 }

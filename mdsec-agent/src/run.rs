@@ -21,9 +21,12 @@ use crate::{
 };
 
 pub async fn run(cfg: Config) -> Result<()> {
-    std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("create state dir {}", cfg.state_dir.display()))?;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("create state dir {}", cfg.state_dir.display()))?;
     // Bind before touching the datapath: a busy port should fail without side effects.
-    let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("listen on {}", cfg.listen))?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listen on {}", cfg.listen))?;
 
     let mut dp = Datapath::load(&cfg)?;
     let mut poller = Poller::new(&mut dp, cfg.flow_idle_timeout())?;
@@ -31,7 +34,10 @@ pub async fn run(cfg: Config) -> Result<()> {
     poller.poll(&tables)?;
     poller.spawn(tables.clone(), cfg.poll_interval());
 
-    let state = Arc::new(AppState { tables, attached: dp.attached.clone() });
+    let state = Arc::new(AppState {
+        tables,
+        attached: dp.attached.clone(),
+    });
     info!("API on http://{}", cfg.listen);
     let server = tokio::spawn(async move { axum::serve(listener, api::router(state)).await });
 

@@ -35,12 +35,12 @@ struct Monotonic {
 
 impl Monotonic {
     fn observe(&mut self, first_seen_ns: u64, packets: u64, bytes: u64) {
-        if let Some((f, p, b)) = self.kernel {
-            if f != first_seen_ns || packets < p {
-                // A new kernel entry: the previous one's counts are final.
-                self.base.packets += p;
-                self.base.bytes += b;
-            }
+        // A new kernel entry: the previous one's counts are final.
+        if let Some((f, p, b)) = self.kernel
+            && (f != first_seen_ns || packets < p)
+        {
+            self.base.packets += p;
+            self.base.bytes += b;
         }
         self.kernel = Some((first_seen_ns, packets, bytes));
     }
@@ -55,7 +55,10 @@ impl Monotonic {
 
     fn totals(&self) -> Totals {
         let (p, b) = self.kernel.map_or((0, 0), |(_, p, b)| (p, b));
-        Totals { packets: self.base.packets + p, bytes: self.base.bytes + b }
+        Totals {
+            packets: self.base.packets + p,
+            bytes: self.base.bytes + b,
+        }
     }
 }
 
@@ -187,18 +190,39 @@ mod tests {
     use super::*;
 
     fn key(sport: u16) -> FlowKey {
-        FlowKey { ifindex: 2, vlan: 0, proto: 17, _pad: 0, src: [1; 16], dst: [2; 16], sport, dport: 53 }
+        FlowKey {
+            ifindex: 2,
+            vlan: 0,
+            proto: 17,
+            _pad: 0,
+            src: [1; 16],
+            dst: [2; 16],
+            sport,
+            dport: 53,
+        }
     }
 
     fn val(first: u64, packets: u64) -> FlowValue {
-        FlowValue { packets, bytes: packets * 100, first_seen_ns: first, last_seen_ns: first + packets, tcp_flags: 0 }
+        FlowValue {
+            packets,
+            bytes: packets * 100,
+            first_seen_ns: first,
+            last_seen_ns: first + packets,
+            tcp_flags: 0,
+        }
     }
 
     #[test]
     fn counters_survive_eviction_and_recreation() {
         let mut t = Tables::default();
         t.merge_flows(&[(key(1), val(10, 5))]);
-        assert_eq!(t.flows[&key(1)].totals(), Totals { packets: 5, bytes: 500 });
+        assert_eq!(
+            t.flows[&key(1)].totals(),
+            Totals {
+                packets: 5,
+                bytes: 500
+            }
+        );
         t.merge_flows(&[(key(1), val(10, 8))]);
         assert_eq!(t.flows[&key(1)].totals().packets, 8);
         // Evicted by the LRU: nothing lost.
@@ -206,7 +230,13 @@ mod tests {
         assert_eq!(t.flows[&key(1)].totals().packets, 8);
         // Recreated with fresh counters.
         t.merge_flows(&[(key(1), val(50, 2))]);
-        assert_eq!(t.flows[&key(1)].totals(), Totals { packets: 10, bytes: 1000 });
+        assert_eq!(
+            t.flows[&key(1)].totals(),
+            Totals {
+                packets: 10,
+                bytes: 1000
+            }
+        );
         // Recreated between two polls (never seen missing).
         t.merge_flows(&[(key(1), val(90, 1))]);
         assert_eq!(t.flows[&key(1)].totals().packets, 11);
@@ -226,9 +256,19 @@ mod tests {
     #[test]
     fn device_ips_accumulate_and_stay_bounded() {
         let mut t = Tables::default();
-        let k = DeviceKey { ifindex: 2, vlan: 0, mac: [2, 0, 0, 0, 0, 1] };
+        let k = DeviceKey {
+            ifindex: 2,
+            vlan: 0,
+            mac: [2, 0, 0, 0, 0, 1],
+        };
         for i in 0..40u8 {
-            let v = DeviceValue { first_seen_ns: 1, last_seen_ns: 2, packets: 1 + i as u64, ipv4: [10, 0, 0, i], ..Default::default() };
+            let v = DeviceValue {
+                first_seen_ns: 1,
+                last_seen_ns: 2,
+                packets: 1 + i as u64,
+                ipv4: [10, 0, 0, i],
+                ..Default::default()
+            };
             t.merge_devices(&[(k, v)]);
         }
         let ips = &t.devices[&k].ips;

@@ -68,7 +68,11 @@ fn is_zero<const N: usize>(a: &[u8; N]) -> bool {
 // Not inlined: each stage gets its own 512-byte BPF stack frame.
 #[inline(never)]
 fn device(p: &Packet, now: u64, len: u64) {
-    let key = DeviceKey { ifindex: p.ifindex, vlan: p.vlan, mac: p.src_mac };
+    let key = DeviceKey {
+        ifindex: p.ifindex,
+        vlan: p.vlan,
+        mac: p.src_mac,
+    };
     // Unspecified sources (DHCP discover, IPv6 DAD) say nothing about the device.
     let mut v4 = [0u8; 4];
     let mut v6 = [0u8; 16];
@@ -187,7 +191,10 @@ fn fragment(p: &Packet, key: &mut FlowKey, len: u64) {
     };
     if p.frag == FRAG_FIRST {
         count(Stat::FragFirst, len);
-        let ports = FragValue { sport: p.sport, dport: p.dport };
+        let ports = FragValue {
+            sport: p.sport,
+            dport: p.dport,
+        };
         if FRAGS.insert(&fkey, &ports, 0).is_err() {
             count(Stat::FragUpdateFail, len);
         }

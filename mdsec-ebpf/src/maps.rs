@@ -1,5 +1,7 @@
 //! Map definitions. Names are fixed (see `mdsec_common::maps`) because they are the
 //! pin file names; sizes here are placeholders the agent overrides at load time.
+//! Pinning is chosen at load time by the agent (`map_pin_path`), so tests can load
+//! the same object without touching bpffs.
 
 use aya_ebpf::{
     macros::map,
@@ -14,14 +16,16 @@ use mdsec_common::{
 };
 
 #[map(name = "FLOWS")]
-pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(DEFAULT_FLOWS_MAX, 0);
+pub static FLOWS: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_FLOWS_MAX, 0);
 
 #[map(name = "DEVICES")]
 pub static DEVICES: LruHashMap<DeviceKey, DeviceValue> =
-    LruHashMap::pinned(DEFAULT_DEVICES_MAX, 0);
+    LruHashMap::with_max_entries(DEFAULT_DEVICES_MAX, 0);
 
 #[map(name = "FRAGS")]
-pub static FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::pinned(DEFAULT_FRAGS_MAX, 0);
+pub static FRAGS: LruHashMap<FragKey, FragValue> =
+    LruHashMap::with_max_entries(DEFAULT_FRAGS_MAX, 0);
 
 #[map(name = "STATS")]
-pub static STATS: PerCpuArray<Counter> = PerCpuArray::pinned(STATS_LEN, 0);
+pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_LEN, 0);

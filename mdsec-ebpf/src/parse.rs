@@ -212,6 +212,10 @@ fn parse_ipv6(ctx: &XdpContext, off: usize, p: &mut Packet) -> Result<(), Stat> 
                 let e = unsafe { &*e };
                 nh = e[0];
                 off += (e[1] as usize + 1) * 8;
+                // The header's body is skipped, not read: check it is all there.
+                if off > ctx.data_end() - ctx.data() {
+                    return Err(Stat::TruncIpv6Ext);
+                }
             }
             IPPROTO_FRAGMENT => {
                 let e: *const [u8; 8] = ptr_at(ctx, off).ok_or(Stat::TruncIpv6Ext)?;
@@ -235,7 +239,10 @@ fn parse_ipv6(ctx: &XdpContext, off: usize, p: &mut Packet) -> Result<(), Stat> 
         }
     }
     p.proto = nh;
-    if matches!(nh, IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_FRAGMENT) {
+    if matches!(
+        nh,
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_FRAGMENT
+    ) {
         return Err(Stat::Ipv6ExtTooDeep);
     }
     parse_l4(ctx, off, p)

@@ -1,0 +1,11 @@
+//! Test harness for mdsec: network-namespace topologies with guaranteed teardown,
+//! a handle on a running agent, a frame builder, and a `BPF_PROG_TEST_RUN` loader.
+//!
+//! Everything a test creates is named with [`netns::PREFIX`] plus a per-run id, so
+//! parallel tests never collide and `cargo xtask cleanup` can find leftovers.
+
+pub mod agent;
+pub mod frames;
+pub mod kernel;
+pub mod netns;
+pub mod traffic;

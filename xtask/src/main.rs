@@ -1,1 +1,325 @@
-fn main() {}
+//! Project tasks: `cargo xtask <setup|build|test|lab|cleanup>`.
+//!
+//! Every task except `cleanup` runs `setup` first, which is idempotent: it installs
+//! only what is missing (Debian packages, the eBPF toolchain, bpf-linker).
+
+mod toolchain;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (idempotent).
+    Setup,
+    /// Build the agent (with the embedded eBPF object) in release mode.
+    Build,
+    /// Run every test: unit, BPF_PROG_TEST_RUN, network-namespace integration; plus fmt and clippy.
+    Test {
+        /// Skip `cargo fmt --check` and `cargo clippy`.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run the lab: a gateway and hosts in network namespaces, live traffic, live tables.
+    Lab {
+        /// Arguments for the lab (see `cargo xtask lab -- --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Remove namespaces, mounts and temp dirs that a crashed test or lab left.
+    Cleanup,
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match Cli::parse().cmd {
+        Cmd::Setup => setup(),
+        Cmd::Build => {
+            setup()?;
+            cargo(&["build", "--release", "-p", "mdsec-agent"])?;
+            println!(
+                "agent: {}",
+                root.join("target/release/mdsec-agent").display()
+            );
+            Ok(())
+        }
+        Cmd::Test { no_lint, args } => {
+            setup()?;
+            require_root("the tests create network namespaces and load XDP programs")?;
+            let stale = cleanup()?;
+            if stale > 0 {
+                eprintln!("xtask: removed {stale} leftovers of an earlier run");
+            }
+            if !no_lint {
+                cargo(&["fmt", "--all", "--", "--check"])?;
+                cargo(&[
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ])?;
+            }
+            // The integration tests run this binary inside namespaces.
+            cargo(&["build", "-p", "mdsec-agent"])?;
+            let mut test_args = vec!["test", "--workspace"];
+            test_args.extend(args.iter().map(String::as_str));
+            let result = cargo_test(&test_args);
+            let leaked = cleanup()?;
+            let tally = result?;
+            println!(
+                "summary: {} passed, {} failed, {} skipped",
+                tally.0, tally.1, tally.2
+            );
+            if tally.1 > 0 {
+                bail!("{} tests failed", tally.1);
+            }
+            if leaked > 0 {
+                bail!("the tests left {leaked} namespaces/mounts/dirs behind (removed now)");
+            }
+            println!("xtask: all tests passed, nothing left behind");
+            Ok(())
+        }
+        Cmd::Lab { args } => {
+            setup()?;
+            require_root("the lab creates network namespaces and loads XDP programs")?;
+            cleanup()?;
+            cargo(&[
+                "build",
+                "-p",
+                "mdsec-agent",
+                "-p",
+                "mdsec-tests",
+                "--bin",
+                "mdsec-agent",
+                "--bin",
+                "mdsec-lab",
+            ])?;
+            let st = Command::new(root.join("target/debug/mdsec-lab"))
+                .args(&args)
+                .env("MDSEC_AGENT_BIN", root.join("target/debug/mdsec-agent"))
+                .status()?;
+            if !st.success() {
+                bail!("lab failed ({st})");
+            }
+            Ok(())
+        }
+        Cmd::Cleanup => {
+            let n = cleanup()?;
+            println!("removed {n} leftovers");
+            Ok(())
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn require_root(why: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("run as root: {why}");
+    }
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(&cargo)
+        .args(args)
+        .status()
+        .with_context(|| format!("spawn {cargo}"))?;
+    if !st.success() {
+        bail!("cargo {} failed ({st})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, echoing its output, and adds up its `test result:` lines
+/// into (passed, failed, ignored).
+fn cargo_test(args: &[&str]) -> Result<(u64, u64, u64)> {
+    use std::io::{BufRead, BufReader};
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut child = Command::new(&cargo)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut tally = (0, 0, 0);
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let num = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)
+                            .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
+                    })
+                    .unwrap_or(0)
+            };
+            tally.0 += num(" passed");
+            tally.1 += num(" failed");
+            tally.2 += num(" ignored");
+        }
+    }
+    let st = child.wait()?;
+    if !st.success() {
+        bail!(
+            "cargo {} failed ({st}); {} passed, {} failed",
+            args.join(" "),
+            tally.0,
+            tally.1
+        );
+    }
+    Ok(tally)
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("spawn {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed ({st})");
+    }
+    Ok(())
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+/// Debian packages the tests and the lab run.
+const TEST_PACKAGES: &[&str] = &["iproute2", "iputils-ping", "procps", "mount"];
+/// The offline eBPF toolchain (see shared/toolchain.md): rustc 1.96 with its library
+/// source, and LLVM 22 for bpf-linker.
+const TOOLCHAIN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src", "llvm-22-dev"];
+
+fn setup() -> Result<()> {
+    let mut want: Vec<&str> = TEST_PACKAGES.to_vec();
+    let nightly_ok =
+        toolchain::detect().is_some_and(|t| matches!(t, toolchain::Toolchain::RustupNightly));
+    if !nightly_ok {
+        want.extend_from_slice(TOOLCHAIN_PACKAGES);
+    }
+    let missing: Vec<&str> = want.into_iter().filter(|p| !dpkg_installed(p)).collect();
+    if !missing.is_empty() {
+        require_root("installing Debian packages")?;
+        eprintln!("xtask setup: installing {}", missing.join(" "));
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    if toolchain::bpf_linker().is_none() {
+        eprintln!("xtask setup: building bpf-linker against LLVM 22 (about a minute)");
+        run(
+            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--locked",
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
+                .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+        )?;
+    }
+    match toolchain::detect() {
+        Some(tc) => {
+            eprintln!("xtask setup: eBPF toolchain ready ({tc:?})");
+            Ok(())
+        }
+        None => bail!("no eBPF toolchain after setup: see shared/toolchain.md"),
+    }
+}
+
+/// Test and lab artefacts are all named with these prefixes.
+const NS_PREFIXES: &[&str] = &["mdsec-t", "mdsec-lab"];
+
+/// Removes leftovers of tests and labs; returns how many things it removed.
+fn cleanup() -> Result<usize> {
+    let mut n = 0;
+    let out = Command::new("ip").args(["netns", "list"]).output()?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(ns) = line.split_whitespace().next() else {
+            continue;
+        };
+        if !NS_PREFIXES.iter().any(|p| ns.starts_with(p)) {
+            continue;
+        }
+        // Only test and lab processes live in these namespaces.
+        let pids = Command::new("ip").args(["netns", "pids", ns]).output()?;
+        for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+            let _ = Command::new("kill").args(["-KILL", pid]).status();
+        }
+        run(Command::new("ip").args(["netns", "del", ns]))?;
+        n += 1;
+    }
+    let tmp = std::env::temp_dir();
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    for line in mounts.lines() {
+        let Some(mp) = line.split_whitespace().nth(1) else {
+            continue;
+        };
+        let p = Path::new(mp);
+        if p.starts_with(&tmp)
+            && p.file_name().is_some_and(|f| {
+                NS_PREFIXES
+                    .iter()
+                    .any(|x| f.to_string_lossy().starts_with(x))
+            })
+        {
+            run(Command::new("umount").arg(p))?;
+            n += 1;
+        }
+    }
+    for e in std::fs::read_dir(&tmp)?.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if NS_PREFIXES.iter().any(|p| name.starts_with(p)) {
+            let _ = std::fs::remove_dir_all(e.path());
+            n += 1;
+        }
+    }
+    Ok(n)
+}

@@ -30,7 +30,9 @@ pub enum Toolchain {
 pub fn cargo_bin_dir() -> PathBuf {
     match env::var_os("CARGO_HOME") {
         Some(h) => PathBuf::from(h).join("bin"),
-        None => PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo/bin"),
+        None => {
+            PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo/bin")
+        }
     }
 }
 
@@ -64,7 +66,9 @@ fn rustup_nightly_has_src() -> bool {
 }
 
 pub fn debian_ready() -> bool {
-    Path::new(DEBIAN_RUSTC).is_file() && Path::new(DEBIAN_CARGO).is_file() && Path::new(DEBIAN_SRC).is_file()
+    Path::new(DEBIAN_RUSTC).is_file()
+        && Path::new(DEBIAN_CARGO).is_file()
+        && Path::new(DEBIAN_SRC).is_file()
 }
 
 /// The first usable route, or `None` when `cargo xtask setup` still has work to do.
@@ -96,7 +100,12 @@ pub fn ebpf_build_command(tc: &Toolchain, ebpf_dir: &Path, target_dir: &Path) ->
             && k != "CARGO_HOME"
             && k != "CARGO_NET_OFFLINE"
             && k != "CARGO_REGISTRIES_CRATES_IO_PROTOCOL";
-        if inherited || k.starts_with("RUSTC") || k.starts_with("RUSTUP_TOOLCHAIN") || k == "RUSTFLAGS" || k == "RUSTDOCFLAGS" {
+        if inherited
+            || k.starts_with("RUSTC")
+            || k.starts_with("RUSTUP_TOOLCHAIN")
+            || k == "RUSTFLAGS"
+            || k == "RUSTDOCFLAGS"
+        {
             cmd.env_remove(k.as_ref());
         }
     }
@@ -109,13 +118,15 @@ pub fn ebpf_build_command(tc: &Toolchain, ebpf_dir: &Path, target_dir: &Path) ->
         path.extend(env::split_paths(&p));
     }
     cmd.env("PATH", env::join_paths(path).expect("PATH"));
-    cmd.current_dir(ebpf_dir).env("CARGO_TARGET_DIR", target_dir).args([
-        "build",
-        "--release",
-        "-Z",
-        "build-std=core",
-        "--target",
-        "bpfel-unknown-none",
-    ]);
+    cmd.current_dir(ebpf_dir)
+        .env("CARGO_TARGET_DIR", target_dir)
+        .args([
+            "build",
+            "--release",
+            "-Z",
+            "build-std=core",
+            "--target",
+            "bpfel-unknown-none",
+        ]);
     cmd
 }

@@ -1,0 +1,200 @@
+//! A running `mdsec-agent` inside a topology's gateway namespace.
+
+use std::{
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use mdsec_agent::{client, model};
+use serde::de::DeserializeOwned;
+
+use crate::netns::{Topology, in_netns};
+
+/// Path of the agent binary: `MDSEC_AGENT_BIN`, else the debug build next to the
+/// test binary (`cargo xtask test` builds it first).
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MDSEC_AGENT_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> → target/<profile>/mdsec-agent
+    exe.parent()
+        .and_then(|d| d.parent())
+        .unwrap()
+        .join("mdsec-agent")
+}
+
+pub struct Agent {
+    child: Child,
+    pub gw: String,
+    pub dir: PathBuf,
+    pub addr: SocketAddr,
+}
+
+pub struct AgentOptions {
+    pub xdp_mode: &'static str,
+    pub extra_yaml: String,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            xdp_mode: "driver",
+            extra_yaml: String::new(),
+        }
+    }
+}
+
+impl Agent {
+    /// Starts an agent on every gateway interface of `topo` and waits for `/readyz`.
+    pub fn start(topo: &Topology, opts: AgentOptions) -> Result<Agent> {
+        let dir = std::env::temp_dir().join(&topo.id);
+        std::fs::create_dir_all(&dir)?;
+        let mut yaml = String::from("interfaces:\n");
+        for ifname in topo.gw_ifs() {
+            yaml += &format!(
+                "  - name: {ifname}\n    role: inline\n    xdp_mode: {}\n",
+                opts.xdp_mode
+            );
+        }
+        yaml += &format!(
+            "state_dir: {}\npoll_interval_ms: 100\n{}",
+            dir.join("state").display(),
+            opts.extra_yaml
+        );
+        let cfg = dir.join("agent.yaml");
+        std::fs::write(&cfg, yaml)?;
+        let log = std::fs::File::create(dir.join("agent.log"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &topo.gw])
+            .arg(agent_bin())
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("spawn mdsec-agent")?;
+        let mut a = Agent {
+            child,
+            gw: topo.gw.clone(),
+            dir,
+            addr: "127.0.0.1:9740".parse().unwrap(),
+        };
+        a.wait_ready(Duration::from_secs(20))?;
+        Ok(a)
+    }
+
+    fn wait_ready(&mut self, limit: Duration) -> Result<()> {
+        let t0 = Instant::now();
+        while t0.elapsed() < limit {
+            if let Some(st) = self.child.try_wait()? {
+                bail!("agent exited with {st}:\n{}", self.log());
+            }
+            if self.raw_get("/readyz").is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("agent not ready after {limit:?}:\n{}", self.log())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// True while the agent process runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn raw_get(&self, path: &str) -> Result<Vec<u8>> {
+        let addr = self.addr;
+        let mut s: TcpStream = in_netns(&self.gw, move || {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        })??;
+        client::request(&mut s, addr, path)
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        Ok(serde_json::from_slice(&self.raw_get(path)?)?)
+    }
+
+    pub fn flows(&self) -> Result<Vec<model::Flow>> {
+        self.get("/api/v1/flows")
+    }
+
+    pub fn devices(&self) -> Result<Vec<model::Device>> {
+        self.get("/api/v1/devices")
+    }
+
+    pub fn stats(&self) -> Result<model::Stats> {
+        self.get("/api/v1/stats")
+    }
+
+    pub fn stat(&self, reason: &str) -> Result<model::Count> {
+        self.stats()?
+            .get(reason)
+            .copied()
+            .with_context(|| format!("no stat {reason}"))
+    }
+
+    /// Polls `f` over the API until it returns `Some`, or fails after `limit`
+    /// with the last value seen.
+    pub fn wait_for<T, R: std::fmt::Debug>(
+        &self,
+        limit: Duration,
+        mut fetch: impl FnMut(&Agent) -> Result<R>,
+        mut done: impl FnMut(&R) -> Option<T>,
+    ) -> Result<T> {
+        let t0 = Instant::now();
+        loop {
+            let r = fetch(self)?;
+            if let Some(v) = done(&r) {
+                return Ok(v);
+            }
+            if t0.elapsed() > limit {
+                bail!("condition not met after {limit:?}; last value: {r:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(mut self) -> Result<std::process::ExitStatus> {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        if let Some(st) = self.child.try_wait()? {
+            return Ok(st);
+        }
+        // SAFETY: signalling our own child by PID.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        bail!("agent ignored SIGTERM for 10 s")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.terminate();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

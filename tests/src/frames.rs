@@ -1,0 +1,212 @@
+//! Hand-built frames for tests: every byte known, so expected flow keys and byte
+//! counts are computed, not observed. Plus an AF_PACKET sender that injects them on
+//! a host's interface.
+
+use std::{
+    ffi::CString,
+    net::{Ipv4Addr, Ipv6Addr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+use anyhow::{Result, bail};
+
+use crate::netns::in_netns;
+
+pub const TPID_8021Q: u16 = 0x8100;
+pub const TPID_8021AD: u16 = 0x88a8;
+
+fn checksum(chunks: &[&[u8]]) -> u16 {
+    let mut sum: u32 = 0;
+    for c in chunks {
+        for pair in c.chunks(2) {
+            let w = if pair.len() == 2 {
+                u16::from_be_bytes([pair[0], pair[1]])
+            } else {
+                u16::from_be_bytes([pair[0], 0])
+            };
+            sum += w as u32;
+        }
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Ethernet header with optional VLAN tags (outermost first), then `ethertype`.
+pub fn eth(
+    dst: [u8; 6],
+    src: [u8; 6],
+    tags: &[(u16, u16)],
+    ethertype: u16,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut f = Vec::with_capacity(18 + payload.len());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    for (tpid, vid) in tags {
+        f.extend_from_slice(&tpid.to_be_bytes());
+        f.extend_from_slice(&vid.to_be_bytes());
+    }
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+pub struct V4 {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub proto: u8,
+    pub id: u16,
+    /// Flags and fragment offset field (e.g. 0x2000 = more fragments, offset 0).
+    pub frag: u16,
+    /// Options, padded by the caller to a multiple of 4 bytes.
+    pub options: Vec<u8>,
+}
+
+impl V4 {
+    pub fn new(src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> V4 {
+        V4 {
+            src,
+            dst,
+            proto,
+            id: 1,
+            frag: 0,
+            options: Vec::new(),
+        }
+    }
+
+    pub fn build(&self, payload: &[u8]) -> Vec<u8> {
+        assert!(self.options.len().is_multiple_of(4) && self.options.len() <= 40);
+        let ihl = 5 + self.options.len() / 4;
+        let total = ihl * 4 + payload.len();
+        let mut h = vec![0x40 | ihl as u8, 0];
+        h.extend_from_slice(&(total as u16).to_be_bytes());
+        h.extend_from_slice(&self.id.to_be_bytes());
+        h.extend_from_slice(&self.frag.to_be_bytes());
+        h.extend_from_slice(&[64, self.proto, 0, 0]);
+        h.extend_from_slice(&self.src.octets());
+        h.extend_from_slice(&self.dst.octets());
+        h.extend_from_slice(&self.options);
+        let c = checksum(&[&h]);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        h.extend_from_slice(payload);
+        h
+    }
+}
+
+/// IPv6 header + extension headers (each `(type, body)`, body padded by the
+/// caller so that 2 + body is a multiple of 8) + payload.
+pub fn ipv6(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    exts: &[(u8, Vec<u8>)],
+    proto: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut ext_bytes = Vec::new();
+    for (i, (_, body)) in exts.iter().enumerate() {
+        let next = exts.get(i + 1).map_or(proto, |e| e.0);
+        if exts[i].0 == 44 {
+            // Fragment header: fixed 8 bytes, reserved byte instead of a length.
+            assert_eq!(body.len(), 6);
+            ext_bytes.extend_from_slice(&[next, 0]);
+        } else {
+            assert_eq!((2 + body.len()) % 8, 0);
+            ext_bytes.extend_from_slice(&[next, ((2 + body.len()) / 8 - 1) as u8]);
+        }
+        ext_bytes.extend_from_slice(body);
+    }
+    let first = exts.first().map_or(proto, |e| e.0);
+    let plen = (ext_bytes.len() + payload.len()) as u16;
+    let mut h = vec![0x60, 0, 0, 0];
+    h.extend_from_slice(&plen.to_be_bytes());
+    h.extend_from_slice(&[first, 64]);
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&dst.octets());
+    h.extend_from_slice(&ext_bytes);
+    h.extend_from_slice(payload);
+    h
+}
+
+/// UDP datagram. The checksum is left 0 (legal for IPv4; the datapath never checks).
+pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = Vec::with_capacity(8 + payload.len());
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    u
+}
+
+/// TCP segment with a 20-byte header.
+pub fn tcp(sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut t = Vec::with_capacity(20 + payload.len());
+    t.extend_from_slice(&sport.to_be_bytes());
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    t.extend_from_slice(payload);
+    t
+}
+
+/// ICMP echo request.
+pub fn icmp_echo(payload: &[u8]) -> Vec<u8> {
+    let mut i = vec![8, 0, 0, 0, 0, 1, 0, 1];
+    i.extend_from_slice(payload);
+    let c = checksum(&[&i]);
+    i[2..4].copy_from_slice(&c.to_be_bytes());
+    i
+}
+
+/// A raw AF_PACKET socket bound to an interface inside a namespace.
+pub struct RawSender {
+    fd: OwnedFd,
+    ifindex: i32,
+}
+
+impl RawSender {
+    pub fn open(ns: &str, ifname: &str) -> Result<RawSender> {
+        let ifname = ifname.to_string();
+        in_netns(ns, move || -> Result<RawSender> {
+            let c = CString::new(ifname.clone())?;
+            // SAFETY: plain syscalls; the fd is owned right away.
+            unsafe {
+                let ifindex = libc::if_nametoindex(c.as_ptr()) as i32;
+                if ifindex == 0 {
+                    bail!("no interface {ifname}");
+                }
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
+                if fd < 0 {
+                    bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+                }
+                Ok(RawSender {
+                    fd: OwnedFd::from_raw_fd(fd),
+                    ifindex,
+                })
+            }
+        })?
+    }
+
+    pub fn send(&self, frame: &[u8]) -> Result<()> {
+        // SAFETY: sockaddr_ll is plain data; sendto reads `frame` only.
+        unsafe {
+            let mut sa: libc::sockaddr_ll = std::mem::zeroed();
+            sa.sll_family = libc::AF_PACKET as u16;
+            sa.sll_ifindex = self.ifindex;
+            sa.sll_halen = 6;
+            let n = libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&sa as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            if n != frame.len() as isize {
+                bail!("sendto: {}", std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}

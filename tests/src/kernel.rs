@@ -1,0 +1,104 @@
+//! The real XDP program, loaded without pins or attachment, driven with
+//! `BPF_PROG_TEST_RUN` on crafted frames. Each [`TestProg`] has private maps.
+
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
+    programs::{ProgramError, TestRun, TestRunOptions, Xdp},
+};
+use mdsec_agent::loader::EBPF_OBJECT;
+use mdsec_common::{
+    device::{DeviceKey, DeviceValue},
+    flow::{FlowKey, FlowValue},
+    maps as names,
+    stats::{Counter, STATS_LEN, Stat},
+};
+
+pub const XDP_PASS: u32 = 2;
+pub const XDP_DROP: u32 = 1;
+
+pub struct TestProg {
+    ebpf: Ebpf,
+}
+
+impl TestProg {
+    pub fn load() -> Result<TestProg> {
+        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).context("load object")?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(names::PROGRAM)
+            .context("no program")?
+            .try_into()?;
+        prog.load().map_err(|e| match e {
+            ProgramError::LoadError { verifier_log, .. } => {
+                anyhow::anyhow!("verifier: {verifier_log}")
+            }
+            e => e.into(),
+        })?;
+        Ok(TestProg { ebpf })
+    }
+
+    /// Runs the program once on `frame` and returns its XDP action.
+    pub fn run(&mut self, frame: &[u8]) -> Result<u32> {
+        let prog: &mut Xdp = self.ebpf.program_mut(names::PROGRAM).unwrap().try_into()?;
+        let r = prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            repeat: 1,
+            ..Default::default()
+        })?;
+        Ok(r.return_value)
+    }
+
+    /// STATS summed over CPUs, indexed like [`Stat::ALL`].
+    pub fn stats(&self) -> Result<Vec<Counter>> {
+        let m: PerCpuArray<&MapData, Counter> =
+            PerCpuArray::try_from(self.ebpf.map(names::STATS).unwrap())?;
+        (0..STATS_LEN)
+            .map(|i| {
+                let v = m.get(&i, 0)?;
+                Ok(v.iter().fold(Counter::default(), |a, c| Counter {
+                    packets: a.packets + c.packets,
+                    bytes: a.bytes + c.bytes,
+                }))
+            })
+            .collect()
+    }
+
+    pub fn stat(&self, s: Stat) -> Result<u64> {
+        Ok(self.stats()?[s as usize].packets)
+    }
+
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
+        let m: BpfHashMap<&MapData, FlowKey, FlowValue> =
+            BpfHashMap::try_from(self.ebpf.map(names::FLOWS).unwrap())?;
+        Ok(m.iter().filter_map(Result::ok).collect())
+    }
+
+    pub fn devices(&self) -> Result<Vec<(DeviceKey, DeviceValue)>> {
+        let m: BpfHashMap<&MapData, DeviceKey, DeviceValue> =
+            BpfHashMap::try_from(self.ebpf.map(names::DEVICES).unwrap())?;
+        Ok(m.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Empties FLOWS, DEVICES and FRAGS (STATS are compared as deltas instead).
+    pub fn clear(&mut self) -> Result<()> {
+        macro_rules! clear {
+            ($name:expr, $k:ty, $v:ty) => {{
+                let mut m: BpfHashMap<&mut MapData, $k, $v> =
+                    BpfHashMap::try_from(self.ebpf.map_mut($name).unwrap())?;
+                let keys: Vec<$k> = m.keys().filter_map(Result::ok).collect();
+                for k in keys {
+                    m.remove(&k)?;
+                }
+            }};
+        }
+        clear!(names::FLOWS, FlowKey, FlowValue);
+        clear!(names::DEVICES, DeviceKey, DeviceValue);
+        clear!(
+            names::FRAGS,
+            mdsec_common::frag::FragKey,
+            mdsec_common::frag::FragValue
+        );
+        Ok(())
+    }
+}

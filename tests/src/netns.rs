@@ -1,0 +1,292 @@
+//! Network namespaces and veth pairs for tests.
+//!
+//! A [`Topology`] is a gateway namespace plus host namespaces, each host joined to
+//! the gateway by one veth pair (`gw<i>` in the gateway, `eth0` in the host). Host
+//! `i` (from 1) gets `10.0.<i>.2/24` and `fd00:0:0:<i>::2/64`; the gateway side
+//! `.1`/`::1`, with forwarding on, so hosts reach each other through it.
+//! Dropping the topology deletes every namespace, which also destroys the veths and
+//! any XDP attachment on them; this runs on panic too (unwinding drops it).
+
+use std::{
+    fs::File,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd,
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// Every namespace the tests create starts with this.
+pub const PREFIX: &str = "mdsec-t";
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call: `mdsec-t<pid>x<n>`.
+pub fn unique_id() -> String {
+    format!(
+        "{PREFIX}{}x{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("spawn {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+pub fn ip(args: &[&str]) -> Result<Output> {
+    run(Command::new("ip").args(args))
+}
+
+/// Runs `f` on a thread that has entered namespace `ns`. Sockets created there stay
+/// in that namespace whichever thread uses them later.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let path = format!("/run/netns/{ns}");
+    let file = File::open(&path).with_context(|| format!("open {path}"))?;
+    std::thread::spawn(move || {
+        // SAFETY: setns on a valid namespace fd affects only this thread.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(anyhow::anyhow!(
+                "setns: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
+}
+
+pub struct Host {
+    pub ns: String,
+    pub index: u8,
+    /// Name of the gateway-side veth.
+    pub gw_if: String,
+}
+
+impl Host {
+    pub fn v4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, self.index, 2)
+    }
+    pub fn v6(&self) -> Ipv6Addr {
+        format!("fd00:0:0:{}::2", self.index).parse().unwrap()
+    }
+    pub fn gw_v4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, self.index, 1)
+    }
+    pub fn gw_v6(&self) -> Ipv6Addr {
+        format!("fd00:0:0:{}::1", self.index).parse().unwrap()
+    }
+    pub fn ip(&self, v6: bool) -> IpAddr {
+        if v6 {
+            self.v6().into()
+        } else {
+            self.v4().into()
+        }
+    }
+    /// MAC of the host's `eth0`.
+    pub fn mac(&self) -> Result<[u8; 6]> {
+        link_mac(&self.ns, "eth0")
+    }
+    pub fn exec(&self, args: &[&str]) -> Result<Output> {
+        let mut full = vec!["netns", "exec", &self.ns];
+        full.extend_from_slice(args);
+        ip(&full)
+    }
+}
+
+pub fn link_mac(ns: &str, ifname: &str) -> Result<[u8; 6]> {
+    let out = ip(&["-n", ns, "-br", "link", "show", "dev", ifname])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mac = text
+        .split_whitespace()
+        .nth(2)
+        .context("no MAC in ip output")?;
+    let mut m = [0u8; 6];
+    for (i, part) in mac.split(':').enumerate().take(6) {
+        m[i] = u8::from_str_radix(part, 16)?;
+    }
+    Ok(m)
+}
+
+pub struct Topology {
+    pub id: String,
+    pub gw: String,
+    pub hosts: Vec<Host>,
+    namespaces: Vec<String>,
+}
+
+impl Topology {
+    /// A gateway and `n` hosts (1..=250).
+    pub fn new(n: u8) -> Result<Topology> {
+        Self::named(unique_id(), n)
+    }
+
+    /// Like [`Topology::new`] with a chosen id (namespace name prefix).
+    pub fn named(id: String, n: u8) -> Result<Topology> {
+        let gw = format!("{id}-gw");
+        let mut t = Topology {
+            id: id.clone(),
+            gw: gw.clone(),
+            hosts: Vec::new(),
+            namespaces: Vec::new(),
+        };
+        t.add_ns(&gw)?;
+        ip(&["-n", &gw, "link", "set", "lo", "up"])?;
+        for (k, v) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv6.conf.all.forwarding", "1"),
+        ] {
+            ip(&["netns", "exec", &gw, "sysctl", "-qw", &format!("{k}={v}")])?;
+        }
+        for i in 1..=n {
+            let ns = format!("{id}-h{i}");
+            t.add_ns(&ns)?;
+            let gw_if = format!("gw{i}");
+            ip(&[
+                "link", "add", "name", &gw_if, "netns", &gw, "type", "veth", "peer", "name",
+                "eth0", "netns", &ns,
+            ])?;
+            let h = Host {
+                ns: ns.clone(),
+                index: i,
+                gw_if: gw_if.clone(),
+            };
+            // Quiet hosts: no router solicitations or DAD chatter in the counts.
+            for k in [
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+                "net.ipv6.conf.default.router_solicitations=0",
+            ] {
+                ip(&["netns", "exec", &ns, "sysctl", "-qw", k])?;
+            }
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", h.v4()),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/64", h.v6()),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            ip(&[
+                "-n",
+                &gw,
+                "addr",
+                "add",
+                &format!("{}/24", h.gw_v4()),
+                "dev",
+                &gw_if,
+            ])?;
+            ip(&[
+                "-n",
+                &gw,
+                "addr",
+                "add",
+                &format!("{}/64", h.gw_v6()),
+                "dev",
+                &gw_if,
+                "nodad",
+            ])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            ip(&["-n", &gw, "link", "set", &gw_if, "up"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &h.gw_v4().to_string(),
+            ])?;
+            ip(&[
+                "-n",
+                &ns,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &h.gw_v6().to_string(),
+            ])?;
+            t.hosts.push(h);
+        }
+        Ok(t)
+    }
+
+    fn add_ns(&mut self, name: &str) -> Result<()> {
+        ip(&["netns", "add", name])?;
+        self.namespaces.push(name.to_string());
+        Ok(())
+    }
+
+    pub fn host(&self, i: u8) -> &Host {
+        &self.hosts[i as usize - 1]
+    }
+
+    /// The gateway's interface names, in host order.
+    pub fn gw_ifs(&self) -> Vec<String> {
+        self.hosts.iter().map(|h| h.gw_if.clone()).collect()
+    }
+
+    /// Fills neighbour caches both ways (gateway ↔ every host) so ARP/ND frames are
+    /// over before a test starts counting.
+    pub fn warm_up(&self) -> Result<()> {
+        for h in &self.hosts {
+            h.exec(&["ping", "-c", "1", "-W", "2", &h.gw_v4().to_string()])?;
+            h.exec(&["ping", "-6", "-c", "1", "-W", "2", &h.gw_v6().to_string()])?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for ns in self.namespaces.iter().rev() {
+            // Kill what still runs inside (e.g. a helper a failed test left), then delete.
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    if let Ok(pid) = pid.parse::<i32>() {
+                        // SAFETY: signalling a process of our own namespace.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Namespaces whose names start with [`PREFIX`] (leftovers of crashed runs).
+pub fn leftover_namespaces() -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    String::from_utf8_lossy(&out)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(PREFIX))
+        .map(String::from)
+        .collect()
+}

@@ -1,0 +1,153 @@
+//! Real traffic from host namespaces, and an independent oracle for what crossed a
+//! wire: an AF_PACKET tap on the sending interface that sees every outgoing frame.
+
+use std::{
+    ffi::CString,
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::Duration,
+};
+
+use anyhow::{Result, bail};
+
+use crate::netns::{Host, in_netns};
+
+pub fn udp_socket(h: &Host, v6: bool) -> Result<UdpSocket> {
+    let bind = SocketAddr::new(h.ip(v6), 0);
+    Ok(in_netns(&h.ns, move || UdpSocket::bind(bind))??)
+}
+
+/// Sends `count` datagrams of `size` bytes, paced so veth rings never overflow
+/// (a ring drop would happen before XDP and falsify exact counts).
+pub fn send_udp(sock: &UdpSocket, to: SocketAddr, count: usize, size: usize) -> Result<()> {
+    let payload = vec![0x5a; size];
+    for i in 0..count {
+        sock.send_to(&payload, to)?;
+        if i % 32 == 31 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    Ok(())
+}
+
+pub fn udp_receiver(h: &Host, v6: bool, port: u16) -> Result<UdpSocket> {
+    let bind = SocketAddr::new(h.ip(v6), port);
+    Ok(in_netns(&h.ns, move || UdpSocket::bind(bind))??)
+}
+
+pub fn tcp_listener(h: &Host, port: u16) -> Result<TcpListener> {
+    let bind = SocketAddr::new(h.ip(false), port);
+    Ok(in_netns(&h.ns, move || TcpListener::bind(bind))??)
+}
+
+pub fn tcp_connect(h: &Host, to: SocketAddr) -> Result<TcpStream> {
+    Ok(in_netns(&h.ns, move || {
+        TcpStream::connect_timeout(&to, Duration::from_secs(5))
+    })??)
+}
+
+/// Counts outgoing frames of one IPv4 5-tuple on a host interface.
+pub struct Tap {
+    fd: OwnedFd,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl Tap {
+    pub fn open(h: &Host) -> Result<Tap> {
+        in_netns(&h.ns, || -> Result<Tap> {
+            // SAFETY: plain syscalls; the fd is owned right away.
+            unsafe {
+                let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
+                let fd = libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                    proto,
+                );
+                if fd < 0 {
+                    bail!("tap socket: {}", std::io::Error::last_os_error());
+                }
+                let fd = OwnedFd::from_raw_fd(fd);
+                let name = CString::new("eth0")?;
+                let mut sa: libc::sockaddr_ll = std::mem::zeroed();
+                sa.sll_family = libc::AF_PACKET as u16;
+                sa.sll_protocol = proto as u16;
+                sa.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+                let rc = libc::bind(
+                    fd.as_raw_fd(),
+                    (&sa as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                if rc != 0 {
+                    bail!("tap bind: {}", std::io::Error::last_os_error());
+                }
+                let size: libc::c_int = 16 << 20;
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    (&size as *const libc::c_int).cast(),
+                    4,
+                );
+                Ok(Tap { fd })
+            }
+        })?
+    }
+
+    /// Drains the tap and tallies outgoing IPv4 frames of the given TCP/UDP tuple.
+    pub fn tally(&self, proto: u8, src: SocketAddr, dst: SocketAddr) -> Tally {
+        let mut t = Tally::default();
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            // SAFETY: recvfrom into owned buffers.
+            let (n, pkttype) = unsafe {
+                let mut sa: libc::sockaddr_ll = std::mem::zeroed();
+                let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+                let n = libc::recvfrom(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_TRUNC,
+                    (&mut sa as *mut libc::sockaddr_ll).cast(),
+                    &mut len,
+                );
+                (n, sa.sll_pkttype)
+            };
+            if n < 0 {
+                break;
+            }
+            let n = n as usize;
+            if pkttype != libc::PACKET_OUTGOING
+                || n > buf.len()
+                || !matches(&buf[..n], proto, src, dst)
+            {
+                continue;
+            }
+            t.packets += 1;
+            t.bytes += n as u64;
+        }
+        t
+    }
+}
+
+fn matches(f: &[u8], proto: u8, src: SocketAddr, dst: SocketAddr) -> bool {
+    if f.len() < 34 + 4 || f[12..14] != [0x08, 0x00] {
+        return false;
+    }
+    let ip = &f[14..];
+    let ihl = (ip[0] & 0xf) as usize * 4;
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else {
+        return false;
+    };
+    if ip[9] != proto || ip[12..16] != s.octets() || ip[16..20] != d.octets() || ip.len() < ihl + 4
+    {
+        return false;
+    }
+    let l4 = &ip[ihl..];
+    u16::from_be_bytes([l4[0], l4[1]]) == src.port()
+        && u16::from_be_bytes([l4[2], l4[3]]) == dst.port()
+}
