@@ -135,6 +135,15 @@ impl Datapath {
                     ""
                 }
             );
+            if iface.xdp_mode == XdpMode::Skb {
+                // Generic XDP runs on socket buffers after GRO (and, on veth, before GSO
+                // segmentation): a merged TCP burst is one packet with all its bytes.
+                info!(
+                    "{}: generic (skb) XDP counts merged GRO/GSO packets as one; bytes stay exact. \
+                     For per-frame packet counts use driver mode or `ethtool -K {} gro off`",
+                    iface.name, iface.name
+                );
+            }
             if effective != iface.xdp_mode.to_string() {
                 warn!(
                     "{}: effective XDP mode {} differs from the requested {}",

@@ -186,9 +186,25 @@ fn vlan_tagged_and_ipv4_options_flows_count_exactly() {
 /// interface it arrives on. The oracle is an AF_PACKET tap on each sender.
 #[test]
 fn tcp_connection_is_two_exact_flows() {
+    tcp_two_flows("driver");
+}
+
+#[test]
+fn tcp_connection_is_two_exact_flows_in_generic_mode() {
+    tcp_two_flows("skb");
+}
+
+fn tcp_two_flows(xdp_mode: &'static str) {
     let topo = Topology::new(2).unwrap();
     topo.warm_up().unwrap();
-    let agent = Agent::start(&topo, AgentOptions::default()).unwrap();
+    let agent = Agent::start(
+        &topo,
+        AgentOptions {
+            xdp_mode,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let (h1, h2) = (topo.host(1), topo.host(2));
     let (tap1, tap2) = (Tap::open(h1).unwrap(), Tap::open(h2).unwrap());
     let listener = traffic::tcp_listener(h2, 7000).unwrap();
