@@ -8,18 +8,24 @@ use std::{
 
 use anyhow::{Context, Result};
 use axum::{Json, Router, http::StatusCode, response::IntoResponse, routing::get};
-use mdsec_common::stats::Stat;
+use mdsec_common::{policy::Verdict, stats::Stat};
 
 use crate::{
     clock::{Anchor, rfc3339},
+    events::EventStore,
     loader::Attached,
     model::{self, mac_string, proto_name, tcp_flag_names},
+    policy::runtime::PolicyState,
     state::Tables,
 };
 
 pub struct AppState {
     pub tables: Arc<RwLock<Tables>>,
     pub attached: Vec<Attached>,
+    pub policy: Arc<RwLock<PolicyState>>,
+    pub events: Arc<RwLock<EventStore>>,
+    /// A policy directory is configured (then readiness needs a loaded policy).
+    pub policy_configured: bool,
 }
 
 impl AppState {
@@ -38,23 +44,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/devices", get(devices))
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/interfaces", get(interfaces))
+        .route("/api/v1/events", get(events))
+        .route("/api/v1/policy", get(policy_status))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .fallback(|| async {
-            (
-                StatusCode::NOT_FOUND,
-                Json(model::ApiError {
-                    error: "no such endpoint".into(),
-                }),
-            )
+            (StatusCode::NOT_FOUND, Json(model::ApiError { error: "no such endpoint".into() }))
         })
         .with_state(state)
 }
 
 pub async fn serve(addr: SocketAddr, state: Arc<AppState>) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("listen on {addr}"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?;
     axum::serve(listener, router(state)).await?;
     Ok(())
 }
@@ -63,6 +64,7 @@ type S = axum::extract::State<Arc<AppState>>;
 
 pub fn flows_json(st: &AppState) -> Vec<model::Flow> {
     let anchor = Anchor::now();
+    let policy = st.policy.read().unwrap();
     let t = st.tables.read().unwrap();
     let mut names: HashMap<u32, String> = HashMap::new();
     let mut out: Vec<_> = t
@@ -71,10 +73,7 @@ pub fn flows_json(st: &AppState) -> Vec<model::Flow> {
         .map(|(k, r)| {
             let tot = r.totals();
             model::Flow {
-                iface: names
-                    .entry(k.ifindex)
-                    .or_insert_with(|| st.ifname(k.ifindex))
-                    .clone(),
+                iface: names.entry(k.ifindex).or_insert_with(|| st.ifname(k.ifindex)).clone(),
                 vlan: k.vlan,
                 src: k.src_ip().to_string(),
                 dst: k.dst_ip().to_string(),
@@ -87,28 +86,26 @@ pub fn flows_json(st: &AppState) -> Vec<model::Flow> {
                 first_seen: rfc3339(anchor.wall(r.first_seen_ns)),
                 last_seen: rfc3339(anchor.wall(r.last_seen_ns)),
                 tcp_flags: tcp_flag_names(r.tcp_flags),
+                verdict: Verdict::from_u8(r.verdict).name().into(),
+                rule: describe_rule(&policy, r.generation, r.rule),
+                segment: policy
+                    .generation(r.generation)
+                    .and_then(|i| i.policy.segments.get((r.segment as usize).wrapping_sub(1)))
+                    .map(|s| s.name.clone())
+                    .unwrap_or_default(),
             }
         })
         .collect();
     out.sort_by(|a, b| {
-        (
-            &a.iface,
-            a.vlan,
-            &a.src,
-            &a.dst,
-            a.proto_num,
-            a.sport,
-            a.dport,
-        )
-            .cmp(&(
-                &b.iface,
-                b.vlan,
-                &b.src,
-                &b.dst,
-                b.proto_num,
-                b.sport,
-                b.dport,
-            ))
+        (&a.iface, a.vlan, &a.src, &a.dst, a.proto_num, a.sport, a.dport).cmp(&(
+            &b.iface,
+            b.vlan,
+            &b.src,
+            &b.dst,
+            b.proto_num,
+            b.sport,
+            b.dport,
+        ))
     });
     out
 }
@@ -152,13 +149,7 @@ async fn stats(axum::extract::State(st): S) -> Json<model::Stats> {
             .iter()
             .map(|s| {
                 let c = t.stat(*s);
-                (
-                    s.name().to_string(),
-                    model::Count {
-                        packets: c.packets,
-                        bytes: c.bytes,
-                    },
-                )
+                (s.name().to_string(), model::Count { packets: c.packets, bytes: c.bytes })
             })
             .collect(),
     )
@@ -179,10 +170,42 @@ async fn interfaces(axum::extract::State(st): S) -> Json<Vec<model::Interface>> 
     )
 }
 
+fn describe_rule(p: &PolicyState, generation: u32, rule: u32) -> String {
+    if rule == 0 {
+        return "default".into();
+    }
+    p.generation(generation)
+        .and_then(|i| i.policy.rules.iter().find(|r| r.id == rule))
+        .map(|r| r.origin())
+        .unwrap_or_else(|| format!("rule {rule} of generation {generation}"))
+}
+
+#[derive(serde::Deserialize)]
+struct Since {
+    #[serde(default)]
+    since: u64,
+}
+
+async fn events(
+    axum::extract::State(st): S,
+    q: Result<axum::extract::Query<Since>, axum::extract::rejection::QueryRejection>,
+) -> axum::response::Response {
+    match q {
+        Ok(q) => Json(st.events.read().unwrap().since(q.since)).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, Json(model::ApiError { error: format!("bad query: {e}") }))
+            .into_response(),
+    }
+}
+
+async fn policy_status(axum::extract::State(st): S) -> Json<crate::policy::runtime::Status> {
+    Json(st.policy.read().unwrap().status.clone())
+}
+
 /// Ready once the datapath is attached everywhere and the first poll has landed.
 async fn ready(axum::extract::State(st): S) -> impl IntoResponse {
     let polled = !st.tables.read().unwrap().stats.is_empty();
-    if polled && !st.attached.is_empty() {
+    let policy_ok = !st.policy_configured || st.policy.read().unwrap().status.generation != 0;
+    if polled && policy_ok && !st.attached.is_empty() {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")

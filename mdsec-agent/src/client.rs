@@ -12,10 +12,7 @@ use serde::de::DeserializeOwned;
 
 /// `http://host:port` or `host:port` → a socket address.
 pub fn parse_api(api: &str) -> Result<SocketAddr> {
-    let hostport = api
-        .strip_prefix("http://")
-        .unwrap_or(api)
-        .trim_end_matches('/');
+    let hostport = api.strip_prefix("http://").unwrap_or(api).trim_end_matches('/');
     if api.starts_with("https://") {
         bail!("{api}: the agent serves plain HTTP on loopback; use http://");
     }
@@ -41,16 +38,10 @@ pub fn get(addr: SocketAddr, path: &str) -> Result<Vec<u8>> {
 /// network namespace) and returns the body of a 200 answer.
 pub fn request(s: &mut TcpStream, addr: SocketAddr, path: &str) -> Result<Vec<u8>> {
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n\r\n"
-    )?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n\r\n")?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .context("malformed HTTP answer")?;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").context("malformed HTTP answer")?;
     let head = String::from_utf8_lossy(&raw[..split]);
     let status = head.lines().next().unwrap_or_default();
     let body = raw[split + 4..].to_vec();

@@ -4,10 +4,7 @@
 use std::time::{Duration, SystemTime};
 
 pub fn boottime_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes into ts.
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -22,10 +19,7 @@ pub struct Anchor {
 
 impl Anchor {
     pub fn now() -> Anchor {
-        Anchor {
-            wall: SystemTime::now(),
-            boot_ns: boottime_ns(),
-        }
+        Anchor { wall: SystemTime::now(), boot_ns: boottime_ns() }
     }
 
     pub fn boot_ns(&self) -> u64 {
@@ -86,9 +80,6 @@ mod tests {
     fn anchor_maps_boot_time_both_ways() {
         let a = Anchor::now();
         let past = a.wall(a.boot_ns() - 2_000_000_000);
-        assert_eq!(
-            a.wall(a.boot_ns()).duration_since(past).unwrap(),
-            Duration::from_secs(2)
-        );
+        assert_eq!(a.wall(a.boot_ns()).duration_since(past).unwrap(), Duration::from_secs(2));
     }
 }

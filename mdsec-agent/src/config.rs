@@ -43,6 +43,17 @@ pub struct Config {
     /// What a clean stop (SIGINT/SIGTERM) does to the datapath.
     #[serde(default)]
     pub on_exit: OnExit,
+    /// Directory of segment policy files (`zones.yaml` + one YAML per segment).
+    /// Without it the datapath only observes.
+    #[serde(default)]
+    pub policy_dir: Option<PathBuf>,
+    /// Deny events per second per CPU before the datapath rate-limits them.
+    #[serde(default = "default_event_rate")]
+    pub event_rate: u32,
+}
+
+fn default_event_rate() -> u32 {
+    1000
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -106,11 +117,7 @@ pub struct MapSizes {
 
 impl Default for MapSizes {
     fn default() -> Self {
-        MapSizes {
-            flows: default_flows(),
-            devices: default_devices(),
-            fragments: default_fragments(),
-        }
+        MapSizes { flows: default_flows(), devices: default_devices(), fragments: default_fragments() }
     }
 }
 
@@ -150,14 +157,7 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.file.display(),
-            self.line,
-            self.col,
-            self.message
-        )
+        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.col, self.message)
     }
 }
 
@@ -173,47 +173,35 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let at = |line, col, message: String| ConfigError {
-            file: path.to_owned(),
-            line,
-            col,
-            message,
-        };
+        let at = |line, col, message: String| ConfigError { file: path.to_owned(), line, col, message };
         let meta = std::fs::metadata(path).map_err(|e| at(0, 0, format!("cannot read: {e}")))?;
         if meta.len() > MAX_CONFIG_BYTES {
-            return Err(at(
-                1,
-                1,
-                format!(
-                    "file is {} bytes; the limit is {MAX_CONFIG_BYTES}",
-                    meta.len()
-                ),
-            ));
+            return Err(at(1, 1, format!("file is {} bytes; the limit is {MAX_CONFIG_BYTES}", meta.len())));
         }
         let bytes = std::fs::read(path).map_err(|e| at(0, 0, format!("cannot read: {e}")))?;
         let text = std::str::from_utf8(&bytes).map_err(|e| {
             let (line, col) = line_col(&bytes, e.valid_up_to());
             at(line, col, "not valid UTF-8".into())
         })?;
-        Self::parse(text).map_err(|mut e| {
+        let mut cfg = Self::parse(text).map_err(|mut e| {
             e.file = path.to_owned();
             e
-        })
+        })?;
+        // A relative policy_dir is relative to the config file.
+        if let Some(d) = &cfg.policy_dir
+            && d.is_relative()
+        {
+            cfg.policy_dir = Some(path.parent().unwrap_or(Path::new(".")).join(d));
+        }
+        Ok(cfg)
     }
 
     /// Parses and validates YAML text; errors carry an empty file name.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let cfg: Config = serde_saphyr::from_str(text).map_err(|e| {
-            let (line, col) = e
-                .location()
-                .map(|l| (l.line() as usize, l.column() as usize))
-                .unwrap_or((1, 1));
-            ConfigError {
-                file: PathBuf::new(),
-                line,
-                col,
-                message: saphyr_message(&e.to_string()),
-            }
+            let (line, col) =
+                e.location().map(|l| (l.line() as usize, l.column() as usize)).unwrap_or((1, 1));
+            ConfigError { file: PathBuf::new(), line, col, message: saphyr_message(&e.to_string()) }
         })?;
         cfg.validate(text)?;
         Ok(cfg)
@@ -223,63 +211,38 @@ impl Config {
         // Semantic errors point at the line that names the offending value.
         let at = |needle: &str, message: String| {
             let (line, col) = find(text, needle);
-            ConfigError {
-                file: PathBuf::new(),
-                line,
-                col,
-                message,
-            }
+            ConfigError { file: PathBuf::new(), line, col, message }
         };
         if self.interfaces.is_empty() {
-            return Err(at(
-                "interfaces",
-                "`interfaces` must name at least one interface".into(),
-            ));
+            return Err(at("interfaces", "`interfaces` must name at least one interface".into()));
         }
         let mut seen = HashSet::new();
         for i in &self.interfaces {
             if i.name.is_empty() || i.name.len() >= libc::IFNAMSIZ || i.name.contains('/') {
-                return Err(at(
-                    &i.name,
-                    format!("`{}` is not a valid interface name", i.name),
-                ));
+                return Err(at(&i.name, format!("`{}` is not a valid interface name", i.name)));
             }
             if !seen.insert(&i.name) {
-                return Err(at(
-                    &i.name,
-                    format!("interface `{}` is listed twice", i.name),
-                ));
+                return Err(at(&i.name, format!("interface `{}` is listed twice", i.name)));
             }
         }
-        for (name, v) in [
-            ("flows", self.maps.flows),
-            ("devices", self.maps.devices),
-            ("fragments", self.maps.fragments),
-        ] {
+        for (name, v) in
+            [("flows", self.maps.flows), ("devices", self.maps.devices), ("fragments", self.maps.fragments)]
+        {
             if !(16..=1 << 26).contains(&v) {
-                return Err(at(
-                    name,
-                    format!("maps.{name} = {v} is outside 16..=67108864"),
-                ));
+                return Err(at(name, format!("maps.{name} = {v} is outside 16..=67108864")));
             }
         }
         if !(10..=60_000).contains(&self.poll_interval_ms) {
-            return Err(at(
-                "poll_interval_ms",
-                "poll_interval_ms must be within 10..=60000".into(),
-            ));
+            return Err(at("poll_interval_ms", "poll_interval_ms must be within 10..=60000".into()));
         }
         if self.flow_idle_timeout_secs == 0 {
-            return Err(at(
-                "flow_idle_timeout_secs",
-                "flow_idle_timeout_secs must be positive".into(),
-            ));
+            return Err(at("flow_idle_timeout_secs", "flow_idle_timeout_secs must be positive".into()));
+        }
+        if self.event_rate == 0 {
+            return Err(at("event_rate", "event_rate must be positive".into()));
         }
         if !self.pin_dir.is_absolute() || !self.state_dir.is_absolute() {
-            return Err(at(
-                "_dir",
-                "pin_dir and state_dir must be absolute paths".into(),
-            ));
+            return Err(at("_dir", "pin_dir and state_dir must be absolute paths".into()));
         }
         Ok(())
     }
@@ -287,7 +250,7 @@ impl Config {
 
 /// serde-saphyr renders "error: line L column C: message" plus a snippet; keep the
 /// message only, the location is printed in `file:line:col` form.
-fn saphyr_message(rendered: &str) -> String {
+pub(crate) fn saphyr_message(rendered: &str) -> String {
     let first = rendered.lines().next().unwrap_or(rendered);
     let first = first.strip_prefix("error: ").unwrap_or(first);
     match first.split_once(": ") {
@@ -298,20 +261,13 @@ fn saphyr_message(rendered: &str) -> String {
 
 /// 1-based line and column of the first occurrence of `needle`, or 1:1.
 fn find(text: &str, needle: &str) -> (usize, usize) {
-    text.find(needle)
-        .map(|off| line_col(text.as_bytes(), off))
-        .unwrap_or((1, 1))
+    text.find(needle).map(|off| line_col(text.as_bytes(), off)).unwrap_or((1, 1))
 }
 
 fn line_col(bytes: &[u8], off: usize) -> (usize, usize) {
     let before = &bytes[..off.min(bytes.len())];
     let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-    let col = off
-        - before
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .map_or(0, |p| p + 1)
-        + 1;
+    let col = off - before.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1) + 1;
     (line, col)
 }
 
@@ -333,9 +289,8 @@ mod tests {
 
     #[test]
     fn errors_name_line_and_column() {
-        let e =
-            Config::parse("interfaces:\n  - name: eth1\n    role: inline\n    xdp_mode: native\n")
-                .unwrap_err();
+        let e = Config::parse("interfaces:\n  - name: eth1\n    role: inline\n    xdp_mode: native\n")
+            .unwrap_err();
         assert_eq!((e.line, e.col), (4, 15), "{e}");
         let e = Config::parse(&format!("{GOOD}bogus: 1\n")).unwrap_err();
         assert_eq!(e.line, 5, "{e}");

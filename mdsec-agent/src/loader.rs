@@ -28,6 +28,10 @@ use mdsec_common::{
     flow::{FlowKey, FlowValue},
     frag::{FragKey, FragValue},
     maps as names,
+    policy::{
+        IFACE_MIRROR, IdentData, MAX_IDS, MacKey, PolicyConfig, PolicyData, PolicyValue, SegmentInfo,
+        TupleKey,
+    },
     stats::{Counter, STATS_LEN},
 };
 
@@ -37,8 +41,7 @@ use crate::{
 };
 
 /// The eBPF object built by build.rs from `mdsec-ebpf`.
-pub static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mdsec.bpf.o"));
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mdsec.bpf.o"));
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
@@ -66,12 +69,16 @@ fn map_layout(name: &str) -> (u32, u32) {
     use std::mem::size_of;
     match name {
         names::FLOWS => (size_of::<FlowKey>() as u32, size_of::<FlowValue>() as u32),
-        names::DEVICES => (
-            size_of::<DeviceKey>() as u32,
-            size_of::<DeviceValue>() as u32,
-        ),
+        names::DEVICES => (size_of::<DeviceKey>() as u32, size_of::<DeviceValue>() as u32),
         names::FRAGS => (size_of::<FragKey>() as u32, size_of::<FragValue>() as u32),
         names::STATS => (4, size_of::<Counter>() as u32),
+        names::IDENT => (4 + size_of::<IdentData>() as u32, 4),
+        names::MACS => (size_of::<MacKey>() as u32, 4),
+        names::POLICY => (4 + size_of::<PolicyData>() as u32, size_of::<PolicyValue>() as u32),
+        names::SEGMENTS => (4, size_of::<SegmentInfo>() as u32),
+        names::CONFIG => (4, size_of::<PolicyConfig>() as u32),
+        names::IFACES => (4, 4),
+        names::ALLOWED => (size_of::<TupleKey>() as u32, 1),
         _ => unreachable!("unknown map {name}"),
     }
 }
@@ -87,20 +94,25 @@ impl Datapath {
         let maps_dir = root.join("maps");
         let links_dir = root.join("links");
         fs::create_dir_all(&maps_dir).with_context(|| format!("create {}", maps_dir.display()))?;
-        fs::create_dir_all(&links_dir)
-            .with_context(|| format!("create {}", links_dir.display()))?;
+        fs::create_dir_all(&links_dir).with_context(|| format!("create {}", links_dir.display()))?;
 
         let sizes = [
             (names::FLOWS, cfg.maps.flows),
             (names::DEVICES, cfg.maps.devices),
             (names::FRAGS, cfg.maps.fragments),
             (names::STATS, STATS_LEN),
+            (names::IDENT, names::DEFAULT_IDENT_MAX),
+            (names::MACS, names::DEFAULT_MACS_MAX),
+            (names::POLICY, names::DEFAULT_POLICY_MAX),
+            (names::SEGMENTS, 2 * MAX_IDS),
+            (names::CONFIG, 1),
+            (names::IFACES, names::IFACES_MAX),
+            (names::ALLOWED, names::DEFAULT_ALLOWED_MAX),
         ];
         for (name, max) in sizes {
             drop_incompatible_pin(&maps_dir.join(name), name, max)?;
         }
-        let pins: Vec<(&str, PathBuf)> =
-            names::ALL.iter().map(|n| (*n, maps_dir.join(n))).collect();
+        let pins: Vec<(&str, PathBuf)> = names::ALL.iter().map(|n| (*n, maps_dir.join(n))).collect();
         let mut loader = EbpfLoader::new();
         for (name, max) in sizes {
             loader.map_max_entries(name, max);
@@ -110,10 +122,8 @@ impl Datapath {
         }
         let mut ebpf = loader.load(EBPF_OBJECT).context("load the eBPF object")?;
 
-        let prog: &mut Xdp = ebpf
-            .program_mut(names::PROGRAM)
-            .context("program missing from object")?
-            .try_into()?;
+        let prog: &mut Xdp =
+            ebpf.program_mut(names::PROGRAM).context("program missing from object")?.try_into()?;
         prog.load().map_err(verifier_tail)?;
 
         let mut attached = Vec::new();
@@ -129,11 +139,7 @@ impl Datapath {
                 a.0,
                 iface.xdp_mode,
                 effective,
-                if a.1 {
-                    ", replaced the program of a pinned link"
-                } else {
-                    ""
-                }
+                if a.1 { ", replaced the program of a pinned link" } else { "" }
             );
             if iface.xdp_mode == XdpMode::Skb {
                 // Generic XDP runs on socket buffers after GRO (and, on veth, before GSO
@@ -159,24 +165,21 @@ impl Datapath {
                 replaced: a.1,
             });
         }
-        Ok(Datapath {
-            ebpf,
-            attached,
-            root,
-        })
+        let mut ifaces: aya::maps::HashMap<_, u32, u32> =
+            aya::maps::HashMap::try_from(ebpf.map_mut(names::IFACES).context("IFACES missing")?)?;
+        for a in &attached {
+            let flags = if a.role == Role::Mirror { IFACE_MIRROR } else { 0 };
+            ifaces.insert(a.ifindex, flags, 0).context("write IFACES")?;
+        }
+        Ok(Datapath { ebpf, attached, root })
     }
 
     pub fn take_map(&mut self, name: &str) -> Result<Map> {
-        self.ebpf
-            .take_map(name)
-            .with_context(|| format!("map {name} missing from object"))
+        self.ebpf.take_map(name).with_context(|| format!("map {name} missing from object"))
     }
 
     pub fn ifnames(&self) -> HashMap<u32, String> {
-        self.attached
-            .iter()
-            .map(|a| (a.ifindex, a.name.clone()))
-            .collect()
+        self.attached.iter().map(|a| (a.ifindex, a.name.clone())).collect()
     }
 
     /// Detach from every interface and remove all pins of this layout.
@@ -240,19 +243,14 @@ fn attach(prog: &mut Xdp, links_dir: &Path, ifname: &str, mode: XdpMode) -> Resu
     let fd_link = FdLink::try_from(link).context(
         "the kernel attached XDP through netlink, not a bpf_link; mdsec needs bpf_link (Linux ≥ 5.9)",
     )?;
-    fd_link
-        .pin(&pin)
-        .with_context(|| format!("pin link at {}", pin.display()))?;
+    fd_link.pin(&pin).with_context(|| format!("pin link at {}", pin.display()))?;
     Ok((ifindex, false))
 }
 
 /// The full verifier log can be thousands of lines; its end says why.
 fn verifier_tail(e: aya::programs::ProgramError) -> anyhow::Error {
     match e {
-        aya::programs::ProgramError::LoadError {
-            io_error,
-            verifier_log,
-        } => {
+        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
             let log = verifier_log.to_string();
             let lines: Vec<&str> = log.lines().collect();
             let tail = lines[lines.len().saturating_sub(15)..].join("\n");
@@ -272,9 +270,7 @@ fn drop_incompatible_pin(path: &Path, name: &str, max: u32) -> Result<()> {
     }
     let (ks, vs) = map_layout(name);
     match MapInfo::from_pin(path) {
-        Ok(info)
-            if info.key_size() == ks && info.value_size() == vs && info.max_entries() == max =>
-        {
+        Ok(info) if info.key_size() == ks && info.value_size() == vs && info.max_entries() == max => {
             info!("{name}: reusing pinned map {}", path.display());
             return Ok(());
         }
@@ -285,10 +281,7 @@ fn drop_incompatible_pin(path: &Path, name: &str, max: u32) -> Result<()> {
             info.value_size(),
             info.max_entries()
         ),
-        Err(e) => warn!(
-            "{name}: unreadable pin {}: {e}; replacing it",
-            path.display()
-        ),
+        Err(e) => warn!("{name}: unreadable pin {}: {e}; replacing it", path.display()),
     }
     fs::remove_file(path).with_context(|| format!("remove {}", path.display()))
 }
@@ -303,20 +296,9 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     let src = CString::new("bpf")?;
     let dst = CString::new("/sys/fs/bpf")?;
     // SAFETY: valid C strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            dst.as_ptr(),
-            src.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
-        bail!(
-            "mount bpffs at /sys/fs/bpf: {}",
-            std::io::Error::last_os_error()
-        );
+        bail!("mount bpffs at /sys/fs/bpf: {}", std::io::Error::last_os_error());
     }
     info!("mounted bpffs at /sys/fs/bpf");
     Ok(())

@@ -10,11 +10,7 @@ use mdsec_agent::{
 };
 
 #[derive(Parser)]
-#[command(
-    name = "mdsec-agent",
-    version,
-    about = "Network-layer security for medical devices (XDP)"
-)]
+#[command(name = "mdsec-agent", version, about = "Network-layer security for medical devices (XDP)")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -87,8 +83,37 @@ fn real_main() -> Result<ExitCode> {
                 .block_on(mdsec_agent::run::run(cfg))?;
         }
         Cmd::Check { config } => {
-            if let Err(code) = load_config(&config) {
-                return Ok(code);
+            let cfg = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            if let Some(dir) = &cfg.policy_dir {
+                let limits = mdsec_agent::policy::compile::Limits {
+                    idents: mdsec_common::maps::DEFAULT_IDENT_MAX as usize / 2,
+                    macs: mdsec_common::maps::DEFAULT_MACS_MAX as usize / 2,
+                    policy: mdsec_common::maps::DEFAULT_POLICY_MAX as usize / 2,
+                };
+                match mdsec_agent::policy::runtime::prepare(dir, limits) {
+                    Ok((p, c, diags)) => {
+                        for d in diags {
+                            eprintln!("{d}");
+                        }
+                        println!(
+                            "{}: ok ({} segments, {} zones, {} rules, {} datapath entries)",
+                            dir.display(),
+                            p.segments.len(),
+                            p.zones.len(),
+                            p.rules.len(),
+                            c.policy.len()
+                        );
+                    }
+                    Err(diags) => {
+                        for d in diags {
+                            eprintln!("{d}");
+                        }
+                        return Ok(ExitCode::FAILURE);
+                    }
+                }
             }
             println!("{}: ok", config.display());
         }
@@ -122,19 +147,7 @@ fn real_main() -> Result<ExitCode> {
                     .collect();
                 print!(
                     "{}",
-                    render(
-                        &[
-                            "IFACE",
-                            "VLAN",
-                            "PROTO",
-                            "SRC",
-                            "DST",
-                            "PKTS",
-                            "BYTES",
-                            "LAST SEEN"
-                        ],
-                        &rows
-                    )
+                    render(&["IFACE", "VLAN", "PROTO", "SRC", "DST", "PKTS", "BYTES", "LAST SEEN"], &rows)
                 );
             }
         }
@@ -157,13 +170,7 @@ fn real_main() -> Result<ExitCode> {
                         ]
                     })
                     .collect();
-                print!(
-                    "{}",
-                    render(
-                        &["IFACE", "VLAN", "MAC", "IPS", "PKTS", "BYTES", "LAST SEEN"],
-                        &rows
-                    )
-                );
+                print!("{}", render(&["IFACE", "VLAN", "MAC", "IPS", "PKTS", "BYTES", "LAST SEEN"], &rows));
             }
         }
         Cmd::Stats(q) => {

@@ -22,6 +22,42 @@ pub struct Flow {
     pub first_seen: String,
     pub last_seen: String,
     pub tcp_flags: Vec<String>,
+    /// Policy verdict: none (no policy), unevaluated, exempt, allow, reply,
+    /// app_pending, would_drop, drop.
+    pub verdict: String,
+    /// `file:line:col` of the rule that decided, or `default`.
+    pub rule: String,
+    /// Segment whose default denied the flow, if any.
+    pub segment: String,
+}
+
+/// A policy event (`GET /api/v1/events`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Event {
+    /// Increases by one per event; `?since=SEQ` returns later ones.
+    pub seq: u64,
+    /// `policy_drop` or `policy_would_drop`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub time: String,
+    pub iface: String,
+    pub vlan: u16,
+    pub src: String,
+    pub dst: String,
+    pub proto: String,
+    pub sport: u16,
+    pub dport: u16,
+    /// The segment that decided.
+    pub segment: String,
+    /// `file:line:col` of the rule, or `default` for the segment's default verdict.
+    pub rule: String,
+    pub rule_id: u32,
+    /// `default_deny` or `app_mismatch`.
+    pub reason: String,
+    pub app: String,
+    pub src_identity: Option<String>,
+    pub dst_identity: Option<String>,
+    pub generation: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -71,15 +107,9 @@ pub fn proto_name(p: u8) -> String {
 
 pub fn tcp_flag_names(f: u8) -> Vec<String> {
     const NAMES: [&str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
-    (0..8)
-        .filter(|b| f & (1 << b) != 0)
-        .map(|b| NAMES[b].to_string())
-        .collect()
+    (0..8).filter(|b| f & (1 << b) != 0).map(|b| NAMES[b].to_string()).collect()
 }
 
 pub fn mac_string(m: [u8; 6]) -> String {
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
+    format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
 }

@@ -35,11 +35,7 @@ impl fmt::Display for XdpAttached {
 pub fn xdp_attached_mode(ifindex: u32) -> io::Result<XdpAttached> {
     // SAFETY: plain socket syscalls on buffers we own; the fd is closed on every path.
     unsafe {
-        let fd = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        );
+        let fd = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE);
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }

@@ -58,10 +58,7 @@ impl Poller {
             // A packet may have arrived since the snapshot: only delete what is
             // still idle, so no count is lost.
             let still_idle = match self.flows.get(&k, 0) {
-                Ok(v) => {
-                    clock::boottime_ns().saturating_sub(v.last_seen_ns)
-                        > self.idle.as_nanos() as u64
-                }
+                Ok(v) => clock::boottime_ns().saturating_sub(v.last_seen_ns) > self.idle.as_nanos() as u64,
                 Err(_) => true,
             };
             if !still_idle {
@@ -74,11 +71,7 @@ impl Poller {
     }
 
     /// Polls forever on a dedicated thread: map reads are blocking syscalls.
-    pub fn spawn(
-        mut self,
-        tables: Arc<RwLock<Tables>>,
-        every: Duration,
-    ) -> std::thread::JoinHandle<()> {
+    pub fn spawn(mut self, tables: Arc<RwLock<Tables>>, every: Duration) -> std::thread::JoinHandle<()> {
         std::thread::Builder::new()
             .name("mdsec-poller".into())
             .spawn(move || {

@@ -12,10 +12,18 @@ use anyhow::{Context, Result};
 use log::{error, info};
 use tokio::signal::unix::{SignalKind, signal};
 
+use aya::maps::RingBuf;
+use mdsec_common::maps as names;
+
 use crate::{
     api::{self, AppState},
     config::{Config, OnExit},
+    events::{self, EventStore},
     loader::Datapath,
+    policy::{
+        maps::PolicyMaps,
+        runtime::{PolicyState, Reloader, Trigger},
+    },
     poller::Poller,
     state::Tables,
 };
@@ -34,21 +42,54 @@ pub async fn run(cfg: Config) -> Result<()> {
     poller.poll(&tables)?;
     poller.spawn(tables.clone(), cfg.poll_interval());
 
+    let policy = Arc::new(RwLock::new(PolicyState::default()));
+    let store = Arc::new(RwLock::new(EventStore::default()));
+    let ring = RingBuf::try_from(dp.take_map(names::EVENTS)?)?;
+    events::spawn(ring, store.clone(), policy.clone(), dp.ifnames());
+    let (reload_tx, reload_rx) = std::sync::mpsc::channel();
+    let policy_maps = PolicyMaps::new(
+        |n| dp.take_map(n),
+        (names::DEFAULT_IDENT_MAX, names::DEFAULT_MACS_MAX, names::DEFAULT_POLICY_MAX),
+    )?;
+    match &cfg.policy_dir {
+        Some(dir) => {
+            let mut reloader = Reloader::new(policy_maps, dir.clone(), cfg.event_rate, policy.clone());
+            if !reloader.reload() {
+                error!(
+                    "no valid policy at start: the datapath observes only until the policy directory is fixed"
+                );
+            }
+            reloader.spawn(reload_rx);
+        }
+        None => info!("no policy_dir: observing only"),
+    }
+
     let state = Arc::new(AppState {
         tables,
         attached: dp.attached.clone(),
+        policy,
+        events: store,
+        policy_configured: cfg.policy_dir.is_some(),
     });
     info!("API on http://{}", cfg.listen);
     let server = tokio::spawn(async move { axum::serve(listener, api::router(state)).await });
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let why = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-        r = server => {
-            error!("HTTP server stopped: {r:?}");
-            "HTTP server failure"
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::pin!(server);
+    let why = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading the policy");
+                let _ = reload_tx.send(Trigger::Reload);
+            }
+            r = &mut server => {
+                error!("HTTP server stopped: {r:?}");
+                break "HTTP server failure";
+            }
         }
     };
     match cfg.on_exit {

@@ -55,10 +55,7 @@ impl Monotonic {
 
     fn totals(&self) -> Totals {
         let (p, b) = self.kernel.map_or((0, 0), |(_, p, b)| (p, b));
-        Totals {
-            packets: self.base.packets + p,
-            bytes: self.base.bytes + b,
-        }
+        Totals { packets: self.base.packets + p, bytes: self.base.bytes + b }
     }
 }
 
@@ -68,6 +65,12 @@ pub struct FlowRecord {
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,
     pub tcp_flags: u8,
+    /// Policy fields of the latest kernel snapshot.
+    pub verdict: u8,
+    pub rule: u32,
+    pub segment: u32,
+    pub generation: u32,
+    pub app: u8,
 }
 
 impl FlowRecord {
@@ -122,11 +125,21 @@ impl Tables {
                 first_seen_ns: v.first_seen_ns,
                 last_seen_ns: v.last_seen_ns,
                 tcp_flags: 0,
+                verdict: 0,
+                rule: 0,
+                segment: 0,
+                generation: 0,
+                app: 0,
             });
             r.counts.observe(v.first_seen_ns, v.packets, v.bytes);
             r.first_seen_ns = r.first_seen_ns.min(v.first_seen_ns);
             r.last_seen_ns = r.last_seen_ns.max(v.last_seen_ns);
             r.tcp_flags |= v.tcp_flags as u8;
+            r.verdict = v.verdict;
+            r.rule = v.rule;
+            r.segment = v.segment;
+            r.generation = v.generation;
+            r.app = v.app;
         }
         for (k, r) in self.flows.iter_mut() {
             if !present.contains(k) {
@@ -190,16 +203,7 @@ mod tests {
     use super::*;
 
     fn key(sport: u16) -> FlowKey {
-        FlowKey {
-            ifindex: 2,
-            vlan: 0,
-            proto: 17,
-            _pad: 0,
-            src: [1; 16],
-            dst: [2; 16],
-            sport,
-            dport: 53,
-        }
+        FlowKey { ifindex: 2, vlan: 0, proto: 17, _pad: 0, src: [1; 16], dst: [2; 16], sport, dport: 53 }
     }
 
     fn val(first: u64, packets: u64) -> FlowValue {
@@ -208,7 +212,7 @@ mod tests {
             bytes: packets * 100,
             first_seen_ns: first,
             last_seen_ns: first + packets,
-            tcp_flags: 0,
+            ..Default::default()
         }
     }
 
@@ -216,13 +220,7 @@ mod tests {
     fn counters_survive_eviction_and_recreation() {
         let mut t = Tables::default();
         t.merge_flows(&[(key(1), val(10, 5))]);
-        assert_eq!(
-            t.flows[&key(1)].totals(),
-            Totals {
-                packets: 5,
-                bytes: 500
-            }
-        );
+        assert_eq!(t.flows[&key(1)].totals(), Totals { packets: 5, bytes: 500 });
         t.merge_flows(&[(key(1), val(10, 8))]);
         assert_eq!(t.flows[&key(1)].totals().packets, 8);
         // Evicted by the LRU: nothing lost.
@@ -230,13 +228,7 @@ mod tests {
         assert_eq!(t.flows[&key(1)].totals().packets, 8);
         // Recreated with fresh counters.
         t.merge_flows(&[(key(1), val(50, 2))]);
-        assert_eq!(
-            t.flows[&key(1)].totals(),
-            Totals {
-                packets: 10,
-                bytes: 1000
-            }
-        );
+        assert_eq!(t.flows[&key(1)].totals(), Totals { packets: 10, bytes: 1000 });
         // Recreated between two polls (never seen missing).
         t.merge_flows(&[(key(1), val(90, 1))]);
         assert_eq!(t.flows[&key(1)].totals().packets, 11);
@@ -256,11 +248,7 @@ mod tests {
     #[test]
     fn device_ips_accumulate_and_stay_bounded() {
         let mut t = Tables::default();
-        let k = DeviceKey {
-            ifindex: 2,
-            vlan: 0,
-            mac: [2, 0, 0, 0, 0, 1],
-        };
+        let k = DeviceKey { ifindex: 2, vlan: 0, mac: [2, 0, 0, 0, 0, 1] };
         for i in 0..40u8 {
             let v = DeviceValue {
                 first_seen_ns: 1,

@@ -9,10 +9,7 @@ pub fn render(headers: &[&str], rows: &[Vec<String>]) -> String {
     }
     let mut out = String::new();
     let line = |cells: &mut dyn Iterator<Item = &str>, out: &mut String| {
-        let s: Vec<String> = cells
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let s: Vec<String> = cells.zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         out.push_str(s.join("  ").trim_end());
         out.push('\n');
     };

@@ -30,6 +30,26 @@ pub struct FlowValue {
     /// Union of the TCP flags byte of every segment (low 8 bits). A full word so the
     /// kernel can OR into it atomically (BPF atomics are 32/64-bit only).
     pub tcp_flags: u64,
+    /// Policy cache: the verdict below holds until this `CLOCK_BOOTTIME` ns (an
+    /// exception's expiry), u64::MAX otherwise.
+    pub valid_until_ns: u64,
+    /// Policy generation that produced the cached verdict (0: never evaluated).
+    pub generation: u32,
+    /// Rule that allowed (or, for app mismatches, required the app); 0 = default.
+    pub rule: u32,
+    pub src_id: u32,
+    pub dst_id: u32,
+    /// Segment whose default denied the flow, 0 otherwise.
+    pub segment: u32,
+    /// Generation for which a deny event was emitted (one event per flow and gen).
+    pub reported_generation: u32,
+    /// [`crate::policy::Verdict`] as u8.
+    pub verdict: u8,
+    /// Application identified from the first payload ([`crate::app::App`]).
+    pub app: u8,
+    /// Application the allowing rule requires, 0 = any.
+    pub required_app: u8,
+    pub _pad: [u8; 5],
 }
 
 #[cfg(feature = "user")]
@@ -49,4 +69,4 @@ mod user {
 }
 
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 44);
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 40);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 80);

@@ -7,11 +7,13 @@
 //! display) sits behind the `user` feature inside the same module.
 #![no_std]
 
+pub mod app;
 pub mod device;
 pub mod flow;
 pub mod frag;
 pub mod maps;
 pub mod net;
+pub mod policy;
 pub mod stats;
 
 #[cfg(feature = "user")]

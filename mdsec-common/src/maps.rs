@@ -10,17 +10,46 @@ pub const FRAGS: &str = "FRAGS";
 /// Per-CPU array indexed by [`crate::stats::Stat`].
 pub const STATS: &str = "STATS";
 
-/// All maps the agent pins, in a fixed order.
-pub const ALL: [&str; 4] = [FLOWS, DEVICES, FRAGS, STATS];
+/// LPM trie: [`crate::policy::IdentData`] → identity id (u32).
+pub const IDENT: &str = "IDENT";
+/// Hash: [`crate::policy::MacKey`] → identity id (u32).
+pub const MACS: &str = "MACS";
+/// LPM trie: [`crate::policy::PolicyData`] → [`crate::policy::PolicyValue`].
+pub const POLICY: &str = "POLICY";
+/// Array: gen bit × MAX_IDS + id → [`crate::policy::SegmentInfo`].
+pub const SEGMENTS: &str = "SEGMENTS";
+/// Array[1]: [`crate::policy::PolicyConfig`].
+pub const CONFIG: &str = "CONFIG";
+/// Hash: ifindex → `IFACE_*` flags.
+pub const IFACES: &str = "IFACES";
+/// LRU hash: [`crate::policy::TupleKey`] → u8, reverse tuples of allowed flows.
+pub const ALLOWED: &str = "ALLOWED";
+/// Ring buffer of [`crate::policy::Event`].
+pub const EVENTS: &str = "EVENTS";
+/// Per-CPU array[1]: event rate-limit bucket (tokens, last refill ns).
+pub const EVENT_BUCKET: &str = "EVENT_BUCKET";
+
+/// All maps the agent pins, in a fixed order. `EVENTS` and `EVENT_BUCKET` are not
+/// pinned: a new agent starts a fresh ring buffer.
+pub const ALL: [&str; 11] =
+    [FLOWS, DEVICES, FRAGS, STATS, IDENT, MACS, POLICY, SEGMENTS, CONFIG, IFACES, ALLOWED];
 
 /// Name of the XDP program in the object.
 pub const PROGRAM: &str = "mdsec_xdp";
 
 /// Bumped whenever a key or value layout changes. Pins live under a directory named
 /// after it, so an upgraded agent never reinterprets the bytes of an older map.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Compile-time sizes in the object; the agent overrides them at load time.
 pub const DEFAULT_FLOWS_MAX: u32 = 262_144;
 pub const DEFAULT_DEVICES_MAX: u32 = 16_384;
 pub const DEFAULT_FRAGS_MAX: u32 = 8_192;
+/// Identity prefixes, both generations together.
+pub const DEFAULT_IDENT_MAX: u32 = 16_384;
+pub const DEFAULT_MACS_MAX: u32 = 16_384;
+/// Policy entries, both generations together.
+pub const DEFAULT_POLICY_MAX: u32 = 262_144;
+pub const IFACES_MAX: u32 = 256;
+pub const DEFAULT_ALLOWED_MAX: u32 = 65_536;
+pub const EVENTS_BYTES: u32 = 256 * 1024;

@@ -25,9 +25,7 @@ pub const MAX_IPV6_EXT_HEADERS: usize = 6;
 /// single address form used in every map key.
 #[inline(always)]
 pub fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
-    ]
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
 }
 
 #[cfg(feature = "user")]

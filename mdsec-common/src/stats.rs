@@ -76,6 +76,24 @@ stats! {
     TruncL4 = "truncated_l4",
     /// TCP data offset below 5.
     BadTcpOffset = "bad_tcp_offset",
+    /// Policy: packets of flows allowed by a rule.
+    PolicyAllow = "policy_allow",
+    /// Policy: packets of replies to allowed flows.
+    PolicyReply = "policy_reply",
+    /// Policy: link-local control traffic (ND, DHCP, …) that is never policed.
+    PolicyExempt = "policy_exempt",
+    /// Policy loaded but no segment involved in the flow.
+    PolicyUnevaluated = "policy_unevaluated",
+    /// Denied in monitor mode (or on a mirror port): passed and counted.
+    PolicyWouldDrop = "policy_would_drop",
+    /// Denied in enforce mode: dropped.
+    PolicyDrop = "policy_drop",
+    /// First payload did not match the app the allowing rule requires.
+    AppMismatch = "app_mismatch",
+    /// A deny event could not be reserved in the ring buffer.
+    EventsLost = "events_lost",
+    /// A deny event was suppressed by the per-CPU rate limit.
+    EventsRateLimited = "events_rate_limited",
     /// A flow could not be inserted into `FLOWS`.
     FlowUpdateFail = "flow_update_failed",
     /// A device could not be inserted into `DEVICES`.

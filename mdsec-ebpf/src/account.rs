@@ -19,15 +19,18 @@ use crate::{
 
 use crate::atomic::{add, or};
 
-pub fn account(p: &Packet, now: u64, len: u64) {
+/// Accounts the frame and returns its flow entry, if it has one, for the verdict
+/// stage.
+pub fn account(p: &Packet, now: u64, len: u64) -> Option<*mut FlowValue> {
     if !p.has_eth {
-        return;
+        return None;
     }
     categories(p, len);
     device(p, now, len);
     if p.has_addrs && (p.has_l4 || p.frag == FRAG_LATER) {
-        flow(p, now, len);
+        return flow(p, now, len);
     }
+    None
 }
 
 #[inline(always)]
@@ -68,11 +71,7 @@ fn is_zero<const N: usize>(a: &[u8; N]) -> bool {
 // Not inlined: each stage gets its own 512-byte BPF stack frame.
 #[inline(never)]
 fn device(p: &Packet, now: u64, len: u64) {
-    let key = DeviceKey {
-        ifindex: p.ifindex,
-        vlan: p.vlan,
-        mac: p.src_mac,
-    };
+    let key = DeviceKey { ifindex: p.ifindex, vlan: p.vlan, mac: p.src_mac };
     // Unspecified sources (DHCP discover, IPv6 DAD) say nothing about the device.
     let mut v4 = [0u8; 4];
     let mut v6 = [0u8; 16];
@@ -127,7 +126,7 @@ fn update_device(d: *mut DeviceValue, now: u64, len: u64, v4: &[u8; 4], v6: &[u8
 }
 
 #[inline(never)]
-fn flow(p: &Packet, now: u64, len: u64) {
+fn flow(p: &Packet, now: u64, len: u64) -> Option<*mut FlowValue> {
     let mut key = FlowKey {
         ifindex: p.ifindex,
         vlan: p.vlan,
@@ -144,7 +143,7 @@ fn flow(p: &Packet, now: u64, len: u64) {
 
     if let Some(f) = FLOWS.get_ptr_mut(&key) {
         update_flow(f, now, len, p.tcp_flags);
-        return;
+        return Some(f);
     }
     let new = FlowValue {
         packets: 1,
@@ -152,13 +151,31 @@ fn flow(p: &Packet, now: u64, len: u64) {
         first_seen_ns: now,
         last_seen_ns: now,
         tcp_flags: p.tcp_flags as u64,
+        valid_until_ns: 0,
+        generation: 0,
+        rule: 0,
+        src_id: 0,
+        dst_id: 0,
+        segment: 0,
+        reported_generation: 0,
+        verdict: 0,
+        app: 0,
+        required_app: 0,
+        _pad: [0; 5],
     };
-    if FLOWS.insert(&key, &new, BPF_NOEXIST as u64).is_ok() {
-        return;
-    }
+    let inserted = FLOWS.insert(&key, &new, BPF_NOEXIST as u64).is_ok();
     match FLOWS.get_ptr_mut(&key) {
-        Some(f) => update_flow(f, now, len, p.tcp_flags),
-        None => count(Stat::FlowUpdateFail, len),
+        Some(f) => {
+            // Lost the race to another CPU's insert: add this packet to its entry.
+            if !inserted {
+                update_flow(f, now, len, p.tcp_flags);
+            }
+            Some(f)
+        }
+        None => {
+            count(Stat::FlowUpdateFail, len);
+            None
+        }
     }
 }
 
@@ -191,10 +208,7 @@ fn fragment(p: &Packet, key: &mut FlowKey, len: u64) {
     };
     if p.frag == FRAG_FIRST {
         count(Stat::FragFirst, len);
-        let ports = FragValue {
-            sport: p.sport,
-            dport: p.dport,
-        };
+        let ports = FragValue { sport: p.sport, dport: p.dport };
         if FRAGS.insert(&fkey, &ports, 0).is_err() {
             count(Stat::FragUpdateFail, len);
         }

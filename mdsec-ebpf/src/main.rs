@@ -20,9 +20,7 @@ mod parse;
 mod stats;
 mod verdict;
 
-use aya_ebpf::{
-    bindings::xdp_action, helpers::bpf_ktime_get_boot_ns, macros::xdp, programs::XdpContext,
-};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_boot_ns, macros::xdp, programs::XdpContext};
 use mdsec_common::stats::Stat;
 
 #[xdp]
@@ -36,16 +34,9 @@ pub fn mdsec_xdp(ctx: XdpContext) -> u32 {
     if let Err(reason) = parse::parse(&ctx, &mut pkt) {
         stats::count(reason, len);
     }
-    account::account(&pkt, now, len);
-    let action = verdict::decide(&pkt);
-    stats::count(
-        if action == xdp_action::XDP_DROP {
-            Stat::Drop
-        } else {
-            Stat::Pass
-        },
-        len,
-    );
+    let flow = account::account(&pkt, now, len);
+    let action = verdict::decide(&pkt, flow, now, len);
+    stats::count(if action == xdp_action::XDP_DROP { Stat::Drop } else { Stat::Pass }, len);
     action
 }
 

@@ -5,27 +5,59 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use mdsec_common::{
     device::{DeviceKey, DeviceValue},
     flow::{FlowKey, FlowValue},
     frag::{FragKey, FragValue},
-    maps::{DEFAULT_DEVICES_MAX, DEFAULT_FLOWS_MAX, DEFAULT_FRAGS_MAX},
+    maps::{
+        DEFAULT_ALLOWED_MAX, DEFAULT_DEVICES_MAX, DEFAULT_FLOWS_MAX, DEFAULT_FRAGS_MAX, DEFAULT_IDENT_MAX,
+        DEFAULT_MACS_MAX, DEFAULT_POLICY_MAX, EVENTS_BYTES, IFACES_MAX,
+    },
+    policy::{IdentData, MacKey, PolicyConfig, PolicyData, PolicyValue, SegmentInfo, TupleKey, MAX_IDS},
     stats::{Counter, STATS_LEN},
 };
 
 #[map(name = "FLOWS")]
-pub static FLOWS: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(DEFAULT_FLOWS_MAX, 0);
+pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_FLOWS_MAX, 0);
 
 #[map(name = "DEVICES")]
-pub static DEVICES: LruHashMap<DeviceKey, DeviceValue> =
-    LruHashMap::with_max_entries(DEFAULT_DEVICES_MAX, 0);
+pub static DEVICES: LruHashMap<DeviceKey, DeviceValue> = LruHashMap::with_max_entries(DEFAULT_DEVICES_MAX, 0);
 
 #[map(name = "FRAGS")]
-pub static FRAGS: LruHashMap<FragKey, FragValue> =
-    LruHashMap::with_max_entries(DEFAULT_FRAGS_MAX, 0);
+pub static FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(DEFAULT_FRAGS_MAX, 0);
 
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+
+// Policy maps (see mdsec_common::policy). Double-buffered by the generation bit in
+// every key; `CONFIG` holds the active generation.
+
+#[map(name = "IDENT")]
+pub static IDENT: LpmTrie<IdentData, u32> = LpmTrie::with_max_entries(DEFAULT_IDENT_MAX, 0);
+
+#[map(name = "MACS")]
+pub static MACS: HashMap<MacKey, u32> = HashMap::with_max_entries(DEFAULT_MACS_MAX, 0);
+
+#[map(name = "POLICY")]
+pub static POLICY: LpmTrie<PolicyData, PolicyValue> = LpmTrie::with_max_entries(DEFAULT_POLICY_MAX, 0);
+
+#[map(name = "SEGMENTS")]
+pub static SEGMENTS: Array<SegmentInfo> = Array::with_max_entries(2 * MAX_IDS, 0);
+
+#[map(name = "CONFIG")]
+pub static CONFIG: Array<PolicyConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "IFACES")]
+pub static IFACES: HashMap<u32, u32> = HashMap::with_max_entries(IFACES_MAX, 0);
+
+#[map(name = "ALLOWED")]
+pub static ALLOWED: LruHashMap<TupleKey, u8> = LruHashMap::with_max_entries(DEFAULT_ALLOWED_MAX, 0);
+
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// (tokens left in this second, start of the second in ns), per CPU.
+#[map(name = "EVENT_BUCKET")]
+pub static EVENT_BUCKET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);

@@ -11,9 +11,9 @@ use core::mem::size_of;
 use aya_ebpf::programs::XdpContext;
 use mdsec_common::{
     net::{
-        v4_mapped, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6,
-        IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ICMP, IPPROTO_ICMPV6,
-        IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP, MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS,
+        v4_mapped, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, IPPROTO_DSTOPTS,
+        IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_ROUTING, IPPROTO_TCP,
+        IPPROTO_UDP, MAX_IPV6_EXT_HEADERS, MAX_VLAN_TAGS,
     },
     stats::Stat,
 };
@@ -35,6 +35,7 @@ pub struct Packet {
     /// An Ethernet header was present (the frame has a source MAC).
     pub has_eth: bool,
     pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
     pub vlan_tags: u8,
     /// Innermost VLAN id, 0 when untagged.
     pub vlan: u16,
@@ -53,6 +54,10 @@ pub struct Packet {
     pub tcp_flags: u8,
     pub frag: u8,
     pub frag_id: u32,
+    /// Bytes of L4 payload (by the IP lengths, so Ethernet padding is not payload).
+    pub payload_len: u16,
+    /// Frame offset where the IP datagram ends (from its length fields).
+    l3_end: u16,
 }
 
 impl Packet {
@@ -62,6 +67,7 @@ impl Packet {
             ifindex,
             has_eth: false,
             src_mac: [0; 6],
+            dst_mac: [0; 6],
             vlan_tags: 0,
             vlan: 0,
             l3: L3_NONE,
@@ -76,6 +82,8 @@ impl Packet {
             tcp_flags: 0,
             frag: FRAG_NONE,
             frag_id: 0,
+            payload_len: 0,
+            l3_end: 0,
         }
     }
 }
@@ -105,6 +113,7 @@ pub fn parse(ctx: &XdpContext, p: &mut Packet) -> Result<(), Stat> {
     // SAFETY: bounds checked by ptr_at.
     let eth = unsafe { &*eth };
     p.has_eth = true;
+    p.dst_mac = [eth[0], eth[1], eth[2], eth[3], eth[4], eth[5]];
     p.src_mac = [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]];
     let mut ethertype = be16(eth[12], eth[13]);
     let mut off = ETH_HLEN;
@@ -168,6 +177,7 @@ fn parse_ipv4(ctx: &XdpContext, off: usize, p: &mut Packet) -> Result<(), Stat> 
     if total < ihl || off + total > ctx.data_end() - ctx.data() {
         return Err(Stat::BadIpv4Len);
     }
+    p.l3_end = (off + total) as u16;
     p.src = v4_mapped([h[12], h[13], h[14], h[15]]);
     p.dst = v4_mapped([h[16], h[17], h[18], h[19]]);
     p.has_addrs = true;
@@ -194,6 +204,7 @@ fn parse_ipv6(ctx: &XdpContext, off: usize, p: &mut Packet) -> Result<(), Stat> 
     if h[0] >> 4 != 6 {
         return Err(Stat::BadIpv6Version);
     }
+    p.l3_end = (off + 40 + be16(h[4], h[5]) as usize) as u16;
     let mut i = 0;
     while i < 16 {
         p.src[i] = h[8 + i];
@@ -239,10 +250,7 @@ fn parse_ipv6(ctx: &XdpContext, off: usize, p: &mut Packet) -> Result<(), Stat> 
         }
     }
     p.proto = nh;
-    if matches!(
-        nh,
-        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_FRAGMENT
-    ) {
+    if matches!(nh, IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_FRAGMENT) {
         return Err(Stat::Ipv6ExtTooDeep);
     }
     parse_l4(ctx, off, p)
@@ -250,7 +258,7 @@ fn parse_ipv6(ctx: &XdpContext, off: usize, p: &mut Packet) -> Result<(), Stat> 
 
 #[inline(always)]
 fn parse_l4(ctx: &XdpContext, off: usize, p: &mut Packet) -> Result<(), Stat> {
-    match p.proto {
+    let header = match p.proto {
         IPPROTO_TCP => {
             let h: *const [u8; 20] = ptr_at(ctx, off).ok_or(Stat::TruncL4)?;
             // SAFETY: bounds checked by ptr_at.
@@ -261,6 +269,7 @@ fn parse_l4(ctx: &XdpContext, off: usize, p: &mut Packet) -> Result<(), Stat> {
             p.sport = be16(h[0], h[1]);
             p.dport = be16(h[2], h[3]);
             p.tcp_flags = h[13];
+            (h[12] >> 4) as usize * 4
         }
         IPPROTO_UDP => {
             let h: *const [u8; 8] = ptr_at(ctx, off).ok_or(Stat::TruncL4)?;
@@ -268,6 +277,7 @@ fn parse_l4(ctx: &XdpContext, off: usize, p: &mut Packet) -> Result<(), Stat> {
             let h = unsafe { &*h };
             p.sport = be16(h[0], h[1]);
             p.dport = be16(h[2], h[3]);
+            8
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             // type, code, checksum
@@ -276,9 +286,14 @@ fn parse_l4(ctx: &XdpContext, off: usize, p: &mut Packet) -> Result<(), Stat> {
             let h = unsafe { &*h };
             p.sport = h[0] as u16;
             p.dport = h[1] as u16;
+            4
         }
-        _ => {}
-    }
+        _ => 0,
+    };
     p.has_l4 = true;
+    let end = p.l3_end as usize;
+    if end > off + header {
+        p.payload_len = (end - off - header) as u16;
+    }
     Ok(())
 }

@@ -1,11 +1,306 @@
-//! Verdict stage. The foundation datapath only observes: every frame passes.
-//! Policy (a later stage) is the only thing allowed to return `XDP_DROP`.
+//! Verdict stage: the only place that may return `XDP_DROP`.
+//!
+//! Fast path: the flow's cached verdict, valid while its generation is the active
+//! one and its exception (if any) has not expired. Slow path ([`evaluate`]):
+//! exemptions → identity (MAC, then VLAN-scoped LPM, then LPM) → policy (one LPM
+//! lookup: exact port, port range block, any port, any proto) → replies of allowed
+//! flows → the segments' defaults. Monitor segments and mirror ports never drop.
 
-use aya_ebpf::bindings::xdp_action;
+use aya_ebpf::{bindings::xdp_action, maps::lpm_trie::Key};
+use mdsec_common::{
+    app::App,
+    flow::FlowValue,
+    net::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP},
+    policy::{
+        Event, IdentData, MacKey, PolicyData, SegmentInfo, TupleKey, Verdict, DENY_APP_MISMATCH,
+        DENY_DEFAULT, IDENT_HEADER_BITS, IFACE_MIRROR, MAX_IDS, POLICY_FULL_BITS, SEG_DEFAULT_ALLOW,
+        SEG_ENFORCE, SEG_MEMBER,
+    },
+    stats::Stat,
+};
 
-use crate::parse::Packet;
+use crate::{
+    maps::{ALLOWED, CONFIG, EVENTS, EVENT_BUCKET, IDENT, IFACES, MACS, POLICY, SEGMENTS},
+    parse::{Packet, L3_IPV4},
+    stats::count,
+};
+
+pub fn decide(p: &Packet, flow: Option<*mut FlowValue>, now: u64, len: u64) -> u32 {
+    let Some(f) = flow else {
+        return xdp_action::XDP_PASS;
+    };
+    let Some(cfg) = CONFIG.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    let gen = cfg.generation;
+    if gen == 0 {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: `f` is a live FLOWS value; racing writers store whole verdicts computed
+    // from the same policy, so any interleaving is a valid verdict.
+    let fv = unsafe { &mut *f };
+    if fv.generation != gen || now >= fv.valid_until_ns {
+        evaluate(p, f, gen, now);
+    }
+    if fv.verdict == Verdict::AppPending as u8 && p.payload_len > 0 {
+        check_app(fv, gen);
+    }
+
+    let verdict = fv.verdict;
+    if verdict == Verdict::Drop as u8 || verdict == Verdict::WouldDrop as u8 {
+        if fv.reported_generation != gen {
+            emit(p, fv, gen, now, cfg.event_rate);
+        }
+        // A mirror port only sees copies: dropping them protects nothing.
+        // SAFETY: plain map lookup.
+        let mirror = unsafe { IFACES.get(&p.ifindex) }.is_some_and(|f| *f & IFACE_MIRROR != 0);
+        if verdict == Verdict::Drop as u8 && !mirror {
+            count(Stat::PolicyDrop, len);
+            return xdp_action::XDP_DROP;
+        }
+        count(Stat::PolicyWouldDrop, len);
+        return xdp_action::XDP_PASS;
+    }
+    count(
+        match Verdict::from_u8(verdict) {
+            Verdict::Allow | Verdict::AppPending => Stat::PolicyAllow,
+            Verdict::Reply => Stat::PolicyReply,
+            Verdict::Exempt => Stat::PolicyExempt,
+            _ => Stat::PolicyUnevaluated,
+        },
+        len,
+    );
+    xdp_action::XDP_PASS
+}
+
+/// The first payload of a flow whose rule requires an app. The classifier comes
+/// with discovery; until then every app is `Unknown`, so such rules deny here.
+#[inline(always)]
+fn check_app(fv: &mut FlowValue, gen: u32) {
+    let app = App::Unknown as u8;
+    fv.app = app;
+    if app == fv.required_app {
+        fv.verdict = Verdict::Allow as u8;
+        return;
+    }
+    let bit = gen & 1;
+    let s = seg_info(bit, fv.src_id);
+    let d = seg_info(bit, fv.dst_id);
+    let (verdict, segment) = deny(&s, &d, true);
+    fv.verdict = verdict as u8;
+    fv.segment = segment;
+    // A new verdict: report it even if the flow was reported before.
+    fv.reported_generation = 0;
+    count(Stat::AppMismatch, 0);
+}
 
 #[inline(always)]
-pub fn decide(_pkt: &Packet) -> u32 {
-    xdp_action::XDP_PASS
+fn seg_info(bit: u32, id: u32) -> SegmentInfo {
+    if id == 0 || id >= MAX_IDS {
+        return SegmentInfo::default();
+    }
+    SEGMENTS.get(bit * MAX_IDS + id).copied().unwrap_or_default()
+}
+
+/// Deny outcome from the segments involved: drop if a denying segment enforces,
+/// would-drop if denying segments only monitor. `app_rule` denies even when the
+/// defaults allow (the rule that matched required an app).
+#[inline(always)]
+fn deny(s: &SegmentInfo, d: &SegmentInfo, app_rule: bool) -> (Verdict, u32) {
+    let denies =
+        |x: &SegmentInfo| x.flags & SEG_MEMBER != 0 && (app_rule || x.flags & SEG_DEFAULT_ALLOW == 0);
+    let (sd, dd) = (denies(s), denies(d));
+    if sd && s.flags & SEG_ENFORCE != 0 {
+        return (Verdict::Drop, s.segment);
+    }
+    if dd && d.flags & SEG_ENFORCE != 0 {
+        return (Verdict::Drop, d.segment);
+    }
+    if sd {
+        return (Verdict::WouldDrop, s.segment);
+    }
+    if dd {
+        return (Verdict::WouldDrop, d.segment);
+    }
+    (Verdict::Allow, 0)
+}
+
+/// Link-local control traffic is never policed: address resolution, router
+/// discovery, multicast listener reports and DHCP must keep working whatever the
+/// policy says (a device that loses its address is a clinical incident).
+#[inline(always)]
+fn exempt(p: &Packet) -> bool {
+    if p.proto == IPPROTO_UDP && matches!(p.dport, 67 | 68 | 546 | 547) {
+        return true;
+    }
+    if p.l3 == L3_IPV4 {
+        let d = &p.dst;
+        let bcast = d[12] == 255 && d[13] == 255 && d[14] == 255 && d[15] == 255;
+        let local_mcast = d[12] == 224 && d[13] == 0 && d[14] == 0;
+        return bcast || local_mcast;
+    }
+    let d = &p.dst;
+    let link_local = (d[0] == 0xfe && d[1] & 0xc0 == 0x80) || (d[0] == 0xff && d[1] & 0x0f == 0x02);
+    // ICMPv6: MLD (130–132, 143), router/neighbour discovery (133–137).
+    let nd_mld = p.proto == IPPROTO_ICMPV6 && matches!(p.sport, 130..=137 | 143);
+    link_local || nd_mld
+}
+
+#[inline(always)]
+fn identity(bit: u8, addr: &[u8; 16], mac: &[u8; 6], vlan: u16) -> u32 {
+    let vlan_be = vlan.to_be_bytes();
+    let mut mk = MacKey { generation: bit, scoped: 1, vlan, mac: *mac, _pad: [0; 2] };
+    // SAFETY: plain map lookups.
+    unsafe {
+        if let Some(id) = MACS.get(&mk) {
+            return *id;
+        }
+        mk.scoped = 0;
+        mk.vlan = 0;
+        if let Some(id) = MACS.get(&mk) {
+            return *id;
+        }
+    }
+    let mut key = Key::new(
+        IDENT_HEADER_BITS + 128,
+        IdentData { generation: bit, scoped: 1, vlan: vlan_be, addr: *addr },
+    );
+    if let Some(id) = IDENT.get(&key) {
+        return *id;
+    }
+    key.data.scoped = 0;
+    key.data.vlan = [0; 2];
+    IDENT.get(&key).copied().unwrap_or(0)
+}
+
+/// The allow entry for (src, dst, proto, port), if any and not expired.
+/// Returns (rule, app, expires_ns).
+#[inline(always)]
+fn allowed(bit: u8, src: u32, dst: u32, proto: u8, port: u16, now: u64) -> Option<(u32, u8, u64)> {
+    let key = Key::new(
+        POLICY_FULL_BITS,
+        PolicyData {
+            generation: bit,
+            src: src.to_be_bytes(),
+            dst: dst.to_be_bytes(),
+            proto,
+            port: port.to_be_bytes(),
+        },
+    );
+    let v = POLICY.get(&key)?;
+    if v.expires_ns != 0 && now >= v.expires_ns {
+        return None;
+    }
+    Some((v.rule, v.app, if v.expires_ns == 0 { u64::MAX } else { v.expires_ns }))
+}
+
+/// The tuple a reply of this packet's flow carries. ICMP echo requests are
+/// answered by echo replies (type 8 → 0, 128 → 129).
+#[inline(always)]
+fn reverse_tuple(p: &Packet) -> TupleKey {
+    let mut sport = p.dport;
+    let mut dport = p.sport;
+    if p.proto == IPPROTO_ICMP && p.sport == 8 {
+        sport = 0;
+        dport = p.dport;
+    } else if p.proto == IPPROTO_ICMPV6 && p.sport == 128 {
+        sport = 129;
+        dport = p.dport;
+    }
+    TupleKey { src: p.dst, dst: p.src, sport, dport, proto: p.proto, _pad: [0; 3] }
+}
+
+#[inline(never)]
+fn evaluate(p: &Packet, f: *mut FlowValue, gen: u32, now: u64) {
+    // SAFETY: see `decide`.
+    let fv = unsafe { &mut *f };
+    fv.generation = gen;
+    fv.valid_until_ns = u64::MAX;
+    fv.rule = 0;
+    fv.segment = 0;
+    fv.required_app = 0;
+    if exempt(p) {
+        fv.verdict = Verdict::Exempt as u8;
+        return;
+    }
+    let bit = (gen & 1) as u8;
+    let src_id = identity(bit, &p.src, &p.src_mac, p.vlan);
+    let dst_id = identity(bit, &p.dst, &p.dst_mac, p.vlan);
+    fv.src_id = src_id;
+    fv.dst_id = dst_id;
+    let s = seg_info(bit as u32, src_id);
+    let d = seg_info(bit as u32, dst_id);
+    if s.flags & SEG_MEMBER == 0 && d.flags & SEG_MEMBER == 0 {
+        fv.verdict = Verdict::Unevaluated as u8;
+        return;
+    }
+    if let Some((rule, app, until)) = allowed(bit, src_id, dst_id, p.proto, p.dport, now) {
+        fv.rule = rule;
+        fv.valid_until_ns = until;
+        fv.required_app = app;
+        fv.verdict = if app == 0 { Verdict::Allow as u8 } else { Verdict::AppPending as u8 };
+        let _ = ALLOWED.insert(&reverse_tuple(p), &1, 0);
+        return;
+    }
+    let tuple =
+        TupleKey { src: p.src, dst: p.dst, sport: p.sport, dport: p.dport, proto: p.proto, _pad: [0; 3] };
+    // SAFETY: plain map lookup.
+    if unsafe { ALLOWED.get(&tuple) }.is_some() {
+        // Still allowed in this direction under the current policy?
+        let original_port =
+            if p.proto == IPPROTO_ICMP || p.proto == IPPROTO_ICMPV6 { p.dport } else { p.sport };
+        if let Some((rule, _, until)) = allowed(bit, dst_id, src_id, p.proto, original_port, now) {
+            fv.rule = rule;
+            fv.valid_until_ns = until;
+            fv.verdict = Verdict::Reply as u8;
+            return;
+        }
+    }
+    let (verdict, segment) = deny(&s, &d, false);
+    fv.verdict = verdict as u8;
+    fv.segment = segment;
+}
+
+/// One event per denied flow and generation, at most `rate` per second per CPU.
+#[inline(never)]
+fn emit(p: &Packet, fv: &mut FlowValue, gen: u32, now: u64, rate: u32) {
+    let Some(bucket) = EVENT_BUCKET.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU cell, no concurrent writer.
+    let bucket = unsafe { &mut *bucket };
+    if now.wrapping_sub(bucket[1]) >= 1_000_000_000 {
+        bucket[0] = rate as u64;
+        bucket[1] = now;
+    }
+    if bucket[0] == 0 {
+        count(Stat::EventsRateLimited, 0);
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        count(Stat::EventsLost, 0);
+        return;
+    };
+    bucket[0] -= 1;
+    entry.write(Event {
+        ts_ns: now,
+        ifindex: p.ifindex,
+        vlan: p.vlan,
+        proto: p.proto,
+        verdict: fv.verdict,
+        src: p.src,
+        dst: p.dst,
+        sport: p.sport,
+        dport: p.dport,
+        src_id: fv.src_id,
+        dst_id: fv.dst_id,
+        segment: fv.segment,
+        rule: fv.rule,
+        generation: gen,
+        reason: if fv.required_app != 0 { DENY_APP_MISMATCH } else { DENY_DEFAULT },
+        app: fv.app,
+        _pad: [0; 6],
+    });
+    entry.submit(0);
+    fv.reported_generation = gen;
 }

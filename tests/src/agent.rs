@@ -21,10 +21,7 @@ pub fn agent_bin() -> PathBuf {
     }
     let exe = std::env::current_exe().unwrap();
     // target/<profile>/deps/<test> → target/<profile>/mdsec-agent
-    exe.parent()
-        .and_then(|d| d.parent())
-        .unwrap()
-        .join("mdsec-agent")
+    exe.parent().and_then(|d| d.parent()).unwrap().join("mdsec-agent")
 }
 
 pub struct Agent {
@@ -37,14 +34,13 @@ pub struct Agent {
 pub struct AgentOptions {
     pub xdp_mode: &'static str,
     pub extra_yaml: String,
+    /// Policy files (name, YAML) written to `<dir>/policy`, which becomes `policy_dir`.
+    pub policy: Vec<(String, String)>,
 }
 
 impl Default for AgentOptions {
     fn default() -> Self {
-        AgentOptions {
-            xdp_mode: "driver",
-            extra_yaml: String::new(),
-        }
+        AgentOptions { xdp_mode: "driver", extra_yaml: String::new(), policy: Vec::new() }
     }
 }
 
@@ -55,16 +51,21 @@ impl Agent {
         std::fs::create_dir_all(&dir)?;
         let mut yaml = String::from("interfaces:\n");
         for ifname in topo.gw_ifs() {
-            yaml += &format!(
-                "  - name: {ifname}\n    role: inline\n    xdp_mode: {}\n",
-                opts.xdp_mode
-            );
+            yaml += &format!("  - name: {ifname}\n    role: inline\n    xdp_mode: {}\n", opts.xdp_mode);
         }
         yaml += &format!(
             "state_dir: {}\npoll_interval_ms: 100\n{}",
             dir.join("state").display(),
             opts.extra_yaml
         );
+        if !opts.policy.is_empty() {
+            let pdir = dir.join("policy");
+            std::fs::create_dir_all(&pdir)?;
+            for (name, text) in &opts.policy {
+                std::fs::write(pdir.join(name), text)?;
+            }
+            yaml += &format!("policy_dir: {}\n", pdir.display());
+        }
         let cfg = dir.join("agent.yaml");
         std::fs::write(&cfg, yaml)?;
         let log = std::fs::File::create(dir.join("agent.log"))?;
@@ -79,12 +80,7 @@ impl Agent {
             .stdin(Stdio::null())
             .spawn()
             .context("spawn mdsec-agent")?;
-        let mut a = Agent {
-            child,
-            gw: topo.gw.clone(),
-            dir,
-            addr: "127.0.0.1:9740".parse().unwrap(),
-        };
+        let mut a = Agent { child, gw: topo.gw.clone(), dir, addr: "127.0.0.1:9740".parse().unwrap() };
         a.wait_ready(Duration::from_secs(20))?;
         Ok(a)
     }
@@ -118,9 +114,8 @@ impl Agent {
 
     fn raw_get(&self, path: &str) -> Result<Vec<u8>> {
         let addr = self.addr;
-        let mut s: TcpStream = in_netns(&self.gw, move || {
-            TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        })??;
+        let mut s: TcpStream =
+            in_netns(&self.gw, move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)))??;
         client::request(&mut s, addr, path)
     }
 
@@ -140,11 +135,37 @@ impl Agent {
         self.get("/api/v1/stats")
     }
 
+    pub fn policy_dir(&self) -> PathBuf {
+        self.dir.join("policy")
+    }
+
+    pub fn policy_status(&self) -> Result<serde_json::Value> {
+        self.get("/api/v1/policy")
+    }
+
+    pub fn generation(&self) -> Result<u64> {
+        self.policy_status()?["generation"].as_u64().context("no generation")
+    }
+
+    pub fn events(&self) -> Result<Vec<model::Event>> {
+        self.get("/api/v1/events")
+    }
+
+    /// Sends SIGHUP and waits for the next reload attempt to finish; returns the
+    /// status after it.
+    pub fn reload(&self) -> Result<serde_json::Value> {
+        let before = self.policy_status()?["reloads"].as_u64().unwrap_or(0);
+        // SAFETY: signalling our own child by PID.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
+        self.wait_for(
+            Duration::from_secs(10),
+            |a| a.policy_status(),
+            |s| (s["reloads"].as_u64().unwrap_or(0) > before).then(|| s.clone()),
+        )
+    }
+
     pub fn stat(&self, reason: &str) -> Result<model::Count> {
-        self.stats()?
-            .get(reason)
-            .copied()
-            .with_context(|| format!("no stat {reason}"))
+        self.stats()?.get(reason).copied().with_context(|| format!("no stat {reason}"))
     }
 
     /// Polls `f` over the API until it returns `Some`, or fails after `limit`

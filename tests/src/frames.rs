@@ -34,13 +34,7 @@ fn checksum(chunks: &[&[u8]]) -> u16 {
 }
 
 /// Ethernet header with optional VLAN tags (outermost first), then `ethertype`.
-pub fn eth(
-    dst: [u8; 6],
-    src: [u8; 6],
-    tags: &[(u16, u16)],
-    ethertype: u16,
-    payload: &[u8],
-) -> Vec<u8> {
+pub fn eth(dst: [u8; 6], src: [u8; 6], tags: &[(u16, u16)], ethertype: u16, payload: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(18 + payload.len());
     f.extend_from_slice(&dst);
     f.extend_from_slice(&src);
@@ -66,14 +60,7 @@ pub struct V4 {
 
 impl V4 {
     pub fn new(src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> V4 {
-        V4 {
-            src,
-            dst,
-            proto,
-            id: 1,
-            frag: 0,
-            options: Vec::new(),
-        }
+        V4 { src, dst, proto, id: 1, frag: 0, options: Vec::new() }
     }
 
     pub fn build(&self, payload: &[u8]) -> Vec<u8> {
@@ -97,13 +84,7 @@ impl V4 {
 
 /// IPv6 header + extension headers (each `(type, body)`, body padded by the
 /// caller so that 2 + body is a multiple of 8) + payload.
-pub fn ipv6(
-    src: Ipv6Addr,
-    dst: Ipv6Addr,
-    exts: &[(u8, Vec<u8>)],
-    proto: u8,
-    payload: &[u8],
-) -> Vec<u8> {
+pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, exts: &[(u8, Vec<u8>)], proto: u8, payload: &[u8]) -> Vec<u8> {
     let mut ext_bytes = Vec::new();
     for (i, (_, body)) in exts.iter().enumerate() {
         let next = exts.get(i + 1).map_or(proto, |e| e.0);
@@ -180,10 +161,7 @@ impl RawSender {
                 if fd < 0 {
                     bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
                 }
-                Ok(RawSender {
-                    fd: OwnedFd::from_raw_fd(fd),
-                    ifindex,
-                })
+                Ok(RawSender { fd: OwnedFd::from_raw_fd(fd), ifindex })
             }
         })?
     }

@@ -25,10 +25,7 @@ pub struct TestProg {
 impl TestProg {
     pub fn load() -> Result<TestProg> {
         let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).context("load object")?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(names::PROGRAM)
-            .context("no program")?
-            .try_into()?;
+        let prog: &mut Xdp = ebpf.program_mut(names::PROGRAM).context("no program")?.try_into()?;
         prog.load().map_err(|e| match e {
             ProgramError::LoadError { verifier_log, .. } => {
                 anyhow::anyhow!("verifier: {verifier_log}")
@@ -41,18 +38,13 @@ impl TestProg {
     /// Runs the program once on `frame` and returns its XDP action.
     pub fn run(&mut self, frame: &[u8]) -> Result<u32> {
         let prog: &mut Xdp = self.ebpf.program_mut(names::PROGRAM).unwrap().try_into()?;
-        let r = prog.test_run(TestRunOptions {
-            data_in: Some(frame),
-            repeat: 1,
-            ..Default::default()
-        })?;
+        let r = prog.test_run(TestRunOptions { data_in: Some(frame), repeat: 1, ..Default::default() })?;
         Ok(r.return_value)
     }
 
     /// STATS summed over CPUs, indexed like [`Stat::ALL`].
     pub fn stats(&self) -> Result<Vec<Counter>> {
-        let m: PerCpuArray<&MapData, Counter> =
-            PerCpuArray::try_from(self.ebpf.map(names::STATS).unwrap())?;
+        let m: PerCpuArray<&MapData, Counter> = PerCpuArray::try_from(self.ebpf.map(names::STATS).unwrap())?;
         (0..STATS_LEN)
             .map(|i| {
                 let v = m.get(&i, 0)?;
@@ -94,11 +86,7 @@ impl TestProg {
         }
         clear!(names::FLOWS, FlowKey, FlowValue);
         clear!(names::DEVICES, DeviceKey, DeviceValue);
-        clear!(
-            names::FRAGS,
-            mdsec_common::frag::FragKey,
-            mdsec_common::frag::FragValue
-        );
+        clear!(names::FRAGS, mdsec_common::frag::FragKey, mdsec_common::frag::FragValue);
         Ok(())
     }
 }

@@ -24,20 +24,13 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A name unique to this process and call: `mdsec-t<pid>x<n>`.
 pub fn unique_id() -> String {
-    format!(
-        "{PREFIX}{}x{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{PREFIX}{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
 }
 
 pub fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("spawn {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(out)
 }
@@ -54,10 +47,7 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
     std::thread::spawn(move || {
         // SAFETY: setns on a valid namespace fd affects only this thread.
         if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(anyhow::anyhow!(
-                "setns: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(anyhow::anyhow!("setns: {}", std::io::Error::last_os_error()));
         }
         Ok(f())
     })
@@ -86,11 +76,7 @@ impl Host {
         format!("fd00:0:0:{}::1", self.index).parse().unwrap()
     }
     pub fn ip(&self, v6: bool) -> IpAddr {
-        if v6 {
-            self.v6().into()
-        } else {
-            self.v4().into()
-        }
+        if v6 { self.v6().into() } else { self.v4().into() }
     }
     /// MAC of the host's `eth0`.
     pub fn mac(&self) -> Result<[u8; 6]> {
@@ -106,10 +92,7 @@ impl Host {
 pub fn link_mac(ns: &str, ifname: &str) -> Result<[u8; 6]> {
     let out = ip(&["-n", ns, "-br", "link", "show", "dev", ifname])?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let mac = text
-        .split_whitespace()
-        .nth(2)
-        .context("no MAC in ip output")?;
+    let mac = text.split_whitespace().nth(2).context("no MAC in ip output")?;
     let mut m = [0u8; 6];
     for (i, part) in mac.split(':').enumerate().take(6) {
         m[i] = u8::from_str_radix(part, 16)?;
@@ -133,18 +116,10 @@ impl Topology {
     /// Like [`Topology::new`] with a chosen id (namespace name prefix).
     pub fn named(id: String, n: u8) -> Result<Topology> {
         let gw = format!("{id}-gw");
-        let mut t = Topology {
-            id: id.clone(),
-            gw: gw.clone(),
-            hosts: Vec::new(),
-            namespaces: Vec::new(),
-        };
+        let mut t = Topology { id: id.clone(), gw: gw.clone(), hosts: Vec::new(), namespaces: Vec::new() };
         t.add_ns(&gw)?;
         ip(&["-n", &gw, "link", "set", "lo", "up"])?;
-        for (k, v) in [
-            ("net.ipv4.ip_forward", "1"),
-            ("net.ipv6.conf.all.forwarding", "1"),
-        ] {
+        for (k, v) in [("net.ipv4.ip_forward", "1"), ("net.ipv6.conf.all.forwarding", "1")] {
             ip(&["netns", "exec", &gw, "sysctl", "-qw", &format!("{k}={v}")])?;
         }
         for i in 1..=n {
@@ -152,14 +127,10 @@ impl Topology {
             t.add_ns(&ns)?;
             let gw_if = format!("gw{i}");
             ip(&[
-                "link", "add", "name", &gw_if, "netns", &gw, "type", "veth", "peer", "name",
-                "eth0", "netns", &ns,
+                "link", "add", "name", &gw_if, "netns", &gw, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
             ])?;
-            let h = Host {
-                ns: ns.clone(),
-                index: i,
-                gw_if: gw_if.clone(),
-            };
+            let h = Host { ns: ns.clone(), index: i, gw_if: gw_if.clone() };
             // Quiet hosts: no router solicitations or DAD chatter in the counts.
             for k in [
                 "net.ipv6.conf.all.accept_dad=0",
@@ -168,66 +139,15 @@ impl Topology {
             ] {
                 ip(&["netns", "exec", &ns, "sysctl", "-qw", k])?;
             }
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{}/24", h.v4()),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{}/64", h.v6()),
-                "dev",
-                "eth0",
-                "nodad",
-            ])?;
-            ip(&[
-                "-n",
-                &gw,
-                "addr",
-                "add",
-                &format!("{}/24", h.gw_v4()),
-                "dev",
-                &gw_if,
-            ])?;
-            ip(&[
-                "-n",
-                &gw,
-                "addr",
-                "add",
-                &format!("{}/64", h.gw_v6()),
-                "dev",
-                &gw_if,
-                "nodad",
-            ])?;
+            ip(&["-n", &ns, "addr", "add", &format!("{}/24", h.v4()), "dev", "eth0"])?;
+            ip(&["-n", &ns, "addr", "add", &format!("{}/64", h.v6()), "dev", "eth0", "nodad"])?;
+            ip(&["-n", &gw, "addr", "add", &format!("{}/24", h.gw_v4()), "dev", &gw_if])?;
+            ip(&["-n", &gw, "addr", "add", &format!("{}/64", h.gw_v6()), "dev", &gw_if, "nodad"])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
             ip(&["-n", &gw, "link", "set", &gw_if, "up"])?;
-            ip(&[
-                "-n",
-                &ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                &h.gw_v4().to_string(),
-            ])?;
-            ip(&[
-                "-n",
-                &ns,
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &h.gw_v6().to_string(),
-            ])?;
+            ip(&["-n", &ns, "route", "add", "default", "via", &h.gw_v4().to_string()])?;
+            ip(&["-n", &ns, "-6", "route", "add", "default", "via", &h.gw_v6().to_string()])?;
             t.hosts.push(h);
         }
         Ok(t)
@@ -278,11 +198,7 @@ impl Drop for Topology {
 
 /// Namespaces whose names start with [`PREFIX`] (leftovers of crashed runs).
 pub fn leftover_namespaces() -> Vec<String> {
-    let out = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .map(|o| o.stdout)
-        .unwrap_or_default();
+    let out = Command::new("ip").args(["netns", "list"]).output().map(|o| o.stdout).unwrap_or_default();
     String::from_utf8_lossy(&out)
         .lines()
         .filter_map(|l| l.split_whitespace().next())

@@ -41,9 +41,7 @@ pub fn tcp_listener(h: &Host, port: u16) -> Result<TcpListener> {
 }
 
 pub fn tcp_connect(h: &Host, to: SocketAddr) -> Result<TcpStream> {
-    Ok(in_netns(&h.ns, move || {
-        TcpStream::connect_timeout(&to, Duration::from_secs(5))
-    })??)
+    Ok(in_netns(&h.ns, move || TcpStream::connect_timeout(&to, Duration::from_secs(5)))??)
 }
 
 /// Counts outgoing frames of one IPv4 5-tuple on a host interface.
@@ -121,10 +119,7 @@ impl Tap {
                 break;
             }
             let n = n as usize;
-            if pkttype != libc::PACKET_OUTGOING
-                || n > buf.len()
-                || !matches(&buf[..n], proto, src, dst)
-            {
+            if pkttype != libc::PACKET_OUTGOING || n > buf.len() || !matches(&buf[..n], proto, src, dst) {
                 continue;
             }
             t.packets += 1;
@@ -143,11 +138,27 @@ fn matches(f: &[u8], proto: u8, src: SocketAddr, dst: SocketAddr) -> bool {
     let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else {
         return false;
     };
-    if ip[9] != proto || ip[12..16] != s.octets() || ip[16..20] != d.octets() || ip.len() < ihl + 4
-    {
+    if ip[9] != proto || ip[12..16] != s.octets() || ip[16..20] != d.octets() || ip.len() < ihl + 4 {
         return false;
     }
     let l4 = &ip[ihl..];
-    u16::from_be_bytes([l4[0], l4[1]]) == src.port()
-        && u16::from_be_bytes([l4[2], l4[3]]) == dst.port()
+    u16::from_be_bytes([l4[0], l4[1]]) == src.port() && u16::from_be_bytes([l4[2], l4[3]]) == dst.port()
+}
+
+/// Drains a UDP socket without blocking and returns how many datagrams it held.
+pub fn drain(sock: &UdpSocket) -> usize {
+    sock.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 65536];
+    let mut n = 0;
+    while sock.recv(&mut buf).is_ok() {
+        n += 1;
+    }
+    n
+}
+
+/// Like [`send_udp`] and then waits briefly so in-flight datagrams land.
+pub fn send_and_settle(sock: &UdpSocket, to: SocketAddr, count: usize, size: usize) -> Result<()> {
+    send_udp(sock, to, count, size)?;
+    std::thread::sleep(Duration::from_millis(200));
+    Ok(())
 }

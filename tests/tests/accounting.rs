@@ -44,12 +44,7 @@ fn wait_flow(agent: &Agent, id: Id, packets: u64) -> Flow {
         .wait_for(
             WAIT,
             |a| a.flows(),
-            |flows| {
-                flows
-                    .iter()
-                    .find(|f| id.matches(f) && f.packets >= packets)
-                    .cloned()
-            },
+            |flows| flows.iter().find(|f| id.matches(f) && f.packets >= packets).cloned(),
         )
         .unwrap_or_else(|e| {
             panic!(
@@ -90,17 +85,11 @@ fn udp_flow_exact(v6: bool) {
     assert_eq!(f.packets, 1000);
     assert_eq!(f.bytes, 1000 * (14 + l3 + 8 + 200));
     assert_eq!(f.vlan, 0);
-    assert!(
-        f.first_seen <= f.last_seen && f.first_seen.ends_with('Z'),
-        "{f:?}"
-    );
+    assert!(f.first_seen <= f.last_seen && f.first_seen.ends_with('Z'), "{f:?}");
     // The sender shows up as a device with its address.
     let devices = agent.devices().unwrap();
     let mac = mdsec_agent::model::mac_string(h1.mac().unwrap());
-    let d = devices
-        .iter()
-        .find(|d| d.mac == mac && d.iface == h1.gw_if)
-        .expect("sender device");
+    let d = devices.iter().find(|d| d.mac == mac && d.iface == h1.gw_if).expect("sender device");
     assert!(d.ips.contains(&h1.ip(v6).to_string()), "{d:?}");
     assert!(d.packets >= 1000 && d.bytes >= f.bytes, "{d:?}");
 }
@@ -137,13 +126,8 @@ fn vlan_tagged_and_ipv4_options_flows_count_exactly() {
     assert_eq!(tagged.len(), 18 + 20 + 8 + 200);
     let mut with_opts = V4::new(a, b, 17);
     with_opts.options = vec![1, 1, 1, 0, 0, 0, 0, 0]; // NOP NOP NOP EOL + padding
-    let opts = frames::eth(
-        gw_mac,
-        src_mac,
-        &[],
-        0x0800,
-        &with_opts.build(&frames::udp(7777, 8888, &[2; 200])),
-    );
+    let opts =
+        frames::eth(gw_mac, src_mac, &[], 0x0800, &with_opts.build(&frames::udp(7777, 8888, &[2; 200])));
     assert_eq!(opts.len(), 14 + 28 + 8 + 200);
     for i in 0..1000 {
         tx.send(&tagged).unwrap();
@@ -154,27 +138,13 @@ fn vlan_tagged_and_ipv4_options_flows_count_exactly() {
     }
     let f = wait_flow(
         &agent,
-        Id {
-            iface: &h1.gw_if,
-            src: "10.100.0.5",
-            dst: "10.200.0.9",
-            proto: "udp",
-            sport: 5555,
-            dport: 6666,
-        },
+        Id { iface: &h1.gw_if, src: "10.100.0.5", dst: "10.200.0.9", proto: "udp", sport: 5555, dport: 6666 },
         1000,
     );
     assert_eq!((f.vlan, f.packets, f.bytes), (100, 1000, 1000 * 246));
     let f = wait_flow(
         &agent,
-        Id {
-            iface: &h1.gw_if,
-            src: "10.100.0.5",
-            dst: "10.200.0.9",
-            proto: "udp",
-            sport: 7777,
-            dport: 8888,
-        },
+        Id { iface: &h1.gw_if, src: "10.100.0.5", dst: "10.200.0.9", proto: "udp", sport: 7777, dport: 8888 },
         1000,
     );
     assert_eq!((f.vlan, f.packets, f.bytes), (0, 1000, 1000 * 250));
@@ -197,14 +167,7 @@ fn tcp_connection_is_two_exact_flows_in_generic_mode() {
 fn tcp_two_flows(xdp_mode: &'static str) {
     let topo = Topology::new(2).unwrap();
     topo.warm_up().unwrap();
-    let agent = Agent::start(
-        &topo,
-        AgentOptions {
-            xdp_mode,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let agent = Agent::start(&topo, AgentOptions { xdp_mode, ..Default::default() }).unwrap();
     let (h1, h2) = (topo.host(1), topo.host(2));
     let (tap1, tap2) = (Tap::open(h1).unwrap(), Tap::open(h2).unwrap());
     let listener = traffic::tcp_listener(h2, 7000).unwrap();
@@ -232,36 +195,19 @@ fn tcp_two_flows(xdp_mode: &'static str) {
     let (cs, ss) = (client.ip().to_string(), server_addr.ip().to_string());
     let f_up = wait_flow(
         &agent,
-        Id {
-            iface: &h1.gw_if,
-            src: &cs,
-            dst: &ss,
-            proto: "tcp",
-            sport: client.port(),
-            dport: 7000,
-        },
+        Id { iface: &h1.gw_if, src: &cs, dst: &ss, proto: "tcp", sport: client.port(), dport: 7000 },
         up.packets,
     );
     let f_down = wait_flow(
         &agent,
-        Id {
-            iface: &h2.gw_if,
-            src: &ss,
-            dst: &cs,
-            proto: "tcp",
-            sport: 7000,
-            dport: client.port(),
-        },
+        Id { iface: &h2.gw_if, src: &ss, dst: &cs, proto: "tcp", sport: 7000, dport: client.port() },
         down.packets,
     );
     assert_eq!((f_up.packets, f_up.bytes), (up.packets, up.bytes));
     assert_eq!((f_down.packets, f_down.bytes), (down.packets, down.bytes));
     for f in [&f_up, &f_down] {
         for flag in ["SYN", "ACK", "FIN"] {
-            assert!(
-                f.tcp_flags.iter().any(|x| x == flag),
-                "{flag} missing in {f:?}"
-            );
+            assert!(f.tcp_flags.iter().any(|x| x == flag), "{flag} missing in {f:?}");
         }
     }
 }
@@ -291,10 +237,7 @@ fn fragmented_datagrams_count_on_their_flow() {
         },
         30,
     );
-    assert_eq!(
-        (f.packets, f.bytes),
-        (30, 10 * (1514 + 1514 + 14 + 20 + 48))
-    );
+    assert_eq!((f.packets, f.bytes), (30, 10 * (1514 + 1514 + 14 + 20 + 48)));
     assert_eq!(agent.stat("fragment_first").unwrap().packets, 10);
     assert_eq!(agent.stat("fragment_matched").unwrap().packets, 20);
     assert_eq!(agent.stat("fragment_bucket").unwrap().packets, 0);
@@ -314,13 +257,7 @@ fn malformed_frames_are_counted_and_do_not_disturb_good_flows() {
     let _rx = traffic::udp_receiver(h2, false, 9200).unwrap();
     let tx = traffic::udp_socket(h1, false).unwrap();
     let good = std::thread::spawn(move || {
-        traffic::send_udp(
-            &tx,
-            SocketAddr::new("10.0.2.2".parse().unwrap(), 9200),
-            500,
-            100,
-        )
-        .map(|_| tx)
+        traffic::send_udp(&tx, SocketAddr::new("10.0.2.2".parse().unwrap(), 9200), 500, 100).map(|_| tx)
     });
 
     let ip = V4::new(h3.v4(), h2.v4(), 17).build(&frames::udp(1, 2, &[0; 32]));
@@ -348,23 +285,12 @@ fn malformed_frames_are_counted_and_do_not_disturb_good_flows() {
     let sport = tx.local_addr().unwrap().port();
     let f = wait_flow(
         &agent,
-        Id {
-            iface: &h1.gw_if,
-            src: "10.0.1.2",
-            dst: "10.0.2.2",
-            proto: "udp",
-            sport,
-            dport: 9200,
-        },
+        Id { iface: &h1.gw_if, src: "10.0.1.2", dst: "10.0.2.2", proto: "udp", sport, dport: 9200 },
         500,
     );
     assert_eq!((f.packets, f.bytes), (500, 500 * (14 + 20 + 8 + 100)));
     let s = agent
-        .wait_for(
-            WAIT,
-            |a| a.stats(),
-            |s| (s["bad_ipv4_ihl"].packets >= 300).then(|| s.clone()),
-        )
+        .wait_for(WAIT, |a| a.stats(), |s| (s["bad_ipv4_ihl"].packets >= 300).then(|| s.clone()))
         .unwrap();
     assert_eq!(s["truncated_ipv4"].packets, 300);
     assert_eq!(s["bad_ipv4_ihl"].packets, 300);

@@ -23,38 +23,18 @@ fn clean_stop_detaches_xdp() {
     assert!(xdp_attached(&topo.gw, gw_if));
     let ifaces: Vec<mdsec_agent::model::Interface> = agent.get("/api/v1/interfaces").unwrap();
     assert_eq!(ifaces.len(), 1);
-    assert_eq!(
-        (
-            ifaces[0].requested_mode.as_str(),
-            ifaces[0].effective_mode.as_str()
-        ),
-        ("driver", "driver")
-    );
+    assert_eq!((ifaces[0].requested_mode.as_str(), ifaces[0].effective_mode.as_str()), ("driver", "driver"));
     assert!(agent.stop().unwrap().success());
-    assert!(
-        !xdp_attached(&topo.gw, gw_if),
-        "XDP still attached after a clean stop"
-    );
+    assert!(!xdp_attached(&topo.gw, gw_if), "XDP still attached after a clean stop");
 }
 
 #[test]
 fn generic_mode_is_attached_as_asked() {
     let topo = Topology::new(1).unwrap();
-    let agent = Agent::start(
-        &topo,
-        AgentOptions {
-            xdp_mode: "skb",
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let agent = Agent::start(&topo, AgentOptions { xdp_mode: "skb", ..Default::default() }).unwrap();
     let ifaces: Vec<mdsec_agent::model::Interface> = agent.get("/api/v1/interfaces").unwrap();
     assert_eq!(ifaces[0].effective_mode, "skb");
-    assert!(
-        agent.log().contains("effective mode skb"),
-        "{}",
-        agent.log()
-    );
+    assert!(agent.log().contains("effective mode skb"), "{}", agent.log());
 }
 
 /// A bpffs mounted outside /sys so that two `ip netns exec` runs (each with its own
@@ -65,11 +45,7 @@ impl SharedBpffs {
     fn new(id: &str) -> SharedBpffs {
         let dir = std::env::temp_dir().join(format!("{id}-bpffs"));
         std::fs::create_dir_all(&dir).unwrap();
-        let st = Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(&dir)
-            .status()
-            .unwrap();
+        let st = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&dir).status().unwrap();
         assert!(st.success());
         SharedBpffs(dir)
     }
@@ -107,44 +83,17 @@ fn keep_on_exit_hands_over_without_losing_counts() {
 
     let first = Agent::start(&topo, opts()).unwrap();
     traffic::send_udp(&tx, to, 100, 64).unwrap();
-    first
-        .wait_for(
-            Duration::from_secs(10),
-            |a| Ok(flow(a)),
-            |n| (*n == 100).then_some(()),
-        )
-        .unwrap();
+    first.wait_for(Duration::from_secs(10), |a| Ok(flow(a)), |n| (*n == 100).then_some(())).unwrap();
     assert!(first.stop().unwrap().success());
-    assert!(
-        xdp_attached(&topo.gw, &h1.gw_if),
-        "on_exit: keep must leave XDP attached"
-    );
+    assert!(xdp_attached(&topo.gw, &h1.gw_if), "on_exit: keep must leave XDP attached");
 
     // Counted by the datapath while no agent runs.
     traffic::send_udp(&tx, to, 50, 64).unwrap();
     let second = Agent::start(&topo, opts()).unwrap();
-    assert!(
-        second
-            .log()
-            .contains("replaced the program of a pinned link"),
-        "{}",
-        second.log()
-    );
-    second
-        .wait_for(
-            Duration::from_secs(10),
-            |a| Ok(flow(a)),
-            |n| (*n == 150).then_some(()),
-        )
-        .unwrap();
+    assert!(second.log().contains("replaced the program of a pinned link"), "{}", second.log());
+    second.wait_for(Duration::from_secs(10), |a| Ok(flow(a)), |n| (*n == 150).then_some(())).unwrap();
     traffic::send_udp(&tx, to, 25, 64).unwrap();
-    second
-        .wait_for(
-            Duration::from_secs(10),
-            |a| Ok(flow(a)),
-            |n| (*n == 175).then_some(()),
-        )
-        .unwrap();
+    second.wait_for(Duration::from_secs(10), |a| Ok(flow(a)), |n| (*n == 175).then_some(())).unwrap();
 
     // `detach` removes what `keep` left.
     assert!(second.stop().unwrap().success());
@@ -164,15 +113,10 @@ fn keep_on_exit_hands_over_without_losing_counts() {
         .unwrap();
     assert!(st.success());
     std::fs::remove_file(&cfg).unwrap();
-    assert!(
-        !xdp_attached(&topo.gw, &h1.gw_if),
-        "detach left XDP attached"
-    );
+    assert!(!xdp_attached(&topo.gw, &h1.gw_if), "detach left XDP attached");
     // bpffs comes with maps.debug and progs.debug of its own.
-    let left: Vec<_> = walk(&fs.0)
-        .into_iter()
-        .filter(|p| p.extension().is_none_or(|e| e != "debug"))
-        .collect();
+    let left: Vec<_> =
+        walk(&fs.0).into_iter().filter(|p| p.extension().is_none_or(|e| e != "debug")).collect();
     assert!(left.is_empty(), "pins left behind: {left:?}");
 }
 
@@ -192,20 +136,12 @@ fn deliberately_failing_run() {
 #[test]
 fn a_failing_test_leaves_nothing_behind() {
     let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            "deliberately_failing_run",
-            "--nocapture",
-        ])
+        .args(["--ignored", "--exact", "deliberately_failing_run", "--nocapture"])
         .env("MDSEC_DELIBERATE_FAILURE", "1")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        !out.status.success(),
-        "the child test should fail:\n{stdout}"
-    );
+    assert!(!out.status.success(), "the child test should fail:\n{stdout}");
     let id = stdout
         .lines()
         .find_map(|l| l.strip_prefix("topology "))
@@ -215,15 +151,9 @@ fn a_failing_test_leaves_nothing_behind() {
         stdout.contains("deliberate failure")
             || String::from_utf8_lossy(&out.stderr).contains("deliberate failure")
     );
-    let left: Vec<String> = netns::leftover_namespaces()
-        .into_iter()
-        .filter(|n| n.starts_with(&id))
-        .collect();
+    let left: Vec<String> = netns::leftover_namespaces().into_iter().filter(|n| n.starts_with(&id)).collect();
     assert!(left.is_empty(), "namespaces left behind: {left:?}");
-    assert!(
-        !std::env::temp_dir().join(&id).exists(),
-        "agent dir left behind"
-    );
+    assert!(!std::env::temp_dir().join(&id).exists(), "agent dir left behind");
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -34,16 +34,7 @@ fn udp4(payload: usize) -> Vec<u8> {
 }
 
 fn key(src: [u8; 16], dst: [u8; 16], proto: u8, sport: u16, dport: u16, vlan: u16) -> FlowKey {
-    FlowKey {
-        ifindex: TEST_RUN_IFINDEX,
-        vlan,
-        proto,
-        _pad: 0,
-        src,
-        dst,
-        sport,
-        dport,
-    }
+    FlowKey { ifindex: TEST_RUN_IFINDEX, vlan, proto, _pad: 0, src, dst, sport, dport }
 }
 
 /// Runs `frame` and returns the malformed reasons that moved, plus everything else
@@ -58,27 +49,14 @@ fn run(p: &mut TestProg, frame: &[u8]) -> Vec<&'static str> {
         .map(|s| s.name())
         .collect();
     // Every frame: exactly one `frames` and one verdict, bytes = frame length.
-    assert_eq!(
-        after[Stat::Frames as usize].packets - before[Stat::Frames as usize].packets,
-        1
-    );
-    assert_eq!(
-        after[Stat::Frames as usize].bytes - before[Stat::Frames as usize].bytes,
-        frame.len() as u64
-    );
-    assert_eq!(
-        after[Stat::Pass as usize].packets - before[Stat::Pass as usize].packets,
-        1
-    );
+    assert_eq!(after[Stat::Frames as usize].packets - before[Stat::Frames as usize].packets, 1);
+    assert_eq!(after[Stat::Frames as usize].bytes - before[Stat::Frames as usize].bytes, frame.len() as u64);
+    assert_eq!(after[Stat::Pass as usize].packets - before[Stat::Pass as usize].packets, 1);
     moved
 }
 
 fn malformed(moved: &[&'static str]) -> Vec<&'static str> {
-    moved
-        .iter()
-        .copied()
-        .filter(|n| Stat::ALL.iter().any(|s| s.name() == *n && s.is_malformed()))
-        .collect()
+    moved.iter().copied().filter(|n| Stat::ALL.iter().any(|s| s.name() == *n && s.is_malformed())).collect()
 }
 
 #[test]
@@ -92,17 +70,7 @@ fn udp_over_ipv4_is_counted_exactly() {
     let flows = p.flows().unwrap();
     assert_eq!(flows.len(), 1);
     let (k, v) = flows[0];
-    assert_eq!(
-        k,
-        key(
-            v4_mapped(A.octets()),
-            v4_mapped(B.octets()),
-            17,
-            4000,
-            53,
-            0
-        )
-    );
+    assert_eq!(k, key(v4_mapped(A.octets()), v4_mapped(B.octets()), 17, 4000, 53, 0));
     assert_eq!((v.packets, v.bytes), (1000, 1000 * 242));
     let devs = p.devices().unwrap();
     assert_eq!(devs.len(), 1);
@@ -119,27 +87,14 @@ fn truncation_at_every_ipv4_boundary_is_counted_and_passes() {
     for len in 14..full.len() {
         p.clear().unwrap();
         let moved = run(&mut p, &full[..len]);
-        let want = if len < 34 {
-            "truncated_ipv4"
-        } else {
-            "bad_ipv4_length"
-        };
+        let want = if len < 34 { "truncated_ipv4" } else { "bad_ipv4_length" };
         assert_eq!(malformed(&moved), vec![want], "cut at {len}");
-        assert!(
-            p.flows().unwrap().is_empty(),
-            "no flow from a frame cut at {len}"
-        );
+        assert!(p.flows().unwrap().is_empty(), "no flow from a frame cut at {len}");
         // The sender is still known: the Ethernet header was whole.
         assert_eq!(p.devices().unwrap().len(), 1);
     }
     // A consistent IPv4 header whose datagram is too short for its UDP header.
-    let short = frames::eth(
-        DST,
-        SRC,
-        &[],
-        0x0800,
-        &V4::new(A, B, 17).build(&[0, 53, 0, 53]),
-    );
+    let short = frames::eth(DST, SRC, &[], 0x0800, &V4::new(A, B, 17).build(&[0, 53, 0, 53]));
     assert_eq!(malformed(&run(&mut p, &short)), vec!["truncated_l4"]);
 }
 
@@ -148,13 +103,7 @@ fn truncation_in_vlan_tags_ipv6_extensions_and_arp() {
     let mut p = TestProg::load().unwrap();
     let l4 = frames::udp(5000, 6000, &[1, 2, 3, 4]);
     let v6 = frames::ipv6(a6(), b6(), &[(0, vec![0; 6])], 17, &l4);
-    let qinq = frames::eth(
-        DST,
-        SRC,
-        &[(TPID_8021AD, 100), (TPID_8021Q, 200)],
-        0x86dd,
-        &v6,
-    );
+    let qinq = frames::eth(DST, SRC, &[(TPID_8021AD, 100), (TPID_8021Q, 200)], 0x86dd, &v6);
     // 14..22: inside the two tags; 22..62: IPv6 header; 62..70: hop-by-hop; 70..78:
     // UDP header; 78..: payload (IPv6 payload length is not checked against the frame).
     for len in 14..qinq.len() {
@@ -170,11 +119,7 @@ fn truncation_in_vlan_tags_ipv6_extensions_and_arp() {
     }
     let arp = arp_request();
     for len in 14..42 {
-        assert_eq!(
-            malformed(&run(&mut p, &arp[..len])),
-            vec!["truncated_arp"],
-            "cut at {len}"
-        );
+        assert_eq!(malformed(&run(&mut p, &arp[..len])), vec!["truncated_arp"], "cut at {len}");
     }
     assert_eq!(malformed(&run(&mut p, &arp)), Vec::<&str>::new());
 }
@@ -209,13 +154,7 @@ fn bogus_ihl_and_version() {
     assert_eq!(malformed(&run(&mut p, &f)), vec!["bad_ipv4_length"]);
     f[14] = 0x65; // version 6 under the IPv4 ethertype
     assert_eq!(malformed(&run(&mut p, &f)), vec!["bad_ipv4_version"]);
-    let mut t = frames::eth(
-        DST,
-        SRC,
-        &[],
-        0x0800,
-        &V4::new(A, B, 6).build(&frames::tcp(1, 2, 0x02, &[])),
-    );
+    let mut t = frames::eth(DST, SRC, &[], 0x0800, &V4::new(A, B, 6).build(&frames::tcp(1, 2, 0x02, &[])));
     t[14 + 20 + 12] = 0x40; // TCP data offset 4
     assert_eq!(malformed(&run(&mut p, &t)), vec!["bad_tcp_offset"]);
     assert!(p.flows().unwrap().is_empty());
@@ -230,21 +169,11 @@ fn ipv4_options_of_any_length_are_skipped() {
         // NOP options ending with End-of-options.
         ip.options = vec![1; opt_len];
         ip.options[opt_len - 1] = 0;
-        let f = frames::eth(
-            DST,
-            SRC,
-            &[],
-            0x0800,
-            &ip.build(&frames::udp(1111, 2222, &[7; 10])),
-        );
+        let f = frames::eth(DST, SRC, &[], 0x0800, &ip.build(&frames::udp(1111, 2222, &[7; 10])));
         assert_eq!(malformed(&run(&mut p, &f)), Vec::<&str>::new());
         let flows = p.flows().unwrap();
         assert_eq!(flows.len(), 1, "options {opt_len}");
-        assert_eq!(
-            (flows[0].0.sport, flows[0].0.dport),
-            (1111, 2222),
-            "options {opt_len}"
-        );
+        assert_eq!((flows[0].0.sport, flows[0].0.dport), (1111, 2222), "options {opt_len}");
         assert_eq!(flows[0].1.bytes, f.len() as u64);
     }
 }
@@ -255,13 +184,7 @@ fn vlan_stacks() {
     let ip = V4::new(A, B, 17).build(&frames::udp(1, 2, &[0; 4]));
     let one = frames::eth(DST, SRC, &[(TPID_8021Q, 42)], 0x0800, &ip);
     let two = frames::eth(DST, SRC, &[(TPID_8021AD, 7), (TPID_8021Q, 43)], 0x0800, &ip);
-    let three = frames::eth(
-        DST,
-        SRC,
-        &[(TPID_8021AD, 7), (TPID_8021Q, 43), (TPID_8021Q, 44)],
-        0x0800,
-        &ip,
-    );
+    let three = frames::eth(DST, SRC, &[(TPID_8021AD, 7), (TPID_8021Q, 43), (TPID_8021Q, 44)], 0x0800, &ip);
     assert!(run(&mut p, &one).contains(&"vlan_tagged"));
     assert!(run(&mut p, &two).contains(&"vlan_tagged"));
     assert_eq!(malformed(&run(&mut p, &three)), vec!["vlan_too_deep"]);
@@ -273,16 +196,7 @@ fn vlan_stacks() {
     dev_vlans.sort();
     // The 3-tag frame still counts for its sender, under the inner tag it parsed (43).
     assert_eq!(dev_vlans, vec![42, 43]);
-    assert_eq!(
-        p.devices()
-            .unwrap()
-            .iter()
-            .find(|(k, _)| k.vlan == 43)
-            .unwrap()
-            .1
-            .packets,
-        2
-    );
+    assert_eq!(p.devices().unwrap().iter().find(|(k, _)| k.vlan == 43).unwrap().1.packets, 2);
 }
 
 fn dstopts() -> (u8, Vec<u8>) {
@@ -296,37 +210,15 @@ fn ipv6_extension_chain_is_bounded() {
     // MAX_IPV6_EXT_HEADERS = 6: hop-by-hop + 5 destination options still parse.
     let mut exts = vec![(0u8, vec![1, 4, 0, 0, 0, 0])];
     exts.extend(std::iter::repeat_n(dstopts(), 5));
-    let ok = frames::eth(
-        DST,
-        SRC,
-        &[],
-        0x86dd,
-        &frames::ipv6(a6(), b6(), &exts, 17, &l4),
-    );
+    let ok = frames::eth(DST, SRC, &[], 0x86dd, &frames::ipv6(a6(), b6(), &exts, 17, &l4));
     assert_eq!(malformed(&run(&mut p, &ok)), Vec::<&str>::new());
     let flows = p.flows().unwrap();
     assert_eq!(flows.len(), 1);
-    assert_eq!(
-        flows[0].0,
-        key(
-            ip_to_key(a6().into()),
-            ip_to_key(b6().into()),
-            17,
-            7000,
-            8000,
-            0
-        )
-    );
+    assert_eq!(flows[0].0, key(ip_to_key(a6().into()), ip_to_key(b6().into()), 17, 7000, 8000, 0));
     // One more header than the bound: counted, passed, no flow.
     exts.push(dstopts());
     p.clear().unwrap();
-    let deep = frames::eth(
-        DST,
-        SRC,
-        &[],
-        0x86dd,
-        &frames::ipv6(a6(), b6(), &exts, 17, &l4),
-    );
+    let deep = frames::eth(DST, SRC, &[], 0x86dd, &frames::ipv6(a6(), b6(), &exts, 17, &l4));
     assert_eq!(malformed(&run(&mut p, &deep)), vec!["ipv6_ext_too_deep"]);
     assert!(p.flows().unwrap().is_empty());
     // A routing header is skipped too.
@@ -335,13 +227,7 @@ fn ipv6_extension_chain_is_bounded() {
         SRC,
         &[],
         0x86dd,
-        &frames::ipv6(
-            a6(),
-            b6(),
-            &[(43, vec![0; 14])],
-            6,
-            &frames::tcp(1, 443, 0x02, &[]),
-        ),
+        &frames::ipv6(a6(), b6(), &[(43, vec![0; 14])], 6, &frames::tcp(1, 443, 0x02, &[])),
     );
     assert_eq!(malformed(&run(&mut p, &rh)), Vec::<&str>::new());
     assert_eq!(p.flows().unwrap()[0].0.dport, 443);
@@ -371,18 +257,9 @@ fn ipv4_fragments_follow_their_first_fragment() {
     flows.sort_by_key(|(k, _)| k.sport);
     assert_eq!(flows.len(), 2);
     let (bucket, full) = (flows[0], flows[1]);
-    assert_eq!(
-        (bucket.0.sport, bucket.0.dport, bucket.1.packets),
-        (0, 0, 1)
-    );
-    assert_eq!(
-        (full.0.sport, full.0.dport, full.1.packets),
-        (3333, 4444, 3)
-    );
-    assert_eq!(
-        full.1.bytes,
-        (first.len() + middle.len() + last.len()) as u64
-    );
+    assert_eq!((bucket.0.sport, bucket.0.dport, bucket.1.packets), (0, 0, 1));
+    assert_eq!((full.0.sport, full.0.dport, full.1.packets), (3333, 4444, 3));
+    assert_eq!(full.1.bytes, (first.len() + middle.len() + last.len()) as u64);
 }
 
 #[test]
@@ -399,41 +276,21 @@ fn ipv6_fragments_follow_their_first_fragment() {
         SRC,
         &[],
         0x86dd,
-        &frames::ipv6(
-            a6(),
-            b6(),
-            &[frag(0, true)],
-            17,
-            &frames::udp(9, 10, &[0; 40]),
-        ),
+        &frames::ipv6(a6(), b6(), &[frag(0, true)], 17, &frames::udp(9, 10, &[0; 40])),
     );
-    let later = frames::eth(
-        DST,
-        SRC,
-        &[],
-        0x86dd,
-        &frames::ipv6(a6(), b6(), &[frag(6, false)], 17, &[0; 16]),
-    );
+    let later =
+        frames::eth(DST, SRC, &[], 0x86dd, &frames::ipv6(a6(), b6(), &[frag(6, false)], 17, &[0; 16]));
     assert!(run(&mut p, &first).contains(&"fragment_first"));
     assert!(run(&mut p, &later).contains(&"fragment_matched"));
     let flows = p.flows().unwrap();
     assert_eq!(flows.len(), 1);
-    assert_eq!(
-        (flows[0].0.sport, flows[0].0.dport, flows[0].1.packets),
-        (9, 10, 2)
-    );
+    assert_eq!((flows[0].0.sport, flows[0].0.dport, flows[0].1.packets), (9, 10, 2));
 }
 
 #[test]
 fn icmp_type_and_code_are_the_ports() {
     let mut p = TestProg::load().unwrap();
-    let f = frames::eth(
-        DST,
-        SRC,
-        &[],
-        0x0800,
-        &V4::new(A, B, 1).build(&frames::icmp_echo(&[0; 56])),
-    );
+    let f = frames::eth(DST, SRC, &[], 0x0800, &V4::new(A, B, 1).build(&frames::icmp_echo(&[0; 56])));
     assert!(run(&mut p, &f).contains(&"icmp"));
     let k = p.flows().unwrap()[0].0;
     assert_eq!((k.proto, k.sport, k.dport), (1, 8, 0));
@@ -443,13 +300,8 @@ fn icmp_type_and_code_are_the_ports() {
 fn tcp_flags_accumulate() {
     let mut p = TestProg::load().unwrap();
     for flags in [0x02u8, 0x10, 0x18, 0x11] {
-        let f = frames::eth(
-            DST,
-            SRC,
-            &[],
-            0x0800,
-            &V4::new(A, B, 6).build(&frames::tcp(40000, 104, flags, &[])),
-        );
+        let f =
+            frames::eth(DST, SRC, &[], 0x0800, &V4::new(A, B, 6).build(&frames::tcp(40000, 104, flags, &[])));
         run(&mut p, &f);
     }
     let flows = p.flows().unwrap();
@@ -487,17 +339,7 @@ fn random_frames_never_stop_the_program() {
     let d = |s: Stat| after[s as usize].packets - before[s as usize].packets;
     assert_eq!(d(Stat::Frames), n);
     assert_eq!(d(Stat::Pass), n);
-    assert_eq!(
-        after[Stat::Frames as usize].bytes - before[Stat::Frames as usize].bytes,
-        bytes
-    );
-    let bad: u64 = Stat::ALL
-        .iter()
-        .filter(|s| s.is_malformed())
-        .map(|s| d(*s))
-        .sum();
-    assert!(
-        bad > n / 4,
-        "random bytes should mostly be malformed, got {bad}"
-    );
+    assert_eq!(after[Stat::Frames as usize].bytes - before[Stat::Frames as usize].bytes, bytes);
+    let bad: u64 = Stat::ALL.iter().filter(|s| s.is_malformed()).map(|s| d(*s)).sum();
+    assert!(bad > n / 4, "random bytes should mostly be malformed, got {bad}");
 }

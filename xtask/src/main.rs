@@ -63,10 +63,7 @@ fn real_main() -> Result<()> {
         Cmd::Build => {
             setup()?;
             cargo(&["build", "--release", "-p", "mdsec-agent"])?;
-            println!(
-                "agent: {}",
-                root.join("target/release/mdsec-agent").display()
-            );
+            println!("agent: {}", root.join("target/release/mdsec-agent").display());
             Ok(())
         }
         Cmd::Test { no_lint, args } => {
@@ -78,14 +75,7 @@ fn real_main() -> Result<()> {
             }
             if !no_lint {
                 cargo(&["fmt", "--all", "--", "--check"])?;
-                cargo(&[
-                    "clippy",
-                    "--workspace",
-                    "--all-targets",
-                    "--",
-                    "-D",
-                    "warnings",
-                ])?;
+                cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
             }
             // The integration tests run this binary inside namespaces.
             cargo(&["build", "-p", "mdsec-agent"])?;
@@ -94,10 +84,7 @@ fn real_main() -> Result<()> {
             let result = cargo_test(&test_args);
             let leaked = cleanup()?;
             let tally = result?;
-            println!(
-                "summary: {} passed, {} failed, {} skipped",
-                tally.0, tally.1, tally.2
-            );
+            println!("summary: {} passed, {} failed, {} skipped", tally.0, tally.1, tally.2);
             if tally.1 > 0 {
                 bail!("{} tests failed", tally.1);
             }
@@ -140,10 +127,7 @@ fn real_main() -> Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 fn require_root(why: &str) -> Result<()> {
@@ -161,10 +145,7 @@ unsafe extern "C" {
 
 fn cargo(args: &[&str]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(&cargo)
-        .args(args)
-        .status()
-        .with_context(|| format!("spawn {cargo}"))?;
+    let st = Command::new(&cargo).args(args).status().with_context(|| format!("spawn {cargo}"))?;
     if !st.success() {
         bail!("cargo {} failed ({st})", args.join(" "));
     }
@@ -176,10 +157,7 @@ fn cargo(args: &[&str]) -> Result<()> {
 fn cargo_test(args: &[&str]) -> Result<(u64, u64, u64)> {
     use std::io::{BufRead, BufReader};
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut child = Command::new(&cargo)
-        .args(args)
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
+    let mut child = Command::new(&cargo).args(args).stdout(std::process::Stdio::piped()).spawn()?;
     let mut tally = (0, 0, 0);
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
         let line = line?;
@@ -188,9 +166,7 @@ fn cargo_test(args: &[&str]) -> Result<(u64, u64, u64)> {
             let num = |word: &str| -> u64 {
                 rest.split(';')
                     .find_map(|part| {
-                        part.trim()
-                            .strip_suffix(word)
-                            .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
+                        part.trim().strip_suffix(word).and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
                     })
                     .unwrap_or(0)
             };
@@ -201,12 +177,7 @@ fn cargo_test(args: &[&str]) -> Result<(u64, u64, u64)> {
     }
     let st = child.wait()?;
     if !st.success() {
-        bail!(
-            "cargo {} failed ({st}); {} passed, {} failed",
-            args.join(" "),
-            tally.0,
-            tally.1
-        );
+        bail!("cargo {} failed ({st}); {} passed, {} failed", args.join(" "), tally.0, tally.1);
     }
     Ok(tally)
 }
@@ -235,8 +206,7 @@ const TOOLCHAIN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src", 
 
 fn setup() -> Result<()> {
     let mut want: Vec<&str> = TEST_PACKAGES.to_vec();
-    let nightly_ok =
-        toolchain::detect().is_some_and(|t| matches!(t, toolchain::Toolchain::RustupNightly));
+    let nightly_ok = toolchain::detect().is_some_and(|t| matches!(t, toolchain::Toolchain::RustupNightly));
     if !nightly_ok {
         want.extend_from_slice(TOOLCHAIN_PACKAGES);
     }
@@ -252,18 +222,9 @@ fn setup() -> Result<()> {
     }
     if toolchain::bpf_linker().is_none() {
         eprintln!("xtask setup: building bpf-linker against LLVM 22 (about a minute)");
-        run(
-            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args([
-                    "install",
-                    "bpf-linker",
-                    "--locked",
-                    "--no-default-features",
-                    "--features",
-                    "llvm-22",
-                ])
-                .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
-        )?;
+        run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["install", "bpf-linker", "--locked", "--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }
     match toolchain::detect() {
         Some(tc) => {
@@ -304,11 +265,7 @@ fn cleanup() -> Result<usize> {
         };
         let p = Path::new(mp);
         if p.starts_with(&tmp)
-            && p.file_name().is_some_and(|f| {
-                NS_PREFIXES
-                    .iter()
-                    .any(|x| f.to_string_lossy().starts_with(x))
-            })
+            && p.file_name().is_some_and(|f| NS_PREFIXES.iter().any(|x| f.to_string_lossy().starts_with(x)))
         {
             run(Command::new("umount").arg(p))?;
             n += 1;

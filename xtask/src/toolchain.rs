@@ -30,9 +30,7 @@ pub enum Toolchain {
 pub fn cargo_bin_dir() -> PathBuf {
     match env::var_os("CARGO_HOME") {
         Some(h) => PathBuf::from(h).join("bin"),
-        None => {
-            PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo/bin")
-        }
+        None => PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo/bin"),
     }
 }
 
@@ -41,11 +39,7 @@ pub fn bpf_linker() -> Option<PathBuf> {
     if in_cargo_home.is_file() {
         return Some(in_cargo_home);
     }
-    env::var_os("PATH").and_then(|p| {
-        env::split_paths(&p)
-            .map(|d| d.join("bpf-linker"))
-            .find(|c| c.is_file())
-    })
+    env::var_os("PATH").and_then(|p| env::split_paths(&p).map(|d| d.join("bpf-linker")).find(|c| c.is_file()))
 }
 
 fn rustup_nightly_has_src() -> bool {
@@ -60,15 +54,11 @@ fn rustup_nightly_has_src() -> bool {
         return false;
     }
     let sysroot = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    Path::new(&sysroot)
-        .join("lib/rustlib/src/rust/library/Cargo.lock")
-        .is_file()
+    Path::new(&sysroot).join("lib/rustlib/src/rust/library/Cargo.lock").is_file()
 }
 
 pub fn debian_ready() -> bool {
-    Path::new(DEBIAN_RUSTC).is_file()
-        && Path::new(DEBIAN_CARGO).is_file()
-        && Path::new(DEBIAN_SRC).is_file()
+    Path::new(DEBIAN_RUSTC).is_file() && Path::new(DEBIAN_CARGO).is_file() && Path::new(DEBIAN_SRC).is_file()
 }
 
 /// The first usable route, or `None` when `cargo xtask setup` still has work to do.
@@ -118,15 +108,13 @@ pub fn ebpf_build_command(tc: &Toolchain, ebpf_dir: &Path, target_dir: &Path) ->
         path.extend(env::split_paths(&p));
     }
     cmd.env("PATH", env::join_paths(path).expect("PATH"));
-    cmd.current_dir(ebpf_dir)
-        .env("CARGO_TARGET_DIR", target_dir)
-        .args([
-            "build",
-            "--release",
-            "-Z",
-            "build-std=core",
-            "--target",
-            "bpfel-unknown-none",
-        ]);
+    cmd.current_dir(ebpf_dir).env("CARGO_TARGET_DIR", target_dir).args([
+        "build",
+        "--release",
+        "-Z",
+        "build-std=core",
+        "--target",
+        "bpfel-unknown-none",
+    ]);
     cmd
 }

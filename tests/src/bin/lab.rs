@@ -64,10 +64,7 @@ fn main() -> Result<()> {
     let workers = start_traffic(&topo, running.clone())?;
 
     let t0 = Instant::now();
-    while !STOP.load(Ordering::SeqCst)
-        && args
-            .duration
-            .is_none_or(|d| t0.elapsed() < Duration::from_secs(d))
+    while !STOP.load(Ordering::SeqCst) && args.duration.is_none_or(|d| t0.elapsed() < Duration::from_secs(d))
     {
         draw(&agent, t0.elapsed())?;
         for _ in 0..10 {
@@ -130,16 +127,10 @@ fn draw(agent: &Agent, elapsed: Duration) -> Result<()> {
         })
         .collect();
     let mut out = String::from("\x1b[2J\x1b[H");
-    out += &format!(
-        "mdsec lab: {}s   (Ctrl-C to stop)\n\nDEVICES\n",
-        elapsed.as_secs()
-    );
+    out += &format!("mdsec lab: {}s   (Ctrl-C to stop)\n\nDEVICES\n", elapsed.as_secs());
     out += &render(&["IFACE", "MAC", "IP", "PKTS", "BYTES"], &dev_rows);
     out += "\nFLOWS (top by bytes)\n";
-    out += &render(
-        &["IFACE", "PROTO", "SRC", "DST", "PKTS", "BYTES"],
-        &flow_rows,
-    );
+    out += &render(&["IFACE", "PROTO", "SRC", "DST", "PKTS", "BYTES"], &flow_rows);
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(out.as_bytes())?;
     stdout.flush()?;
@@ -148,16 +139,8 @@ fn draw(agent: &Agent, elapsed: Duration) -> Result<()> {
 
 /// `addr:port`, with IPv6 in brackets and long addresses shortened to fit 80 columns.
 fn endpoint(ip: &str, port: u16) -> String {
-    let ip = if ip.len() > 20 {
-        format!("{}…", &ip[..19])
-    } else {
-        ip.to_string()
-    };
-    if ip.contains(':') {
-        format!("[{ip}]:{port}")
-    } else {
-        format!("{ip}:{port}")
-    }
+    let ip = if ip.len() > 20 { format!("{}…", &ip[..19]) } else { ip.to_string() };
+    if ip.contains(':') { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") }
 }
 
 fn start_traffic(topo: &Topology, running: Arc<AtomicBool>) -> Result<Vec<thread::JoinHandle<()>>> {
@@ -181,11 +164,7 @@ fn start_traffic(topo: &Topology, running: Arc<AtomicBool>) -> Result<Vec<thread
     let listener = traffic::tcp_listener(h2, 7000)?;
     listener.set_nonblocking(true)?;
     w.push(serve_tcp(listener, running.clone()));
-    let h3_ns = Host {
-        ns: h3.ns.clone(),
-        index: h3.index,
-        gw_if: h3.gw_if.clone(),
-    };
+    let h3_ns = Host { ns: h3.ns.clone(), index: h3.index, gw_if: h3.gw_if.clone() };
     let server = SocketAddr::new(h2.v4().into(), 7000);
     let r = running.clone();
     w.push(thread::spawn(move || {

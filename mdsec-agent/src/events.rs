@@ -1,0 +1,133 @@
+//! Owns the EVENTS ring buffer on the user side: turns each deny event into a
+//! described [`model::Event`], logs it, and keeps the most recent ones for the API.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    os::fd::AsRawFd,
+    sync::{Arc, RwLock},
+};
+
+use aya::maps::{MapData, RingBuf};
+use log::{info, warn};
+use mdsec_common::{
+    app::App,
+    net::ip_from_key,
+    policy::{DENY_APP_MISMATCH, Event, Verdict},
+};
+
+use crate::{
+    clock::{Anchor, rfc3339},
+    model::{self, proto_name},
+    policy::runtime::PolicyState,
+};
+
+/// Events kept in memory for `/api/v1/events`.
+pub const KEEP: usize = 10_000;
+
+#[derive(Default)]
+pub struct EventStore {
+    pub next_seq: u64,
+    pub events: VecDeque<model::Event>,
+}
+
+impl EventStore {
+    pub fn push(&mut self, mut e: model::Event) {
+        self.next_seq += 1;
+        e.seq = self.next_seq;
+        if self.events.len() == KEEP {
+            self.events.pop_front();
+        }
+        self.events.push_back(e);
+    }
+
+    /// Events with a sequence number above `since`.
+    pub fn since(&self, since: u64) -> Vec<model::Event> {
+        self.events.iter().filter(|e| e.seq > since).cloned().collect()
+    }
+}
+
+/// Describes a raw event with the names of the generation that produced it.
+pub fn describe(
+    ev: &Event,
+    policy: &PolicyState,
+    ifnames: &HashMap<u32, String>,
+    anchor: &Anchor,
+) -> model::Event {
+    let installed = policy.generation(ev.generation);
+    let segment = installed
+        .and_then(|i| i.policy.segments.get((ev.segment as usize).wrapping_sub(1)))
+        .map(|s| s.name.clone())
+        .unwrap_or_default();
+    let rule = match installed.and_then(|i| i.policy.rules.iter().find(|r| r.id == ev.rule)) {
+        Some(r) => r.origin(),
+        None => "default".to_string(),
+    };
+    let id_name =
+        |id: u32| installed.and_then(|i| i.compiled.ids.get(id as usize)).map(|i| i.description.clone());
+    let drop = ev.verdict == Verdict::Drop as u8;
+    model::Event {
+        seq: 0,
+        kind: if drop { "policy_drop" } else { "policy_would_drop" }.into(),
+        time: rfc3339(anchor.wall(ev.ts_ns)),
+        iface: ifnames.get(&ev.ifindex).cloned().unwrap_or_else(|| format!("if{}", ev.ifindex)),
+        vlan: ev.vlan,
+        src: ip_from_key(ev.src).to_string(),
+        dst: ip_from_key(ev.dst).to_string(),
+        proto: proto_name(ev.proto),
+        sport: ev.sport,
+        dport: ev.dport,
+        segment,
+        rule,
+        rule_id: ev.rule,
+        reason: if ev.reason == DENY_APP_MISMATCH { "app_mismatch" } else { "default_deny" }.into(),
+        app: App::from_u8(ev.app).name().into(),
+        src_identity: id_name(ev.src_id),
+        dst_identity: id_name(ev.dst_id),
+        generation: ev.generation,
+    }
+}
+
+/// Drains the ring buffer on a dedicated thread (poll(2) on its fd).
+pub fn spawn(
+    mut ring: RingBuf<MapData>,
+    store: Arc<RwLock<EventStore>>,
+    policy: Arc<RwLock<PolicyState>>,
+    ifnames: HashMap<u32, String>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("mdsec-events".into())
+        .spawn(move || {
+            loop {
+                let mut pfd = libc::pollfd { fd: ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut pfd, 1, 1000) };
+                let anchor = Anchor::now();
+                let mut batch = Vec::new();
+                while let Some(item) = ring.next() {
+                    if item.len() >= std::mem::size_of::<Event>() {
+                        // SAFETY: the kernel wrote an `Event`; read it unaligned.
+                        batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) });
+                    }
+                }
+                if batch.is_empty() {
+                    continue;
+                }
+                let p = policy.read().unwrap();
+                let mut s = store.write().unwrap();
+                for raw in &batch {
+                    let e = describe(raw, &p, &ifnames, &anchor);
+                    let line = format!(
+                        "{} {}:{} -> {}:{} {} on {} (segment {}, rule {}, {})",
+                        e.kind, e.src, e.sport, e.dst, e.dport, e.proto, e.iface, e.segment, e.rule, e.reason
+                    );
+                    if raw.verdict == Verdict::Drop as u8 {
+                        warn!("{line}");
+                    } else {
+                        info!("{line}");
+                    }
+                    s.push(e);
+                }
+            }
+        })
+        .expect("spawn events thread")
+}

@@ -1,0 +1,310 @@
+//! Compiles a validated [`Policy`] into datapath entries: identities (LPM prefixes
+//! and MACs → id), per-id segment info, and allow entries keyed by
+//! (src id, dst id, proto, port prefix).
+//!
+//! Identities are per distinct prefix, not per name: the longest matching prefix
+//! decides an address's id, and each id carries every name (zone, segment, CIDR
+//! peer) whose addresses contain that prefix. A rule naming a zone therefore also
+//! covers a more specific prefix inside it that some other name introduced.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use ipnet::IpNet;
+use mdsec_common::{
+    net::ip_to_key,
+    policy::{
+        IDENT_HEADER_BITS, MAX_IDS, POLICY_ANY_PORT_BITS, POLICY_ANY_PROTO_BITS, POLICY_FLAG_EXCEPTION,
+        PolicyValue, SEG_DEFAULT_ALLOW, SEG_ENFORCE, SEG_MEMBER, SegmentInfo,
+    },
+};
+
+use super::model::{DefaultVerdict, Direction, Member, Mode, Peer, Policy};
+use crate::clock::Anchor;
+
+/// An IDENT entry without its generation byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct IdentEntry {
+    pub prefix_len: u32,
+    pub vlan: Option<u16>,
+    pub addr: [u8; 16],
+    pub id: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MacEntry {
+    pub mac: [u8; 6],
+    pub vlan: Option<u16>,
+    pub id: u32,
+}
+
+/// A POLICY entry without its generation byte: (src, dst, proto, port) and how many
+/// of those 88 bits (after the gen byte) are significant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyKey {
+    pub prefix_len: u32,
+    pub src: u32,
+    pub dst: u32,
+    pub proto: u8,
+    pub port: u16,
+}
+
+/// What one identity stands for (index = id; id 0 is "no identity").
+#[derive(Debug, Clone, Default)]
+pub struct IdInfo {
+    pub names: BTreeSet<Peer>,
+    pub segment: Option<usize>,
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Compiled {
+    pub idents: Vec<IdentEntry>,
+    pub macs: Vec<MacEntry>,
+    /// SEGMENTS entries for ids that belong to a segment.
+    pub segments: Vec<(u32, SegmentInfo)>,
+    pub policy: Vec<(PolicyKey, PolicyValue)>,
+    pub ids: Vec<IdInfo>,
+}
+
+/// Capacity limits (per generation) the compiled policy must fit.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub idents: usize,
+    pub macs: usize,
+    pub policy: usize,
+}
+
+fn v4_or_v6(net: &IpNet) -> ([u8; 16], u32) {
+    match net {
+        IpNet::V4(n) => (ip_to_key(IpAddr::V4(n.network())), 96 + n.prefix_len() as u32),
+        IpNet::V6(n) => (ip_to_key(IpAddr::V6(n.network())), n.prefix_len() as u32),
+    }
+}
+
+/// Splits an inclusive port range into prefix-aligned blocks: (first port, bits).
+pub fn port_blocks(lo: u16, hi: u16) -> Vec<(u16, u32)> {
+    let (mut lo, hi) = (lo as u32, hi as u32);
+    let mut out = Vec::new();
+    while lo <= hi {
+        let mut size = 1u32;
+        while size < 65536 && lo.is_multiple_of(size * 2) && lo + size * 2 - 1 <= hi {
+            size *= 2;
+        }
+        out.push((lo as u16, 16 - size.trailing_zeros()));
+        lo += size;
+    }
+    out
+}
+
+pub fn compile(p: &Policy, anchor: &Anchor, limits: Limits) -> Result<Compiled, String> {
+    let mut c = Compiled { ids: vec![IdInfo::default()], ..Default::default() };
+
+    // 1. Every distinct (scope, prefix) becomes an identity.
+    let mut prefixes: BTreeSet<(Option<u16>, IpNet)> = BTreeSet::new();
+    for s in &p.segments {
+        for m in &s.members {
+            if let Member::Net { net, vlan } = m {
+                prefixes.insert((*vlan, *net));
+            }
+        }
+    }
+    for z in &p.zones {
+        prefixes.extend(z.cidrs.iter().map(|n| (None, *n)));
+    }
+    for r in &p.rules {
+        if let Peer::Cidr(n) = &r.peer {
+            prefixes.insert((None, *n));
+        }
+    }
+    for (scope, net) in &prefixes {
+        let id = c.ids.len() as u32;
+        let mut info = IdInfo {
+            description: scope.map_or(net.to_string(), |v| format!("{net} vlan {v}")),
+            ..Default::default()
+        };
+        for (i, s) in p.segments.iter().enumerate() {
+            for m in &s.members {
+                if let Member::Net { net: mnet, vlan } = m
+                    && (vlan.is_none() || vlan == scope)
+                    && mnet.contains(net)
+                {
+                    info.names.insert(Peer::Name(s.name.clone()));
+                    // Validation rejects overlapping members of different segments;
+                    // a VLAN-scoped member beats an unscoped one.
+                    if info.segment.is_none() || vlan.is_some() {
+                        info.segment = Some(i);
+                    }
+                }
+            }
+        }
+        for z in &p.zones {
+            if z.cidrs.iter().any(|zc| zc.contains(net)) {
+                info.names.insert(Peer::Name(z.name.clone()));
+            }
+        }
+        for r in &p.rules {
+            if let Peer::Cidr(rc) = &r.peer
+                && rc.contains(net)
+            {
+                info.names.insert(Peer::Cidr(*rc));
+            }
+        }
+        let (addr, bits) = v4_or_v6(net);
+        c.idents.push(IdentEntry { prefix_len: IDENT_HEADER_BITS + bits, vlan: *scope, addr, id });
+        c.ids.push(info);
+    }
+    // 2. MAC members: an identity each, naming only their segment.
+    for (i, s) in p.segments.iter().enumerate() {
+        for m in &s.members {
+            if let Member::Mac { mac, vlan } = m {
+                let id = c.ids.len() as u32;
+                let mut info = IdInfo {
+                    segment: Some(i),
+                    description: crate::model::mac_string(*mac),
+                    ..Default::default()
+                };
+                info.names.insert(Peer::Name(s.name.clone()));
+                c.ids.push(info);
+                c.macs.push(MacEntry { mac: *mac, vlan: *vlan, id });
+            }
+        }
+    }
+    if c.ids.len() >= MAX_IDS as usize {
+        return Err(format!("{} identities; the datapath holds {}", c.ids.len() - 1, MAX_IDS - 1));
+    }
+    // 3. Segment info per member id.
+    for (id, info) in c.ids.iter().enumerate() {
+        if let Some(si) = info.segment {
+            let s = &p.segments[si];
+            let mut flags = SEG_MEMBER;
+            if s.mode == Mode::Enforce {
+                flags |= SEG_ENFORCE;
+            }
+            if s.default == DefaultVerdict::Allow {
+                flags |= SEG_DEFAULT_ALLOW;
+            }
+            c.segments.push((id as u32, SegmentInfo { flags, _pad: [0; 3], segment: si as u32 + 1 }));
+        }
+    }
+    // 4. Allow entries. Permanent rules win over exceptions on the same key.
+    let mut entries: BTreeMap<PolicyKey, PolicyValue> = BTreeMap::new();
+    let now = anchor.wall(anchor.boot_ns());
+    for r in &p.rules {
+        let (flags, expires_ns) = match &r.exception {
+            None => (0, 0),
+            Some(e) if e.expires <= now => continue,
+            Some(e) => {
+                let ahead = e.expires.duration_since(now).unwrap_or_default();
+                (POLICY_FLAG_EXCEPTION, anchor.boot_ns().saturating_add(ahead.as_nanos() as u64).max(1))
+            }
+        };
+        let value =
+            PolicyValue { rule: r.id, app: r.app.map_or(0, |a| a as u8), flags, _pad: [0; 2], expires_ns };
+        let own: Vec<u32> = ids_where(&c.ids, |i| i.segment == Some(r.segment));
+        let peer: Vec<u32> = ids_where(&c.ids, |i| i.names.contains(&r.peer));
+        for &a in &own {
+            for &b in &peer {
+                let (src, dst) = if r.direction == Direction::Out { (a, b) } else { (b, a) };
+                for key in keys(src, dst, r.proto, &r.ports) {
+                    match entries.get(&key) {
+                        Some(old) if old.flags & POLICY_FLAG_EXCEPTION == 0 || flags != 0 => {}
+                        _ => {
+                            entries.insert(key, value);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    drop_shadowed_exceptions(&mut entries);
+    c.policy = entries.into_iter().collect();
+
+    if c.idents.len() > limits.idents {
+        return Err(format!("{} address prefixes; the datapath holds {}", c.idents.len(), limits.idents));
+    }
+    if c.macs.len() > limits.macs {
+        return Err(format!("{} MAC members; the datapath holds {}", c.macs.len(), limits.macs));
+    }
+    if c.policy.len() > limits.policy {
+        return Err(format!(
+            "the rules expand to {} datapath entries; the datapath holds {}",
+            c.policy.len(),
+            limits.policy
+        ));
+    }
+    Ok(c)
+}
+
+fn ids_where(ids: &[IdInfo], f: impl Fn(&IdInfo) -> bool) -> Vec<u32> {
+    ids.iter().enumerate().skip(1).filter(|(_, i)| f(i)).map(|(id, _)| id as u32).collect()
+}
+
+fn keys(src: u32, dst: u32, proto: Option<u8>, ports: &[(u16, u16)]) -> Vec<PolicyKey> {
+    let base = PolicyKey { prefix_len: POLICY_ANY_PROTO_BITS, src, dst, proto: 0, port: 0 };
+    let Some(proto) = proto else { return vec![base] };
+    if ports.is_empty() {
+        return vec![PolicyKey { prefix_len: POLICY_ANY_PORT_BITS, proto, ..base }];
+    }
+    ports
+        .iter()
+        .flat_map(|&(lo, hi)| port_blocks(lo, hi))
+        .map(|(port, bits)| PolicyKey { prefix_len: POLICY_ANY_PORT_BITS + bits, proto, port, ..base })
+        .collect()
+}
+
+/// An exception entry more specific than a permanent entry covering it would shadow
+/// that entry once it expires (the LPM returns only the longest match): drop it, the
+/// permanent rule already allows that traffic.
+fn drop_shadowed_exceptions(entries: &mut BTreeMap<PolicyKey, PolicyValue>) {
+    let permanent: Vec<PolicyKey> =
+        entries.iter().filter(|(_, v)| v.flags & POLICY_FLAG_EXCEPTION == 0).map(|(k, _)| *k).collect();
+    entries.retain(|k, v| {
+        v.flags & POLICY_FLAG_EXCEPTION == 0
+            || !permanent
+                .iter()
+                .any(|p| p.src == k.src && p.dst == k.dst && p.prefix_len < k.prefix_len && covers(p, k))
+    });
+}
+
+fn covers(p: &PolicyKey, k: &PolicyKey) -> bool {
+    if p.prefix_len == POLICY_ANY_PROTO_BITS {
+        return true;
+    }
+    if p.proto != k.proto {
+        return false;
+    }
+    let bits = p.prefix_len - POLICY_ANY_PORT_BITS;
+    let mask = if bits == 0 { 0 } else { u16::MAX << (16 - bits) };
+    p.port & mask == k.port & mask
+}
+
+/// For tests and the API: which allow entry (if any) a lookup would find.
+pub fn lookup(c: &Compiled, src: u32, dst: u32, proto: u8, port: u16) -> Option<PolicyValue> {
+    c.policy
+        .iter()
+        .filter(|(k, _)| {
+            k.src == src
+                && k.dst == dst
+                && (k.prefix_len == POLICY_ANY_PROTO_BITS
+                    || (k.proto == proto && covers(k, &PolicyKey { port, ..*k })))
+        })
+        .max_by_key(|(k, _)| k.prefix_len)
+        .map(|(_, v)| *v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_split_into_aligned_blocks() {
+        assert_eq!(port_blocks(80, 80), vec![(80, 16)]);
+        assert_eq!(port_blocks(5000, 5010), vec![(5000, 13), (5008, 15), (5010, 16)]);
+        assert_eq!(port_blocks(1, 65535).len(), 16);
+        let covered: u32 = port_blocks(1024, 65535).iter().map(|(_, b)| 1u32 << (16 - b)).sum();
+        assert_eq!(covered, 65535 - 1024 + 1);
+    }
+}

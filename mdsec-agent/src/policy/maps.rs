@@ -1,0 +1,117 @@
+//! Owns the policy maps on the user side (IDENT, MACS, POLICY, SEGMENTS, CONFIG) and
+//! swaps generations: clear the inactive half, write it, then flip `CONFIG` with
+//! one array write. The kernel sees either the old policy or the new one, never a
+//! mix; flows re-evaluate on their next packet.
+
+use anyhow::{Context, Result};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, lpm_trie::Key};
+use mdsec_common::{
+    maps as names,
+    policy::{IdentData, MAX_IDS, MacKey, PolicyConfig, PolicyData, PolicyValue, SegmentInfo},
+};
+
+use super::compile::{Compiled, Limits};
+
+pub struct PolicyMaps {
+    ident: LpmTrie<MapData, IdentData, u32>,
+    macs: HashMap<MapData, MacKey, u32>,
+    policy: LpmTrie<MapData, PolicyData, PolicyValue>,
+    segments: Array<MapData, SegmentInfo>,
+    config: Array<MapData, PolicyConfig>,
+    limits: Limits,
+}
+
+impl PolicyMaps {
+    /// Takes the maps out of a loaded object (`take` is `Ebpf::take_map`).
+    pub fn new(mut take: impl FnMut(&str) -> Result<Map>, sizes: (u32, u32, u32)) -> Result<PolicyMaps> {
+        Ok(PolicyMaps {
+            ident: LpmTrie::try_from(take(names::IDENT)?)?,
+            macs: HashMap::try_from(take(names::MACS)?)?,
+            policy: LpmTrie::try_from(take(names::POLICY)?)?,
+            segments: Array::try_from(take(names::SEGMENTS)?)?,
+            config: Array::try_from(take(names::CONFIG)?)?,
+            // Each generation gets half of every map.
+            limits: Limits {
+                idents: sizes.0 as usize / 2,
+                macs: sizes.1 as usize / 2,
+                policy: sizes.2 as usize / 2,
+            },
+        })
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    pub fn config(&self) -> Result<PolicyConfig> {
+        Ok(self.config.get(&0, 0)?)
+    }
+
+    /// Installs `c` as the next generation and returns its number.
+    pub fn apply(&mut self, c: &Compiled, event_rate: u32) -> Result<u32> {
+        let current = self.config()?.generation;
+        let next = if current == u32::MAX { 1 } else { current + 1 };
+        let bit = (next & 1) as u8;
+        self.clear_half(bit)?;
+        for e in &c.idents {
+            let data = IdentData {
+                generation: bit,
+                scoped: e.vlan.is_some() as u8,
+                vlan: e.vlan.unwrap_or(0).to_be_bytes(),
+                addr: e.addr,
+            };
+            self.ident.insert(&Key::new(e.prefix_len, data), e.id, 0).context("write IDENT")?;
+        }
+        for m in &c.macs {
+            let key = MacKey {
+                generation: bit,
+                scoped: m.vlan.is_some() as u8,
+                vlan: m.vlan.unwrap_or(0),
+                mac: m.mac,
+                _pad: [0; 2],
+            };
+            self.macs.insert(key, m.id, 0).context("write MACS")?;
+        }
+        for (id, info) in &c.segments {
+            self.segments.set(bit as u32 * MAX_IDS + id, info, 0).context("write SEGMENTS")?;
+        }
+        for (k, v) in &c.policy {
+            let data = PolicyData {
+                generation: bit,
+                src: k.src.to_be_bytes(),
+                dst: k.dst.to_be_bytes(),
+                proto: k.proto,
+                port: k.port.to_be_bytes(),
+            };
+            self.policy.insert(&Key::new(k.prefix_len, data), v, 0).context("write POLICY")?;
+        }
+        self.config.set(0, PolicyConfig { generation: next, event_rate }, 0).context("flip CONFIG")?;
+        Ok(next)
+    }
+
+    /// Empties one generation's half of every policy map.
+    fn clear_half(&mut self, bit: u8) -> Result<()> {
+        let idents: Vec<_> =
+            self.ident.keys().filter_map(Result::ok).filter(|k| k.data().generation == bit).collect();
+        for k in idents {
+            self.ident.remove(&k)?;
+        }
+        let macs: Vec<_> = self.macs.keys().filter_map(Result::ok).filter(|k| k.generation == bit).collect();
+        for k in macs {
+            self.macs.remove(&k)?;
+        }
+        let policy: Vec<_> =
+            self.policy.keys().filter_map(Result::ok).filter(|k| k.data().generation == bit).collect();
+        for k in policy {
+            self.policy.remove(&k)?;
+        }
+        let empty = SegmentInfo::default();
+        for id in 0..MAX_IDS {
+            let idx = bit as u32 * MAX_IDS + id;
+            if self.segments.get(&idx, 0)? != empty {
+                self.segments.set(idx, empty, 0)?;
+            }
+        }
+        Ok(())
+    }
+}

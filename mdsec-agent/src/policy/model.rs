@@ -1,0 +1,685 @@
+//! Segment policy files: one YAML per segment plus `zones.yaml`, in one directory.
+//! Loading is strict (unknown keys are errors) and collects every problem it can
+//! find, each as `file:line:col: message`.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use ipnet::IpNet;
+use mdsec_common::app::App;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+/// A policy file larger than this is refused before parsing.
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+/// At most this many policy files in the directory.
+pub const MAX_FILES: usize = 1024;
+
+pub const ZONES_FILE: &str = "zones.yaml";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    pub line: u64,
+    pub col: u64,
+    pub message: String,
+    pub warning: bool,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = if self.warning { "warning: " } else { "" };
+        write!(f, "{}:{}:{}: {kind}{}", self.file.display(), self.line, self.col, self.message)
+    }
+}
+
+// ---- YAML shapes -----------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ZonesYaml {
+    zones: BTreeMap<String, Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SegmentYaml {
+    segment: Spanned<String>,
+    /// Clinical function, e.g. `infusion-pump`.
+    function: String,
+    mode: Mode,
+    default: DefaultVerdict,
+    members: Vec<MemberYaml>,
+    #[serde(default)]
+    allow: Vec<RuleYaml>,
+    #[serde(default)]
+    exceptions: Vec<ExceptionYaml>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Monitor,
+    Enforce,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultVerdict {
+    Deny,
+    Allow,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemberYaml {
+    cidr: Option<Spanned<String>>,
+    mac: Option<Spanned<String>>,
+    vlan: Option<Spanned<u16>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleYaml {
+    to: Option<Spanned<String>>,
+    from: Option<Spanned<String>>,
+    proto: Option<Spanned<String>>,
+    #[serde(default)]
+    ports: Vec<Spanned<PortYaml>>,
+    app: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExceptionYaml {
+    to: Option<Spanned<String>>,
+    from: Option<Spanned<String>>,
+    proto: Option<Spanned<String>>,
+    #[serde(default)]
+    ports: Vec<Spanned<PortYaml>>,
+    app: Option<Spanned<String>>,
+    expires: Spanned<String>,
+    reason: String,
+    ticket: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum PortYaml {
+    Number(i64),
+    Range(String),
+}
+
+// ---- The validated policy ----------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub zones: Vec<Zone>,
+    pub segments: Vec<Segment>,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Zone {
+    pub name: String,
+    pub cidrs: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Segment {
+    pub name: String,
+    pub function: String,
+    pub mode: Mode,
+    pub default: DefaultVerdict,
+    pub members: Vec<Member>,
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Member {
+    Net { net: IpNet, vlan: Option<u16> },
+    Mac { mac: [u8; 6], vlan: Option<u16> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From the segment to the peer (`to:`).
+    Out,
+    /// From the peer to the segment (`from:`).
+    In,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Peer {
+    /// A zone or a segment.
+    Name(String),
+    Cidr(IpNet),
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Name(n) => f.write_str(n),
+            Peer::Cidr(c) => write!(f, "{c}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// 1-based, in file order; what events and flows call `rule`.
+    pub id: u32,
+    /// Index into `Policy::segments`.
+    pub segment: usize,
+    pub direction: Direction,
+    pub peer: Peer,
+    /// IP protocol number, `None` = any.
+    pub proto: Option<u8>,
+    /// Inclusive port ranges; empty = any port.
+    pub ports: Vec<(u16, u16)>,
+    pub app: Option<App>,
+    pub exception: Option<ExceptionInfo>,
+    /// Where the rule is written (its `to`/`from`).
+    pub file: PathBuf,
+    pub line: u64,
+    pub col: u64,
+}
+
+impl Rule {
+    /// `file:line:col`, for events and the API.
+    pub fn origin(&self) -> String {
+        format!("{}:{}:{}", self.file.display(), self.line, self.col)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ExceptionInfo {
+    pub expires: SystemTime,
+    pub expires_text: String,
+    pub reason: String,
+    pub ticket: String,
+}
+
+impl Policy {
+    pub fn segment_index(&self, name: &str) -> Option<usize> {
+        self.segments.iter().position(|s| s.name == name)
+    }
+}
+
+// ---- Loading ------------------------------------------------------------------------
+
+struct Ctx {
+    diags: Vec<Diagnostic>,
+}
+
+impl Ctx {
+    fn err(&mut self, file: &Path, line: u64, col: u64, message: impl Into<String>) {
+        self.diags.push(Diagnostic {
+            file: file.to_owned(),
+            line,
+            col,
+            message: message.into(),
+            warning: false,
+        });
+    }
+    fn err_at<T>(&mut self, file: &Path, s: &Spanned<T>, message: impl Into<String>) {
+        self.err(file, s.referenced.line(), s.referenced.column(), message);
+    }
+    fn warn_at<T>(&mut self, file: &Path, s: &Spanned<T>, message: impl Into<String>) {
+        self.diags.push(Diagnostic {
+            file: file.to_owned(),
+            line: s.referenced.line(),
+            col: s.referenced.column(),
+            message: message.into(),
+            warning: true,
+        });
+    }
+}
+
+/// Loads and validates a policy directory. Returns the policy when there are no
+/// errors, plus every diagnostic (warnings included) either way.
+pub fn load_dir(dir: &Path, now: SystemTime) -> (Option<Policy>, Vec<Diagnostic>) {
+    let mut cx = Ctx { diags: Vec::new() };
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml") && p.is_file())
+            .collect(),
+        Err(e) => {
+            cx.err(dir, 0, 0, format!("cannot read the policy directory: {e}"));
+            return (None, cx.diags);
+        }
+    };
+    files.sort();
+    if files.len() > MAX_FILES {
+        cx.err(dir, 0, 0, format!("{} policy files; the limit is {MAX_FILES}", files.len()));
+        return (None, cx.diags);
+    }
+    let mut zones_yaml = None;
+    let mut segments_yaml = Vec::new();
+    for f in &files {
+        let Some(text) = read_text(&mut cx, f) else { continue };
+        if f.file_name().is_some_and(|n| n == ZONES_FILE) {
+            zones_yaml = parse::<ZonesYaml>(&mut cx, f, &text).map(|z| (f.clone(), z));
+        } else if let Some(s) = parse::<SegmentYaml>(&mut cx, f, &text) {
+            segments_yaml.push((f.clone(), s));
+        }
+    }
+    if segments_yaml.is_empty() && !cx.diags.iter().any(|d| !d.warning) {
+        cx.err(dir, 0, 0, "no segment files in the policy directory");
+    }
+    let policy = build(&mut cx, zones_yaml, segments_yaml, now);
+    let ok = !cx.diags.iter().any(|d| !d.warning);
+    (if ok { policy } else { None }, cx.diags)
+}
+
+fn read_text(cx: &mut Ctx, f: &Path) -> Option<String> {
+    match std::fs::metadata(f) {
+        Ok(m) if m.len() > MAX_FILE_BYTES => {
+            cx.err(f, 1, 1, format!("file is {} bytes; the limit is {MAX_FILE_BYTES}", m.len()));
+            return None;
+        }
+        Err(e) => {
+            cx.err(f, 0, 0, format!("cannot read: {e}"));
+            return None;
+        }
+        _ => {}
+    }
+    let bytes = match std::fs::read(f) {
+        Ok(b) => b,
+        Err(e) => {
+            cx.err(f, 0, 0, format!("cannot read: {e}"));
+            return None;
+        }
+    };
+    match String::from_utf8(bytes) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            let bytes = e.as_bytes();
+            let off = e.utf8_error().valid_up_to();
+            let line = bytes[..off].iter().filter(|&&b| b == b'\n').count() as u64 + 1;
+            let col = (off - bytes[..off].iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1)) as u64 + 1;
+            cx.err(f, line, col, "not valid UTF-8");
+            None
+        }
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(cx: &mut Ctx, f: &Path, text: &str) -> Option<T> {
+    if text.trim().is_empty() {
+        cx.err(f, 1, 1, "empty file");
+        return None;
+    }
+    match serde_saphyr::from_str::<T>(text) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let (line, col) = e.location().map(|l| (l.line(), l.column())).unwrap_or((1, 1));
+            cx.err(f, line, col, crate::config::saphyr_message(&e.to_string()));
+            None
+        }
+    }
+}
+
+fn parse_net(cx: &mut Ctx, f: &Path, s: &Spanned<String>) -> Option<IpNet> {
+    let text = s.value.trim();
+    let net = if text.contains('/') {
+        text.parse::<IpNet>().ok()
+    } else {
+        text.parse::<std::net::IpAddr>().ok().map(IpNet::from)
+    };
+    match net {
+        Some(n) if n.trunc() == n => Some(n),
+        Some(n) => {
+            cx.err_at(f, s, format!("`{text}` has host bits set; did you mean {}?", n.trunc()));
+            None
+        }
+        None => {
+            cx.err_at(f, s, format!("`{text}` is not an IP address or CIDR"));
+            None
+        }
+    }
+}
+
+fn parse_mac(cx: &mut Ctx, f: &Path, s: &Spanned<String>) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.value.split([':', '-']).collect();
+    let mut mac = [0u8; 6];
+    if parts.len() == 6
+        && parts
+            .iter()
+            .zip(mac.iter_mut())
+            .all(|(p, m)| u8::from_str_radix(p, 16).map(|v| *m = v).is_ok() && p.len() == 2)
+    {
+        return Some(mac);
+    }
+    cx.err_at(f, s, format!("`{}` is not a MAC address (aa:bb:cc:dd:ee:ff)", s.value));
+    None
+}
+
+fn parse_proto(cx: &mut Ctx, f: &Path, s: &Spanned<String>) -> Option<Option<u8>> {
+    Some(match s.value.as_str() {
+        "any" => None,
+        "tcp" => Some(6),
+        "udp" => Some(17),
+        "icmp" => Some(1),
+        "icmpv6" => Some(58),
+        other => {
+            cx.err_at(f, s, format!("unknown proto `{other}` (tcp, udp, icmp, icmpv6, any)"));
+            return None;
+        }
+    })
+}
+
+fn parse_port(cx: &mut Ctx, f: &Path, s: &Spanned<PortYaml>) -> Option<(u16, u16)> {
+    let check = |cx: &mut Ctx, v: i64| -> Option<u16> {
+        if (1..=65535).contains(&v) {
+            Some(v as u16)
+        } else {
+            cx.err_at(f, s, format!("port {v} is out of range (1-65535)"));
+            None
+        }
+    };
+    match &s.value {
+        PortYaml::Number(n) => check(cx, *n).map(|p| (p, p)),
+        PortYaml::Range(r) => {
+            let Some((a, b)) = r.split_once('-') else {
+                cx.err_at(f, s, format!("`{r}` is not a port or a range like 5000-5010"));
+                return None;
+            };
+            let (Ok(a), Ok(b)) = (a.trim().parse::<i64>(), b.trim().parse::<i64>()) else {
+                cx.err_at(f, s, format!("`{r}` is not a port range like 5000-5010"));
+                return None;
+            };
+            let (a, b) = (check(cx, a)?, check(cx, b)?);
+            if a > b {
+                cx.err_at(f, s, format!("port range `{r}` is reversed"));
+                return None;
+            }
+            Some((a, b))
+        }
+    }
+}
+
+/// Where a rule or exception comes from, and its raw fields.
+struct RawRule<'a> {
+    to: &'a Option<Spanned<String>>,
+    from: &'a Option<Spanned<String>>,
+    proto: &'a Option<Spanned<String>>,
+    ports: &'a [Spanned<PortYaml>],
+    app: &'a Option<Spanned<String>>,
+}
+
+fn build(
+    cx: &mut Ctx,
+    zones_yaml: Option<(PathBuf, ZonesYaml)>,
+    segments_yaml: Vec<(PathBuf, SegmentYaml)>,
+    now: SystemTime,
+) -> Option<Policy> {
+    let mut policy = Policy { zones: Vec::new(), segments: Vec::new(), rules: Vec::new() };
+    // Names: zones and segments share one namespace.
+    let mut names: HashMap<String, String> = HashMap::new();
+    if let Some((f, z)) = &zones_yaml {
+        for (name, cidrs) in &z.zones {
+            let mut zone = Zone { name: name.clone(), cidrs: Vec::new() };
+            for c in cidrs {
+                if let Some(n) = parse_net(cx, f, c) {
+                    zone.cidrs.push(n);
+                }
+            }
+            if zone.cidrs.is_empty() {
+                let at =
+                    cidrs.first().map(|c| (c.referenced.line(), c.referenced.column())).unwrap_or((1, 1));
+                cx.err(f, at.0, at.1, format!("zone `{name}` has no addresses"));
+            }
+            names.insert(name.clone(), format!("{}", f.display()));
+            policy.zones.push(zone);
+        }
+    }
+    for (f, s) in &segments_yaml {
+        let name = s.segment.value.trim().to_string();
+        if name.is_empty() || name.chars().any(|c| !(c.is_ascii_alphanumeric() || c == '-' || c == '_')) {
+            cx.err_at(f, &s.segment, format!("segment name `{name}` must be letters, digits, - or _"));
+        }
+        if let Some(prev) =
+            names.insert(name.clone(), format!("{}:{}", f.display(), s.segment.referenced.line()))
+        {
+            cx.err_at(f, &s.segment, format!("`{name}` is already defined at {prev}"));
+        }
+        let mut members = Vec::new();
+        for m in &s.members {
+            let vlan = m.vlan.as_ref().and_then(|v| {
+                if (1..=4094).contains(&v.value) {
+                    Some(v.value)
+                } else {
+                    cx.err_at(f, v, format!("vlan {} is out of range (1-4094)", v.value));
+                    None
+                }
+            });
+            match (&m.cidr, &m.mac) {
+                (Some(c), None) => {
+                    if let Some(net) = parse_net(cx, f, c) {
+                        members.push((Member::Net { net, vlan }, c.referenced.line(), c.referenced.column()));
+                    }
+                }
+                (None, Some(mac)) => {
+                    if let Some(mac_v) = parse_mac(cx, f, mac) {
+                        members.push((
+                            Member::Mac { mac: mac_v, vlan },
+                            mac.referenced.line(),
+                            mac.referenced.column(),
+                        ));
+                    }
+                }
+                (Some(c), Some(_)) => cx.err_at(f, c, "a member has either `cidr` or `mac`, not both"),
+                (None, None) => cx.err_at(f, &s.segment, "a member needs `cidr` or `mac`"),
+            }
+        }
+        if s.members.is_empty() {
+            cx.err_at(f, &s.segment, format!("segment `{name}` has no members"));
+        }
+        let seg_index = policy.segments.len();
+        policy.segments.push(Segment {
+            name,
+            function: s.function.clone(),
+            mode: s.mode,
+            default: s.default,
+            members: members.iter().map(|m| m.0).collect(),
+            file: f.clone(),
+        });
+        check_member_overlaps(cx, &policy, seg_index, f, &members);
+
+        let raw_rules = s.allow.iter().map(|r| {
+            (RawRule { to: &r.to, from: &r.from, proto: &r.proto, ports: &r.ports, app: &r.app }, None)
+        });
+        let raw_exceptions = s.exceptions.iter().map(|e| {
+            (RawRule { to: &e.to, from: &e.from, proto: &e.proto, ports: &e.ports, app: &e.app }, Some(e))
+        });
+        for (raw, exc) in raw_rules.chain(raw_exceptions) {
+            let id = policy.rules.len() as u32 + 1;
+            if let Some(rule) = build_rule(cx, f, seg_index, id, raw, exc, now) {
+                policy.rules.push(rule);
+            }
+        }
+    }
+    // Peers must name a zone or a segment (checked once every name is known).
+    for r in &policy.rules {
+        if let Peer::Name(n) = &r.peer
+            && !names.contains_key(n)
+        {
+            cx.err(&r.file, r.line, r.col, format!("unknown zone or segment `{n}`"));
+        }
+    }
+    Some(policy)
+}
+
+fn check_member_overlaps(cx: &mut Ctx, p: &Policy, seg: usize, f: &Path, members: &[(Member, u64, u64)]) {
+    for (m, line, col) in members {
+        // Against earlier segments; members of one segment are compared below.
+        for other in &p.segments[..seg] {
+            for o in &other.members {
+                let clash = match (m, o) {
+                    (Member::Net { net: a, vlan: va }, Member::Net { net: b, vlan: vb }) => {
+                        (va.is_none() || vb.is_none() || va == vb) && (a.contains(b) || b.contains(a))
+                    }
+                    (Member::Mac { mac: a, vlan: va }, Member::Mac { mac: b, vlan: vb }) => {
+                        a == b && (va.is_none() || vb.is_none() || va == vb)
+                    }
+                    _ => false,
+                };
+                if clash {
+                    cx.err(
+                        f,
+                        *line,
+                        *col,
+                        format!(
+                            "member {} overlaps a member of segment `{}` ({})",
+                            member_text(m),
+                            other.name,
+                            other.file.display()
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    // Members of this segment among themselves.
+    for (i, (a, line, col)) in members.iter().enumerate() {
+        for (b, _, _) in &members[..i] {
+            let same = match (a, b) {
+                (Member::Net { net: x, vlan: vx }, Member::Net { net: y, vlan: vy }) => {
+                    vx == vy && (x.contains(y) || y.contains(x))
+                }
+                _ => a == b,
+            };
+            if same {
+                cx.err(
+                    f,
+                    *line,
+                    *col,
+                    format!(
+                        "member {} duplicates or overlaps another member of this segment",
+                        member_text(a)
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn member_text(m: &Member) -> String {
+    match m {
+        Member::Net { net, vlan: Some(v) } => format!("{net} (vlan {v})"),
+        Member::Net { net, vlan: None } => net.to_string(),
+        Member::Mac { mac, vlan } => {
+            let s = crate::model::mac_string(*mac);
+            vlan.map_or(s.clone(), |v| format!("{s} (vlan {v})"))
+        }
+    }
+}
+
+fn build_rule(
+    cx: &mut Ctx,
+    f: &Path,
+    segment: usize,
+    id: u32,
+    raw: RawRule,
+    exc: Option<&ExceptionYaml>,
+    now: SystemTime,
+) -> Option<Rule> {
+    let (direction, peer_s) = match (raw.to, raw.from) {
+        (Some(t), None) => (Direction::Out, t),
+        (None, Some(fr)) => (Direction::In, fr),
+        (Some(t), Some(_)) => {
+            cx.err_at(f, t, "a rule has `to` or `from`, not both");
+            return None;
+        }
+        (None, None) => {
+            let at = exc.map(|e| (e.expires.referenced.line(), e.expires.referenced.column()));
+            let (line, col) = at
+                .or(raw.proto.as_ref().map(|p| (p.referenced.line(), p.referenced.column())))
+                .unwrap_or((1, 1));
+            cx.err(f, line, col, "a rule needs `to: PEER` or `from: PEER`");
+            return None;
+        }
+    };
+    let text = peer_s.value.trim();
+    let peer = if text.contains('/') || text.parse::<std::net::IpAddr>().is_ok() {
+        Peer::Cidr(parse_net(cx, f, peer_s)?)
+    } else if text.is_empty() {
+        cx.err_at(f, peer_s, "empty peer");
+        return None;
+    } else {
+        Peer::Name(text.to_string())
+    };
+    let proto = match raw.proto {
+        Some(p) => parse_proto(cx, f, p)?,
+        None => None,
+    };
+    let mut ports = Vec::new();
+    for p in raw.ports {
+        if let Some(r) = parse_port(cx, f, p) {
+            ports.push(r);
+        }
+    }
+    if !raw.ports.is_empty() && !matches!(proto, Some(6) | Some(17)) {
+        cx.err_at(f, &raw.ports[0], "ports need `proto: tcp` or `proto: udp`");
+        return None;
+    }
+    let app = match raw.app {
+        Some(a) => match App::from_name(&a.value) {
+            Some(App::Unknown) | None => {
+                let known: Vec<&str> = App::ALL[1..].iter().map(|a| a.name()).collect();
+                cx.err_at(f, a, format!("unknown app `{}` (one of: {})", a.value, known.join(", ")));
+                return None;
+            }
+            Some(app) => Some(app),
+        },
+        None => None,
+    };
+    let exception = match exc {
+        None => None,
+        Some(e) => {
+            let ts = match e.expires.value.parse::<jiff::Timestamp>() {
+                Ok(t) => t,
+                Err(err) => {
+                    cx.err_at(f, &e.expires, format!("`{}` is not an RFC 3339 time: {err}", e.expires.value));
+                    return None;
+                }
+            };
+            let expires = SystemTime::from(ts);
+            if expires <= now {
+                cx.warn_at(
+                    f,
+                    &e.expires,
+                    format!("exception expired at {} (ticket {})", e.expires.value, e.ticket),
+                );
+            }
+            if e.reason.trim().is_empty() || e.ticket.trim().is_empty() {
+                cx.err_at(f, &e.expires, "an exception needs a `reason` and a `ticket`");
+            }
+            Some(ExceptionInfo {
+                expires,
+                expires_text: e.expires.value.clone(),
+                reason: e.reason.clone(),
+                ticket: e.ticket.clone(),
+            })
+        }
+    };
+    Some(Rule {
+        id,
+        segment,
+        direction,
+        peer,
+        proto,
+        ports,
+        app,
+        exception,
+        file: f.to_owned(),
+        line: peer_s.referenced.line(),
+        col: peer_s.referenced.column(),
+    })
+}

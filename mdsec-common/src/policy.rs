@@ -1,0 +1,210 @@
+//! Segment policy as the datapath sees it: identities, allow entries, segment
+//! modes, the active generation, and the events it emits.
+//!
+//! Everything policy-related is double-buffered by *generation*: the low bit of the
+//! generation is part of every identity and policy key (and selects the half of the
+//! `SEGMENTS` array), so userspace fills the inactive half and then flips `CONFIG`
+//! with one write. A flow caches its verdict together with the generation that
+//! produced it and is re-evaluated when they differ.
+
+/// Identities per generation (index into `SEGMENTS`). Id 0 is "no identity".
+pub const MAX_IDS: u32 = 4096;
+
+/// `IDENT` LPM trie data. Prefix length counts bits from `gen`: 32 bits of
+/// gen/scoped/vlan, then the address prefix (IPv4 as mapped IPv6: 96 + len).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IdentData {
+    pub generation: u8,
+    /// 1 for VLAN-scoped members (then `vlan` matters), 0 otherwise (vlan 0).
+    pub scoped: u8,
+    /// Big-endian VLAN id.
+    pub vlan: [u8; 2],
+    pub addr: [u8; 16],
+}
+
+/// Bits of `IdentData` before the address.
+pub const IDENT_HEADER_BITS: u32 = 32;
+
+/// `MACS` hash key: MAC membership, optionally VLAN-scoped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MacKey {
+    pub generation: u8,
+    pub scoped: u8,
+    pub vlan: u16,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// `POLICY` LPM trie data: (src id, dst id, proto, dport), all big-endian so a
+/// prefix means "any proto" (72 bits) or "any port" (80 bits) or a port range block.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyData {
+    pub generation: u8,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub proto: u8,
+    pub port: [u8; 2],
+}
+
+pub const POLICY_ANY_PROTO_BITS: u32 = 72;
+pub const POLICY_ANY_PORT_BITS: u32 = 80;
+pub const POLICY_FULL_BITS: u32 = 96;
+
+/// An allow entry. Presence in `POLICY` means allow (while not expired).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    /// Rule id (index into the agent's rule table), never 0.
+    pub rule: u32,
+    /// Required application ([`crate::app::App`] as u8), 0 = any.
+    pub app: u8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
+    /// `CLOCK_BOOTTIME` ns after which the entry no longer allows; 0 = never.
+    pub expires_ns: u64,
+}
+
+/// `PolicyValue::flags`: the entry comes from a time-bound exception.
+pub const POLICY_FLAG_EXCEPTION: u8 = 1;
+
+/// `SEGMENTS[gen_bit * MAX_IDS + id]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SegmentInfo {
+    pub flags: u8,
+    pub _pad: [u8; 3],
+    /// Segment index (1-based) in the agent's segment table; 0 when not a segment.
+    pub segment: u32,
+}
+
+/// The identity belongs to a segment (its traffic is evaluated).
+pub const SEG_MEMBER: u8 = 1;
+/// The segment enforces (drops); otherwise it monitors (counts would-drops).
+pub const SEG_ENFORCE: u8 = 2;
+/// The segment's default verdict is allow.
+pub const SEG_DEFAULT_ALLOW: u8 = 4;
+
+/// `CONFIG[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyConfig {
+    /// Active generation; 0 = no policy loaded (everything passes unevaluated).
+    pub generation: u32,
+    /// Events per second per CPU before rate limiting.
+    pub event_rate: u32,
+}
+
+/// `IFACES[ifindex]` flags.
+pub const IFACE_MIRROR: u32 = 1;
+
+/// Cached verdict of a flow (`FlowValue::verdict`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not evaluated yet (or no policy loaded).
+    None = 0,
+    /// No segment involved: nothing to enforce.
+    Unevaluated = 1,
+    /// Link-local control traffic (ND, DHCP, …) always passes.
+    Exempt = 2,
+    Allow = 3,
+    /// A reply of an allowed flow.
+    Reply = 4,
+    /// Allowed by a rule that requires an app; waiting for the first payload.
+    AppPending = 5,
+    /// Denied in a monitor segment: passes, counted.
+    WouldDrop = 6,
+    Drop = 7,
+}
+
+impl Verdict {
+    pub const fn from_u8(v: u8) -> Verdict {
+        match v {
+            1 => Verdict::Unevaluated,
+            2 => Verdict::Exempt,
+            3 => Verdict::Allow,
+            4 => Verdict::Reply,
+            5 => Verdict::AppPending,
+            6 => Verdict::WouldDrop,
+            7 => Verdict::Drop,
+            _ => Verdict::None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::None => "none",
+            Verdict::Unevaluated => "unevaluated",
+            Verdict::Exempt => "exempt",
+            Verdict::Allow => "allow",
+            Verdict::Reply => "reply",
+            Verdict::AppPending => "app_pending",
+            Verdict::WouldDrop => "would_drop",
+            Verdict::Drop => "drop",
+        }
+    }
+}
+
+/// Why a flow was denied (`Event::reason`).
+pub const DENY_DEFAULT: u8 = 1;
+pub const DENY_APP_MISMATCH: u8 = 2;
+
+/// One ring-buffer event: a flow denied (dropped or would-be dropped), once per
+/// flow and generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub ts_ns: u64,
+    pub ifindex: u32,
+    pub vlan: u16,
+    pub proto: u8,
+    /// [`Verdict::Drop`] or [`Verdict::WouldDrop`].
+    pub verdict: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub src_id: u32,
+    pub dst_id: u32,
+    /// Segment whose default decided (1-based), 0 if none.
+    pub segment: u32,
+    /// Rule id for app mismatches, 0 for a default verdict.
+    pub rule: u32,
+    pub generation: u32,
+    pub reason: u8,
+    pub app: u8,
+    pub _pad: [u8; 6],
+}
+
+/// `ALLOWED` key: a flow tuple without interface, to recognise replies of allowed
+/// flows whichever interface they come back on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TupleKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    unsafe impl aya::Pod for IdentData {}
+    unsafe impl aya::Pod for MacKey {}
+    unsafe impl aya::Pod for PolicyData {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for SegmentInfo {}
+    unsafe impl aya::Pod for PolicyConfig {}
+    unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for TupleKey {}
+}
+
+const _: () = assert!(core::mem::size_of::<IdentData>() == 20);
+const _: () = assert!(core::mem::size_of::<PolicyData>() == 12);
+const _: () = assert!(core::mem::size_of::<Event>() == 80);
