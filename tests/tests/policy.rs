@@ -160,3 +160,193 @@ fn longest_prefix_identity_and_ipv6_rules() {
     assert_eq!(udp(&topo, 1, 2, 9002, 10, true), 0);
     assert_eq!(stat(&agent, "policy_drop"), 20);
 }
+
+#[test]
+fn vlan_scoped_segment_applies_only_on_its_vlan() {
+    use mdsec_tests::frames::{self, RawSender, TPID_8021Q, V4};
+    let topo = Topology::new(1).unwrap();
+    let seg = (
+        "imaging.yaml".to_string(),
+        "segment: imaging\nfunction: imaging-modality\nmode: enforce\ndefault: deny\nmembers:\n  - cidr: 10.50.0.0/24\n    vlan: 50\n"
+            .to_string(),
+    );
+    let zones = ("zones.yaml".to_string(), "zones:\n  pacs: [10.60.0.0/24]\n".to_string());
+    let agent = start(&topo, vec![zones, seg]);
+    let h1 = topo.host(1);
+    let gw_mac = mdsec_tests::netns::link_mac(&topo.gw, &h1.gw_if).unwrap();
+    let tx = RawSender::open(&h1.ns, "eth0").unwrap();
+    let ip = V4::new("10.50.0.5".parse().unwrap(), "10.60.0.9".parse().unwrap(), 17)
+        .build(&frames::udp(4000, 104, &[0; 20]));
+    for vlan in [50u16, 60] {
+        let f = frames::eth(gw_mac, h1.mac().unwrap(), &[(TPID_8021Q, vlan)], 0x0800, &ip);
+        for _ in 0..25 {
+            tx.send(&f).unwrap();
+        }
+    }
+    let flows = agent
+        .wait_for(
+            WAIT,
+            |a| a.flows(),
+            |f| (f.iter().filter(|f| f.dport == 104 && f.packets == 25).count() == 2).then(|| f.clone()),
+        )
+        .unwrap();
+    let on = |vlan: u16| flows.iter().find(|f| f.dport == 104 && f.vlan == vlan).unwrap().verdict.clone();
+    assert_eq!(on(50), "drop");
+    assert_eq!(on(60), "unevaluated");
+    assert_eq!(stat(&agent, "policy_drop"), 25);
+}
+
+#[test]
+fn mac_membership_puts_a_device_in_a_segment() {
+    let topo = Topology::new(3).unwrap();
+    let mac = mdsec_agent::model::mac_string(topo.host(3).mac().unwrap());
+    let seg = (
+        "monitors.yaml".to_string(),
+        format!(
+            "segment: monitors\nfunction: patient-monitor\nmode: enforce\ndefault: deny\nmembers:\n  - mac: \"{mac}\"\n"
+        ),
+    );
+    let agent = start(&topo, vec![zones(), seg]);
+    // h3's address is in no segment, but its MAC is a monitor: denied.
+    assert_eq!(udp(&topo, 3, 2, 9000, 10, false), 0);
+    let e = agent.wait_for(WAIT, |a| a.events(), |e| e.first().cloned()).unwrap();
+    assert_eq!((e.segment.as_str(), e.src_identity.as_deref()), ("monitors", Some(mac.as_str())));
+}
+
+#[test]
+fn exception_allows_until_it_expires_then_drops() {
+    let topo = Topology::new(3).unwrap();
+    let expires = std::time::SystemTime::now() + Duration::from_secs(4);
+    let stamp = mdsec_agent::clock::rfc3339(expires);
+    let rules = format!(
+        "exceptions:\n  - to: pharmacy\n    proto: udp\n    ports: [9300]\n    expires: {stamp}\n    reason: vendor maintenance\n    ticket: CHG-42\n"
+    );
+    let _agent = start(&topo, vec![zones(), pumps("enforce", &rules)]);
+    let rx = traffic::udp_receiver(topo.host(2), false, 9300).unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    let tx = traffic::udp_socket(topo.host(1), false).unwrap();
+    let to = SocketAddr::new(topo.host(2).v4().into(), 9300);
+    // One datagram every 50 ms, each carrying its send time relative to `expires`.
+    let t_end = expires + Duration::from_secs(2);
+    let mut sent = Vec::new();
+    let mut got = std::collections::HashSet::new();
+    let mut buf = [0u8; 64];
+    let mut seq = 0u32;
+    while std::time::SystemTime::now() < t_end {
+        let now = std::time::SystemTime::now();
+        let rel_ms = match expires.duration_since(now) {
+            Ok(d) => -(d.as_millis() as i64),
+            Err(e) => e.duration().as_millis() as i64,
+        };
+        tx.send_to(&seq.to_be_bytes(), to).unwrap();
+        sent.push((seq, rel_ms));
+        seq += 1;
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_millis(50) {
+            if let Ok(n) = rx.recv(&mut buf)
+                && n == 4
+            {
+                got.insert(u32::from_be_bytes(buf[..4].try_into().unwrap()));
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    while let Ok(n) = rx.recv(&mut buf) {
+        if n == 4 {
+            got.insert(u32::from_be_bytes(buf[..4].try_into().unwrap()));
+        }
+    }
+    for (seq, rel_ms) in &sent {
+        if *rel_ms < -100 {
+            assert!(got.contains(seq), "datagram sent {rel_ms} ms before expiry was dropped");
+        }
+        if *rel_ms > 1000 {
+            assert!(!got.contains(seq), "datagram sent {rel_ms} ms after expiry passed");
+        }
+    }
+    assert!(sent.iter().any(|(_, r)| *r > 1000) && sent.iter().any(|(_, r)| *r < -1000));
+}
+
+#[test]
+fn app_rule_passes_the_handshake_and_drops_an_unidentified_payload() {
+    let topo = Topology::new(3).unwrap();
+    let rule = "  - to: pharmacy\n    proto: tcp\n    ports: [2576]\n    app: hl7\n";
+    let agent = start(&topo, vec![zones(), pumps("enforce", rule)]);
+    let listener = traffic::tcp_listener(topo.host(2), 2576).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+        let mut buf = [0u8; 16];
+        s.read(&mut buf).unwrap_or(0)
+    });
+    // The handshake passes: connect succeeds.
+    let mut c = traffic::tcp_connect(topo.host(1), SocketAddr::new(topo.host(2).v4().into(), 2576)).unwrap();
+    // Until the classifier exists the app is unknown, so the payload is dropped.
+    c.write_all(b"\x0bMSH|^~\\&|").unwrap();
+    assert_eq!(server.join().unwrap(), 0, "the payload must not reach the server");
+    let e = agent.wait_for(WAIT, |a| a.events(), |e| e.iter().find(|e| e.dport == 2576).cloned()).unwrap();
+    assert_eq!(
+        (e.kind.as_str(), e.reason.as_str(), e.app.as_str()),
+        ("policy_drop", "app_mismatch", "unknown")
+    );
+    assert!(e.rule.contains("pumps.yaml:"), "{e:?}");
+    assert!(stat(&agent, "app_mismatch") >= 1);
+}
+
+#[test]
+fn reloads_under_load_lose_no_allowed_packet() {
+    let topo = Topology::new(3).unwrap();
+    let agent = start(&topo, vec![zones(), pumps("enforce", "")]);
+    let (h1, h2) = (topo.host(1), topo.host(2));
+    let rx_ok = traffic::udp_receiver(h2, false, 9000).unwrap();
+    let rx_denied = traffic::udp_receiver(h2, false, 9001).unwrap();
+    rx_ok.set_nonblocking(true).unwrap();
+    rx_denied.set_nonblocking(true).unwrap();
+    let tx = traffic::udp_socket(h1, false).unwrap();
+    let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let r = running.clone();
+    let to_ok = SocketAddr::new(h2.v4().into(), 9000);
+    let to_denied = SocketAddr::new(h2.v4().into(), 9001);
+    let sender = std::thread::spawn(move || {
+        let mut sent = 0usize;
+        while r.load(std::sync::atomic::Ordering::SeqCst) {
+            tx.send_to(&[1; 64], to_ok).unwrap();
+            tx.send_to(&[2; 64], to_denied).unwrap();
+            sent += 1;
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        sent
+    });
+    let reader = std::thread::spawn(move || {
+        let (mut ok, mut denied) = (0usize, 0usize);
+        let mut buf = [0u8; 128];
+        let mut idle = 0;
+        loop {
+            let mut any = false;
+            while rx_ok.recv(&mut buf).is_ok() {
+                ok += 1;
+                any = true;
+            }
+            while rx_denied.recv(&mut buf).is_ok() {
+                denied += 1;
+                any = true;
+            }
+            idle = if any { 0 } else { idle + 1 };
+            if idle > 400 {
+                return (ok, denied);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let g0 = agent.generation().unwrap();
+    for _ in 0..100 {
+        let st = agent.reload().unwrap();
+        assert_eq!(st["last_reload_ok"], true, "{st}");
+    }
+    assert_eq!(agent.generation().unwrap(), g0 + 100);
+    running.store(false, std::sync::atomic::Ordering::SeqCst);
+    let sent = sender.join().unwrap();
+    let (ok, denied) = reader.join().unwrap();
+    assert!(sent > 500, "only {sent} sent");
+    assert_eq!((ok, denied), (sent, 0), "allowed {ok}/{sent}, denied passed {denied}");
+}

@@ -311,8 +311,8 @@ fn read_text(cx: &mut Ctx, f: &Path) -> Option<String> {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(cx: &mut Ctx, f: &Path, text: &str) -> Option<T> {
-    if text.trim().is_empty() {
-        cx.err(f, 1, 1, "empty file");
+    if text.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
+        cx.err(f, 1, 1, "empty file (nothing but blank lines and comments)");
         return None;
     }
     match serde_saphyr::from_str::<T>(text) {
