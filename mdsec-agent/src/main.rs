@@ -34,6 +34,11 @@ enum Cmd {
     Devices(Query),
     /// Show datapath counters by reason.
     Stats(Query),
+    /// Write the JSON Schemas of the policy files (for editors) to a directory.
+    Schema {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Detach the datapath and remove its pins (after a crash, or an `on_exit: keep` stop).
     Detach {
         #[arg(long, short)]
@@ -116,6 +121,13 @@ fn real_main() -> Result<ExitCode> {
                 }
             }
             println!("{}: ok", config.display());
+        }
+        Cmd::Schema { out } => {
+            std::fs::create_dir_all(&out)?;
+            for (name, text) in mdsec_agent::policy::model::schemas() {
+                std::fs::write(out.join(name), text)?;
+                println!("{}", out.join(name).display());
+            }
         }
         Cmd::Detach { config } => {
             let cfg = match load_config(&config) {

@@ -35,6 +35,18 @@ impl TestProg {
         Ok(TestProg { ebpf })
     }
 
+    /// Hands a map to its user-side owner (e.g. `PolicyMaps`).
+    pub fn take_map(&mut self, name: &str) -> Result<aya::maps::Map> {
+        self.ebpf.take_map(name).with_context(|| format!("no map {name}"))
+    }
+
+    /// Runs `frame` `repeat` times in the kernel; returns the mean time per run.
+    pub fn time(&mut self, frame: &[u8], repeat: u32) -> Result<std::time::Duration> {
+        let prog: &mut Xdp = self.ebpf.program_mut(names::PROGRAM).unwrap().try_into()?;
+        let r = prog.test_run(TestRunOptions { data_in: Some(frame), repeat, ..Default::default() })?;
+        Ok(r.duration)
+    }
+
     /// Runs the program once on `frame` and returns its XDP action.
     pub fn run(&mut self, frame: &[u8]) -> Result<u32> {
         let prog: &mut Xdp = self.ebpf.program_mut(names::PROGRAM).unwrap().try_into()?;

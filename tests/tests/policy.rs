@@ -350,3 +350,24 @@ fn reloads_under_load_lose_no_allowed_packet() {
     assert!(sent > 500, "only {sent} sent");
     assert_eq!((ok, denied), (sent, 0), "allowed {ok}/{sent}, denied passed {denied}");
 }
+
+#[test]
+fn file_change_reloads_and_existing_flows_follow_the_new_policy() {
+    let topo = Topology::new(3).unwrap();
+    let agent = start(&topo, vec![zones(), pumps("enforce", "")]);
+    let g0 = agent.generation().unwrap();
+    let rx = traffic::udp_receiver(topo.host(2), false, 9001).unwrap();
+    let tx = traffic::udp_socket(topo.host(1), false).unwrap();
+    let to = SocketAddr::new(topo.host(2).v4().into(), 9001);
+    traffic::send_and_settle(&tx, to, 10, 32).unwrap();
+    assert_eq!(traffic::drain(&rx), 0);
+    // Edit the file (no signal): the agent notices, reloads, and the cached verdict
+    // of the existing flow is re-evaluated on its next packet.
+    let (name, text) = pumps("enforce", "  - to: pharmacy\n    proto: udp\n    ports: [9001]\n");
+    std::fs::write(agent.policy_dir().join(name), text).unwrap();
+    agent.wait_for(WAIT, |a| a.generation(), |g| (*g > g0).then_some(())).unwrap();
+    traffic::send_and_settle(&tx, to, 10, 32).unwrap();
+    assert_eq!(traffic::drain(&rx), 10);
+    let f = agent.flows().unwrap().into_iter().find(|f| f.dport == 9001).unwrap();
+    assert_eq!((f.verdict.as_str(), f.packets), ("allow", 20));
+}

@@ -41,6 +41,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run the benchmarks (release build) and update BENCHMARKS.md.
+    Bench,
     /// Remove namespaces, mounts and temp dirs that a crashed test or lab left.
     Cleanup,
 }
@@ -117,6 +119,12 @@ fn real_main() -> Result<()> {
                 bail!("lab failed ({st})");
             }
             Ok(())
+        }
+        Cmd::Bench => {
+            setup()?;
+            require_root("the benchmarks load XDP programs")?;
+            cargo(&["build", "--release", "-p", "mdsec-tests", "--bin", "mdsec-bench"])?;
+            run(&mut Command::new(root.join("target/release/mdsec-bench")))
         }
         Cmd::Cleanup => {
             let n = cleanup()?;

@@ -308,3 +308,74 @@ mod tests {
         assert_eq!(covered, 65535 - 1024 + 1);
     }
 }
+
+#[cfg(test)]
+mod policy_tests {
+    use std::{path::Path, time::SystemTime};
+
+    use super::*;
+    use crate::policy::model::load_dir;
+
+    fn examples() -> (Policy, Compiled) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/policy");
+        let (p, _) = load_dir(&dir, SystemTime::now());
+        let p = p.unwrap();
+        let c = compile(&p, &Anchor::now(), Limits { idents: 1000, macs: 1000, policy: 10_000 }).unwrap();
+        (p, c)
+    }
+
+    fn id_of(c: &Compiled, desc: &str) -> u32 {
+        c.ids.iter().position(|i| i.description == desc).unwrap_or_else(|| panic!("no id {desc}")) as u32
+    }
+
+    #[test]
+    fn rules_compile_to_lookups_that_allow_exactly_what_they_say() {
+        let (_, c) = examples();
+        let pumps = id_of(&c, "10.10.0.0/22");
+        let pharmacy = id_of(&c, "10.20.0.10/32");
+        let emr = id_of(&c, "10.21.0.0/24");
+        let hl7 = lookup(&c, pumps, pharmacy, 6, 2575).expect("pumps → pharmacy tcp/2575");
+        assert_eq!(hl7.app, mdsec_common::app::App::Hl7 as u8);
+        assert!(lookup(&c, pumps, pharmacy, 6, 2576).is_none());
+        assert!(lookup(&c, pumps, pharmacy, 17, 2575).is_none());
+        assert!(lookup(&c, pumps, emr, 6, 2575).is_none());
+        // `from:` rules allow the other direction only.
+        let bench = id_of(&c, "10.40.5.0/24");
+        assert!(lookup(&c, bench, pumps, 6, 8444).is_some());
+        assert!(lookup(&c, pumps, bench, 6, 8444).is_none());
+        // The VLAN-scoped member is the same segment.
+        let ward = id_of(&c, "10.10.8.0/24 vlan 110");
+        assert!(lookup(&c, ward, pharmacy, 6, 2575).is_some());
+        // MAC members too.
+        let monitor = id_of(&c, "00:09:fb:12:34:56");
+        assert!(lookup(&c, monitor, emr, 6, 6663).is_some());
+    }
+
+    #[test]
+    fn segment_info_carries_mode_and_default() {
+        let (p, c) = examples();
+        let info = |desc: &str| c.segments.iter().find(|(id, _)| *id == id_of(&c, desc)).unwrap().1;
+        let pumps = info("10.10.0.0/22");
+        assert_eq!(pumps.flags, SEG_MEMBER);
+        assert_eq!(p.segments[pumps.segment as usize - 1].name, "infusion-pumps");
+        assert_eq!(info("10.12.0.0/24").flags, SEG_MEMBER | SEG_ENFORCE);
+        // Zones are not segments.
+        assert!(!c.segments.iter().any(|(id, _)| *id == id_of(&c, "10.21.0.0/24")));
+    }
+
+    #[test]
+    fn exceptions_never_shadow_a_broader_permanent_rule() {
+        let mut e = BTreeMap::new();
+        let permanent = PolicyValue { rule: 1, ..Default::default() };
+        let exception =
+            PolicyValue { rule: 2, flags: POLICY_FLAG_EXCEPTION, expires_ns: 5, ..Default::default() };
+        let k = |prefix_len, proto, port| PolicyKey { prefix_len, src: 1, dst: 2, proto, port };
+        e.insert(k(POLICY_ANY_PORT_BITS, 6, 0), permanent);
+        e.insert(k(96, 6, 22), exception);
+        e.insert(k(96, 17, 53), exception);
+        drop_shadowed_exceptions(&mut e);
+        assert_eq!(e.len(), 2);
+        assert!(!e.contains_key(&k(96, 6, 22)));
+        assert!(e.contains_key(&k(96, 17, 53)));
+    }
+}

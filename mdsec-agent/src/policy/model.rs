@@ -39,79 +39,140 @@ impl fmt::Display for Diagnostic {
 
 // ---- YAML shapes -----------------------------------------------------------------
 
-#[derive(Debug, Deserialize)]
+/// `zones.yaml`: named address sets that rules can name as peers.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct ZonesYaml {
+pub struct ZonesYaml {
+    /// Zone name → addresses or CIDRs (IPv4 or IPv6).
+    #[schemars(with = "BTreeMap<String, Vec<String>>")]
     zones: BTreeMap<String, Vec<Spanned<String>>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One segment: its members, mode, default verdict, allow rules and exceptions.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct SegmentYaml {
+pub struct SegmentYaml {
+    /// Unique name (letters, digits, `-`, `_`); rules of other segments can name it.
+    #[schemars(with = "String")]
     segment: Spanned<String>,
-    /// Clinical function, e.g. `infusion-pump`.
+    /// Clinical function, e.g. `infusion-pump`, `patient-monitor`, `imaging-modality`.
     function: String,
+    /// `monitor` counts would-be drops and never drops; `enforce` drops.
     mode: Mode,
+    /// Verdict for traffic of this segment that no rule allows.
     default: DefaultVerdict,
+    /// Devices in the segment, by CIDR or MAC, optionally on one VLAN only.
     members: Vec<MemberYaml>,
+    /// Allowed communication, in either direction.
     #[serde(default)]
     allow: Vec<RuleYaml>,
+    /// Time-bound allow rules (vendor maintenance, …) with a reason and a ticket.
     #[serde(default)]
     exceptions: Vec<ExceptionYaml>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     Monitor,
     Enforce,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DefaultVerdict {
     Deny,
     Allow,
 }
 
-#[derive(Debug, Deserialize)]
+/// A member: exactly one of `cidr` or `mac`.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct MemberYaml {
+    /// Address or CIDR, IPv4 or IPv6, without host bits.
+    #[schemars(with = "Option<String>")]
     cidr: Option<Spanned<String>>,
+    /// MAC address, `aa:bb:cc:dd:ee:ff`.
+    #[schemars(with = "Option<String>")]
     mac: Option<Spanned<String>>,
+    /// Only on this VLAN (1-4094); a VLAN-scoped member wins over an unscoped one.
+    #[schemars(with = "Option<u16>", range(min = 1, max = 4094))]
     vlan: Option<Spanned<u16>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// An allow rule: exactly one of `to` (from the segment to the peer) or `from`.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RuleYaml {
+    /// Peer the segment may reach: a zone, a segment, or a CIDR.
+    #[schemars(with = "Option<String>")]
     to: Option<Spanned<String>>,
+    /// Peer that may reach the segment: a zone, a segment, or a CIDR.
+    #[schemars(with = "Option<String>")]
     from: Option<Spanned<String>>,
+    /// `tcp`, `udp`, `icmp`, `icmpv6` or `any` (default).
+    #[schemars(with = "Option<ProtoName>")]
     proto: Option<Spanned<String>>,
+    /// Destination ports (tcp/udp only): numbers or ranges like `"5000-5010"`.
     #[serde(default)]
+    #[schemars(with = "Vec<PortYaml>")]
     ports: Vec<Spanned<PortYaml>>,
+    /// Application the traffic must be (identified from the first payload).
+    #[schemars(with = "Option<String>")]
     app: Option<Spanned<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+enum ProtoName {
+    Tcp,
+    Udp,
+    Icmp,
+    Icmpv6,
+    Any,
+}
+
+/// A rule that allows only until `expires`.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ExceptionYaml {
+    #[schemars(with = "Option<String>")]
     to: Option<Spanned<String>>,
+    #[schemars(with = "Option<String>")]
     from: Option<Spanned<String>>,
+    #[schemars(with = "Option<ProtoName>")]
     proto: Option<Spanned<String>>,
     #[serde(default)]
+    #[schemars(with = "Vec<PortYaml>")]
     ports: Vec<Spanned<PortYaml>>,
+    #[schemars(with = "Option<String>")]
     app: Option<Spanned<String>>,
+    /// RFC 3339 time, e.g. `2026-12-01T18:00:00+01:00`; the datapath stops allowing
+    /// at that instant without a reload.
+    #[schemars(with = "String")]
     expires: Spanned<String>,
+    /// Why the exception exists.
     reason: String,
+    /// Change or incident ticket.
     ticket: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 enum PortYaml {
     Number(i64),
     Range(String),
+}
+
+/// JSON Schemas for editors: (file name, schema).
+pub fn schemas() -> Vec<(&'static str, String)> {
+    let seg = schemars::schema_for!(SegmentYaml);
+    let zones = schemars::schema_for!(ZonesYaml);
+    vec![
+        ("segment.schema.json", serde_json::to_string_pretty(&seg).unwrap() + "\n"),
+        ("zones.schema.json", serde_json::to_string_pretty(&zones).unwrap() + "\n"),
+    ]
 }
 
 // ---- The validated policy ----------------------------------------------------------
@@ -682,4 +743,59 @@ fn build_rule(
         line: peer_s.referenced.line(),
         col: peer_s.referenced.column(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    }
+
+    #[test]
+    fn shipped_examples_are_valid() {
+        let (policy, diags) = load_dir(&root().join("deploy/examples/policy"), SystemTime::now());
+        let errors: Vec<_> = diags.iter().filter(|d| !d.warning).collect();
+        assert!(errors.is_empty(), "{errors:#?}");
+        let p = policy.unwrap();
+        assert_eq!(p.segments.len(), 3);
+        let pumps = &p.segments[p.segment_index("infusion-pumps").unwrap()];
+        assert_eq!((pumps.mode, pumps.default), (Mode::Monitor, DefaultVerdict::Deny));
+        assert!(p.rules.iter().any(|r| r.app == Some(App::Hl7) && r.ports == vec![(2575, 2575)]));
+        assert!(p.rules.iter().any(|r| r.exception.as_ref().is_some_and(|e| e.ticket == "CHG-20412")));
+    }
+
+    #[test]
+    fn committed_schemas_are_current() {
+        for (name, text) in schemas() {
+            let path = root().join("deploy/schema").join(name);
+            let committed = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                committed == text,
+                "{} is stale: run `mdsec-agent schema --out deploy/schema`",
+                path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn expired_exception_is_a_warning_not_an_error() {
+        let dir = std::env::temp_dir().join(format!("mdsec-t-model-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("s.yaml"),
+            "segment: s\nfunction: f\nmode: enforce\ndefault: deny\nmembers:\n  - cidr: 10.0.0.0/24\nexceptions:\n  - to: 10.1.0.0/24\n    expires: 2020-01-01T00:00:00Z\n    reason: r\n    ticket: T-1\n",
+        )
+        .unwrap();
+        let (p, diags) = load_dir(&dir, SystemTime::now());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(p.is_some());
+        assert_eq!(diags.len(), 1);
+        assert!(
+            diags[0].warning && diags[0].line == 9 && diags[0].message.contains("expired"),
+            "{:?}",
+            diags[0]
+        );
+    }
 }

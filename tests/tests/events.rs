@@ -1,0 +1,68 @@
+//! Deny events under BPF_PROG_TEST_RUN: one per flow and generation, rate-limited
+//! per CPU, and the suppressed ones counted.
+
+use std::{net::Ipv4Addr, time::SystemTime};
+
+use aya::maps::RingBuf;
+use mdsec_agent::{
+    clock::Anchor,
+    policy::{compile, maps::PolicyMaps, model},
+};
+use mdsec_common::{maps as names, policy::Event, stats::Stat};
+use mdsec_tests::{
+    frames::{self, V4},
+    kernel::{TestProg, XDP_DROP},
+};
+
+fn policy_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(mdsec_tests::netns::unique_id());
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("s.yaml"),
+        "segment: pumps\nfunction: infusion-pump\nmode: enforce\ndefault: deny\nmembers:\n  - cidr: 10.1.0.0/24\n",
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn one_event_per_flow_and_rate_limited() {
+    let mut prog = TestProg::load().unwrap();
+    let mut maps = PolicyMaps::new(
+        |n| prog.take_map(n),
+        (names::DEFAULT_IDENT_MAX, names::DEFAULT_MACS_MAX, names::DEFAULT_POLICY_MAX),
+    )
+    .unwrap();
+    let mut ring = RingBuf::try_from(prog.take_map(names::EVENTS).unwrap()).unwrap();
+    let dir = policy_dir();
+    let (p, _) = model::load_dir(&dir, SystemTime::now());
+    std::fs::remove_dir_all(&dir).unwrap();
+    let c = compile::compile(&p.unwrap(), &Anchor::now(), maps.limits()).unwrap();
+    // At most 5 events per second per CPU.
+    maps.apply(&c, 5).unwrap();
+
+    let frame = |dport: u16| {
+        let ip = V4::new(Ipv4Addr::new(10, 1, 0, 7), Ipv4Addr::new(10, 9, 0, 1), 17)
+            .build(&frames::udp(5000, dport, &[0; 8]));
+        frames::eth([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], &[], 0x0800, &ip)
+    };
+    // The same flow 10 times: dropped every time, reported once.
+    for _ in 0..10 {
+        assert_eq!(prog.run(&frame(1)).unwrap(), XDP_DROP);
+    }
+    // 9 more flows: 4 fit the rate, 5 are suppressed and counted.
+    for port in 2..=10 {
+        assert_eq!(prog.run(&frame(port)).unwrap(), XDP_DROP);
+    }
+    let mut events = Vec::new();
+    while let Some(item) = ring.next() {
+        // SAFETY: the kernel wrote an Event.
+        events.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) });
+    }
+    let ports: Vec<u16> = events.iter().map(|e| e.dport).collect();
+    assert_eq!(ports, vec![1, 2, 3, 4, 5]);
+    assert!(events.iter().all(|e| e.segment == 1 && e.rule == 0 && e.generation == 1));
+    assert_eq!(prog.stat(Stat::EventsRateLimited).unwrap(), 5);
+    assert_eq!(prog.stat(Stat::PolicyDrop).unwrap(), 19);
+    assert_eq!(prog.stat(Stat::EventsLost).unwrap(), 0);
+}
