@@ -193,10 +193,14 @@ fn classify_tcp(b: &[u8; CLASSIFY_BYTES], len: usize) -> App {
     // DICOM upper layer (PS3.8 9.3): A-ASSOCIATE-RQ (1) / -AC (2), reserved 0,
     // 4-byte length, protocol version 0x0001; the application context item (0x10)
     // follows the fixed 68-byte header.
-    if (b[0] == 0x01 || b[0] == 0x02) && b[1] == 0 && len >= 10 && b[6] == 0 && b[7] == 1 {
-        if len < 75 || b[74] == 0x10 {
-            return App::Dicom;
-        }
+    if (b[0] == 0x01 || b[0] == 0x02)
+        && b[1] == 0
+        && len >= 10
+        && b[6] == 0
+        && b[7] == 1
+        && (len < 75 || b[74] == 0x10)
+    {
+        return App::Dicom;
     }
     // HL7 v2 over MLLP: start block 0x0B, then the MSH segment.
     if b[0] == 0x0b && at(b, 1, b"MSH", len) {
@@ -280,13 +284,9 @@ fn classify_udp(b: &[u8; CLASSIFY_BYTES], len: usize, sport: u16, dport: u16) ->
     }
     // Syslog (RFC 3164/5424): "<PRI>" with 1-3 digits.
     if b[0] == b'<' && len >= 3 && b[1].is_ascii_digit() {
-        let close = if b[2] == b'>' {
-            true
-        } else if len >= 4 && b[2].is_ascii_digit() && b[3] == b'>' {
-            true
-        } else {
-            len >= 5 && b[2].is_ascii_digit() && b[3].is_ascii_digit() && b[4] == b'>'
-        };
+        let close = b[2] == b'>'
+            || (len >= 4 && b[2].is_ascii_digit() && b[3] == b'>')
+            || (len >= 5 && b[2].is_ascii_digit() && b[3].is_ascii_digit() && b[4] == b'>');
         if close {
             return App::Syslog;
         }
@@ -313,7 +313,7 @@ fn classify_udp(b: &[u8; CLASSIFY_BYTES], len: usize, sport: u16, dport: u16) ->
     if either(sport, dport, 123) && len >= 48 {
         let v = (b[0] >> 3) & 7;
         let m = b[0] & 7;
-        if v >= 1 && v <= 4 && m >= 1 && m <= 5 {
+        if (1..=4).contains(&v) && (1..=5).contains(&m) {
             return App::Ntp;
         }
     }
