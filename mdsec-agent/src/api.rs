@@ -8,7 +8,11 @@ use std::{
 
 use anyhow::{Context, Result};
 use axum::{Json, Router, http::StatusCode, response::IntoResponse, routing::get};
-use mdsec_common::{policy::Verdict, stats::Stat};
+use mdsec_common::{
+    app::{App, Confidence},
+    policy::Verdict,
+    stats::Stat,
+};
 
 use crate::{
     clock::{Anchor, rfc3339},
@@ -93,6 +97,8 @@ pub fn flows_json(st: &AppState) -> Vec<model::Flow> {
                     .and_then(|i| i.policy.segments.get((r.segment as usize).wrapping_sub(1)))
                     .map(|s| s.name.clone())
                     .unwrap_or_default(),
+                app: App::from_u8(r.app).name().into(),
+                app_confidence: Confidence::from_u8(r.app_confidence).name().into(),
             }
         })
         .collect();

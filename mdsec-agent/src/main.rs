@@ -149,17 +149,21 @@ fn real_main() -> Result<ExitCode> {
                             f.iface.clone(),
                             f.vlan.to_string(),
                             f.proto.clone(),
+                            f.app.clone(),
                             format!("{}:{}", f.src, f.sport),
                             format!("{}:{}", f.dst, f.dport),
                             human(f.packets),
                             human(f.bytes),
-                            f.last_seen.clone(),
+                            f.verdict.clone(),
                         ]
                     })
                     .collect();
                 print!(
                     "{}",
-                    render(&["IFACE", "VLAN", "PROTO", "SRC", "DST", "PKTS", "BYTES", "LAST SEEN"], &rows)
+                    render(
+                        &["IFACE", "VLAN", "PROTO", "APP", "SRC", "DST", "PKTS", "BYTES", "VERDICT"],
+                        &rows
+                    )
                 );
             }
         }

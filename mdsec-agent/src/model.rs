@@ -29,6 +29,10 @@ pub struct Flow {
     pub rule: String,
     /// Segment whose default denied the flow, if any.
     pub segment: String,
+    /// Application from the first payload (`unknown` until one is seen).
+    pub app: String,
+    /// `high` (payload signature), `low` (well-known port only) or `none`.
+    pub app_confidence: String,
 }
 
 /// A policy event (`GET /api/v1/events`).

@@ -71,6 +71,7 @@ pub struct FlowRecord {
     pub segment: u32,
     pub generation: u32,
     pub app: u8,
+    pub app_confidence: u8,
 }
 
 impl FlowRecord {
@@ -130,6 +131,7 @@ impl Tables {
                 segment: 0,
                 generation: 0,
                 app: 0,
+                app_confidence: 0,
             });
             r.counts.observe(v.first_seen_ns, v.packets, v.bytes);
             r.first_seen_ns = r.first_seen_ns.min(v.first_seen_ns);
@@ -140,6 +142,7 @@ impl Tables {
             r.segment = v.segment;
             r.generation = v.generation;
             r.app = v.app;
+            r.app_confidence = v.app_confidence;
         }
         for (k, r) in self.flows.iter_mut() {
             if !present.contains(k) {

@@ -49,7 +49,11 @@ pub struct FlowValue {
     pub app: u8,
     /// Application the allowing rule requires, 0 = any.
     pub required_app: u8,
-    pub _pad: [u8; 5],
+    /// [`crate::app::Confidence`] of `app`.
+    pub app_confidence: u8,
+    /// 1 once the first payload has been classified (classification runs once).
+    pub app_done: u8,
+    pub _pad: [u8; 3],
 }
 
 #[cfg(feature = "user")]

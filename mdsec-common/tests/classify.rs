@@ -3,29 +3,20 @@
 
 use mdsec_common::app::{App, CLASSIFY_BYTES, Confidence, classify};
 
-/// (fixture, protocol, the port its service normally uses, expected app)
-pub const FIXTURES: &[(&str, u8, u16, App)] = &[
-    ("dicom-associate-rq", 6, 104, App::Dicom),
-    ("dicom-associate-ac", 6, 104, App::Dicom),
-    ("hl7-mllp", 6, 2575, App::Hl7),
-    ("tls-client-hello", 6, 443, App::Tls),
-    ("http-get", 6, 80, App::Http),
-    ("ssh-banner", 6, 22, App::Ssh),
-    ("telnet-negotiation", 6, 23, App::Telnet),
-    ("smb1-negotiate", 6, 445, App::Smb),
-    ("smb2-negotiate", 6, 445, App::Smb),
-    ("rdp-connection-request", 6, 3389, App::Rdp),
-    ("mqtt-connect", 6, 1883, App::Mqtt),
-    ("modbus-read", 6, 502, App::Modbus),
-    ("dns-query", 17, 53, App::Dns),
-    ("dhcp-discover", 17, 67, App::Dhcp),
-    ("ntp-client", 17, 123, App::Ntp),
-    ("snmp-get", 17, 161, App::Snmp),
-    ("syslog", 17, 514, App::Syslog),
-    ("mdns-query", 17, 5353, App::Mdns),
-    ("ssdp-msearch", 17, 1900, App::Ssdp),
-    ("wsd-probe", 17, 3702, App::WsDiscovery),
-];
+/// (fixture, protocol, the port its service normally uses, expected app), from
+/// `tests/payloads/index.txt` (shared with the kernel agreement test).
+fn fixtures() -> Vec<(String, u8, u16, App)> {
+    let path = format!("{}/tests/payloads/index.txt", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[0].to_string(), f[1].parse().unwrap(), f[2].parse().unwrap(), App::from_name(f[3]).unwrap())
+        })
+        .collect()
+}
 
 /// Protocols whose signature needs their port (no distinctive bytes of their own).
 const PORT_BOUND: &[App] = &[App::Dns, App::Dhcp, App::Ntp, App::Mdns, App::WsDiscovery];
@@ -46,7 +37,8 @@ fn run(payload: &[u8], proto: u8, sport: u16, dport: u16) -> (App, Confidence) {
 
 #[test]
 fn real_payloads_are_recognised_on_their_own_port() {
-    for &(name, proto, port, app) in FIXTURES {
+    for (name, proto, port, app) in fixtures() {
+        let name = name.as_str();
         assert_eq!(run(&load(name), proto, 40_000, port), (app, Confidence::High), "{name}");
         // Direction does not matter.
         assert_eq!(run(&load(name), proto, port, 40_000), (app, Confidence::High), "{name} reversed");
@@ -55,7 +47,8 @@ fn real_payloads_are_recognised_on_their_own_port() {
 
 #[test]
 fn payload_signatures_do_not_need_the_port() {
-    for &(name, proto, _, app) in FIXTURES {
+    for (name, proto, _, app) in fixtures() {
+        let name = name.as_str();
         if PORT_BOUND.contains(&app) {
             continue;
         }

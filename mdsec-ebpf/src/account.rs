@@ -161,7 +161,9 @@ fn flow(p: &Packet, now: u64, len: u64) -> Option<*mut FlowValue> {
         verdict: 0,
         app: 0,
         required_app: 0,
-        _pad: [0; 5],
+        app_confidence: 0,
+        app_done: 0,
+        _pad: [0; 3],
     };
     let inserted = FLOWS.insert(&key, &new, BPF_NOEXIST as u64).is_ok();
     match FLOWS.get_ptr_mut(&key) {

@@ -14,6 +14,7 @@
 #![allow(clippy::needless_borrows_for_generic_args)]
 
 mod account;
+mod app;
 mod atomic;
 mod maps;
 mod parse;
@@ -35,6 +36,9 @@ pub fn mdsec_xdp(ctx: XdpContext) -> u32 {
         stats::count(reason, len);
     }
     let flow = account::account(&pkt, now, len);
+    if let Some(f) = flow {
+        app::identify(ctx.ctx, &pkt, f);
+    }
     let action = verdict::decide(&pkt, flow, now, len);
     stats::count(if action == xdp_action::XDP_DROP { Stat::Drop } else { Stat::Pass }, len);
     action

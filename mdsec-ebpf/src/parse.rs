@@ -56,6 +56,8 @@ pub struct Packet {
     pub frag_id: u32,
     /// Bytes of L4 payload (by the IP lengths, so Ethernet padding is not payload).
     pub payload_len: u16,
+    /// Frame offset of the L4 payload.
+    pub payload_off: u16,
     /// Frame offset where the IP datagram ends (from its length fields).
     l3_end: u16,
 }
@@ -83,6 +85,7 @@ impl Packet {
             frag: FRAG_NONE,
             frag_id: 0,
             payload_len: 0,
+            payload_off: 0,
             l3_end: 0,
         }
     }
@@ -294,6 +297,7 @@ fn parse_l4(ctx: &XdpContext, off: usize, p: &mut Packet) -> Result<(), Stat> {
     let end = p.l3_end as usize;
     if end > off + header {
         p.payload_len = (end - off - header) as u16;
+        p.payload_off = (off + header) as u16;
     }
     Ok(())
 }

@@ -8,7 +8,7 @@
 
 use aya_ebpf::{bindings::xdp_action, maps::lpm_trie::Key};
 use mdsec_common::{
-    app::App,
+    app::Confidence,
     flow::FlowValue,
     net::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP},
     policy::{
@@ -42,7 +42,7 @@ pub fn decide(p: &Packet, flow: Option<*mut FlowValue>, now: u64, len: u64) -> u
     if fv.generation != gen || now >= fv.valid_until_ns {
         evaluate(p, f, gen, now);
     }
-    if fv.verdict == Verdict::AppPending as u8 && p.payload_len > 0 {
+    if fv.verdict == Verdict::AppPending as u8 && fv.app_done != 0 {
         check_app(fv, gen);
     }
 
@@ -73,13 +73,11 @@ pub fn decide(p: &Packet, flow: Option<*mut FlowValue>, now: u64, len: u64) -> u
     xdp_action::XDP_PASS
 }
 
-/// The first payload of a flow whose rule requires an app. The classifier comes
-/// with discovery; until then every app is `Unknown`, so such rules deny here.
+/// The first payload of a flow whose rule requires an app has been classified:
+/// only a payload-based (high-confidence) match satisfies the rule.
 #[inline(always)]
 fn check_app(fv: &mut FlowValue, gen: u32) {
-    let app = App::Unknown as u8;
-    fv.app = app;
-    if app == fv.required_app {
+    if fv.app == fv.required_app && fv.app_confidence == Confidence::High as u8 {
         fv.verdict = Verdict::Allow as u8;
         return;
     }

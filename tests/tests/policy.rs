@@ -267,30 +267,42 @@ fn exception_allows_until_it_expires_then_drops() {
     assert!(sent.iter().any(|(_, r)| *r > 1000) && sent.iter().any(|(_, r)| *r < -1000));
 }
 
-#[test]
-fn app_rule_passes_the_handshake_and_drops_an_unidentified_payload() {
-    let topo = Topology::new(3).unwrap();
-    let rule = "  - to: pharmacy\n    proto: tcp\n    ports: [2576]\n    app: hl7\n";
-    let agent = start(&topo, vec![zones(), pumps("enforce", rule)]);
+/// One connection to the app-restricted port; returns the bytes the server got.
+fn send_on_2576(topo: &Topology, payload: &'static [u8]) -> usize {
     let listener = traffic::tcp_listener(topo.host(2), 2576).unwrap();
     let server = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
         s.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
-        let mut buf = [0u8; 16];
+        let mut buf = [0u8; 256];
         s.read(&mut buf).unwrap_or(0)
     });
-    // The handshake passes: connect succeeds.
+    // The handshake always passes: connect succeeds.
     let mut c = traffic::tcp_connect(topo.host(1), SocketAddr::new(topo.host(2).v4().into(), 2576)).unwrap();
-    // Until the classifier exists the app is unknown, so the payload is dropped.
-    c.write_all(b"\x0bMSH|^~\\&|").unwrap();
-    assert_eq!(server.join().unwrap(), 0, "the payload must not reach the server");
-    let e = agent.wait_for(WAIT, |a| a.events(), |e| e.iter().find(|e| e.dport == 2576).cloned()).unwrap();
+    c.write_all(payload).unwrap();
+    server.join().unwrap()
+}
+
+#[test]
+fn app_rule_allows_the_app_and_drops_another_payload_on_its_port() {
+    let topo = Topology::new(3).unwrap();
+    let rule = "  - to: pharmacy\n    proto: tcp\n    ports: [2576]\n    app: hl7\n";
+    let agent = start(&topo, vec![zones(), pumps("enforce", rule)]);
+    let hl7: &'static [u8] =
+        b"\x0bMSH|^~\\&|PUMP|WARD3|PHARMACY|HOSP|20261123094700||ORU^R01|MSG1|P|2.5\r\x1c\r";
+    assert_eq!(send_on_2576(&topo, hl7), hl7.len(), "HL7 over MLLP must pass");
     assert_eq!(
-        (e.kind.as_str(), e.reason.as_str(), e.app.as_str()),
-        ("policy_drop", "app_mismatch", "unknown")
+        send_on_2576(&topo, b"GET /admin HTTP/1.1\r\n\r\n"),
+        0,
+        "HTTP on the HL7 port must be dropped"
     );
+    let flows = agent.flows().unwrap();
+    let hl7_flow = flows.iter().find(|f| f.dport == 2576 && f.app == "hl7").expect("hl7 flow");
+    assert_eq!((hl7_flow.verdict.as_str(), hl7_flow.app_confidence.as_str()), ("allow", "high"));
+    let e = agent.wait_for(WAIT, |a| a.events(), |e| e.iter().find(|e| e.dport == 2576).cloned()).unwrap();
+    assert_eq!((e.kind.as_str(), e.reason.as_str(), e.app.as_str()), ("policy_drop", "app_mismatch", "http"));
     assert!(e.rule.contains("pumps.yaml:"), "{e:?}");
-    assert!(stat(&agent, "app_mismatch") >= 1);
+    assert_eq!(agent.events().unwrap().iter().filter(|e| e.dport == 2576).count(), 1);
+    assert_eq!(stat(&agent, "app_mismatch"), 1);
 }
 
 #[test]

@@ -1,0 +1,90 @@
+//! Kernel and userspace classify alike: every payload fixture goes through the XDP
+//! program (BPF_PROG_TEST_RUN) and through `mdsec_common::app::classify`, on its
+//! service port and on arbitrary ports; the app and confidence on the flow must be
+//! what userspace computes.
+
+use std::net::Ipv4Addr;
+
+use mdsec_common::app::{App, CLASSIFY_BYTES, classify};
+use mdsec_tests::{
+    frames::{self, V4},
+    kernel::{TestProg, XDP_PASS},
+};
+
+fn fixtures() -> Vec<(String, Vec<u8>, u8, u16)> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../mdsec-common/tests/payloads");
+    std::fs::read_to_string(format!("{dir}/index.txt"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let hex = std::fs::read_to_string(format!("{dir}/{}.hex", f[0])).unwrap();
+            let hex = hex.trim();
+            let bytes =
+                (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+            (f[0].to_string(), bytes, f[1].parse().unwrap(), f[2].parse().unwrap())
+        })
+        .collect()
+}
+
+fn frame(proto: u8, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let l4 = if proto == 6 {
+        frames::tcp(sport, dport, 0x18, payload)
+    } else {
+        frames::udp(sport, dport, payload)
+    };
+    let ip = V4::new(Ipv4Addr::new(10, 1, 0, 2), Ipv4Addr::new(10, 2, 0, 2), proto).build(&l4);
+    frames::eth([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], &[], 0x0800, &ip)
+}
+
+#[test]
+fn kernel_and_userspace_agree_on_every_fixture() {
+    let mut prog = TestProg::load().unwrap();
+    let mut checked = 0;
+    for (name, payload, proto, port) in fixtures() {
+        for (sport, dport) in [(40_000, port), (port, 40_000), (40_001, 40_002)] {
+            prog.clear().unwrap();
+            assert_eq!(prog.run(&frame(proto, sport, dport, &payload)).unwrap(), XDP_PASS);
+            let flows = prog.flows().unwrap();
+            assert_eq!(flows.len(), 1, "{name}");
+            let v = flows[0].1;
+            let mut b = [0u8; CLASSIFY_BYTES];
+            let n = payload.len().min(CLASSIFY_BYTES);
+            b[..n].copy_from_slice(&payload[..n]);
+            let (app, conf) = classify(&b, n, proto, sport, dport);
+            assert_eq!(
+                (v.app, v.app_confidence, v.app_done),
+                (app as u8, conf as u8, 1),
+                "{name} {sport}->{dport}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 60, "{checked}");
+}
+
+#[test]
+fn classification_runs_once_per_flow_and_skips_empty_segments() {
+    let mut prog = TestProg::load().unwrap();
+    // A bare SYN (no payload) leaves the flow unclassified…
+    assert_eq!(prog.run(&frame(6, 40_000, 2575, &[])).unwrap(), XDP_PASS);
+    assert_eq!(prog.flows().unwrap()[0].1.app_done, 0);
+    // …the first payload decides…
+    let hl7 = b"\x0bMSH|^~\\&|PUMP|WARD3|PHARMACY|HOSP|20261123||ORU^R01|1|P|2.5\r\x1c\r";
+    prog.run(&frame(6, 40_000, 2575, hl7)).unwrap();
+    // …and later payloads do not change it.
+    prog.run(&frame(6, 40_000, 2575, b"GET / HTTP/1.1\r\n\r\n")).unwrap();
+    let v = prog.flows().unwrap()[0].1;
+    assert_eq!((v.app, v.app_done, v.packets), (App::Hl7 as u8, 1, 3));
+}
+
+#[test]
+fn ethernet_padding_is_not_payload() {
+    let mut prog = TestProg::load().unwrap();
+    // A 54-byte ACK padded to the 60-byte Ethernet minimum.
+    let mut f = frame(6, 40_000, 12_345, &[]);
+    f.resize(60, 0);
+    prog.run(&f).unwrap();
+    assert_eq!(prog.flows().unwrap()[0].1.app_done, 0);
+}
