@@ -1,8 +1,8 @@
 //! HTTP surface: `/api/v1/{flows,devices,stats,interfaces}`, `/healthz`, `/readyz`.
 
 use std::{
-    collections::HashMap,
-    net::SocketAddr,
+    collections::{BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
     sync::{Arc, RwLock},
 };
 
@@ -19,6 +19,7 @@ use crate::{
     events::EventStore,
     loader::Attached,
     model::{self, mac_string, proto_name, tcp_flag_names},
+    oui::Oui,
     policy::runtime::PolicyState,
     state::Tables,
 };
@@ -30,6 +31,7 @@ pub struct AppState {
     pub events: Arc<RwLock<EventStore>>,
     /// A policy directory is configured (then readiness needs a loaded policy).
     pub policy_configured: bool,
+    pub oui: Arc<Oui>,
 }
 
 impl AppState {
@@ -116,19 +118,61 @@ pub fn flows_json(st: &AppState) -> Vec<model::Flow> {
     out
 }
 
+/// Peers listed per device.
+const MAX_PEERS: usize = 32;
+
 pub fn devices_json(st: &AppState) -> Vec<model::Device> {
     let anchor = Anchor::now();
     let t = st.tables.read().unwrap();
-    let mut out: Vec<_> = t
-        .devices
+    // Which device owns an address (on its interface and VLAN).
+    let keys: Vec<_> = t.devices.keys().copied().collect();
+    let mut by_ip: HashMap<IpAddr, Vec<usize>> = HashMap::new();
+    for (i, k) in keys.iter().enumerate() {
+        for ip in &t.devices[k].ips {
+            by_ip.entry(*ip).or_default().push(i);
+        }
+    }
+    let mut client: Vec<BTreeSet<String>> = vec![BTreeSet::new(); keys.len()];
+    let mut server: Vec<BTreeSet<String>> = vec![BTreeSet::new(); keys.len()];
+    let mut peers: Vec<BTreeSet<IpAddr>> = vec![BTreeSet::new(); keys.len()];
+    for (fk, r) in &t.flows {
+        let (src, dst) = (fk.src_ip(), fk.dst_ip());
+        let app =
+            (Confidence::from_u8(r.app_confidence) != Confidence::None).then(|| App::from_u8(r.app).name());
+        for &i in by_ip.get(&src).into_iter().flatten() {
+            if keys[i].ifindex == fk.ifindex && keys[i].vlan == fk.vlan {
+                if let Some(a) = app {
+                    client[i].insert(a.to_string());
+                }
+                if peers[i].len() < MAX_PEERS {
+                    peers[i].insert(dst);
+                }
+            }
+        }
+        for &i in by_ip.get(&dst).into_iter().flatten() {
+            if let Some(a) = app {
+                server[i].insert(a.to_string());
+            }
+            if peers[i].len() < MAX_PEERS {
+                peers[i].insert(src);
+            }
+        }
+    }
+    let mut out: Vec<_> = keys
         .iter()
-        .map(|(k, r)| {
+        .enumerate()
+        .map(|(i, k)| {
+            let r = &t.devices[k];
             let tot = r.totals();
             model::Device {
                 iface: st.ifname(k.ifindex),
                 vlan: k.vlan,
                 mac: mac_string(k.mac),
+                vendor: st.oui.vendor(k.mac),
                 ips: r.ips.iter().map(|ip| ip.to_string()).collect(),
+                apps_client: client[i].iter().cloned().collect(),
+                apps_server: server[i].iter().cloned().collect(),
+                peers: peers[i].iter().map(|p| p.to_string()).collect(),
                 packets: tot.packets,
                 bytes: tot.bytes,
                 first_seen: rfc3339(anchor.wall(r.first_seen_ns)),

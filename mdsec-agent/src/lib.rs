@@ -9,6 +9,7 @@ pub mod events;
 pub mod loader;
 pub mod model;
 pub mod netlink;
+pub mod oui;
 pub mod policy;
 pub mod poller;
 pub mod run;

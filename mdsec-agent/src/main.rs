@@ -179,14 +179,22 @@ fn real_main() -> Result<ExitCode> {
                             d.iface.clone(),
                             d.vlan.to_string(),
                             d.mac.clone(),
+                            d.vendor.clone().unwrap_or_default(),
                             d.ips.join(","),
+                            d.apps_client.iter().chain(&d.apps_server).cloned().collect::<Vec<_>>().join(","),
                             human(d.packets),
                             human(d.bytes),
                             d.last_seen.clone(),
                         ]
                     })
                     .collect();
-                print!("{}", render(&["IFACE", "VLAN", "MAC", "IPS", "PKTS", "BYTES", "LAST SEEN"], &rows));
+                print!(
+                    "{}",
+                    render(
+                        &["IFACE", "VLAN", "MAC", "VENDOR", "IPS", "APPS", "PKTS", "BYTES", "LAST SEEN"],
+                        &rows
+                    )
+                );
             }
         }
         Cmd::Stats(q) => {

@@ -69,7 +69,14 @@ pub struct Device {
     pub iface: String,
     pub vlan: u16,
     pub mac: String,
+    /// From the IEEE OUI registry; none for unknown and locally administered MACs.
+    pub vendor: Option<String>,
     pub ips: Vec<String>,
+    /// Apps this device spoke as a client / answered as a server (from its flows).
+    pub apps_client: Vec<String>,
+    pub apps_server: Vec<String>,
+    /// Addresses it exchanged traffic with (at most 32).
+    pub peers: Vec<String>,
     pub packets: u64,
     pub bytes: u64,
     pub first_seen: String,

@@ -20,6 +20,7 @@ use crate::{
     config::{Config, OnExit},
     events::{self, EventStore},
     loader::Datapath,
+    oui::Oui,
     policy::{
         maps::PolicyMaps,
         runtime::{PolicyState, Reloader, Trigger},
@@ -36,6 +37,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         .await
         .with_context(|| format!("listen on {}", cfg.listen))?;
 
+    let oui = Oui::load();
+    info!("vendor names: {} OUIs from {}", oui.len(), oui.source);
     let mut dp = Datapath::load(&cfg)?;
     let mut poller = Poller::new(&mut dp, cfg.flow_idle_timeout())?;
     let tables = Arc::new(RwLock::new(Tables::default()));
@@ -70,6 +73,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         policy,
         events: store,
         policy_configured: cfg.policy_dir.is_some(),
+        oui: Arc::new(oui),
     });
     info!("API on http://{}", cfg.listen);
     let server = tokio::spawn(async move { axum::serve(listener, api::router(state)).await });

@@ -206,8 +206,8 @@ fn dpkg_installed(pkg: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Debian packages the tests and the lab run.
-const TEST_PACKAGES: &[&str] = &["iproute2", "iputils-ping", "procps", "mount"];
+/// Debian packages the tests and the lab run (ieee-data: the OUI registry).
+const TEST_PACKAGES: &[&str] = &["iproute2", "iputils-ping", "procps", "mount", "ieee-data"];
 /// The offline eBPF toolchain (see shared/toolchain.md): rustc 1.96 with its library
 /// source, and LLVM 22 for bpf-linker.
 const TOOLCHAIN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src", "llvm-22-dev"];

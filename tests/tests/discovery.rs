@@ -1,0 +1,58 @@
+//! Passive inventory: vendor from the OUI registry and the apps and peers each device
+//! is seen with, from real traffic through the gateway.
+
+use std::{
+    io::{Read, Write},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use mdsec_tests::{
+    agent::{Agent, AgentOptions},
+    netns::{Topology, ip},
+    traffic,
+};
+
+#[test]
+fn devices_carry_vendor_apps_and_peers() {
+    let topo = Topology::new(2).unwrap();
+    let (h1, h2) = (topo.host(1), topo.host(2));
+    // h1 is an infusion pump with a Baxter MAC (OUI 58:46:E1 in the IEEE registry).
+    ip(&["-n", &h1.ns, "link", "set", "dev", "eth0", "address", "58:46:e1:00:00:07"]).unwrap();
+    topo.warm_up().unwrap();
+    let agent = Agent::start(&topo, AgentOptions::default()).unwrap();
+
+    // HL7 over MLLP to the pharmacy on a non-standard port: recognised by its bytes.
+    let listener = traffic::tcp_listener(h2, 6600).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 128];
+        let n = s.read(&mut buf).unwrap();
+        s.write_all(b"\x0bMSH|^~\\&|PHARMACY|HOSP|PUMP|WARD3|20261123||ACK|1|P|2.5\rMSA|AA|1\r\x1c\r")
+            .unwrap();
+        n
+    });
+    let mut c = traffic::tcp_connect(h1, SocketAddr::new(h2.v4().into(), 6600)).unwrap();
+    c.write_all(b"\x0bMSH|^~\\&|PUMP|WARD3|PHARMACY|HOSP|20261123||ORU^R01|1|P|2.5\r\x1c\r").unwrap();
+    let mut ack = [0u8; 16];
+    c.read_exact(&mut ack).unwrap();
+    assert!(server.join().unwrap() > 0);
+
+    let devices = agent
+        .wait_for(
+            Duration::from_secs(10),
+            |a| a.devices(),
+            |d| d.iter().any(|d| d.apps_server.contains(&"hl7".to_string())).then(|| d.clone()),
+        )
+        .unwrap();
+    let pump = devices.iter().find(|d| d.mac == "58:46:e1:00:00:07").expect("pump device");
+    assert_eq!(pump.vendor.as_deref(), Some("Baxter International Inc"));
+    assert_eq!(pump.apps_client, vec!["hl7"]);
+    assert!(pump.peers.contains(&"10.0.2.2".to_string()), "{pump:?}");
+    let pharmacy = devices.iter().find(|d| d.ips.contains(&"10.0.2.2".to_string())).expect("pharmacy device");
+    assert!(pharmacy.apps_server.contains(&"hl7".to_string()), "{pharmacy:?}");
+    // veth MACs are locally administered: no vendor.
+    assert_eq!(pharmacy.vendor, None);
+    let flow = agent.flows().unwrap().into_iter().find(|f| f.dport == 6600).unwrap();
+    assert_eq!((flow.app.as_str(), flow.app_confidence.as_str()), ("hl7", "high"));
+}
