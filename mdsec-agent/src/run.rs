@@ -50,21 +50,36 @@ pub async fn run(cfg: Config) -> Result<()> {
     let ring = RingBuf::try_from(dp.take_map(names::EVENTS)?)?;
     events::spawn(ring, store.clone(), policy.clone(), dp.ifnames());
     let (reload_tx, reload_rx) = std::sync::mpsc::channel();
-    let policy_maps = PolicyMaps::new(
+    let mut policy_maps = PolicyMaps::new(
         |n| dp.take_map(n),
         (names::DEFAULT_IDENT_MAX, names::DEFAULT_MACS_MAX, names::DEFAULT_POLICY_MAX),
     )?;
+    let pinned_generation = policy_maps.config()?.generation;
     match &cfg.policy_dir {
         Some(dir) => {
             let mut reloader = Reloader::new(policy_maps, dir.clone(), cfg.event_rate, policy.clone());
             if !reloader.reload() {
-                error!(
-                    "no valid policy at start: the datapath observes only until the policy directory is fixed"
-                );
+                if pinned_generation != 0 {
+                    error!(
+                        "no valid policy at start: generation {pinned_generation} of the previous run stays active"
+                    );
+                } else {
+                    error!(
+                        "no valid policy at start: the datapath observes only until the policy directory is fixed"
+                    );
+                }
             }
             reloader.spawn(reload_rx);
         }
-        None => info!("no policy_dir: observing only"),
+        None => {
+            if pinned_generation != 0 {
+                info!(
+                    "no policy_dir: turning off policy generation {pinned_generation} left by the previous run"
+                );
+            }
+            policy_maps.disable(cfg.event_rate)?;
+            info!("no policy_dir: observing only");
+        }
     }
 
     let state = Arc::new(AppState {

@@ -166,3 +166,41 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn a_pinned_policy_survives_a_keep_restart_and_goes_when_policy_dir_is_removed() {
+    let topo = Topology::new(2).unwrap();
+    topo.warm_up().unwrap();
+    let fs = SharedBpffs::new(&topo.id);
+    let pins = format!("on_exit: keep\npin_dir: {}\n", fs.0.join("mdsec").display());
+    let seg = "segment: pumps\nfunction: infusion-pump\nmode: enforce\ndefault: deny\nmembers:\n  - cidr: 10.0.1.0/24\n";
+    let (h1, h2) = (topo.host(1), topo.host(2));
+    let rx = traffic::udp_receiver(h2, false, 9400).unwrap();
+    let tx = traffic::udp_socket(h1, false).unwrap();
+    let to = SocketAddr::new(h2.v4().into(), 9400);
+    let probe = || {
+        traffic::send_and_settle(&tx, to, 5, 16).unwrap();
+        traffic::drain(&rx)
+    };
+
+    let first = Agent::start(
+        &topo,
+        AgentOptions {
+            extra_yaml: pins.clone(),
+            policy: vec![("pumps.yaml".into(), seg.into())],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(probe(), 0);
+    assert!(first.stop().unwrap().success());
+    // No agent: the pinned datapath keeps enforcing.
+    assert_eq!(probe(), 0);
+    // A new agent without policy_dir turns the old policy off.
+    let second =
+        Agent::start(&topo, AgentOptions { extra_yaml: pins.clone(), ..Default::default() }).unwrap();
+    assert_eq!(probe(), 5);
+    assert!(second.log().contains("turning off policy generation 1"), "{}", second.log());
+    drop(second);
+    let _ = mdsec_agent::loader::remove_pins(&mdsec_agent::loader::layout_dir(&fs.0.join("mdsec")));
+}

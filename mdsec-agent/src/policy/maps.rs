@@ -47,6 +47,13 @@ impl PolicyMaps {
         Ok(self.config.get(&0, 0)?)
     }
 
+    /// Turns policy off (generation 0: every flow passes unevaluated), e.g. when a
+    /// restarted agent has no `policy_dir` but finds a pinned policy.
+    pub fn disable(&mut self, event_rate: u32) -> Result<()> {
+        self.config.set(0, PolicyConfig { generation: 0, event_rate }, 0).context("write CONFIG")?;
+        Ok(())
+    }
+
     /// Installs `c` as the next generation and returns its number.
     pub fn apply(&mut self, c: &Compiled, event_rate: u32) -> Result<u32> {
         let current = self.config()?.generation;
