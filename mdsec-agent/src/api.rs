@@ -32,6 +32,8 @@ pub struct AppState {
     /// A policy directory is configured (then readiness needs a loaded policy).
     pub policy_configured: bool,
     pub oui: Arc<Oui>,
+    /// Devices from the state database (earlier runs), by (iface, vlan, mac).
+    pub history: RwLock<HashMap<(String, u16, String), model::Device>>,
 }
 
 impl AppState {
@@ -180,8 +182,28 @@ pub fn devices_json(st: &AppState) -> Vec<model::Device> {
             }
         })
         .collect();
+    merge_history(&mut out, &st.history.read().unwrap());
     out.sort_by(|a, b| (&a.iface, a.vlan, &a.mac).cmp(&(&b.iface, b.vlan, &b.mac)));
     out
+}
+
+/// Devices seen in earlier runs keep their first sighting and addresses; those not
+/// seen in this run are listed with what was last stored.
+fn merge_history(out: &mut Vec<model::Device>, history: &HashMap<(String, u16, String), model::Device>) {
+    let mut seen = BTreeSet::new();
+    for d in out.iter_mut() {
+        let key = (d.iface.clone(), d.vlan, d.mac.clone());
+        if let Some(h) = history.get(&key) {
+            d.first_seen = d.first_seen.clone().min(h.first_seen.clone());
+            for ip in &h.ips {
+                if !d.ips.contains(ip) {
+                    d.ips.push(ip.clone());
+                }
+            }
+        }
+        seen.insert(key);
+    }
+    out.extend(history.iter().filter(|(k, _)| !seen.contains(*k)).map(|(_, d)| d.clone()));
 }
 
 async fn flows(axum::extract::State(st): S) -> Json<Vec<model::Flow>> {

@@ -14,4 +14,5 @@ pub mod policy;
 pub mod poller;
 pub mod run;
 pub mod state;
+pub mod store;
 pub mod table;

@@ -6,10 +6,14 @@
 //! over without a gap. A crash leaves the pins in place either way, so a restarted
 //! agent continues the same counts; `mdsec-agent detach` removes them by hand.
 
-use std::sync::{Arc, RwLock};
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock, mpsc::RecvTimeoutError},
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
-use log::{error, info};
+use log::{error, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
 
 use aya::maps::RingBuf;
@@ -27,6 +31,7 @@ use crate::{
     },
     poller::Poller,
     state::Tables,
+    store::Store,
 };
 
 pub async fn run(cfg: Config) -> Result<()> {
@@ -82,6 +87,11 @@ pub async fn run(cfg: Config) -> Result<()> {
         }
     }
 
+    let mut db = Store::open(&cfg.state_dir)?;
+    let history: HashMap<_, _> =
+        db.load_devices()?.into_iter().map(|d| ((d.iface.clone(), d.vlan, d.mac.clone()), d)).collect();
+    info!("state database: {} devices from earlier runs", history.len());
+
     let state = Arc::new(AppState {
         tables,
         attached: dp.attached.clone(),
@@ -89,7 +99,32 @@ pub async fn run(cfg: Config) -> Result<()> {
         events: store,
         policy_configured: cfg.policy_dir.is_some(),
         oui: Arc::new(oui),
+        history: RwLock::new(history),
     });
+    let (flush_tx, flush_rx) = std::sync::mpsc::channel::<()>();
+    let flusher = {
+        let state = state.clone();
+        std::thread::Builder::new().name("mdsec-store".into()).spawn(move || {
+            // Every 2 s, and once more when told to stop.
+            loop {
+                let stop =
+                    !matches!(flush_rx.recv_timeout(Duration::from_secs(2)), Err(RecvTimeoutError::Timeout));
+                let devices = api::devices_json(&state);
+                match db.save_devices(&devices) {
+                    Ok(()) => {
+                        let mut h = state.history.write().unwrap();
+                        for d in devices {
+                            h.insert((d.iface.clone(), d.vlan, d.mac.clone()), d);
+                        }
+                    }
+                    Err(e) => warn!("saving devices failed: {e:#}"),
+                }
+                if stop {
+                    return;
+                }
+            }
+        })?
+    };
     info!("API on http://{}", cfg.listen);
     let server = tokio::spawn(async move { axum::serve(listener, api::router(state)).await });
 
@@ -111,6 +146,8 @@ pub async fn run(cfg: Config) -> Result<()> {
             }
         }
     };
+    let _ = flush_tx.send(());
+    let _ = flusher.join();
     match cfg.on_exit {
         OnExit::Detach => {
             info!("{why}: detaching XDP and removing pins");

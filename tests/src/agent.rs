@@ -36,11 +36,13 @@ pub struct AgentOptions {
     pub extra_yaml: String,
     /// Policy files (name, YAML) written to `<dir>/policy`, which becomes `policy_dir`.
     pub policy: Vec<(String, String)>,
+    /// State directory to use instead of a fresh one (to test persistence).
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
     fn default() -> Self {
-        AgentOptions { xdp_mode: "driver", extra_yaml: String::new(), policy: Vec::new() }
+        AgentOptions { xdp_mode: "driver", extra_yaml: String::new(), policy: Vec::new(), state_dir: None }
     }
 }
 
@@ -55,7 +57,7 @@ impl Agent {
         }
         yaml += &format!(
             "state_dir: {}\npoll_interval_ms: 100\n{}",
-            dir.join("state").display(),
+            opts.state_dir.clone().unwrap_or_else(|| dir.join("state")).display(),
             opts.extra_yaml
         );
         if !opts.policy.is_empty() {
@@ -187,6 +189,12 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Kills the agent with SIGKILL (a crash: no cleanup runs).
+    pub fn crash(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM and waits for a clean exit.

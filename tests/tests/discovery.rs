@@ -56,3 +56,42 @@ fn devices_carry_vendor_apps_and_peers() {
     let flow = agent.flows().unwrap().into_iter().find(|f| f.dport == 6600).unwrap();
     assert_eq!((flow.app.as_str(), flow.app_confidence.as_str()), ("hl7", "high"));
 }
+
+#[test]
+fn the_inventory_survives_an_agent_crash() {
+    let topo = Topology::new(2).unwrap();
+    let h1 = topo.host(1);
+    ip(&["-n", &h1.ns, "link", "set", "dev", "eth0", "address", "00:a0:aa:00:00:42"]).unwrap();
+    topo.warm_up().unwrap();
+    let state = std::env::temp_dir().join(format!("{}-state", topo.id));
+    let opts = || AgentOptions { state_dir: Some(state.clone()), ..Default::default() };
+    let first = Agent::start(&topo, opts()).unwrap();
+    h1.exec(&["ping", "-c", "2", "-i", "0.2", "10.0.2.2"]).unwrap();
+    let seen = first
+        .wait_for(
+            Duration::from_secs(10),
+            |a| a.devices(),
+            |d| {
+                d.iter()
+                    .find(|d| d.mac == "00:a0:aa:00:00:42" && d.ips.contains(&"10.0.1.2".to_string()))
+                    .cloned()
+            },
+        )
+        .unwrap();
+    // Past one flush interval (2 s), then a crash: nothing runs at exit.
+    std::thread::sleep(Duration::from_millis(2500));
+    first.crash();
+
+    let second = Agent::start(&topo, opts()).unwrap();
+    let d = second
+        .devices()
+        .unwrap()
+        .into_iter()
+        .find(|d| d.mac == "00:a0:aa:00:00:42")
+        .expect("device from the database");
+    assert_eq!(d.vendor.as_deref(), Some("SPACELABS MEDICAL"));
+    assert!(d.ips.contains(&"10.0.1.2".to_string()));
+    assert!(d.first_seen <= seen.first_seen, "{} > {}", d.first_seen, seen.first_seen);
+    drop(second);
+    std::fs::remove_dir_all(&state).unwrap();
+}
