@@ -32,6 +32,8 @@ pub struct AppState {
     /// A policy directory is configured (then readiness needs a loaded policy).
     pub policy_configured: bool,
     pub oui: Arc<Oui>,
+    /// Operator overrides by MAC (lower case).
+    pub overrides: HashMap<String, crate::clinical::Override>,
     /// Devices from the state database (earlier runs), by (iface, vlan, mac).
     pub history: RwLock<HashMap<(String, u16, String), model::Device>>,
 }
@@ -175,6 +177,11 @@ pub fn devices_json(st: &AppState) -> Vec<model::Device> {
                 apps_client: client[i].iter().cloned().collect(),
                 apps_server: server[i].iter().cloned().collect(),
                 peers: peers[i].iter().map(|p| p.to_string()).collect(),
+                class: String::new(),
+                confidence: 0.0,
+                evidence: Vec::new(),
+                name: None,
+                model: None,
                 packets: tot.packets,
                 bytes: tot.bytes,
                 first_seen: rfc3339(anchor.wall(r.first_seen_ns)),
@@ -183,8 +190,25 @@ pub fn devices_json(st: &AppState) -> Vec<model::Device> {
         })
         .collect();
     merge_history(&mut out, &st.history.read().unwrap());
+    for d in &mut out {
+        classify_device(d, st.overrides.get(&d.mac));
+    }
     out.sort_by(|a, b| (&a.iface, a.vlan, &a.mac).cmp(&(&b.iface, b.vlan, &b.mac)));
     out
+}
+
+fn classify_device(d: &mut model::Device, over: Option<&crate::clinical::Override>) {
+    let v = crate::clinical::classify(d.vendor.as_deref(), &d.apps_client, &d.apps_server);
+    (d.class, d.confidence, d.evidence) = (v.class.name().into(), v.confidence, v.evidence);
+    if let Some(o) = over {
+        if let Some(c) = o.class {
+            d.class = c.name().into();
+            d.confidence = 1.0;
+            d.evidence = vec!["operator override".into()];
+        }
+        d.name = o.name.clone();
+        d.model = o.model.clone();
+    }
 }
 
 /// Devices seen in earlier runs keep their first sighting and addresses; those not

@@ -50,6 +50,9 @@ pub struct Config {
     /// Deny events per second per CPU before the datapath rate-limits them.
     #[serde(default = "default_event_rate")]
     pub event_rate: u32,
+    /// Operator statements about devices: pin a MAC to a class, name, model.
+    #[serde(default)]
+    pub devices: Vec<crate::clinical::Override>,
 }
 
 fn default_event_rate() -> u32 {
@@ -238,6 +241,13 @@ impl Config {
         if self.flow_idle_timeout_secs == 0 {
             return Err(at("flow_idle_timeout_secs", "flow_idle_timeout_secs must be positive".into()));
         }
+        for d in &self.devices {
+            let ok = d.mac.split(':').count() == 6
+                && d.mac.split(':').all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok());
+            if !ok {
+                return Err(at(&d.mac, format!("`{}` is not a MAC address (aa:bb:cc:dd:ee:ff)", d.mac)));
+            }
+        }
         if self.event_rate == 0 {
             return Err(at("event_rate", "event_rate must be positive".into()));
         }
@@ -295,6 +305,15 @@ mod tests {
         let e = Config::parse(&format!("{GOOD}bogus: 1\n")).unwrap_err();
         assert_eq!(e.line, 5, "{e}");
         assert!(e.message.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn shipped_configs_are_valid() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        for f in ["deploy/mdsec.yaml", "deploy/examples/agent.yaml"] {
+            let c = Config::load(&root.join(f)).unwrap_or_else(|e| panic!("{e}"));
+            assert!(c.listen.ip().is_loopback(), "{f}");
+        }
     }
 
     #[test]

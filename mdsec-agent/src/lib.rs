@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod client;
+pub mod clinical;
 pub mod clock;
 pub mod config;
 pub mod events;

@@ -64,7 +64,7 @@ pub struct Event {
     pub generation: u32,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Device {
     pub iface: String,
     pub vlan: u16,
@@ -77,6 +77,21 @@ pub struct Device {
     pub apps_server: Vec<String>,
     /// Addresses it exchanged traffic with (at most 32).
     pub peers: Vec<String>,
+    /// Clinical class (infusion-pump, patient-monitor, imaging-modality, pacs,
+    /// clinical-workstation, server, network-infra, unknown).
+    #[serde(default)]
+    pub class: String,
+    /// 0.0–1.0; 1.0 for an operator override.
+    #[serde(default)]
+    pub confidence: f32,
+    /// The rules that decided the class.
+    #[serde(default)]
+    pub evidence: Vec<String>,
+    /// From an operator override.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub model: Option<String>,
     pub packets: u64,
     pub bytes: u64,
     pub first_seen: String,

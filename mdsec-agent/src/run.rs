@@ -100,6 +100,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         policy_configured: cfg.policy_dir.is_some(),
         oui: Arc::new(oui),
         history: RwLock::new(history),
+        overrides: cfg.devices.iter().map(|o| (o.mac.to_lowercase(), o.clone())).collect(),
     });
     let (flush_tx, flush_rx) = std::sync::mpsc::channel::<()>();
     let flusher = {

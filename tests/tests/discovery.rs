@@ -20,7 +20,12 @@ fn devices_carry_vendor_apps_and_peers() {
     // h1 is an infusion pump with a Baxter MAC (OUI 58:46:E1 in the IEEE registry).
     ip(&["-n", &h1.ns, "link", "set", "dev", "eth0", "address", "58:46:e1:00:00:07"]).unwrap();
     topo.warm_up().unwrap();
-    let agent = Agent::start(&topo, AgentOptions::default()).unwrap();
+    // The operator says what h2 is.
+    let h2_mac = mdsec_agent::model::mac_string(h2.mac().unwrap());
+    let overrides = format!(
+        "devices:\n  - mac: \"{h2_mac}\"\n    class: server\n    name: Pharmacy IS\n    model: PIS 7\n"
+    );
+    let agent = Agent::start(&topo, AgentOptions { extra_yaml: overrides, ..Default::default() }).unwrap();
 
     // HL7 over MLLP to the pharmacy on a non-standard port: recognised by its bytes.
     let listener = traffic::tcp_listener(h2, 6600).unwrap();
@@ -49,10 +54,16 @@ fn devices_carry_vendor_apps_and_peers() {
     assert_eq!(pump.vendor.as_deref(), Some("Baxter International Inc"));
     assert_eq!(pump.apps_client, vec!["hl7"]);
     assert!(pump.peers.contains(&"10.0.2.2".to_string()), "{pump:?}");
+    assert_eq!(pump.class, "infusion-pump");
+    assert!(pump.confidence >= 0.8 && pump.evidence.len() == 2, "{pump:?}");
     let pharmacy = devices.iter().find(|d| d.ips.contains(&"10.0.2.2".to_string())).expect("pharmacy device");
     assert!(pharmacy.apps_server.contains(&"hl7".to_string()), "{pharmacy:?}");
     // veth MACs are locally administered: no vendor.
     assert_eq!(pharmacy.vendor, None);
+    assert_eq!(
+        (pharmacy.class.as_str(), pharmacy.confidence, pharmacy.name.as_deref(), pharmacy.model.as_deref()),
+        ("server", 1.0, Some("Pharmacy IS"), Some("PIS 7"))
+    );
     let flow = agent.flows().unwrap().into_iter().find(|f| f.dport == 6600).unwrap();
     assert_eq!((flow.app.as_str(), flow.app_confidence.as_str()), ("hl7", "high"));
 }
