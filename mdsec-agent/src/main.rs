@@ -93,12 +93,10 @@ fn real_main() -> Result<ExitCode> {
                 Err(code) => return Ok(code),
             };
             if let Some(dir) = &cfg.policy_dir {
-                let limits = mdsec_agent::policy::compile::Limits {
-                    idents: mdsec_common::maps::DEFAULT_IDENT_MAX as usize / 2,
-                    macs: mdsec_common::maps::DEFAULT_MACS_MAX as usize / 2,
-                    policy: mdsec_common::maps::DEFAULT_POLICY_MAX as usize / 2,
-                };
-                match mdsec_agent::policy::runtime::prepare(dir, limits) {
+                match mdsec_agent::policy::runtime::prepare(
+                    dir,
+                    mdsec_agent::policy::compile::Limits::DATAPATH,
+                ) {
                     Ok((p, c, diags)) => {
                         for d in diags {
                             eprintln!("{d}");

@@ -55,10 +55,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let ring = RingBuf::try_from(dp.take_map(names::EVENTS)?)?;
     events::spawn(ring, store.clone(), policy.clone(), dp.ifnames());
     let (reload_tx, reload_rx) = std::sync::mpsc::channel();
-    let mut policy_maps = PolicyMaps::new(
-        |n| dp.take_map(n),
-        (names::DEFAULT_IDENT_MAX, names::DEFAULT_MACS_MAX, names::DEFAULT_POLICY_MAX),
-    )?;
+    let mut policy_maps = PolicyMaps::new(|n| dp.take_map(n))?;
     let pinned_generation = policy_maps.config()?.generation;
     match &cfg.policy_dir {
         Some(dir) => {

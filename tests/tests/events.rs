@@ -28,11 +28,7 @@ fn policy_dir() -> std::path::PathBuf {
 #[test]
 fn one_event_per_flow_and_rate_limited() {
     let mut prog = TestProg::load().unwrap();
-    let mut maps = PolicyMaps::new(
-        |n| prog.take_map(n),
-        (names::DEFAULT_IDENT_MAX, names::DEFAULT_MACS_MAX, names::DEFAULT_POLICY_MAX),
-    )
-    .unwrap();
+    let mut maps = PolicyMaps::new(|n| prog.take_map(n)).unwrap();
     let mut ring = RingBuf::try_from(prog.take_map(names::EVENTS).unwrap()).unwrap();
     let dir = policy_dir();
     let (p, _) = model::load_dir(&dir, SystemTime::now());

@@ -77,6 +77,15 @@ pub struct Limits {
     pub policy: usize,
 }
 
+impl Limits {
+    /// What the datapath's maps hold: each generation gets half of every map.
+    pub const DATAPATH: Limits = Limits {
+        idents: mdsec_common::maps::DEFAULT_IDENT_MAX as usize / 2,
+        macs: mdsec_common::maps::DEFAULT_MACS_MAX as usize / 2,
+        policy: mdsec_common::maps::DEFAULT_POLICY_MAX as usize / 2,
+    };
+}
+
 fn v4_or_v6(net: &IpNet) -> ([u8; 16], u32) {
     match net {
         IpNet::V4(n) => (ip_to_key(IpAddr::V4(n.network())), 96 + n.prefix_len() as u32),

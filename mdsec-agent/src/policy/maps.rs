@@ -23,19 +23,14 @@ pub struct PolicyMaps {
 
 impl PolicyMaps {
     /// Takes the maps out of a loaded object (`take` is `Ebpf::take_map`).
-    pub fn new(mut take: impl FnMut(&str) -> Result<Map>, sizes: (u32, u32, u32)) -> Result<PolicyMaps> {
+    pub fn new(mut take: impl FnMut(&str) -> Result<Map>) -> Result<PolicyMaps> {
         Ok(PolicyMaps {
             ident: LpmTrie::try_from(take(names::IDENT)?)?,
             macs: HashMap::try_from(take(names::MACS)?)?,
             policy: LpmTrie::try_from(take(names::POLICY)?)?,
             segments: Array::try_from(take(names::SEGMENTS)?)?,
             config: Array::try_from(take(names::CONFIG)?)?,
-            // Each generation gets half of every map.
-            limits: Limits {
-                idents: sizes.0 as usize / 2,
-                macs: sizes.1 as usize / 2,
-                policy: sizes.2 as usize / 2,
-            },
+            limits: Limits::DATAPATH,
         })
     }
 

@@ -20,7 +20,6 @@ use mdsec_agent::{
         model::{DefaultVerdict, Direction, Member, Mode, Peer, Policy, Rule, Segment, Zone},
     },
 };
-use mdsec_common::maps as names;
 use mdsec_tests::kernel::TestProg;
 
 fn net(a: u8, b: u8, c: u8) -> IpNet {
@@ -74,10 +73,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 fn main() -> Result<()> {
     let policy = synthetic(100, 200, 100);
     let mut prog = TestProg::load()?;
-    let mut maps = PolicyMaps::new(
-        |n| prog.take_map(n),
-        (names::DEFAULT_IDENT_MAX, names::DEFAULT_MACS_MAX, names::DEFAULT_POLICY_MAX),
-    )?;
+    let mut maps = PolicyMaps::new(|n| prog.take_map(n))?;
     let runs = 11;
     let (mut compile_t, mut swap_t, mut entries) = (Vec::new(), Vec::new(), 0);
     for _ in 0..runs {
