@@ -58,7 +58,18 @@ fn main() -> Result<()> {
     println!("lab: creating gateway and 3 hosts ({id}-*)");
     let topo = Topology::named(id, 3)?;
     topo.warm_up()?;
-    let agent = Agent::start(&topo, AgentOptions::default())?;
+    // h1 plays an infusion pump, h2 the pharmacy, h3 a workstation. The pump
+    // segment runs in monitor mode: denied traffic shows as would_drop.
+    let policy = vec![
+        ("zones.yaml".to_string(), "zones:\n  pharmacy: [10.0.2.0/24]\n  workstations: [10.0.3.0/24]\n".to_string()),
+        (
+            "pumps.yaml".to_string(),
+            "segment: pumps\nfunction: infusion-pump\nmode: monitor\ndefault: deny\nmembers:\n  - cidr: 10.0.1.0/24\n  - cidr: fd00:0:0:1::/64\n\
+             allow:\n  - to: pharmacy\n    proto: udp\n    ports: [9000]\n"
+                .to_string(),
+        ),
+    ];
+    let agent = Agent::start(&topo, AgentOptions { policy, ..Default::default() })?;
     println!("lab: agent attached; traffic starting");
     let running = Arc::new(AtomicBool::new(true));
     let workers = start_traffic(&topo, running.clone())?;
@@ -117,12 +128,12 @@ fn draw(agent: &Agent, elapsed: Duration) -> Result<()> {
         .take(10)
         .map(|f| {
             vec![
-                f.iface.clone(),
                 f.proto.clone(),
+                f.app.clone(),
                 endpoint(&f.src, f.sport),
                 endpoint(&f.dst, f.dport),
                 human(f.packets),
-                human(f.bytes),
+                f.verdict.clone(),
             ]
         })
         .collect();
@@ -130,17 +141,25 @@ fn draw(agent: &Agent, elapsed: Duration) -> Result<()> {
     out += &format!("mdsec lab: {}s   (Ctrl-C to stop)\n\nDEVICES\n", elapsed.as_secs());
     out += &render(&["IFACE", "MAC", "IP", "PKTS", "BYTES"], &dev_rows);
     out += "\nFLOWS (top by bytes)\n";
-    out += &render(&["IFACE", "PROTO", "SRC", "DST", "PKTS", "BYTES"], &flow_rows);
+    out += &render(&["PROTO", "APP", "SRC", "DST", "PKTS", "VERDICT"], &flow_rows);
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(out.as_bytes())?;
     stdout.flush()?;
     Ok(())
 }
 
-/// `addr:port`, with IPv6 in brackets and long addresses shortened to fit 80 columns.
+/// `addr:port` (IPv6 in brackets) in at most 20 columns: long addresses are
+/// shortened so the live view fits an 80-column terminal.
 fn endpoint(ip: &str, port: u16) -> String {
-    let ip = if ip.len() > 20 { format!("{}…", &ip[..19]) } else { ip.to_string() };
-    if ip.contains(':') { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") }
+    let (open, close) = if ip.contains(':') { ("[", "]") } else { ("", "") };
+    let port = format!(":{port}");
+    let room = 20 - port.len() - open.len() - close.len();
+    let ip = if ip.chars().count() > room {
+        format!("{}…", ip.chars().take(room - 1).collect::<String>())
+    } else {
+        ip.to_string()
+    };
+    format!("{open}{ip}{close}{port}")
 }
 
 fn start_traffic(topo: &Topology, running: Arc<AtomicBool>) -> Result<Vec<thread::JoinHandle<()>>> {
