@@ -84,6 +84,8 @@ pub fn describe(
         src_identity: id_name(ev.src_id),
         dst_identity: id_name(ev.dst_id),
         generation: ev.generation,
+        mac: None,
+        vendor: None,
     }
 }
 

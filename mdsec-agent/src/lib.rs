@@ -6,6 +6,7 @@ pub mod client;
 pub mod clinical;
 pub mod clock;
 pub mod config;
+pub mod devwatch;
 pub mod events;
 pub mod loader;
 pub mod model;

@@ -62,6 +62,11 @@ pub struct Event {
     pub src_identity: Option<String>,
     pub dst_identity: Option<String>,
     pub generation: u32,
+    /// Device events (`new_device`, `rogue_device`): the device's MAC and vendor.
+    #[serde(default)]
+    pub mac: Option<String>,
+    #[serde(default)]
+    pub vendor: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -22,6 +22,7 @@ use mdsec_common::maps as names;
 use crate::{
     api::{self, AppState},
     config::{Config, OnExit},
+    devwatch,
     events::{self, EventStore},
     loader::Datapath,
     oui::Oui,
@@ -108,6 +109,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                 let stop =
                     !matches!(flush_rx.recv_timeout(Duration::from_secs(2)), Err(RecvTimeoutError::Timeout));
                 let devices = api::devices_json(&state);
+                report_new_devices(&state, &db, &devices);
                 match db.save_devices(&devices) {
                     Ok(()) => {
                         let mut h = state.history.write().unwrap();
@@ -154,4 +156,44 @@ pub async fn run(cfg: Config) -> Result<()> {
         OnExit::Keep => info!("{why}: leaving the datapath attached (on_exit: keep)"),
     }
     Ok(())
+}
+
+/// Raises `new_device` / `rogue_device` for devices the inventory has not stored yet.
+fn report_new_devices(state: &AppState, db: &Store, devices: &[crate::model::Device]) {
+    let Some(installed) = state.policy.read().unwrap().current.clone() else { return };
+    let now = std::time::SystemTime::now();
+    let now_text = crate::clock::rfc3339(now);
+    // A segment's learning period starts the first time a policy containing it is
+    // installed (within one flush interval).
+    for s in &installed.policy.segments {
+        if let Err(e) = db.learning_started(&s.name, &now_text) {
+            warn!("recording the learning start of {}: {e:#}", s.name);
+        }
+    }
+    let new: Vec<_> = {
+        let h = state.history.read().unwrap();
+        devices
+            .iter()
+            .filter(|d| !h.contains_key(&(d.iface.clone(), d.vlan, d.mac.clone())))
+            .cloned()
+            .collect()
+    };
+    let events = devwatch::check(
+        &new,
+        &installed.policy,
+        |segment| db.learning_started(segment, &now_text).ok().and_then(|t| devwatch::parse_time(&t)),
+        now,
+    );
+    let mut store = state.events.write().unwrap();
+    for e in events {
+        warn!(
+            "{} {} ({}) in segment {}: {}",
+            e.kind,
+            e.mac.as_deref().unwrap_or(""),
+            e.src,
+            e.segment,
+            e.reason
+        );
+        store.push(e);
+    }
 }

@@ -12,7 +12,8 @@ use crate::model::Device;
 pub const FILE: &str = "mdsec.db";
 
 /// Each entry upgrades the schema by one version; never edit a released entry.
-const MIGRATIONS: &[&str] = &["CREATE TABLE devices (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE devices (
         iface TEXT NOT NULL,
         vlan INTEGER NOT NULL,
         mac TEXT NOT NULL,
@@ -23,7 +24,9 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE devices (
         packets INTEGER NOT NULL,
         bytes INTEGER NOT NULL,
         PRIMARY KEY (iface, vlan, mac)
-    )"];
+    )",
+    "CREATE TABLE segments (name TEXT PRIMARY KEY, learning_started TEXT NOT NULL)",
+];
 
 pub struct Store {
     conn: Connection,
@@ -101,6 +104,19 @@ impl Store {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// When the agent first loaded segment `name` (recorded now if never).
+    pub fn learning_started(&self, name: &str, now: &str) -> Result<String> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO segments (name, learning_started) VALUES (?1, ?2)",
+            params![name, now],
+        )?;
+        Ok(self.conn.query_row(
+            "SELECT learning_started FROM segments WHERE name = ?1",
+            params![name],
+            |r| r.get(0),
+        )?)
     }
 
     pub fn load_devices(&self) -> Result<Vec<Device>> {

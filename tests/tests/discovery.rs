@@ -106,3 +106,48 @@ fn the_inventory_survives_an_agent_crash() {
     drop(second);
     std::fs::remove_dir_all(&state).unwrap();
 }
+
+#[test]
+fn undeclared_and_late_devices_raise_rogue_and_new_device_events() {
+    use mdsec_tests::frames::{self, RawSender, V4};
+    let topo = Topology::new(2).unwrap();
+    let h1 = topo.host(1);
+    ip(&["-n", &h1.ns, "link", "set", "dev", "eth0", "address", "58:46:e1:00:00:07"]).unwrap();
+    topo.warm_up().unwrap();
+    // The pump segment declares its one pump by MAC; learning is already over.
+    let seg = "segment: pumps\nfunction: infusion-pump\nmode: monitor\ndefault: deny\nlearning_period: 0s\nmembers:\n  - cidr: 10.0.1.0/24\n  - mac: \"58:46:e1:00:00:07\"\n";
+    let agent = Agent::start(
+        &topo,
+        AgentOptions { policy: vec![("pumps.yaml".into(), seg.into())], ..Default::default() },
+    )
+    .unwrap();
+    h1.exec(&["ping", "-c", "1", "10.0.2.2"]).unwrap();
+    // An intruder in the pump subnet: another MAC with a pump-range address.
+    let gw_mac = mdsec_tests::netns::link_mac(&topo.gw, &h1.gw_if).unwrap();
+    let ipd = V4::new("10.0.1.77".parse().unwrap(), "10.0.2.2".parse().unwrap(), 17)
+        .build(&frames::udp(5000, 9000, &[0; 8]));
+    RawSender::open(&h1.ns, "eth0")
+        .unwrap()
+        .send(&frames::eth(gw_mac, [0x02, 0, 0, 0, 0, 0x66], &[], 0x0800, &ipd))
+        .unwrap();
+
+    agent.wait_for(Duration::from_secs(10), |a| a.events(), |e| (e.len() >= 3).then_some(())).unwrap();
+    // One more flush interval: nothing is reported twice.
+    std::thread::sleep(Duration::from_millis(2500));
+    let events =
+        agent.events().unwrap().into_iter().filter(|e| e.kind.ends_with("_device")).collect::<Vec<_>>();
+    let mut got: Vec<(String, String)> =
+        events.iter().map(|e| (e.kind.clone(), e.mac.clone().unwrap_or_default())).collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("new_device".to_string(), "02:00:00:00:00:66".to_string()),
+            ("new_device".to_string(), "58:46:e1:00:00:07".to_string()),
+            ("rogue_device".to_string(), "02:00:00:00:00:66".to_string()),
+        ],
+        "{events:#?}"
+    );
+    let rogue = events.iter().find(|e| e.kind == "rogue_device").unwrap();
+    assert_eq!((rogue.segment.as_str(), rogue.src.as_str()), ("pumps", "10.0.1.77"));
+}

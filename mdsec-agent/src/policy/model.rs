@@ -14,6 +14,24 @@ use mdsec_common::app::App;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+/// Learning period of a segment that does not set one.
+pub const DEFAULT_LEARNING: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
+
+/// `90s`, `30m`, `12h`, `7d` (one number, one unit).
+pub fn parse_period(s: &str) -> Option<std::time::Duration> {
+    let s = s.trim();
+    let unit = s.chars().last()?;
+    let n: u64 = s[..s.len() - unit.len_utf8()].parse().ok()?;
+    let secs = match unit {
+        's' => n,
+        'm' => n.checked_mul(60)?,
+        'h' => n.checked_mul(3600)?,
+        'd' => n.checked_mul(86_400)?,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_secs(secs))
+}
+
 /// A policy file larger than this is refused before parsing.
 pub const MAX_FILE_BYTES: u64 = 1 << 20;
 /// At most this many policy files in the directory.
@@ -69,6 +87,10 @@ pub struct SegmentYaml {
     /// Time-bound allow rules (vendor maintenance, …) with a reason and a ticket.
     #[serde(default)]
     exceptions: Vec<ExceptionYaml>,
+    /// How long after the segment is first loaded devices are learned silently; a
+    /// device first seen later raises `new_device`. `30m`, `12h`, `7d`; default `7d`.
+    #[schemars(with = "Option<String>")]
+    learning_period: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
@@ -198,6 +220,7 @@ pub struct Segment {
     pub default: DefaultVerdict,
     pub members: Vec<Member>,
     pub file: PathBuf,
+    pub learning_period: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -550,6 +573,13 @@ fn build(
             default: s.default,
             members: members.iter().map(|m| m.0).collect(),
             file: f.clone(),
+            learning_period: match &s.learning_period {
+                None => DEFAULT_LEARNING,
+                Some(p) => parse_period(&p.value).unwrap_or_else(|| {
+                    cx.err_at(f, p, format!("`{}` is not a period like 30m, 12h or 7d", p.value));
+                    DEFAULT_LEARNING
+                }),
+            },
         });
         check_member_overlaps(cx, &policy, seg_index, f, &members);
 
@@ -764,6 +794,16 @@ mod tests {
         assert_eq!((pumps.mode, pumps.default), (Mode::Monitor, DefaultVerdict::Deny));
         assert!(p.rules.iter().any(|r| r.app == Some(App::Hl7) && r.ports == vec![(2575, 2575)]));
         assert!(p.rules.iter().any(|r| r.exception.as_ref().is_some_and(|e| e.ticket == "CHG-20412")));
+    }
+
+    #[test]
+    fn periods_parse() {
+        assert_eq!(parse_period("90s"), Some(std::time::Duration::from_secs(90)));
+        assert_eq!(parse_period("7d"), Some(DEFAULT_LEARNING));
+        assert_eq!(parse_period("0s"), Some(std::time::Duration::ZERO));
+        for bad in ["", "7", "d", "7w", "-1h", "1.5h"] {
+            assert_eq!(parse_period(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -1,0 +1,185 @@
+//! Device events from the inventory: `rogue_device` for a device inside a segment's
+//! addresses that is not among the MACs the segment declares, and `new_device` for
+//! a device first seen in a segment after its learning period. Each device is
+//! reported once, the first time the inventory sees it.
+
+use std::time::SystemTime;
+
+use crate::{
+    clock::rfc3339,
+    model::{Device, Event},
+    policy::model::{Member, Policy, Segment},
+};
+
+fn mac_bytes(s: &str) -> Option<[u8; 6]> {
+    let v: Vec<u8> = s.split(':').filter_map(|p| u8::from_str_radix(p, 16).ok()).collect();
+    v.try_into().ok()
+}
+
+/// The segment a device belongs to, and whether it is a declared MAC member.
+fn segment_of<'a>(p: &'a Policy, d: &Device) -> Option<(&'a Segment, bool)> {
+    let mac = mac_bytes(&d.mac)?;
+    let vlan_ok = |v: &Option<u16>| v.is_none_or(|v| v == d.vlan);
+    for s in &p.segments {
+        if s.members.iter().any(|m| matches!(m, Member::Mac { mac: x, vlan } if *x == mac && vlan_ok(vlan))) {
+            return Some((s, true));
+        }
+    }
+    let ips: Vec<std::net::IpAddr> = d.ips.iter().filter_map(|i| i.parse().ok()).collect();
+    p.segments
+        .iter()
+        .find(|s| {
+            s.members.iter().any(|m| match m {
+                Member::Net { net, vlan } => vlan_ok(vlan) && ips.iter().any(|ip| net.contains(ip)),
+                Member::Mac { .. } => false,
+            })
+        })
+        .map(|s| (s, false))
+}
+
+fn event(kind: &str, d: &Device, segment: &str, reason: String, now: SystemTime) -> Event {
+    Event {
+        seq: 0,
+        kind: kind.into(),
+        time: rfc3339(now),
+        iface: d.iface.clone(),
+        vlan: d.vlan,
+        src: d.ips.first().cloned().unwrap_or_default(),
+        dst: String::new(),
+        proto: String::new(),
+        sport: 0,
+        dport: 0,
+        segment: segment.into(),
+        rule: String::new(),
+        rule_id: 0,
+        reason,
+        app: String::new(),
+        src_identity: None,
+        dst_identity: None,
+        generation: 0,
+        mac: Some(d.mac.clone()),
+        vendor: d.vendor.clone(),
+    }
+}
+
+/// Events for devices the inventory sees for the first time. `learning_started`
+/// gives when the agent first loaded a segment.
+pub fn check(
+    new: &[Device],
+    policy: &Policy,
+    mut learning_started: impl FnMut(&str) -> Option<SystemTime>,
+    now: SystemTime,
+) -> Vec<Event> {
+    let mut out = Vec::new();
+    for d in new {
+        let Some((seg, declared)) = segment_of(policy, d) else { continue };
+        let declares_macs = seg.members.iter().any(|m| matches!(m, Member::Mac { .. }));
+        if declares_macs && !declared {
+            out.push(event(
+                "rogue_device",
+                d,
+                &seg.name,
+                format!("{} is inside segment {} but not among its declared MAC members", d.mac, seg.name),
+                now,
+            ));
+        }
+        if let Some(start) = learning_started(&seg.name) {
+            let ends = start + seg.learning_period;
+            if now >= ends {
+                out.push(event(
+                    "new_device",
+                    d,
+                    &seg.name,
+                    format!("first seen after the learning period ended at {}", rfc3339(ends)),
+                    now,
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Parses what `Store::learning_started` returns.
+pub fn parse_time(s: &str) -> Option<SystemTime> {
+    s.parse::<jiff::Timestamp>().ok().map(SystemTime::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{path::PathBuf, time::Duration};
+
+    use super::*;
+    use crate::policy::model::{DefaultVerdict, Mode};
+
+    fn policy(learning: Duration) -> Policy {
+        Policy {
+            zones: vec![],
+            rules: vec![],
+            segments: vec![Segment {
+                name: "pumps".into(),
+                function: "infusion-pump".into(),
+                mode: Mode::Monitor,
+                default: DefaultVerdict::Deny,
+                members: vec![
+                    Member::Net { net: "10.0.1.0/24".parse().unwrap(), vlan: None },
+                    Member::Mac { mac: [0x58, 0x46, 0xe1, 0, 0, 7], vlan: None },
+                ],
+                file: PathBuf::from("pumps.yaml"),
+                learning_period: learning,
+            }],
+        }
+    }
+
+    fn device(mac: &str, ip: &str) -> Device {
+        Device {
+            iface: "gw1".into(),
+            vlan: 0,
+            mac: mac.into(),
+            vendor: None,
+            ips: vec![ip.into()],
+            apps_client: vec![],
+            apps_server: vec![],
+            peers: vec![],
+            class: String::new(),
+            confidence: 0.0,
+            evidence: vec![],
+            name: None,
+            model: None,
+            packets: 1,
+            bytes: 60,
+            first_seen: String::new(),
+            last_seen: String::new(),
+        }
+    }
+
+    #[test]
+    fn undeclared_mac_in_a_segment_is_rogue_and_late_devices_are_new() {
+        let now = SystemTime::now();
+        let started = now - Duration::from_secs(3600);
+        let devs = [
+            device("58:46:e1:00:00:07", "10.0.1.2"),
+            device("02:00:00:00:00:66", "10.0.1.77"),
+            device("02:00:00:00:00:99", "10.9.9.9"),
+        ];
+        let kinds = |learning: Duration| -> Vec<(String, String)> {
+            check(&devs, &policy(learning), |_| Some(started), now)
+                .into_iter()
+                .map(|e| (e.kind, e.mac.unwrap()))
+                .collect()
+        };
+        // Learning period over (1 h ago + 30 min): both segment devices are new.
+        assert_eq!(
+            kinds(Duration::from_secs(1800)),
+            vec![
+                ("new_device".to_string(), "58:46:e1:00:00:07".to_string()),
+                ("rogue_device".to_string(), "02:00:00:00:00:66".to_string()),
+                ("new_device".to_string(), "02:00:00:00:00:66".to_string()),
+            ]
+        );
+        // Still learning: only the rogue one. Devices outside segments: nothing.
+        assert_eq!(
+            kinds(Duration::from_secs(7200)),
+            vec![("rogue_device".to_string(), "02:00:00:00:00:66".to_string())]
+        );
+    }
+}
