@@ -32,6 +32,7 @@ pub struct AppState {
     /// A policy directory is configured (then readiness needs a loaded policy).
     pub policy_configured: bool,
     pub oui: Arc<Oui>,
+    pub fingerprints: crate::samples::Fingerprints,
     /// Operator overrides by MAC (lower case).
     pub overrides: HashMap<String, crate::clinical::Override>,
     /// Devices from the state database (earlier runs), by (iface, vlan, mac).
@@ -162,6 +163,7 @@ pub fn devices_json(st: &AppState) -> Vec<model::Device> {
             }
         }
     }
+    let fps = st.fingerprints.read().unwrap();
     let mut out: Vec<_> = keys
         .iter()
         .enumerate()
@@ -180,6 +182,7 @@ pub fn devices_json(st: &AppState) -> Vec<model::Device> {
                 class: String::new(),
                 confidence: 0.0,
                 evidence: Vec::new(),
+                fingerprints: fps.get(&(k.ifindex, k.vlan, k.mac)).cloned().unwrap_or_default(),
                 name: None,
                 model: None,
                 packets: tot.packets,
@@ -223,6 +226,9 @@ fn merge_history(out: &mut Vec<model::Device>, history: &HashMap<(String, u16, S
                 if !d.ips.contains(ip) {
                     d.ips.push(ip.clone());
                 }
+            }
+            for (k, v) in &h.fingerprints {
+                d.fingerprints.entry(k.clone()).or_insert_with(|| v.clone());
             }
         }
         seen.insert(key);

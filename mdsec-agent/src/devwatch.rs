@@ -143,6 +143,7 @@ mod tests {
             class: String::new(),
             confidence: 0.0,
             evidence: vec![],
+            fingerprints: Default::default(),
             name: None,
             model: None,
             packets: 1,

@@ -92,6 +92,10 @@ pub struct Device {
     /// The rules that decided the class.
     #[serde(default)]
     pub evidence: Vec<String>,
+    /// Passive fingerprints: dhcp.hostname, dicom.calling_ae, hl7.sending_application,
+    /// tls.sni, http.user_agent, ssh.banner, …
+    #[serde(default)]
+    pub fingerprints: std::collections::BTreeMap<String, String>,
     /// From an operator override.
     #[serde(default)]
     pub name: Option<String>,

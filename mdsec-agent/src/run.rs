@@ -55,6 +55,8 @@ pub async fn run(cfg: Config) -> Result<()> {
     let store = Arc::new(RwLock::new(EventStore::default()));
     let ring = RingBuf::try_from(dp.take_map(names::EVENTS)?)?;
     events::spawn(ring, store.clone(), policy.clone(), dp.ifnames());
+    let fingerprints = crate::samples::Fingerprints::default();
+    crate::samples::spawn(RingBuf::try_from(dp.take_map(names::SAMPLES)?)?, fingerprints.clone());
     let (reload_tx, reload_rx) = std::sync::mpsc::channel();
     let mut policy_maps = PolicyMaps::new(|n| dp.take_map(n))?;
     let pinned_generation = policy_maps.config()?.generation;
@@ -98,6 +100,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         policy_configured: cfg.policy_dir.is_some(),
         oui: Arc::new(oui),
         history: RwLock::new(history),
+        fingerprints,
         overrides: cfg.devices.iter().map(|o| (o.mac.to_lowercase(), o.clone())).collect(),
     });
     let (flush_tx, flush_rx) = std::sync::mpsc::channel::<()>();

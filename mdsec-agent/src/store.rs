@@ -26,6 +26,7 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (iface, vlan, mac)
     )",
     "CREATE TABLE segments (name TEXT PRIMARY KEY, learning_started TEXT NOT NULL)",
+    "ALTER TABLE devices ADD COLUMN fingerprints TEXT NOT NULL DEFAULT '{}'",
 ];
 
 pub struct Store {
@@ -69,18 +70,25 @@ impl Store {
         let tx = self.conn.transaction()?;
         {
             let mut get = tx.prepare_cached(
-                "SELECT first_seen, ips FROM devices WHERE iface = ?1 AND vlan = ?2 AND mac = ?3",
+                "SELECT first_seen, ips, fingerprints FROM devices WHERE iface = ?1 AND vlan = ?2 AND mac = ?3",
             )?;
             let mut put = tx.prepare_cached(
-                "INSERT OR REPLACE INTO devices (iface, vlan, mac, vendor, ips, first_seen, last_seen, packets, bytes)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT OR REPLACE INTO devices (iface, vlan, mac, vendor, ips, first_seen, last_seen, packets, bytes, fingerprints)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?;
             for d in devices {
-                let old: Option<(String, String)> =
-                    get.query_row(params![d.iface, d.vlan, d.mac], |r| Ok((r.get(0)?, r.get(1)?))).ok();
+                let old: Option<(String, String, String)> = get
+                    .query_row(params![d.iface, d.vlan, d.mac], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .ok();
                 let mut ips = d.ips.clone();
                 let mut first = d.first_seen.clone();
-                if let Some((f, old_ips)) = old {
+                let mut fps = d.fingerprints.clone();
+                if let Some((f, old_ips, old_fps)) = old {
+                    let old_fps: std::collections::BTreeMap<String, String> =
+                        serde_json::from_str(&old_fps).unwrap_or_default();
+                    for (k, v) in old_fps {
+                        fps.entry(k).or_insert(v);
+                    }
                     // RFC 3339 UTC strings of one format sort chronologically.
                     first = first.min(f);
                     for ip in serde_json::from_str::<Vec<String>>(&old_ips).unwrap_or_default() {
@@ -98,7 +106,8 @@ impl Store {
                     first,
                     d.last_seen,
                     d.packets as i64,
-                    d.bytes as i64
+                    d.bytes as i64,
+                    serde_json::to_string(&fps)?
                 ])?;
             }
         }
@@ -122,7 +131,7 @@ impl Store {
     pub fn load_devices(&self) -> Result<Vec<Device>> {
         let mut st = self
             .conn
-            .prepare("SELECT iface, vlan, mac, vendor, ips, first_seen, last_seen, packets, bytes FROM devices ORDER BY iface, vlan, mac")?;
+            .prepare("SELECT iface, vlan, mac, vendor, ips, first_seen, last_seen, packets, bytes, fingerprints FROM devices ORDER BY iface, vlan, mac")?;
         let rows = st.query_map([], |r| {
             let ips: String = r.get(4)?;
             Ok(Device {
@@ -137,6 +146,7 @@ impl Store {
                 class: String::new(),
                 confidence: 0.0,
                 evidence: Vec::new(),
+                fingerprints: serde_json::from_str(&r.get::<_, String>(9)?).unwrap_or_default(),
                 name: None,
                 model: None,
                 first_seen: r.get(5)?,
@@ -166,6 +176,7 @@ mod tests {
             class: String::new(),
             confidence: 0.0,
             evidence: vec![],
+            fingerprints: Default::default(),
             name: None,
             model: None,
             packets: 10,
@@ -185,13 +196,17 @@ mod tests {
             s.save_devices(&[dev("58:46:e1:00:00:07", "10.0.1.2", "2026-11-20T08:00:00.000Z")]).unwrap();
         }
         let mut s = Store::open(&dir).unwrap();
-        // A later sighting with a new address keeps the first sighting and both addresses.
-        s.save_devices(&[dev("58:46:e1:00:00:07", "10.0.1.9", "2026-11-23T09:00:00.000Z")]).unwrap();
+        // A later sighting with a new address keeps the first sighting and both
+        // addresses, and fingerprints accumulate.
+        let mut later = dev("58:46:e1:00:00:07", "10.0.1.9", "2026-11-23T09:00:00.000Z");
+        later.fingerprints.insert("dhcp.hostname".into(), "pump07".into());
+        s.save_devices(&[later]).unwrap();
         let d = s.load_devices().unwrap();
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].first_seen, "2026-11-20T08:00:00.000Z");
         assert_eq!(d[0].ips, vec!["10.0.1.9", "10.0.1.2"]);
         assert_eq!(d[0].vendor.as_deref(), Some("Baxter International Inc"));
+        assert_eq!(d[0].fingerprints.get("dhcp.hostname").map(String::as_str), Some("pump07"));
         drop(s);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -87,6 +87,40 @@ impl App {
     }
 }
 
+/// Payload bytes sampled for fingerprints (enough for a TLS ClientHello's SNI, DHCP
+/// options after the fixed 240 bytes, a DICOM user-information item).
+pub const SAMPLE_BYTES: usize = 512;
+
+/// One sampled first payload (`SAMPLES` ring buffer), for userspace fingerprints.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Sample {
+    pub ts_ns: u64,
+    pub ifindex: u32,
+    pub vlan: u16,
+    pub proto: u8,
+    /// [`App`] as u8.
+    pub app: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    /// Source MAC: the device the sample describes.
+    pub mac: [u8; 6],
+    /// Bytes of `data` that are payload.
+    pub len: u16,
+    pub _pad: [u8; 4],
+    pub data: [u8; SAMPLE_BYTES],
+}
+
+const _: () = assert!(core::mem::size_of::<Sample>() == 576);
+
+/// Apps whose first payload carries a fingerprint worth sampling.
+#[inline(always)]
+pub fn worth_sampling(app: App) -> bool {
+    matches!(app, App::Dhcp | App::Dicom | App::Hl7 | App::Tls | App::Http | App::Ssh)
+}
+
 /// Payload bytes the classifier looks at (the DICOM application context item sits
 /// at offset 74 of an A-ASSOCIATE PDU).
 pub const CLASSIFY_BYTES: usize = 96;

@@ -94,6 +94,8 @@ stats! {
     EventsLost = "events_lost",
     /// A deny event was suppressed by the per-CPU rate limit.
     EventsRateLimited = "events_rate_limited",
+    /// A first-payload sample could not be reserved in the `SAMPLES` ring buffer.
+    SamplesLost = "samples_lost",
     /// A flow could not be inserted into `FLOWS`.
     FlowUpdateFail = "flow_update_failed",
     /// A device could not be inserted into `DEVICES`.

@@ -2,13 +2,21 @@
 //! shared classifier (`mdsec_common::app::classify`), and store the result on the
 //! flow for the verdict stage and the agent.
 
-use aya_ebpf::{bindings::xdp_md, helpers::bpf_xdp_load_bytes};
+use aya_ebpf::{
+    bindings::xdp_md,
+    helpers::{bpf_ktime_get_boot_ns, bpf_xdp_load_bytes},
+};
 use mdsec_common::{
-    app::{classify, CLASSIFY_BYTES},
+    app::{classify, worth_sampling, App, Confidence, Sample, CLASSIFY_BYTES, SAMPLE_BYTES},
     flow::FlowValue,
+    stats::Stat,
 };
 
-use crate::parse::{Packet, FRAG_LATER};
+use crate::{
+    maps::SAMPLES,
+    parse::{Packet, FRAG_LATER},
+    stats::count,
+};
 
 // Not inlined: the 96-byte buffer gets its own stack frame. Only the context
 // pointer crosses the call (packet pointers must not).
@@ -35,4 +43,43 @@ pub fn identify(ctx: *mut xdp_md, p: &Packet, f: *mut FlowValue) {
     fv.app = app as u8;
     fv.app_confidence = confidence as u8;
     fv.app_done = 1;
+    if confidence == Confidence::High && worth_sampling(app) {
+        sample(ctx, p, app);
+    }
+}
+
+/// Sends the first payload (up to SAMPLE_BYTES) to userspace for fingerprints.
+#[inline(never)]
+fn sample(ctx: *mut xdp_md, p: &Packet, app: App) {
+    let Some(mut entry) = SAMPLES.reserve::<Sample>(0) else {
+        count(Stat::SamplesLost, 0);
+        return;
+    };
+    let want =
+        if (p.payload_len as usize) < SAMPLE_BYTES { p.payload_len as u64 } else { SAMPLE_BYTES as u64 };
+    // 1..=SAMPLE_BYTES by construction, in a form the verifier can follow (an AND
+    // after a zero check would lose the lower bound). `want` >= 1: payload_len > 0.
+    let n = ((want.wrapping_sub(1)) & (SAMPLE_BYTES as u64 - 1)) + 1;
+    let s = entry.as_mut_ptr();
+    // SAFETY: `s` points at the reserved, exclusively owned ring-buffer record;
+    // the helper writes at most `n` <= SAMPLE_BYTES bytes into `data`.
+    unsafe {
+        if bpf_xdp_load_bytes(ctx, p.payload_off as u32, (*s).data.as_mut_ptr().cast(), n as u32) != 0 {
+            entry.discard(0);
+            return;
+        }
+        (*s).ts_ns = bpf_ktime_get_boot_ns();
+        (*s).ifindex = p.ifindex;
+        (*s).vlan = p.vlan;
+        (*s).proto = p.proto;
+        (*s).app = app as u8;
+        (*s).src = p.src;
+        (*s).dst = p.dst;
+        (*s).sport = p.sport;
+        (*s).dport = p.dport;
+        (*s).mac = p.src_mac;
+        (*s).len = want as u16;
+        (*s)._pad = [0; 4];
+    }
+    entry.submit(0);
 }

@@ -13,7 +13,7 @@ use mdsec_common::{
     frag::{FragKey, FragValue},
     maps::{
         DEFAULT_ALLOWED_MAX, DEFAULT_DEVICES_MAX, DEFAULT_FLOWS_MAX, DEFAULT_FRAGS_MAX, DEFAULT_IDENT_MAX,
-        DEFAULT_MACS_MAX, DEFAULT_POLICY_MAX, EVENTS_BYTES, IFACES_MAX,
+        DEFAULT_MACS_MAX, DEFAULT_POLICY_MAX, EVENTS_BYTES, IFACES_MAX, SAMPLES_BYTES,
     },
     policy::{IdentData, MacKey, PolicyConfig, PolicyData, PolicyValue, SegmentInfo, TupleKey, MAX_IDS},
     stats::{Counter, STATS_LEN},
@@ -57,6 +57,9 @@ pub static ALLOWED: LruHashMap<TupleKey, u8> = LruHashMap::with_max_entries(DEFA
 
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+#[map(name = "SAMPLES")]
+pub static SAMPLES: RingBuf = RingBuf::with_byte_size(SAMPLES_BYTES, 0);
 
 /// (tokens left in this second, start of the second in ns), per CPU.
 #[map(name = "EVENT_BUCKET")]

@@ -43,18 +43,42 @@ fn devices_carry_vendor_apps_and_peers() {
     c.read_exact(&mut ack).unwrap();
     assert!(server.join().unwrap() > 0);
 
+    // A DHCP request from the pump (the real option layout of a DHCPDISCOVER).
+    let hex = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../mdsec-common/tests/payloads/dhcp-discover.hex"
+    ))
+    .unwrap();
+    let dhcp: Vec<u8> =
+        (0..hex.trim().len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+    let from: SocketAddr = "10.0.1.2:68".parse().unwrap();
+    let sock =
+        mdsec_tests::netns::in_netns(&h1.ns, move || std::net::UdpSocket::bind(from)).unwrap().unwrap();
+    sock.send_to(&dhcp, "10.0.1.1:67").unwrap();
+
     let devices = agent
         .wait_for(
             Duration::from_secs(10),
             |a| a.devices(),
-            |d| d.iter().any(|d| d.apps_server.contains(&"hl7".to_string())).then(|| d.clone()),
+            |d| {
+                let pump_ready = d
+                    .iter()
+                    .any(|d| d.mac == "58:46:e1:00:00:07" && d.fingerprints.contains_key("dhcp.hostname"));
+                let server_ready = d.iter().any(|d| d.apps_server.contains(&"hl7".to_string()));
+                (pump_ready && server_ready).then(|| d.clone())
+            },
         )
         .unwrap();
     let pump = devices.iter().find(|d| d.mac == "58:46:e1:00:00:07").expect("pump device");
     assert_eq!(pump.vendor.as_deref(), Some("Baxter International Inc"));
-    assert_eq!(pump.apps_client, vec!["hl7"]);
+    assert_eq!(pump.apps_client, vec!["dhcp", "hl7"]);
     assert!(pump.peers.contains(&"10.0.2.2".to_string()), "{pump:?}");
     assert_eq!(pump.class, "infusion-pump");
+    let fp = |k: &str| pump.fingerprints.get(k).map(String::as_str);
+    assert_eq!(fp("hl7.sending_application"), Some("PUMP"), "{:?}", pump.fingerprints);
+    assert_eq!(fp("hl7.sending_facility"), Some("WARD3"));
+    assert_eq!(fp("dhcp.hostname"), Some("pump07"));
+    assert_eq!(fp("dhcp.vendor_class"), Some("Alaris-8"));
     assert!(pump.confidence >= 0.8 && pump.evidence.len() == 2, "{pump:?}");
     let pharmacy = devices.iter().find(|d| d.ips.contains(&"10.0.2.2".to_string())).expect("pharmacy device");
     assert!(pharmacy.apps_server.contains(&"hl7".to_string()), "{pharmacy:?}");

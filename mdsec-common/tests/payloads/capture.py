@@ -78,3 +78,17 @@ w("ssdp-msearch", b"M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: \"
 w("wsd-probe", b'<?xml version="1.0" encoding="UTF-8"?><s12:Envelope xmlns:s12="http://www.w3.org/2003/05/soap-envelope" xmlns:wsa="http://www.w3.org/2005/08/addressing" xmlns:wsd="http://docs.oasis-open.org/ws-dd/ns/discovery/2009/01"><s12:Header><wsa:Action>http://docs.oasis-open.org/ws-dd/ns/discovery/2009/01/Probe</wsa:Action></s12:Header><s12:Body><wsd:Probe/></s12:Body></s12:Envelope>')
 # Modbus/TCP: MBAP (transaction 1, protocol 0, length 6, unit 1) + read holding registers.
 w("modbus-read", struct.pack(">HHHB", 1, 0, 6, 1) + bytes([3, 0, 0, 0, 10]))
+# TLS ClientHello with SNI, as Python's ssl module sends it (OpenSSL underneath).
+import socket, ssl, threading
+out = "/work/main/mdsec-common/tests/payloads"
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(1); port = s.getsockname()[1]
+data = {}
+def srv():
+    c, _ = s.accept(); c.settimeout(3); data["d"] = c.recv(4096); c.close()
+t = threading.Thread(target=srv); t.start()
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+try:
+    ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="pacs.hospital.example")
+except Exception: pass
+t.join()
+open(f"{out}/tls-client-hello-sni.hex", "w").write(data["d"].hex() + "\n"); print(len(data["d"]))

@@ -1,0 +1,54 @@
+//! Owns the SAMPLES ring buffer on the user side: turns sampled first payloads into
+//! per-device fingerprints (see [`crate::fingerprint`]).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    os::fd::AsRawFd,
+    sync::{Arc, RwLock},
+};
+
+use aya::maps::{MapData, RingBuf};
+use mdsec_common::app::{App, SAMPLE_BYTES, Sample};
+
+use crate::fingerprint;
+
+/// Device key (ifindex, vlan, MAC) → fingerprint key → value.
+pub type Fingerprints = Arc<RwLock<HashMap<(u32, u16, [u8; 6]), BTreeMap<String, String>>>>;
+
+/// Keys kept per device, so a chatty or hostile device cannot grow memory.
+const MAX_KEYS: usize = 32;
+
+pub fn record(fp: &Fingerprints, s: &Sample) {
+    let len = (s.len as usize).min(SAMPLE_BYTES);
+    let found = fingerprint::extract(App::from_u8(s.app), &s.data[..len]);
+    if found.is_empty() {
+        return;
+    }
+    let mut all = fp.write().unwrap();
+    let entry = all.entry((s.ifindex, s.vlan, s.mac)).or_default();
+    for (k, v) in found {
+        if entry.len() < MAX_KEYS || entry.contains_key(&k) {
+            entry.insert(k, v);
+        }
+    }
+}
+
+pub fn spawn(mut ring: RingBuf<MapData>, fp: Fingerprints) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("mdsec-samples".into())
+        .spawn(move || {
+            loop {
+                let mut pfd = libc::pollfd { fd: ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut pfd, 1, 1000) };
+                while let Some(item) = ring.next() {
+                    if item.len() >= std::mem::size_of::<Sample>() {
+                        // SAFETY: the kernel wrote a `Sample`; read it unaligned.
+                        let s = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Sample) };
+                        record(&fp, &s);
+                    }
+                }
+            }
+        })
+        .expect("spawn samples thread")
+}
