@@ -141,11 +141,19 @@ pub fn devices_json(st: &AppState) -> Vec<model::Device> {
     let mut server: Vec<BTreeSet<String>> = vec![BTreeSet::new(); keys.len()];
     let mut peers: Vec<BTreeSet<IpAddr>> = vec![BTreeSet::new(); keys.len()];
     for (fk, r) in &t.flows {
-        let (src, dst) = (fk.src_ip(), fk.dst_ip());
+        // Client → server direction: services listen on the lower port (ephemeral
+        // ports are high), so a flow from the lower port is a server's answer.
+        let (src, dst) = if fk.sport < fk.dport && matches!(fk.proto, 6 | 17) {
+            (fk.dst_ip(), fk.src_ip())
+        } else {
+            (fk.src_ip(), fk.dst_ip())
+        };
         let app =
             (Confidence::from_u8(r.app_confidence) != Confidence::None).then(|| App::from_u8(r.app).name());
+        let sender = src == fk.src_ip();
         for &i in by_ip.get(&src).into_iter().flatten() {
-            if keys[i].ifindex == fk.ifindex && keys[i].vlan == fk.vlan {
+            // The sender is on the flow's interface; the other end may be anywhere.
+            if !sender || (keys[i].ifindex == fk.ifindex && keys[i].vlan == fk.vlan) {
                 if let Some(a) = app {
                     client[i].insert(a.to_string());
                 }

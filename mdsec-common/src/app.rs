@@ -212,7 +212,7 @@ pub fn classify(
     if app as u8 != App::Unknown as u8 {
         return (app, Confidence::High);
     }
-    let guess = by_port(proto, sport, dport);
+    let guess = by_port(proto, sport, dport, len > 0);
     if guess as u8 != App::Unknown as u8 {
         return (guess, Confidence::Low);
     }
@@ -357,7 +357,7 @@ fn classify_udp(b: &[u8; CLASSIFY_BYTES], len: usize, sport: u16, dport: u16) ->
 /// Well-known ports, for a low-confidence guess when the payload says nothing.
 /// The lower port is tried first (usually the service side).
 #[inline(always)]
-fn by_port(proto: u8, sport: u16, dport: u16) -> App {
+fn by_port(proto: u8, sport: u16, dport: u16, has_payload: bool) -> App {
     let (p, q) = if dport < sport { (dport, sport) } else { (sport, dport) };
     if proto == TCP {
         let a = tcp_port(p);
@@ -365,7 +365,14 @@ fn by_port(proto: u8, sport: u16, dport: u16) -> App {
     }
     if proto == UDP {
         let a = udp_port(p);
-        return if a as u8 != App::Unknown as u8 { a } else { udp_port(q) };
+        let a = if a as u8 != App::Unknown as u8 { a } else { udp_port(q) };
+        // These have a structural check above; bytes that failed it are not them,
+        // whatever the port says (a port-53 flow of non-DNS bytes is not DNS).
+        return if matches!(a, App::Dns | App::Mdns | App::Dhcp | App::Ntp) && has_payload {
+            App::Unknown
+        } else {
+            a
+        };
     }
     App::Unknown
 }

@@ -62,6 +62,10 @@ fn unknown_payload_on_a_well_known_port_is_a_low_confidence_guess() {
     assert_eq!(run(junk, 6, 51_000, 104), (App::Dicom, Confidence::Low));
     assert_eq!(run(junk, 6, 51_000, 2575), (App::Hl7, Confidence::Low));
     assert_eq!(run(junk, 17, 51_000, 161), (App::Snmp, Confidence::Low));
+    // Protocols with a structural check are not guessed from the port when the bytes
+    // fail it: non-DNS bytes on port 53 are not DNS.
+    assert_eq!(run(b"hello, this is not a DNS message", 17, 51_000, 53), (App::Unknown, Confidence::None));
+    assert_eq!(run(junk, 17, 68, 67), (App::Unknown, Confidence::None));
     assert_eq!(run(junk, 6, 51_000, 51_001), (App::Unknown, Confidence::None));
     // Empty payloads carry nothing but the port.
     assert_eq!(run(&[], 6, 51_000, 443), (App::Tls, Confidence::Low));

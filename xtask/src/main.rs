@@ -207,7 +207,22 @@ fn dpkg_installed(pkg: &str) -> bool {
 }
 
 /// Debian packages the tests and the lab run (ieee-data: the OUI registry).
-const TEST_PACKAGES: &[&str] = &["iproute2", "iputils-ping", "procps", "mount", "ieee-data"];
+/// `dnsmasq-base` rather than `dnsmasq`: the binary without a system service.
+const TEST_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iputils-ping",
+    "procps",
+    "mount",
+    "ieee-data",
+    // Real protocol peers for the discovery tests.
+    "dcmtk",
+    "dnsmasq-base",
+    "isc-dhcp-client",
+    "openssh-client",
+    "curl",
+    "openssl",
+    "bind9-dnsutils",
+];
 /// The offline eBPF toolchain (see shared/toolchain.md): rustc 1.96 with its library
 /// source, and LLVM 22 for bpf-linker.
 const TOOLCHAIN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src", "llvm-22-dev"];
