@@ -33,7 +33,7 @@ pub struct AppState {
     pub policy_configured: bool,
     pub oui: Arc<Oui>,
     pub fingerprints: crate::samples::Fingerprints,
-    /// Operator overrides by MAC (lower case).
+    /// Operator overrides by MAC, spelled as `model::mac_string` does.
     pub overrides: HashMap<String, crate::clinical::Override>,
     /// Devices from the state database (earlier runs), by (iface, vlan, mac).
     pub history: RwLock<HashMap<(String, u16, String), model::Device>>,

@@ -242,9 +242,7 @@ impl Config {
             return Err(at("flow_idle_timeout_secs", "flow_idle_timeout_secs must be positive".into()));
         }
         for d in &self.devices {
-            let ok = d.mac.split(':').count() == 6
-                && d.mac.split(':').all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok());
-            if !ok {
+            if crate::model::parse_mac(&d.mac).is_none() {
                 return Err(at(&d.mac, format!("`{}` is not a MAC address (aa:bb:cc:dd:ee:ff)", d.mac)));
             }
         }

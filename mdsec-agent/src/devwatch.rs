@@ -11,14 +11,9 @@ use crate::{
     policy::model::{Member, Policy, Segment},
 };
 
-fn mac_bytes(s: &str) -> Option<[u8; 6]> {
-    let v: Vec<u8> = s.split(':').filter_map(|p| u8::from_str_radix(p, 16).ok()).collect();
-    v.try_into().ok()
-}
-
 /// The segment a device belongs to, and whether it is a declared MAC member.
 fn segment_of<'a>(p: &'a Policy, d: &Device) -> Option<(&'a Segment, bool)> {
-    let mac = mac_bytes(&d.mac)?;
+    let mac = crate::model::parse_mac(&d.mac)?;
     let vlan_ok = |v: &Option<u16>| v.is_none_or(|v| v == d.vlan);
     for s in &p.segments {
         if s.members.iter().any(|m| matches!(m, Member::Mac { mac: x, vlan } if *x == mac && vlan_ok(vlan))) {

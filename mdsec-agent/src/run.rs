@@ -101,7 +101,12 @@ pub async fn run(cfg: Config) -> Result<()> {
         oui: Arc::new(oui),
         history: RwLock::new(history),
         fingerprints,
-        overrides: cfg.devices.iter().map(|o| (o.mac.to_lowercase(), o.clone())).collect(),
+        // Keyed like the API spells MACs (validation guarantees they parse).
+        overrides: cfg
+            .devices
+            .iter()
+            .filter_map(|o| Some((crate::model::mac_string(crate::model::parse_mac(&o.mac)?), o.clone())))
+            .collect(),
     });
     let (flush_tx, flush_rx) = std::sync::mpsc::channel::<()>();
     let flusher = {

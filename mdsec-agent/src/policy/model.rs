@@ -430,18 +430,11 @@ fn parse_net(cx: &mut Ctx, f: &Path, s: &Spanned<String>) -> Option<IpNet> {
 }
 
 fn parse_mac(cx: &mut Ctx, f: &Path, s: &Spanned<String>) -> Option<[u8; 6]> {
-    let parts: Vec<&str> = s.value.split([':', '-']).collect();
-    let mut mac = [0u8; 6];
-    if parts.len() == 6
-        && parts
-            .iter()
-            .zip(mac.iter_mut())
-            .all(|(p, m)| u8::from_str_radix(p, 16).map(|v| *m = v).is_ok() && p.len() == 2)
-    {
-        return Some(mac);
+    let mac = crate::model::parse_mac(&s.value);
+    if mac.is_none() {
+        cx.err_at(f, s, format!("`{}` is not a MAC address (aa:bb:cc:dd:ee:ff)", s.value));
     }
-    cx.err_at(f, s, format!("`{}` is not a MAC address (aa:bb:cc:dd:ee:ff)", s.value));
-    None
+    mac
 }
 
 fn parse_proto(cx: &mut Ctx, f: &Path, s: &Spanned<String>) -> Option<Option<u8>> {
