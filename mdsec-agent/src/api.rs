@@ -187,16 +187,13 @@ pub fn devices_json(st: &AppState) -> Vec<model::Device> {
                 apps_client: client[i].iter().cloned().collect(),
                 apps_server: server[i].iter().cloned().collect(),
                 peers: peers[i].iter().map(|p| p.to_string()).collect(),
-                class: String::new(),
-                confidence: 0.0,
-                evidence: Vec::new(),
                 fingerprints: fps.get(&(k.ifindex, k.vlan, k.mac)).cloned().unwrap_or_default(),
-                name: None,
-                model: None,
                 packets: tot.packets,
                 bytes: tot.bytes,
                 first_seen: rfc3339(anchor.wall(r.first_seen_ns)),
                 last_seen: rfc3339(anchor.wall(r.last_seen_ns)),
+                // Class, evidence and overrides are filled in below.
+                ..Default::default()
             }
         })
         .collect();

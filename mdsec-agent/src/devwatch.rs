@@ -130,21 +130,10 @@ mod tests {
             iface: "gw1".into(),
             vlan: 0,
             mac: mac.into(),
-            vendor: None,
             ips: vec![ip.into()],
-            apps_client: vec![],
-            apps_server: vec![],
-            peers: vec![],
-            class: String::new(),
-            confidence: 0.0,
-            evidence: vec![],
-            fingerprints: Default::default(),
-            name: None,
-            model: None,
             packets: 1,
             bytes: 60,
-            first_seen: String::new(),
-            last_seen: String::new(),
+            ..Default::default()
         }
     }
 

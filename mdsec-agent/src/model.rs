@@ -69,7 +69,7 @@ pub struct Event {
     pub vendor: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Device {
     pub iface: String,
     pub vlan: u16,

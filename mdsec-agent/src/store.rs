@@ -140,19 +140,12 @@ impl Store {
                 mac: r.get(2)?,
                 vendor: r.get(3)?,
                 ips: serde_json::from_str(&ips).unwrap_or_default(),
-                apps_client: Vec::new(),
-                apps_server: Vec::new(),
-                peers: Vec::new(),
-                class: String::new(),
-                confidence: 0.0,
-                evidence: Vec::new(),
                 fingerprints: serde_json::from_str(&r.get::<_, String>(9)?).unwrap_or_default(),
-                name: None,
-                model: None,
                 first_seen: r.get(5)?,
                 last_seen: r.get(6)?,
                 packets: r.get::<_, i64>(7)? as u64,
                 bytes: r.get::<_, i64>(8)? as u64,
+                ..Default::default()
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -170,19 +163,11 @@ mod tests {
             mac: mac.into(),
             vendor: Some("Baxter International Inc".into()),
             ips: vec![ip.into()],
-            apps_client: vec![],
-            apps_server: vec![],
-            peers: vec![],
-            class: String::new(),
-            confidence: 0.0,
-            evidence: vec![],
-            fingerprints: Default::default(),
-            name: None,
-            model: None,
             packets: 10,
             bytes: 1000,
             first_seen: first.into(),
             last_seen: "2026-11-23T10:00:00.000Z".into(),
+            ..Default::default()
         }
     }
 
