@@ -3,7 +3,6 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    os::fd::AsRawFd,
     sync::{Arc, RwLock},
 };
 
@@ -89,47 +88,29 @@ pub fn describe(
     }
 }
 
-/// Drains the ring buffer on a dedicated thread (poll(2) on its fd).
+/// Describes, logs and keeps every event of the ring buffer (see [`crate::ring`]).
 pub fn spawn(
-    mut ring: RingBuf<MapData>,
+    ring: RingBuf<MapData>,
     store: Arc<RwLock<EventStore>>,
     policy: Arc<RwLock<PolicyState>>,
     ifnames: HashMap<u32, String>,
 ) -> std::thread::JoinHandle<()> {
-    std::thread::Builder::new()
-        .name("mdsec-events".into())
-        .spawn(move || {
-            loop {
-                let mut pfd = libc::pollfd { fd: ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-                // SAFETY: one valid pollfd.
-                unsafe { libc::poll(&mut pfd, 1, 1000) };
-                let anchor = Anchor::now();
-                let mut batch = Vec::new();
-                while let Some(item) = ring.next() {
-                    if item.len() >= std::mem::size_of::<Event>() {
-                        // SAFETY: the kernel wrote an `Event`; read it unaligned.
-                        batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) });
-                    }
-                }
-                if batch.is_empty() {
-                    continue;
-                }
-                let p = policy.read().unwrap();
-                let mut s = store.write().unwrap();
-                for raw in &batch {
-                    let e = describe(raw, &p, &ifnames, &anchor);
-                    let line = format!(
-                        "{} {}:{} -> {}:{} {} on {} (segment {}, rule {}, {})",
-                        e.kind, e.src, e.sport, e.dst, e.dport, e.proto, e.iface, e.segment, e.rule, e.reason
-                    );
-                    if raw.verdict == Verdict::Drop as u8 {
-                        warn!("{line}");
-                    } else {
-                        info!("{line}");
-                    }
-                    s.push(e);
-                }
+    crate::ring::drain::<Event>("mdsec-events", ring, move |batch| {
+        let anchor = Anchor::now();
+        let p = policy.read().unwrap();
+        let mut s = store.write().unwrap();
+        for raw in &batch {
+            let e = describe(raw, &p, &ifnames, &anchor);
+            let line = format!(
+                "{} {}:{} -> {}:{} {} on {} (segment {}, rule {}, {})",
+                e.kind, e.src, e.sport, e.dst, e.dport, e.proto, e.iface, e.segment, e.rule, e.reason
+            );
+            if raw.verdict == Verdict::Drop as u8 {
+                warn!("{line}");
+            } else {
+                info!("{line}");
             }
-        })
-        .expect("spawn events thread")
+            s.push(e);
+        }
+    })
 }

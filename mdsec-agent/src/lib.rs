@@ -15,6 +15,7 @@ pub mod netlink;
 pub mod oui;
 pub mod policy;
 pub mod poller;
+pub mod ring;
 pub mod run;
 pub mod samples;
 pub mod state;

@@ -3,7 +3,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    os::fd::AsRawFd,
     sync::{Arc, RwLock},
 };
 
@@ -33,22 +32,10 @@ pub fn record(fp: &Fingerprints, s: &Sample) {
     }
 }
 
-pub fn spawn(mut ring: RingBuf<MapData>, fp: Fingerprints) -> std::thread::JoinHandle<()> {
-    std::thread::Builder::new()
-        .name("mdsec-samples".into())
-        .spawn(move || {
-            loop {
-                let mut pfd = libc::pollfd { fd: ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-                // SAFETY: one valid pollfd.
-                unsafe { libc::poll(&mut pfd, 1, 1000) };
-                while let Some(item) = ring.next() {
-                    if item.len() >= std::mem::size_of::<Sample>() {
-                        // SAFETY: the kernel wrote a `Sample`; read it unaligned.
-                        let s = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Sample) };
-                        record(&fp, &s);
-                    }
-                }
-            }
-        })
-        .expect("spawn samples thread")
+pub fn spawn(ring: RingBuf<MapData>, fp: Fingerprints) -> std::thread::JoinHandle<()> {
+    crate::ring::drain::<Sample>("mdsec-samples", ring, move |batch| {
+        for s in &batch {
+            record(&fp, s);
+        }
+    })
 }
