@@ -1,7 +1,7 @@
 //! mdsec XDP datapath: one program attached to every gateway interface.
 //!
-//! Stages, one module each: [`parse`] → [`account`] → [`verdict`]. Malformed frames
-//! are counted by reason and passed; nothing here ever stops the program early
+//! Stages, one module each: [`parse`] → [`account`] → [`app`] → [`verdict`]. Malformed
+//! frames are counted by reason and passed; nothing here ever stops the program early
 //! without a counted reason.
 #![no_std]
 #![no_main]
@@ -37,7 +37,12 @@ pub fn mdsec_xdp(ctx: XdpContext) -> u32 {
     }
     let flow = account::account(&pkt, now, len);
     if let Some(f) = flow {
-        app::identify(ctx.ctx, &pkt, f);
+        // Only the first payload of a flow is classified: test here, so every later
+        // packet skips the out-of-line call.
+        // SAFETY: `f` is a live FLOWS value.
+        if pkt.payload_len > 0 && unsafe { (*f).app_done } == 0 {
+            app::identify(ctx.ctx, &pkt, f);
+        }
     }
     let action = verdict::decide(&pkt, flow, now, len);
     stats::count(if action == xdp_action::XDP_DROP { Stat::Drop } else { Stat::Pass }, len);
