@@ -11,23 +11,6 @@ use mdsec_tests::{
     kernel::{TestProg, XDP_PASS},
 };
 
-fn fixtures() -> Vec<(String, Vec<u8>, u8, u16)> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../mdsec-common/tests/payloads");
-    std::fs::read_to_string(format!("{dir}/index.txt"))
-        .unwrap()
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let hex = std::fs::read_to_string(format!("{dir}/{}.hex", f[0])).unwrap();
-            let hex = hex.trim();
-            let bytes =
-                (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
-            (f[0].to_string(), bytes, f[1].parse().unwrap(), f[2].parse().unwrap())
-        })
-        .collect()
-}
-
 fn frame(proto: u8, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     let l4 = if proto == 6 {
         frames::tcp(sport, dport, 0x18, payload)
@@ -42,7 +25,7 @@ fn frame(proto: u8, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
 fn kernel_and_userspace_agree_on_every_fixture() {
     let mut prog = TestProg::load().unwrap();
     let mut checked = 0;
-    for (name, payload, proto, port) in fixtures() {
+    for (name, payload, proto, port) in mdsec_tests::fixtures::all() {
         for (sport, dport) in [(40_000, port), (port, 40_000), (40_001, 40_002)] {
             prog.clear().unwrap();
             assert_eq!(prog.run(&frame(proto, sport, dport, &payload)).unwrap(), XDP_PASS);

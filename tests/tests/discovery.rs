@@ -44,13 +44,7 @@ fn devices_carry_vendor_apps_and_peers() {
     assert!(server.join().unwrap() > 0);
 
     // A DHCP request from the pump (the real option layout of a DHCPDISCOVER).
-    let hex = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../mdsec-common/tests/payloads/dhcp-discover.hex"
-    ))
-    .unwrap();
-    let dhcp: Vec<u8> =
-        (0..hex.trim().len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+    let dhcp = mdsec_tests::fixtures::load("dhcp-discover");
     let from: SocketAddr = "10.0.1.2:68".parse().unwrap();
     let sock =
         mdsec_tests::netns::in_netns(&h1.ns, move || std::net::UdpSocket::bind(from)).unwrap().unwrap();
