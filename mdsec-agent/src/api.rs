@@ -1,13 +1,25 @@
-//! HTTP surface: `/api/v1/{flows,devices,stats,interfaces}`, `/healthz`, `/readyz`.
+//! HTTP surface: `/api/v1/{flows,devices,stats,interfaces,events,policy}`,
+//! `/metrics`, `/healthz`, `/readyz`.
+//!
+//! Every request passes the per-client rate limit and the size limits; `/api/*`
+//! also needs the bearer token when one is configured. Every error is a JSON
+//! `{"error": …}` with a 4xx status.
 
 use std::{
     collections::{BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
+    time::{Instant, SystemTime},
 };
 
-use anyhow::{Context, Result};
-use axum::{Json, Router, http::StatusCode, response::IntoResponse, routing::get};
+use axum::{
+    Json, Router,
+    extract::{ConnectInfo, Request},
+    http::{StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::get,
+};
 use mdsec_common::{
     app::{App, Confidence},
     policy::Verdict,
@@ -37,6 +49,113 @@ pub struct AppState {
     pub overrides: HashMap<String, crate::clinical::Override>,
     /// Devices from the state database (earlier runs), by (iface, vlan, mac).
     pub history: RwLock<HashMap<(String, u16, String), model::Device>>,
+    /// The inventory as last computed by the store thread (for metrics).
+    pub inventory: RwLock<Vec<model::Device>>,
+    pub segstats: Arc<Mutex<crate::segstats::SegStats>>,
+    pub map_sizes: crate::config::MapSizes,
+    pub started: SystemTime,
+    pub export_stats: Arc<crate::export::ExportStats>,
+    pub export_log: bool,
+    pub export_syslog: bool,
+    /// Bearer token `/api/*` requires, if configured.
+    pub token: Option<String>,
+    pub limiter: Mutex<Limiter>,
+}
+
+/// Token bucket per client address. The table is bounded: when full, clients
+/// whose bucket has refilled are forgotten (they would start full anyway).
+pub struct Limiter {
+    per_sec: f64,
+    burst: f64,
+    clients: HashMap<IpAddr, (f64, Instant)>,
+}
+
+/// Client addresses tracked by the limiter.
+const LIMITER_CLIENTS: usize = 4096;
+
+impl Limiter {
+    pub fn new(per_sec: u32, burst: u32) -> Limiter {
+        Limiter { per_sec: per_sec as f64, burst: burst as f64, clients: HashMap::new() }
+    }
+
+    /// Takes one token for `ip`; false when the client is over its rate.
+    pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if self.clients.len() >= LIMITER_CLIENTS && !self.clients.contains_key(&ip) {
+            let (per_sec, burst) = (self.per_sec, self.burst);
+            self.clients
+                .retain(|_, (tokens, t)| *tokens + now.duration_since(*t).as_secs_f64() * per_sec < burst);
+            if self.clients.len() >= LIMITER_CLIENTS {
+                return false;
+            }
+        }
+        let (tokens, t) = self.clients.entry(ip).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*t).as_secs_f64() * self.per_sec).min(self.burst);
+        *t = now;
+        if *tokens < 1.0 {
+            return false;
+        }
+        *tokens -= 1.0;
+        true
+    }
+}
+
+/// Largest request accepted: the API takes no uploads.
+pub const MAX_REQUEST_BYTES: u64 = 16 * 1024;
+pub const MAX_URI_BYTES: usize = 4096;
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(model::ApiError { error: msg.into() })).into_response()
+}
+
+/// Rate and size limits for every request.
+async fn limits(
+    axum::extract::State(st): S,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if !st.limiter.lock().unwrap().allow(peer.ip(), Instant::now()) {
+        let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded; retry in a second");
+        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return r;
+    }
+    if req.uri().to_string().len() > MAX_URI_BYTES {
+        return error(StatusCode::URI_TOO_LONG, format!("request URI longer than {MAX_URI_BYTES} bytes"));
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_REQUEST_BYTES)
+        || req.headers().contains_key(header::TRANSFER_ENCODING)
+    {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request bodies are limited to {MAX_REQUEST_BYTES} bytes"),
+        );
+    }
+    next.run(req).await
+}
+
+/// Bearer token check for `/api/*`, in constant time.
+async fn auth(axum::extract::State(st): S, req: Request, next: Next) -> Response {
+    if let Some(token) = &st.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let same = given.len() == token.len()
+            && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        if !same {
+            let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    }
+    next.run(req).await
 }
 
 impl AppState {
@@ -50,25 +169,35 @@ impl AppState {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let api = Router::new()
         .route("/api/v1/flows", get(flows))
         .route("/api/v1/devices", get(devices))
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/interfaces", get(interfaces))
         .route("/api/v1/events", get(events))
         .route("/api/v1/policy", get(policy_status))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .merge(api)
+        .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .fallback(|| async {
-            (StatusCode::NOT_FOUND, Json(model::ApiError { error: "no such endpoint".into() }))
-        })
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed") })
+        .layer(middleware::from_fn_with_state(state.clone(), limits))
         .with_state(state)
 }
 
-pub async fn serve(addr: SocketAddr, state: Arc<AppState>) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?;
-    axum::serve(listener, router(state)).await?;
-    Ok(())
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> std::io::Result<()> {
+    axum::serve(listener, router(state).into_make_service_with_connect_info::<SocketAddr>()).await
+}
+
+async fn metrics(axum::extract::State(st): S) -> Response {
+    let body = tokio::task::spawn_blocking(move || crate::metrics::render(&st)).await;
+    match body {
+        Ok(b) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], b).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("rendering metrics failed: {e}")),
+    }
 }
 
 type S = axum::extract::State<Arc<AppState>>;
@@ -198,8 +327,13 @@ pub fn devices_json(st: &AppState) -> Vec<model::Device> {
         })
         .collect();
     merge_history(&mut out, &st.history.read().unwrap());
+    let policy = st.policy.read().unwrap().current.clone();
     for d in &mut out {
         classify_device(d, st.overrides.get(&d.mac));
+        d.segment = policy
+            .as_ref()
+            .and_then(|p| crate::devwatch::segment_of(&p.policy, d))
+            .map(|(s, _)| s.name.clone());
     }
     out.sort_by(|a, b| (&a.iface, a.vlan, &a.mac).cmp(&(&b.iface, b.vlan, &b.mac)));
     out
@@ -299,8 +433,7 @@ async fn events(
 ) -> axum::response::Response {
     match q {
         Ok(q) => Json(st.events.read().unwrap().since(q.since)).into_response(),
-        Err(e) => (StatusCode::BAD_REQUEST, Json(model::ApiError { error: format!("bad query: {e}") }))
-            .into_response(),
+        Err(e) => error(StatusCode::BAD_REQUEST, format!("bad query: {e}")),
     }
 }
 

@@ -53,6 +53,113 @@ pub struct Config {
     /// Operator statements about devices: pin a MAC to a class, name, model.
     #[serde(default)]
     pub devices: Vec<crate::clinical::Override>,
+    /// Access to `/api/*`: bearer token and request limits.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// Where events go besides `/api/v1/events`: a JSON-lines log, syslog.
+    #[serde(default)]
+    pub events: EventsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// File holding the bearer token `/api/*` requires (`Authorization: Bearer …`).
+    /// Without it `/api` is open to whoever can reach `listen` (loopback by default).
+    /// `/metrics`, `/healthz` and `/readyz` never need it.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Requests per second per client address, sustained.
+    #[serde(default = "default_rate")]
+    pub rate_limit_per_sec: u32,
+    /// Requests a client may make at once before the sustained rate applies.
+    #[serde(default = "default_burst")]
+    pub rate_limit_burst: u32,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig { token_file: None, rate_limit_per_sec: default_rate(), rate_limit_burst: default_burst() }
+    }
+}
+
+fn default_rate() -> u32 {
+    20
+}
+fn default_burst() -> u32 {
+    100
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Every event as one JSON line: an absolute file path (appended to, reopened on
+    /// SIGHUP for log rotation) or `-` for standard output.
+    #[serde(default)]
+    pub log: Option<String>,
+    /// RFC 5424 syslog messages (the event's JSON as message).
+    #[serde(default)]
+    pub syslog: Option<SyslogConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyslogConfig {
+    /// `udp://HOST:PORT`, `tcp://HOST:PORT` (RFC 6587 octet counting) or
+    /// `unix:///PATH` (a datagram socket such as /dev/log).
+    pub target: String,
+    /// Syslog facility name (`local0`…`local7`, `daemon`, `auth`, …).
+    #[serde(default = "default_facility")]
+    pub facility: String,
+    #[serde(default = "default_app_name")]
+    pub app_name: String,
+}
+
+fn default_facility() -> String {
+    "local0".into()
+}
+fn default_app_name() -> String {
+    "mdsec".into()
+}
+
+/// Syslog facility codes (RFC 5424 table 1) by name.
+pub fn facility_code(name: &str) -> Option<u8> {
+    const NAMES: [&str; 24] = [
+        "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron", "authpriv", "ftp",
+        "ntp", "audit", "alert", "clock", "local0", "local1", "local2", "local3", "local4", "local5",
+        "local6", "local7",
+    ];
+    NAMES.iter().position(|n| *n == name).map(|i| i as u8)
+}
+
+/// A parsed syslog target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyslogTarget {
+    Udp(String),
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl SyslogTarget {
+    pub fn parse(s: &str) -> Result<SyslogTarget, String> {
+        let host_port = |rest: &str| match rest.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0) => Ok(rest.to_string()),
+            _ => Err(format!("`{s}`: expected HOST:PORT after the scheme")),
+        };
+        if let Some(rest) = s.strip_prefix("udp://") {
+            return host_port(rest).map(SyslogTarget::Udp);
+        }
+        if let Some(rest) = s.strip_prefix("tcp://") {
+            return host_port(rest).map(SyslogTarget::Tcp);
+        }
+        if let Some(rest) = s.strip_prefix("unix://") {
+            if rest.starts_with('/') {
+                return Ok(SyslogTarget::Unix(rest.into()));
+            }
+            return Err(format!("`{s}`: expected an absolute path after unix://"));
+        }
+        Err(format!("`{s}`: the target must start with udp://, tcp:// or unix://"))
+    }
 }
 
 fn default_event_rate() -> u32 {
@@ -252,6 +359,40 @@ impl Config {
         if !self.pin_dir.is_absolute() || !self.state_dir.is_absolute() {
             return Err(at("_dir", "pin_dir and state_dir must be absolute paths".into()));
         }
+        if self.api.rate_limit_per_sec == 0 || self.api.rate_limit_burst == 0 {
+            return Err(at(
+                "rate_limit",
+                "api.rate_limit_per_sec and api.rate_limit_burst must be positive".into(),
+            ));
+        }
+        if let Some(t) = &self.api.token_file
+            && !t.is_absolute()
+        {
+            return Err(at("token_file", "api.token_file must be an absolute path".into()));
+        }
+        if let Some(l) = &self.events.log
+            && l != "-"
+            && !Path::new(l).is_absolute()
+        {
+            return Err(at(l, format!("events.log `{l}` must be an absolute path or `-` (stdout)")));
+        }
+        if let Some(sl) = &self.events.syslog {
+            SyslogTarget::parse(&sl.target)
+                .map_err(|e| at(&sl.target, format!("events.syslog.target {e}")))?;
+            if facility_code(&sl.facility).is_none() {
+                return Err(at(&sl.facility, format!("`{}` is not a syslog facility", sl.facility)));
+            }
+            // RFC 5424 APP-NAME: 1–48 printable ASCII characters, no spaces.
+            if sl.app_name.is_empty()
+                || sl.app_name.len() > 48
+                || !sl.app_name.bytes().all(|b| (33..=126).contains(&b))
+            {
+                return Err(at(
+                    "app_name",
+                    "events.syslog.app_name must be 1–48 printable ASCII characters".into(),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -312,6 +453,27 @@ mod tests {
             let c = Config::load(&root.join(f)).unwrap_or_else(|e| panic!("{e}"));
             assert!(c.listen.ip().is_loopback(), "{f}");
         }
+    }
+
+    #[test]
+    fn event_outputs_are_validated() {
+        let e = Config::parse(&format!("{GOOD}events:\n  log: events.jsonl\n")).unwrap_err();
+        assert_eq!(e.line, 6, "{e}");
+        let e = Config::parse(&format!("{GOOD}events:\n  syslog:\n    target: 10.0.0.1:514\n")).unwrap_err();
+        assert!(e.message.contains("udp://"), "{e}");
+        assert_eq!(e.line, 7, "{e}");
+        let e =
+            Config::parse(&format!("{GOOD}events:\n  syslog:\n    target: udp://h:1\n    facility: locl0\n"))
+                .unwrap_err();
+        assert!(e.message.contains("facility"), "{e}");
+        let c = Config::parse(&format!(
+            "{GOOD}events:\n  log: \"-\"\n  syslog:\n    target: tcp://127.0.0.1:6514\n"
+        ))
+        .unwrap();
+        assert_eq!(c.events.syslog.unwrap().facility, "local0");
+        assert_eq!(facility_code("local0"), Some(16));
+        assert_eq!(SyslogTarget::parse("unix:///dev/log"), Ok(SyslogTarget::Unix("/dev/log".into())));
+        assert!(SyslogTarget::parse("udp://:514").is_err());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::{
 };
 
 /// The segment a device belongs to, and whether it is a declared MAC member.
-fn segment_of<'a>(p: &'a Policy, d: &Device) -> Option<(&'a Segment, bool)> {
+pub fn segment_of<'a>(p: &'a Policy, d: &Device) -> Option<(&'a Segment, bool)> {
     let mac = crate::model::parse_mac(&d.mac)?;
     let vlan_ok = |v: &Option<u16>| v.is_none_or(|v| v == d.vlan);
     for s in &p.segments {
@@ -34,8 +34,10 @@ fn segment_of<'a>(p: &'a Policy, d: &Device) -> Option<(&'a Segment, bool)> {
 
 fn event(kind: &str, d: &Device, segment: &str, reason: String, now: SystemTime) -> Event {
     Event {
+        version: crate::model::EVENT_SCHEMA_VERSION,
         seq: 0,
         kind: kind.into(),
+        severity: if kind == "rogue_device" { "high" } else { "low" }.into(),
         time: rfc3339(now),
         iface: d.iface.clone(),
         vlan: d.vlan,
@@ -49,6 +51,7 @@ fn event(kind: &str, d: &Device, segment: &str, reason: String, now: SystemTime)
         rule_id: 0,
         reason,
         app: String::new(),
+        app_confidence: String::new(),
         src_identity: None,
         dst_identity: None,
         generation: 0,

@@ -2,14 +2,14 @@
 //! described [`model::Event`], logs it, and keeps the most recent ones for the API.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{Arc, RwLock},
 };
 
 use aya::maps::{MapData, RingBuf};
 use log::{info, warn};
 use mdsec_common::{
-    app::App,
+    app::{App, Confidence},
     net::ip_from_key,
     policy::{DENY_APP_MISMATCH, Event, Verdict},
 };
@@ -23,16 +23,25 @@ use crate::{
 /// Events kept in memory for `/api/v1/events`.
 pub const KEEP: usize = 10_000;
 
+/// Every event passes through here: numbered, kept for the API, counted by type,
+/// and handed to the exporter (JSON lines, syslog).
 #[derive(Default)]
 pub struct EventStore {
     pub next_seq: u64,
     pub events: VecDeque<model::Event>,
+    /// Events by type since the start (for metrics).
+    pub by_type: BTreeMap<String, u64>,
+    pub exporter: Option<crate::export::Exporter>,
 }
 
 impl EventStore {
     pub fn push(&mut self, mut e: model::Event) {
         self.next_seq += 1;
         e.seq = self.next_seq;
+        *self.by_type.entry(e.kind.clone()).or_default() += 1;
+        if let Some(x) = &self.exporter {
+            x.send(&e);
+        }
         if self.events.len() == KEEP {
             self.events.pop_front();
         }
@@ -65,8 +74,10 @@ pub fn describe(
         |id: u32| installed.and_then(|i| i.compiled.ids.get(id as usize)).map(|i| i.description.clone());
     let drop = ev.verdict == Verdict::Drop as u8;
     model::Event {
+        version: model::EVENT_SCHEMA_VERSION,
         seq: 0,
         kind: if drop { "policy_drop" } else { "policy_would_drop" }.into(),
+        severity: if drop { "medium" } else { "low" }.into(),
         time: rfc3339(anchor.wall(ev.ts_ns)),
         iface: ifnames.get(&ev.ifindex).cloned().unwrap_or_else(|| format!("if{}", ev.ifindex)),
         vlan: ev.vlan,
@@ -80,6 +91,7 @@ pub fn describe(
         rule_id: ev.rule,
         reason: if ev.reason == DENY_APP_MISMATCH { "app_mismatch" } else { "default_deny" }.into(),
         app: App::from_u8(ev.app).name().into(),
+        app_confidence: Confidence::from_u8(ev.app_confidence).name().into(),
         src_identity: id_name(ev.src_id),
         dst_identity: id_name(ev.dst_id),
         generation: ev.generation,

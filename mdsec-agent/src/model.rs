@@ -35,14 +35,26 @@ pub struct Flow {
     pub app_confidence: String,
 }
 
-/// A policy event (`GET /api/v1/events`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// Version of the event JSON (`version` in every event). Fields may be added
+/// within a version; it increases when a field is renamed, removed or changes meaning.
+pub const EVENT_SCHEMA_VERSION: u32 = 1;
+
+/// Every event `type` the agent emits (metrics start each at zero).
+pub const EVENT_TYPES: &[&str] = &["policy_drop", "policy_would_drop", "new_device", "rogue_device"];
+
+/// An event: `GET /api/v1/events`, the JSON-lines log and syslog carry the same
+/// object. Documented field by field in docs/OPERATIONS.md.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct Event {
+    /// [`EVENT_SCHEMA_VERSION`].
+    pub version: u32,
     /// Increases by one per event; `?since=SEQ` returns later ones.
     pub seq: u64,
-    /// `policy_drop` or `policy_would_drop`.
+    /// `policy_drop`, `policy_would_drop`, `new_device`, `rogue_device`.
     #[serde(rename = "type")]
     pub kind: String,
+    /// `critical`, `high`, `medium`, `low` or `info`.
+    pub severity: String,
     pub time: String,
     pub iface: String,
     pub vlan: u16,
@@ -56,9 +68,14 @@ pub struct Event {
     /// `file:line:col` of the rule, or `default` for the segment's default verdict.
     pub rule: String,
     pub rule_id: u32,
-    /// `default_deny` or `app_mismatch`.
+    /// `default_deny` or `app_mismatch` for policy events; a sentence otherwise.
     pub reason: String,
+    /// From the payload, or the port's service when the flow was denied before any
+    /// payload (then `app_confidence` is `low`).
     pub app: String,
+    /// `high` (payload signature), `low` (port only) or `none`.
+    #[serde(default)]
+    pub app_confidence: String,
     pub src_identity: Option<String>,
     pub dst_identity: Option<String>,
     pub generation: u32,
@@ -67,6 +84,19 @@ pub struct Event {
     pub mac: Option<String>,
     #[serde(default)]
     pub vendor: Option<String>,
+}
+
+impl Event {
+    /// RFC 5424 severity (0 emergency … 7 debug) of the event's severity.
+    pub fn syslog_severity(&self) -> u8 {
+        match self.severity.as_str() {
+            "critical" => 2,
+            "high" => 3,
+            "medium" => 4,
+            "low" => 5,
+            _ => 6,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -101,6 +131,9 @@ pub struct Device {
     pub name: Option<String>,
     #[serde(default)]
     pub model: Option<String>,
+    /// The segment whose members include it (declared MAC, else address), if any.
+    #[serde(default)]
+    pub segment: Option<String>,
     pub packets: u64,
     pub bytes: u64,
     pub first_seen: String,

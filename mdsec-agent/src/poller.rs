@@ -1,8 +1,9 @@
 //! Owns the FLOWS, DEVICES and STATS maps on the user side: reads them every poll
-//! interval, merges into [`Tables`], and ages idle flows out of the kernel.
+//! interval, merges into [`Tables`], and ages idle flows out of the kernel. Drives
+//! the per-segment counters' reads ([`SegStats`]) on the same clock.
 
 use std::{
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
@@ -16,21 +17,23 @@ use mdsec_common::{
     stats::{Counter, STATS_LEN},
 };
 
-use crate::{clock, loader::Datapath, state::Tables};
+use crate::{clock, loader::Datapath, segstats::SegStats, state::Tables};
 
 pub struct Poller {
     flows: BpfHashMap<MapData, FlowKey, FlowValue>,
     devices: BpfHashMap<MapData, DeviceKey, DeviceValue>,
     stats: PerCpuArray<MapData, Counter>,
+    segstats: Arc<Mutex<SegStats>>,
     idle: Duration,
 }
 
 impl Poller {
-    pub fn new(dp: &mut Datapath, idle: Duration) -> Result<Poller> {
+    pub fn new(dp: &mut Datapath, segstats: Arc<Mutex<SegStats>>, idle: Duration) -> Result<Poller> {
         Ok(Poller {
             flows: BpfHashMap::try_from(dp.take_map(names::FLOWS)?)?,
             devices: BpfHashMap::try_from(dp.take_map(names::DEVICES)?)?,
             stats: PerCpuArray::try_from(dp.take_map(names::STATS)?)?,
+            segstats,
             idle,
         })
     }
@@ -47,6 +50,7 @@ impl Poller {
                 bytes: a.bytes + c.bytes,
             }));
         }
+        self.segstats.lock().unwrap().poll()?;
         let idle = {
             let mut t = tables.write().unwrap();
             t.merge_flows(&flows);

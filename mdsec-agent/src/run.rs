@@ -8,8 +8,8 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, RwLock, mpsc::RecvTimeoutError},
-    time::Duration,
+    sync::{Arc, Mutex, RwLock, mpsc::RecvTimeoutError},
+    time::{Duration, SystemTime},
 };
 
 use anyhow::{Context, Result};
@@ -31,6 +31,7 @@ use crate::{
         runtime::{PolicyState, Reloader, Trigger},
     },
     poller::Poller,
+    segstats::SegStats,
     state::Tables,
     store::Store,
 };
@@ -43,16 +44,24 @@ pub async fn run(cfg: Config) -> Result<()> {
         .await
         .with_context(|| format!("listen on {}", cfg.listen))?;
 
+    let token = match &cfg.api.token_file {
+        Some(path) => Some(read_token(path)?),
+        None => None,
+    };
+    let export_stats = Arc::new(crate::export::ExportStats::default());
+    let exporter = crate::export::spawn(&cfg.events, export_stats.clone())?;
+
     let oui = Oui::load();
     info!("vendor names: {} OUIs from {}", oui.len(), oui.source);
     let mut dp = Datapath::load(&cfg)?;
-    let mut poller = Poller::new(&mut dp, cfg.flow_idle_timeout())?;
+    let segstats = Arc::new(Mutex::new(SegStats::new(dp.take_map(names::SEG_STATS)?)?));
+    let mut poller = Poller::new(&mut dp, segstats.clone(), cfg.flow_idle_timeout())?;
     let tables = Arc::new(RwLock::new(Tables::default()));
     poller.poll(&tables)?;
     poller.spawn(tables.clone(), cfg.poll_interval());
 
     let policy = Arc::new(RwLock::new(PolicyState::default()));
-    let store = Arc::new(RwLock::new(EventStore::default()));
+    let store = Arc::new(RwLock::new(EventStore { exporter: exporter.clone(), ..Default::default() }));
     let ring = RingBuf::try_from(dp.take_map(names::EVENTS)?)?;
     events::spawn(ring, store.clone(), policy.clone(), dp.ifnames());
     let fingerprints = crate::samples::Fingerprints::default();
@@ -62,7 +71,8 @@ pub async fn run(cfg: Config) -> Result<()> {
     let pinned_generation = policy_maps.config()?.generation;
     match &cfg.policy_dir {
         Some(dir) => {
-            let mut reloader = Reloader::new(policy_maps, dir.clone(), cfg.event_rate, policy.clone());
+            let mut reloader =
+                Reloader::new(policy_maps, dir.clone(), cfg.event_rate, policy.clone(), segstats.clone());
             if !reloader.reload() {
                 if pinned_generation != 0 {
                     error!(
@@ -107,6 +117,15 @@ pub async fn run(cfg: Config) -> Result<()> {
             .iter()
             .filter_map(|o| Some((crate::model::mac_string(crate::model::parse_mac(&o.mac)?), o.clone())))
             .collect(),
+        inventory: RwLock::new(Vec::new()),
+        segstats,
+        map_sizes: cfg.maps.clone(),
+        started: SystemTime::now(),
+        export_stats,
+        export_log: cfg.events.log.is_some(),
+        export_syslog: cfg.events.syslog.is_some(),
+        token,
+        limiter: Mutex::new(api::Limiter::new(cfg.api.rate_limit_per_sec, cfg.api.rate_limit_burst)),
     });
     let (flush_tx, flush_rx) = std::sync::mpsc::channel::<()>();
     let flusher = {
@@ -121,12 +140,13 @@ pub async fn run(cfg: Config) -> Result<()> {
                 match db.save_devices(&devices) {
                     Ok(()) => {
                         let mut h = state.history.write().unwrap();
-                        for d in devices {
-                            h.insert((d.iface.clone(), d.vlan, d.mac.clone()), d);
+                        for d in &devices {
+                            h.insert((d.iface.clone(), d.vlan, d.mac.clone()), d.clone());
                         }
                     }
                     Err(e) => warn!("saving devices failed: {e:#}"),
                 }
+                *state.inventory.write().unwrap() = devices;
                 if stop {
                     return;
                 }
@@ -134,7 +154,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         })?
     };
     info!("API on http://{}", cfg.listen);
-    let server = tokio::spawn(async move { axum::serve(listener, api::router(state)).await });
+    let server = tokio::spawn(api::serve(listener, state));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -145,8 +165,11 @@ pub async fn run(cfg: Config) -> Result<()> {
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
             _ = hup.recv() => {
-                info!("SIGHUP: reloading the policy");
+                info!("SIGHUP: reloading the policy and reopening the event log");
                 let _ = reload_tx.send(Trigger::Reload);
+                if let Some(x) = &exporter {
+                    x.reopen();
+                }
             }
             r = &mut server => {
                 error!("HTTP server stopped: {r:?}");
@@ -204,4 +227,18 @@ fn report_new_devices(state: &AppState, db: &Store, devices: &[crate::model::Dev
         );
         store.push(e);
     }
+}
+
+/// The API token: the file's first line, at least 16 characters.
+fn read_token(path: &std::path::Path) -> Result<String> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("read api.token_file {}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    if token.len() < 16 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        anyhow::bail!(
+            "{}: the API token must be at least 16 printable characters on the first line",
+            path.display()
+        );
+    }
+    Ok(token)
 }

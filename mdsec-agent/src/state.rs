@@ -34,22 +34,31 @@ struct Monotonic {
 }
 
 impl Monotonic {
-    fn observe(&mut self, first_seen_ns: u64, packets: u64, bytes: u64) {
+    /// Returns true when this is a new kernel entry replacing one this record saw
+    /// (it was evicted and recreated between two reads).
+    fn observe(&mut self, first_seen_ns: u64, packets: u64, bytes: u64) -> bool {
+        let mut replaced = false;
         // A new kernel entry: the previous one's counts are final.
         if let Some((f, p, b)) = self.kernel
             && (f != first_seen_ns || packets < p)
         {
             self.base.packets += p;
             self.base.bytes += b;
+            replaced = true;
         }
         self.kernel = Some((first_seen_ns, packets, bytes));
+        replaced
     }
 
-    /// The kernel entry is gone; keep its counts.
-    fn vanished(&mut self) {
-        if let Some((_, p, b)) = self.kernel.take() {
-            self.base.packets += p;
-            self.base.bytes += b;
+    /// The kernel entry is gone; keep its counts. Returns true if there was one.
+    fn vanished(&mut self) -> bool {
+        match self.kernel.take() {
+            Some((_, p, b)) => {
+                self.base.packets += p;
+                self.base.bytes += b;
+                true
+            }
+            None => false,
         }
     }
 
@@ -112,6 +121,13 @@ impl DeviceRecord {
 pub struct Tables {
     pub flows: HashMap<FlowKey, FlowRecord>,
     pub devices: HashMap<DeviceKey, DeviceRecord>,
+    /// Entries in the kernel maps at the last read.
+    pub kernel_flows: usize,
+    pub kernel_devices: usize,
+    /// Kernel entries that disappeared without the agent removing them: the LRU
+    /// evicted them (idle flows the agent ages out are not counted).
+    pub flow_evictions: u64,
+    pub device_evictions: u64,
     /// Summed over CPUs, indexed like [`Stat::ALL`].
     pub stats: Vec<Counter>,
 }
@@ -133,7 +149,7 @@ impl Tables {
                 app: 0,
                 app_confidence: 0,
             });
-            r.counts.observe(v.first_seen_ns, v.packets, v.bytes);
+            self.flow_evictions += r.counts.observe(v.first_seen_ns, v.packets, v.bytes) as u64;
             r.first_seen_ns = r.first_seen_ns.min(v.first_seen_ns);
             r.last_seen_ns = r.last_seen_ns.max(v.last_seen_ns);
             r.tcp_flags |= v.tcp_flags as u8;
@@ -146,9 +162,10 @@ impl Tables {
         }
         for (k, r) in self.flows.iter_mut() {
             if !present.contains(k) {
-                r.counts.vanished();
+                self.flow_evictions += r.counts.vanished() as u64;
             }
         }
+        self.kernel_flows = snapshot.len();
     }
 
     pub fn merge_devices(&mut self, snapshot: &[(DeviceKey, DeviceValue)]) {
@@ -162,7 +179,7 @@ impl Tables {
                 ips: BTreeSet::new(),
                 ip_order: Vec::new(),
             });
-            r.counts.observe(v.first_seen_ns, v.packets, v.bytes);
+            self.device_evictions += r.counts.observe(v.first_seen_ns, v.packets, v.bytes) as u64;
             r.first_seen_ns = r.first_seen_ns.min(v.first_seen_ns);
             r.last_seen_ns = r.last_seen_ns.max(v.last_seen_ns);
             if v.ipv4 != [0; 4] {
@@ -174,9 +191,10 @@ impl Tables {
         }
         for (k, r) in self.devices.iter_mut() {
             if !present.contains(k) {
-                r.counts.vanished();
+                self.device_evictions += r.counts.vanished() as u64;
             }
         }
+        self.kernel_devices = snapshot.len();
     }
 
     pub fn set_stats(&mut self, per_cpu_sums: Vec<Counter>) {
@@ -237,6 +255,9 @@ mod tests {
         assert_eq!(t.flows[&key(1)].totals().packets, 11);
         assert_eq!(t.flows[&key(1)].first_seen_ns, 10);
         assert_eq!(t.flows[&key(1)].last_seen_ns, 91);
+        // Both disappearances were evictions: one seen missing, one recreated.
+        assert_eq!(t.flow_evictions, 2);
+        assert_eq!(t.kernel_flows, 1);
     }
 
     #[test]

@@ -354,6 +354,12 @@ fn classify_udp(b: &[u8; CLASSIFY_BYTES], len: usize, sport: u16, dport: u16) ->
     App::Unknown
 }
 
+/// The service a flow's ports suggest, for a flow denied before any payload.
+#[inline(always)]
+pub fn port_hint(proto: u8, sport: u16, dport: u16) -> App {
+    by_port(proto, sport, dport, false)
+}
+
 /// Well-known ports, for a low-confidence guess when the payload says nothing.
 /// The lower port is tried first (usually the service side).
 #[inline(always)]

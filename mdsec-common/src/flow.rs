@@ -39,7 +39,9 @@ pub struct FlowValue {
     pub rule: u32,
     pub src_id: u32,
     pub dst_id: u32,
-    /// Segment whose default denied the flow, 0 otherwise.
+    /// Segment the verdict is accounted to (1-based in its generation): the
+    /// allowing rule's segment, or the segment whose default denied; 0 for
+    /// traffic of no segment and exempt control traffic.
     pub segment: u32,
     /// Generation for which a deny event was emitted (one event per flow and gen).
     pub reported_generation: u32,

@@ -14,6 +14,7 @@ pub mod frag;
 pub mod maps;
 pub mod net;
 pub mod policy;
+pub mod segstats;
 pub mod stats;
 
 #[cfg(feature = "user")]

@@ -29,20 +29,22 @@ pub const EVENTS: &str = "EVENTS";
 /// Ring buffer of [`crate::app::Sample`]: first payloads for fingerprints.
 pub const SAMPLES: &str = "SAMPLES";
 pub const SAMPLES_BYTES: u32 = 512 * 1024;
+/// Per-CPU array of per-segment counters (see [`crate::segstats`]).
+pub const SEG_STATS: &str = "SEG_STATS";
 /// Per-CPU array[1]: event rate-limit bucket (tokens, last refill ns).
 pub const EVENT_BUCKET: &str = "EVENT_BUCKET";
 
 /// All maps the agent pins, in a fixed order. The ring buffers (`EVENTS`,
 /// `SAMPLES`) and `EVENT_BUCKET` are not pinned: a new agent starts fresh ones.
-pub const ALL: [&str; 11] =
-    [FLOWS, DEVICES, FRAGS, STATS, IDENT, MACS, POLICY, SEGMENTS, CONFIG, IFACES, ALLOWED];
+pub const ALL: [&str; 12] =
+    [FLOWS, DEVICES, FRAGS, STATS, SEG_STATS, IDENT, MACS, POLICY, SEGMENTS, CONFIG, IFACES, ALLOWED];
 
 /// Name of the XDP program in the object.
 pub const PROGRAM: &str = "mdsec_xdp";
 
 /// Bumped whenever a key or value layout changes. Pins live under a directory named
 /// after it, so an upgraded agent never reinterprets the bytes of an older map.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Compile-time sizes in the object; the agent overrides them at load time.
 pub const DEFAULT_FLOWS_MAX: u32 = 262_144;

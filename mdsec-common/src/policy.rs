@@ -62,7 +62,9 @@ pub struct PolicyValue {
     /// Required application ([`crate::app::App`] as u8), 0 = any.
     pub app: u8,
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// Segment (1-based) whose file the rule comes from: allowed traffic is
+    /// accounted to it.
+    pub segment: u16,
     /// `CLOCK_BOOTTIME` ns after which the entry no longer allows; 0 = never.
     pub expires_ns: u64,
 }
@@ -169,14 +171,17 @@ pub struct Event {
     pub dport: u16,
     pub src_id: u32,
     pub dst_id: u32,
-    /// Segment whose default decided (1-based), 0 if none.
+    /// Segment whose default denied (1-based), 0 if none.
     pub segment: u32,
     /// Rule id for app mismatches, 0 for a default verdict.
     pub rule: u32,
     pub generation: u32,
     pub reason: u8,
+    /// [`crate::app::App`] from the payload, or the port's service before any payload.
     pub app: u8,
-    pub _pad: [u8; 6],
+    /// [`crate::app::Confidence`] of `app`.
+    pub app_confidence: u8,
+    pub _pad: [u8; 5],
 }
 
 /// `ALLOWED` key: a flow tuple without interface, to recognise replies of allowed

@@ -16,6 +16,7 @@ use mdsec_common::{
         DEFAULT_MACS_MAX, DEFAULT_POLICY_MAX, EVENTS_BYTES, IFACES_MAX, SAMPLES_BYTES,
     },
     policy::{IdentData, MacKey, PolicyConfig, PolicyData, PolicyValue, SegmentInfo, TupleKey, MAX_IDS},
+    segstats::SEG_STATS_LEN,
     stats::{Counter, STATS_LEN},
 };
 
@@ -30,6 +31,9 @@ pub static FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(
 
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+
+#[map(name = "SEG_STATS")]
+pub static SEG_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(SEG_STATS_LEN, 0);
 
 // Policy maps (see mdsec_common::policy). Double-buffered by the generation bit in
 // every key; `CONFIG` holds the active generation.

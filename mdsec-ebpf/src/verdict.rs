@@ -8,7 +8,7 @@
 
 use aya_ebpf::{bindings::xdp_action, maps::lpm_trie::Key};
 use mdsec_common::{
-    app::Confidence,
+    app::{port_hint, Confidence},
     flow::FlowValue,
     net::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP},
     policy::{
@@ -16,11 +16,12 @@ use mdsec_common::{
         DENY_DEFAULT, IDENT_HEADER_BITS, IFACE_MIRROR, MAX_IDS, POLICY_FULL_BITS, SEG_DEFAULT_ALLOW,
         SEG_ENFORCE, SEG_MEMBER,
     },
-    stats::Stat,
+    segstats::{self, COL_DROP_APP_MISMATCH, COL_VIOLATIONS, COL_WOULD_DROP_APP_MISMATCH, SEG_SLOTS},
+    stats::{Counter, Stat},
 };
 
 use crate::{
-    maps::{ALLOWED, CONFIG, EVENTS, EVENT_BUCKET, IDENT, IFACES, MACS, POLICY, SEGMENTS},
+    maps::{ALLOWED, CONFIG, EVENTS, EVENT_BUCKET, IDENT, IFACES, MACS, POLICY, SEGMENTS, SEG_STATS},
     parse::{Packet, L3_IPV4},
     stats::count,
 };
@@ -51,16 +52,22 @@ pub fn decide(p: &Packet, flow: Option<*mut FlowValue>, now: u64, len: u64) -> u
         if fv.reported_generation != gen {
             emit(p, fv, gen, now, cfg.event_rate);
         }
+        let app_rule = fv.required_app != 0;
         // A mirror port only sees copies: dropping them protects nothing.
         // SAFETY: plain map lookup.
         let mirror = unsafe { IFACES.get(&p.ifindex) }.is_some_and(|f| *f & IFACE_MIRROR != 0);
         if verdict == Verdict::Drop as u8 && !mirror {
             count(Stat::PolicyDrop, len);
+            let col = if app_rule { COL_DROP_APP_MISMATCH } else { Verdict::Drop as u32 };
+            count_segment(gen, fv.segment, col, 1, len);
             return xdp_action::XDP_DROP;
         }
         count(Stat::PolicyWouldDrop, len);
+        let col = if app_rule { COL_WOULD_DROP_APP_MISMATCH } else { Verdict::WouldDrop as u32 };
+        count_segment(gen, fv.segment, col, 1, len);
         return xdp_action::XDP_PASS;
     }
+    count_segment(gen, fv.segment, verdict as u32 & 7, 1, len);
     count(
         match Verdict::from_u8(verdict) {
             Verdict::Allow | Verdict::AppPending => Stat::PolicyAllow,
@@ -71,6 +78,20 @@ pub fn decide(p: &Packet, flow: Option<*mut FlowValue>, now: u64, len: u64) -> u
         len,
     );
     xdp_action::XDP_PASS
+}
+
+/// Adds to the per-segment counters of the generation's half of `SEG_STATS`.
+#[inline(always)]
+fn count_segment(gen: u32, segment: u32, col: u32, packets: u64, bytes: u64) {
+    if segment >= SEG_SLOTS {
+        return;
+    }
+    if let Some(c) = SEG_STATS.get_ptr_mut(segstats::index(gen, segment, col)) {
+        // SAFETY: a valid per-CPU cell; per-CPU cells have no concurrent writer.
+        let c: &mut Counter = unsafe { &mut *c };
+        c.packets += packets;
+        c.bytes += bytes;
+    }
 }
 
 /// The first payload of a flow whose rule requires an app has been classified:
@@ -120,7 +141,8 @@ fn deny(s: &SegmentInfo, d: &SegmentInfo, app_rule: bool) -> (Verdict, u32) {
     if dd {
         return (Verdict::WouldDrop, d.segment);
     }
-    (Verdict::Allow, 0)
+    // Allowed by a segment's default: accounted to that segment.
+    (Verdict::Allow, if s.flags & SEG_MEMBER != 0 { s.segment } else { d.segment })
 }
 
 /// Link-local control traffic is never policed: address resolution, router
@@ -172,9 +194,9 @@ fn identity(bit: u8, addr: &[u8; 16], mac: &[u8; 6], vlan: u16) -> u32 {
 }
 
 /// The allow entry for (src, dst, proto, port), if any and not expired.
-/// Returns (rule, app, expires_ns).
+/// Returns (rule, app, expires_ns, segment of the rule).
 #[inline(always)]
-fn allowed(bit: u8, src: u32, dst: u32, proto: u8, port: u16, now: u64) -> Option<(u32, u8, u64)> {
+fn allowed(bit: u8, src: u32, dst: u32, proto: u8, port: u16, now: u64) -> Option<(u32, u8, u64, u32)> {
     let key = Key::new(
         POLICY_FULL_BITS,
         PolicyData {
@@ -189,7 +211,7 @@ fn allowed(bit: u8, src: u32, dst: u32, proto: u8, port: u16, now: u64) -> Optio
     if v.expires_ns != 0 && now >= v.expires_ns {
         return None;
     }
-    Some((v.rule, v.app, if v.expires_ns == 0 { u64::MAX } else { v.expires_ns }))
+    Some((v.rule, v.app, if v.expires_ns == 0 { u64::MAX } else { v.expires_ns }, v.segment as u32))
 }
 
 /// The tuple a reply of this packet's flow carries. ICMP echo requests are
@@ -232,8 +254,9 @@ fn evaluate(p: &Packet, f: *mut FlowValue, gen: u32, now: u64) {
         fv.verdict = Verdict::Unevaluated as u8;
         return;
     }
-    if let Some((rule, app, until)) = allowed(bit, src_id, dst_id, p.proto, p.dport, now) {
+    if let Some((rule, app, until, segment)) = allowed(bit, src_id, dst_id, p.proto, p.dport, now) {
         fv.rule = rule;
+        fv.segment = segment;
         fv.valid_until_ns = until;
         fv.required_app = app;
         fv.verdict = if app == 0 { Verdict::Allow as u8 } else { Verdict::AppPending as u8 };
@@ -247,8 +270,9 @@ fn evaluate(p: &Packet, f: *mut FlowValue, gen: u32, now: u64) {
         // Still allowed in this direction under the current policy?
         let original_port =
             if p.proto == IPPROTO_ICMP || p.proto == IPPROTO_ICMPV6 { p.dport } else { p.sport };
-        if let Some((rule, _, until)) = allowed(bit, dst_id, src_id, p.proto, original_port, now) {
+        if let Some((rule, _, until, segment)) = allowed(bit, dst_id, src_id, p.proto, original_port, now) {
             fv.rule = rule;
+            fv.segment = segment;
             fv.valid_until_ns = until;
             fv.verdict = Verdict::Reply as u8;
             return;
@@ -259,9 +283,20 @@ fn evaluate(p: &Packet, f: *mut FlowValue, gen: u32, now: u64) {
     fv.segment = segment;
 }
 
-/// One event per denied flow and generation, at most `rate` per second per CPU.
+/// One violation per denied flow and generation: counted by app, then reported as
+/// an event at most `rate` per second per CPU (beyond that only counted as
+/// rate-limited, so every violation is either an event or a counted suppression).
 #[inline(never)]
 fn emit(p: &Packet, fv: &mut FlowValue, gen: u32, now: u64, rate: u32) {
+    fv.reported_generation = gen;
+    // Denied before any payload (a dropped SYN): the port names the service.
+    let (app, confidence) = if fv.app_done != 0 {
+        (fv.app, fv.app_confidence)
+    } else {
+        let hint = port_hint(p.proto, p.sport, p.dport) as u8;
+        (hint, if hint != 0 { Confidence::Low as u8 } else { Confidence::None as u8 })
+    };
+    count_segment(gen, fv.segment, COL_VIOLATIONS + (app as u32 & 31), 1, 0);
     let Some(bucket) = EVENT_BUCKET.get_ptr_mut(0) else {
         return;
     };
@@ -296,9 +331,9 @@ fn emit(p: &Packet, fv: &mut FlowValue, gen: u32, now: u64, rate: u32) {
         rule: fv.rule,
         generation: gen,
         reason: if fv.required_app != 0 { DENY_APP_MISMATCH } else { DENY_DEFAULT },
-        app: fv.app,
-        _pad: [0; 6],
+        app,
+        app_confidence: confidence,
+        _pad: [0; 5],
     });
     entry.submit(0);
-    fv.reported_generation = gen;
 }

@@ -19,6 +19,7 @@ use mdsec_common::{
         IDENT_HEADER_BITS, MAX_IDS, POLICY_ANY_PORT_BITS, POLICY_ANY_PROTO_BITS, POLICY_FLAG_EXCEPTION,
         PolicyValue, SEG_DEFAULT_ALLOW, SEG_ENFORCE, SEG_MEMBER, SegmentInfo,
     },
+    segstats::MAX_SEGMENTS,
 };
 
 use super::model::{DefaultVerdict, Direction, Member, Mode, Peer, Policy};
@@ -110,6 +111,9 @@ pub fn port_blocks(lo: u16, hi: u16) -> Vec<(u16, u32)> {
 
 pub fn compile(p: &Policy, anchor: &Anchor, limits: Limits) -> Result<Compiled, String> {
     let mut c = Compiled { ids: vec![IdInfo::default()], ..Default::default() };
+    if p.segments.len() > MAX_SEGMENTS as usize {
+        return Err(format!("{} segments; the datapath holds {MAX_SEGMENTS}", p.segments.len()));
+    }
 
     // 1. Every distinct (scope, prefix) becomes an identity.
     let mut prefixes: BTreeSet<(Option<u16>, IpNet)> = BTreeSet::new();
@@ -210,8 +214,13 @@ pub fn compile(p: &Policy, anchor: &Anchor, limits: Limits) -> Result<Compiled, 
                 (POLICY_FLAG_EXCEPTION, anchor.boot_ns().saturating_add(ahead.as_nanos() as u64).max(1))
             }
         };
-        let value =
-            PolicyValue { rule: r.id, app: r.app.map_or(0, |a| a as u8), flags, _pad: [0; 2], expires_ns };
+        let value = PolicyValue {
+            rule: r.id,
+            app: r.app.map_or(0, |a| a as u8),
+            flags,
+            segment: r.segment as u16 + 1,
+            expires_ns,
+        };
         let own: Vec<u32> = ids_where(&c.ids, |i| i.segment == Some(r.segment));
         let peer: Vec<u32> = ids_where(&c.ids, |i| i.names.contains(&r.peer));
         for &a in &own {

@@ -49,10 +49,18 @@ impl PolicyMaps {
         Ok(())
     }
 
+    /// The number the next [`apply`](Self::apply) installs. It always lands in the
+    /// half the active generation does not use (u32::MAX is odd, so it wraps to 2).
+    pub fn next_generation(&self) -> Result<u32> {
+        Ok(match self.config()?.generation {
+            u32::MAX => 2,
+            g => g + 1,
+        })
+    }
+
     /// Installs `c` as the next generation and returns its number.
     pub fn apply(&mut self, c: &Compiled, event_rate: u32) -> Result<u32> {
-        let current = self.config()?.generation;
-        let next = if current == u32::MAX { 1 } else { current + 1 };
+        let next = self.next_generation()?;
         let bit = (next & 1) as u8;
         self.clear_half(bit)?;
         for e in &c.idents {

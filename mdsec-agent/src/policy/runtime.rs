@@ -4,7 +4,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, RwLock, mpsc},
+    sync::{Arc, Mutex, RwLock, mpsc},
     time::{Duration, SystemTime},
 };
 
@@ -16,7 +16,10 @@ use super::{
     maps::PolicyMaps,
     model::{self, Policy},
 };
-use crate::clock::{Anchor, rfc3339};
+use crate::{
+    clock::{Anchor, rfc3339},
+    segstats::SegStats,
+};
 
 /// A generation as installed, kept so flows and events can be described.
 #[derive(Debug)]
@@ -36,6 +39,10 @@ pub struct Status {
     pub last_success: Option<String>,
     pub reloads: u64,
     pub failed_reloads: u64,
+    #[serde(skip)]
+    pub last_reload_at: Option<SystemTime>,
+    #[serde(skip)]
+    pub last_success_at: Option<SystemTime>,
     /// Diagnostics of the last attempt (`file:line:col: message`), warnings included.
     pub diagnostics: Vec<String>,
 }
@@ -78,26 +85,42 @@ pub struct Reloader {
     dir: PathBuf,
     event_rate: u32,
     state: Arc<RwLock<PolicyState>>,
+    segstats: Arc<Mutex<SegStats>>,
 }
 
 impl Reloader {
-    pub fn new(maps: PolicyMaps, dir: PathBuf, event_rate: u32, state: Arc<RwLock<PolicyState>>) -> Reloader {
+    pub fn new(
+        maps: PolicyMaps,
+        dir: PathBuf,
+        event_rate: u32,
+        state: Arc<RwLock<PolicyState>>,
+        segstats: Arc<Mutex<SegStats>>,
+    ) -> Reloader {
         state.write().unwrap().status.policy_dir = Some(dir.display().to_string());
-        Reloader { maps, dir, event_rate, state }
+        Reloader { maps, dir, event_rate, state, segstats }
+    }
+
+    /// Credits the counters of the half `c` is about to overwrite, then installs it.
+    fn install(&mut self, p: &Policy, c: &Compiled) -> anyhow::Result<u32> {
+        let next = self.maps.next_generation()?;
+        let names = p.segments.iter().map(|s| s.name.clone()).collect();
+        self.segstats.lock().unwrap().retire(next & 1, names)?;
+        self.maps.apply(c, self.event_rate)
     }
 
     /// One reload attempt; returns whether a new generation is active.
     pub fn reload(&mut self) -> bool {
-        let now = rfc3339(SystemTime::now());
-        let result = prepare(&self.dir, self.maps.limits()).and_then(|(p, c, diags)| {
-            match self.maps.apply(&c, self.event_rate) {
+        let at = SystemTime::now();
+        let now = rfc3339(at);
+        let result =
+            prepare(&self.dir, self.maps.limits()).and_then(|(p, c, diags)| match self.install(&p, &c) {
                 Ok(g) => Ok((p, c, diags, g)),
                 Err(e) => Err(vec![format!("installing the policy failed: {e:#}")]),
-            }
-        });
+            });
         let mut st = self.state.write().unwrap();
         st.status.reloads += 1;
         st.status.last_reload = Some(now.clone());
+        st.status.last_reload_at = Some(at);
         match result {
             Ok((policy, compiled, diags, generation)) => {
                 for d in &diags {
@@ -114,6 +137,7 @@ impl Reloader {
                 st.status.generation = generation;
                 st.status.last_reload_ok = true;
                 st.status.last_success = Some(now);
+                st.status.last_success_at = Some(at);
                 st.status.diagnostics = diags;
                 true
             }
