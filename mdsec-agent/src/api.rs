@@ -55,8 +55,6 @@ pub struct AppState {
     pub map_sizes: crate::config::MapSizes,
     pub started: SystemTime,
     pub export_stats: Arc<crate::export::ExportStats>,
-    pub export_log: bool,
-    pub export_syslog: bool,
     /// Bearer token `/api/*` requires, if configured.
     pub token: Option<String>,
     pub limiter: Mutex<Limiter>,

@@ -23,30 +23,52 @@ pub fn parse_api(api: &str) -> Result<SocketAddr> {
         .with_context(|| format!("{api} resolves to nothing"))
 }
 
-pub fn get_json<T: DeserializeOwned>(addr: SocketAddr, path: &str) -> Result<T> {
-    let body = get(addr, path)?;
+pub fn get_json<T: DeserializeOwned>(addr: SocketAddr, path: &str, token: Option<&str>) -> Result<T> {
+    let body = get(addr, path, token)?;
     serde_json::from_slice(&body).with_context(|| format!("bad JSON from {path}"))
 }
 
-pub fn get(addr: SocketAddr, path: &str) -> Result<Vec<u8>> {
+pub fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> Result<Vec<u8>> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .with_context(|| format!("connect to the agent at {addr} (is `mdsec-agent run` up?)"))?;
-    request(&mut s, addr, path)
+    let (status, body) = exchange(&mut s, addr, "GET", path, token)?;
+    ok(path, status, body)
 }
 
 /// Sends one GET on an already connected stream (the tests connect from inside a
 /// network namespace) and returns the body of a 200 answer.
 pub fn request(s: &mut TcpStream, addr: SocketAddr, path: &str) -> Result<Vec<u8>> {
+    let (status, body) = exchange(s, addr, "GET", path, None)?;
+    ok(path, status, body)
+}
+
+fn ok(path: &str, status: u16, body: Vec<u8>) -> Result<Vec<u8>> {
+    if status != 200 {
+        bail!("{path}: HTTP {status}: {}", String::from_utf8_lossy(&body));
+    }
+    Ok(body)
+}
+
+/// One request with an optional bearer token; returns the status and the body.
+pub fn exchange(
+    s: &mut TcpStream,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, Vec<u8>)> {
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n\r\n")?;
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n{auth}\r\n")?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n").context("malformed HTTP answer")?;
     let head = String::from_utf8_lossy(&raw[..split]);
-    let status = head.lines().next().unwrap_or_default();
-    let body = raw[split + 4..].to_vec();
-    if !status.contains(" 200 ") {
-        bail!("{path}: {status}: {}", String::from_utf8_lossy(&body));
-    }
-    Ok(body)
+    let status = head
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .context("malformed HTTP status line")?;
+    Ok((status, raw[split + 4..].to_vec()))
 }

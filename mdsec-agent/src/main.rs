@@ -1,4 +1,4 @@
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -34,7 +34,7 @@ enum Cmd {
     Devices(Query),
     /// Show datapath counters by reason.
     Stats(Query),
-    /// Write the JSON Schemas of the policy files (for editors) to a directory.
+    /// Write the JSON Schemas of the policy files (for editors) and of events to a directory.
     Schema {
         #[arg(long)]
         out: PathBuf,
@@ -54,6 +54,25 @@ struct Query {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// File with the API bearer token (the agent's `api.token_file`); the
+    /// MDSEC_API_TOKEN environment variable works too.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+impl Query {
+    fn token(&self) -> Result<Option<String>> {
+        if let Some(f) = &self.token_file {
+            let text = std::fs::read_to_string(f)
+                .map_err(|e| anyhow::anyhow!("read token file {}: {e}", f.display()))?;
+            return Ok(Some(text.lines().next().unwrap_or("").trim().to_string()));
+        }
+        Ok(std::env::var("MDSEC_API_TOKEN").ok().filter(|t| !t.is_empty()))
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
+        client::get_json(client::parse_api(&self.api)?, path, self.token()?.as_deref())
+    }
 }
 
 fn main() -> ExitCode {
@@ -122,7 +141,9 @@ fn real_main() -> Result<ExitCode> {
         }
         Cmd::Schema { out } => {
             std::fs::create_dir_all(&out)?;
-            for (name, text) in mdsec_agent::policy::model::schemas() {
+            let mut all = mdsec_agent::policy::model::schemas();
+            all.push(model::event_schema());
+            for (name, text) in all {
                 std::fs::write(out.join(name), text)?;
                 println!("{}", out.join(name).display());
             }
@@ -136,7 +157,7 @@ fn real_main() -> Result<ExitCode> {
             println!("removed pins under {}", cfg.pin_dir.display());
         }
         Cmd::Flows(q) => {
-            let flows: Vec<model::Flow> = client::get_json(addr(&q)?, "/api/v1/flows")?;
+            let flows: Vec<model::Flow> = q.get("/api/v1/flows")?;
             if q.json {
                 println!("{}", serde_json::to_string_pretty(&flows)?);
             } else {
@@ -166,7 +187,7 @@ fn real_main() -> Result<ExitCode> {
             }
         }
         Cmd::Devices(q) => {
-            let devices: Vec<model::Device> = client::get_json(addr(&q)?, "/api/v1/devices")?;
+            let devices: Vec<model::Device> = q.get("/api/v1/devices")?;
             if q.json {
                 println!("{}", serde_json::to_string_pretty(&devices)?);
             } else {
@@ -190,14 +211,25 @@ fn real_main() -> Result<ExitCode> {
                 print!(
                     "{}",
                     render(
-                        &["IFACE", "VLAN", "MAC", "VENDOR", "IPS", "APPS", "PKTS", "BYTES", "LAST SEEN"],
+                        &[
+                            "IFACE",
+                            "VLAN",
+                            "MAC",
+                            "VENDOR",
+                            "CLASS",
+                            "IPS",
+                            "APPS",
+                            "PKTS",
+                            "BYTES",
+                            "LAST SEEN"
+                        ],
                         &rows
                     )
                 );
             }
         }
         Cmd::Stats(q) => {
-            let stats: model::Stats = client::get_json(addr(&q)?, "/api/v1/stats")?;
+            let stats: model::Stats = q.get("/api/v1/stats")?;
             if q.json {
                 println!("{}", serde_json::to_string_pretty(&stats)?);
             } else {
@@ -211,8 +243,4 @@ fn real_main() -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn addr(q: &Query) -> Result<SocketAddr> {
-    client::parse_api(&q.api)
 }

@@ -200,19 +200,24 @@ fn segments(r: &R, st: &AppState) {
     );
     // Start every segment of the active policy at zero so rate() works from the
     // first scrape and a quiet segment is visible.
+    // The set of series then depends on the policy only, not on what traffic
+    // happened to arrive.
+    let cols: BTreeMap<u32, Column> = segstats::columns().collect();
     if let Some(cur) = st.policy.read().unwrap().current.clone() {
-        for s in &cur.policy.segments {
-            for v in [Verdict::Allow, Verdict::Drop, Verdict::WouldDrop] {
-                pk.with_label_values(&[s.name.as_str(), v.name()]);
-                by.with_label_values(&[s.name.as_str(), v.name()]);
-            }
-            for reason in ["default_deny", "app_mismatch"] {
-                drops.with_label_values(&[s.name.as_str(), reason]);
-                would.with_label_values(&[s.name.as_str(), reason]);
+        let names = cur.policy.segments.iter().map(|s| s.name.as_str()).chain([NO_SEGMENT]);
+        for seg in names {
+            for c in cols.values() {
+                if let Column::Verdict { verdict, reason } = c {
+                    pk.with_label_values(&[seg, verdict.name()]);
+                    by.with_label_values(&[seg, verdict.name()]);
+                    if let Some(r) = reason {
+                        let family = if *verdict == Verdict::Drop { &drops } else { &would };
+                        family.with_label_values(&[seg, r]);
+                    }
+                }
             }
         }
     }
-    let cols: BTreeMap<u32, Column> = segstats::columns().collect();
     for ((seg, col), c) in &totals {
         match cols.get(col) {
             Some(Column::Verdict { verdict, reason }) => {
@@ -321,12 +326,9 @@ fn events(r: &R, st: &AppState) {
         "Events written to an export sink, by result.",
         &["sink", "result"],
     );
-    if st.export_log {
-        out.with_label_values(&["log", "ok"]).inc_by(x.log_written.load(Ordering::Relaxed));
-        out.with_label_values(&["log", "failed"]).inc_by(x.log_failed.load(Ordering::Relaxed));
-    }
-    if st.export_syslog {
-        out.with_label_values(&["syslog", "ok"]).inc_by(x.syslog_sent.load(Ordering::Relaxed));
-        out.with_label_values(&["syslog", "failed"]).inc_by(x.syslog_failed.load(Ordering::Relaxed));
-    }
+    // Both sinks always appear (zero when not configured) so alerts need no guard.
+    out.with_label_values(&["log", "ok"]).inc_by(x.log_written.load(Ordering::Relaxed));
+    out.with_label_values(&["log", "failed"]).inc_by(x.log_failed.load(Ordering::Relaxed));
+    out.with_label_values(&["syslog", "ok"]).inc_by(x.syslog_sent.load(Ordering::Relaxed));
+    out.with_label_values(&["syslog", "failed"]).inc_by(x.syslog_failed.load(Ordering::Relaxed));
 }

@@ -86,6 +86,12 @@ pub struct Event {
     pub vendor: Option<String>,
 }
 
+/// JSON Schema of [`Event`] (`deploy/schema/event.schema.json`).
+pub fn event_schema() -> (&'static str, String) {
+    let s = schemars::schema_for!(Event);
+    ("event.schema.json", serde_json::to_string_pretty(&s).unwrap() + "\n")
+}
+
 impl Event {
     /// RFC 5424 severity (0 emergency … 7 debug) of the event's severity.
     pub fn syslog_severity(&self) -> u8 {
@@ -199,6 +205,18 @@ pub fn mac_string(m: [u8; 6]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn committed_event_schema_is_current() {
+        let (name, text) = event_schema();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/schema").join(name);
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == text,
+            "{} is stale: run `mdsec-agent schema --out deploy/schema`",
+            path.display()
+        );
+    }
 
     #[test]
     fn macs_parse_strictly_and_round_trip() {

@@ -122,8 +122,6 @@ pub async fn run(cfg: Config) -> Result<()> {
         map_sizes: cfg.maps.clone(),
         started: SystemTime::now(),
         export_stats,
-        export_log: cfg.events.log.is_some(),
-        export_syslog: cfg.events.syslog.is_some(),
         token,
         limiter: Mutex::new(api::Limiter::new(cfg.api.rate_limit_per_sec, cfg.api.rate_limit_burst)),
     });

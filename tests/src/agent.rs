@@ -121,6 +121,24 @@ impl Agent {
         client::request(&mut s, addr, path)
     }
 
+    /// One request with an optional bearer token and extra header lines; returns
+    /// the status and body whatever the status.
+    pub fn request(&self, method: &str, path: &str, token: Option<&str>) -> Result<(u16, Vec<u8>)> {
+        let addr = self.addr;
+        let mut s: TcpStream =
+            in_netns(&self.gw, move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)))??;
+        client::exchange(&mut s, addr, method, path, token)
+    }
+
+    /// `/metrics`, parsed.
+    pub fn metrics(&self) -> Result<crate::prom::Samples> {
+        crate::prom::Samples::parse(&String::from_utf8(self.raw_get("/metrics")?)?)
+    }
+
+    pub fn metrics_text(&self) -> Result<String> {
+        Ok(String::from_utf8(self.raw_get("/metrics")?)?)
+    }
+
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         Ok(serde_json::from_slice(&self.raw_get(path)?)?)
     }

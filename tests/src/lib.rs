@@ -9,4 +9,5 @@ pub mod fixtures;
 pub mod frames;
 pub mod kernel;
 pub mod netns;
+pub mod prom;
 pub mod traffic;

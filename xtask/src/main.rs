@@ -222,6 +222,9 @@ const TEST_PACKAGES: &[&str] = &[
     "curl",
     "openssl",
     "bind9-dnsutils",
+    // The operations tests: a real Prometheus (with promtool) and systemd-analyze.
+    "prometheus",
+    "systemd",
 ];
 /// The offline eBPF toolchain (see shared/toolchain.md): rustc 1.96 with its library
 /// source, and LLVM 22 for bpf-linker.
