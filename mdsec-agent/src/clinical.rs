@@ -123,6 +123,9 @@ pub struct Override {
     pub class: Option<Class>,
     pub name: Option<String>,
     pub model: Option<String>,
+    /// Taken out of service: any traffic from it raises `decommissioned_device`.
+    #[serde(default)]
+    pub decommissioned: bool,
 }
 
 #[cfg(test)]

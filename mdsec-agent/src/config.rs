@@ -59,6 +59,14 @@ pub struct Config {
     /// Where events go besides `/api/v1/events`: a JSON-lines log, syslog.
     #[serde(default)]
     pub events: EventsConfig,
+    /// Clinical triage matrix: clinical function → patient-safety impact →
+    /// escalation path. Every event carries the impact and escalation of its
+    /// segment's function.
+    #[serde(default)]
+    pub triage: crate::triage::TriageConfig,
+    /// Anomaly detection thresholds (scan, DNS resolvers, deduplication).
+    #[serde(default)]
+    pub detection: crate::detect::DetectionConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -376,6 +384,7 @@ impl Config {
         {
             return Err(at(l, format!("events.log `{l}` must be an absolute path or `-` (stdout)")));
         }
+        self.detection.validate().map_err(|(needle, m)| at(needle, m))?;
         if let Some(sl) = &self.events.syslog {
             SyslogTarget::parse(&sl.target)
                 .map_err(|e| at(&sl.target, format!("events.syslog.target {e}")))?;

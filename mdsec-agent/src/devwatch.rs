@@ -32,7 +32,7 @@ pub fn segment_of<'a>(p: &'a Policy, d: &Device) -> Option<(&'a Segment, bool)> 
         .map(|s| (s, false))
 }
 
-fn event(kind: &str, d: &Device, segment: &str, reason: String, now: SystemTime) -> Event {
+fn event(kind: &str, d: &Device, segment: &Segment, reason: String, now: SystemTime) -> Event {
     Event {
         version: crate::model::EVENT_SCHEMA_VERSION,
         seq: 0,
@@ -46,7 +46,8 @@ fn event(kind: &str, d: &Device, segment: &str, reason: String, now: SystemTime)
         proto: String::new(),
         sport: 0,
         dport: 0,
-        segment: segment.into(),
+        segment: segment.name.clone(),
+        function: segment.function.clone(),
         rule: String::new(),
         rule_id: 0,
         reason,
@@ -57,6 +58,7 @@ fn event(kind: &str, d: &Device, segment: &str, reason: String, now: SystemTime)
         generation: 0,
         mac: Some(d.mac.clone()),
         vendor: d.vendor.clone(),
+        ..Default::default()
     }
 }
 
@@ -76,7 +78,7 @@ pub fn check(
             out.push(event(
                 "rogue_device",
                 d,
-                &seg.name,
+                seg,
                 format!("{} is inside segment {} but not among its declared MAC members", d.mac, seg.name),
                 now,
             ));
@@ -87,7 +89,7 @@ pub fn check(
                 out.push(event(
                     "new_device",
                     d,
-                    &seg.name,
+                    seg,
                     format!("first seen after the learning period ended at {}", rfc3339(ends)),
                     now,
                 ));

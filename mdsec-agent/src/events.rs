@@ -31,13 +31,17 @@ pub struct EventStore {
     pub events: VecDeque<model::Event>,
     /// Events by type since the start (for metrics).
     pub by_type: BTreeMap<String, u64>,
+    /// Detections not emitted because an equal one was, by type (for metrics).
+    pub suppressed: BTreeMap<String, u64>,
     pub exporter: Option<crate::export::Exporter>,
+    pub triage: crate::triage::TriageConfig,
 }
 
 impl EventStore {
     pub fn push(&mut self, mut e: model::Event) {
         self.next_seq += 1;
         e.seq = self.next_seq;
+        self.triage.apply(&mut e);
         *self.by_type.entry(e.kind.clone()).or_default() += 1;
         if let Some(x) = &self.exporter {
             x.send(&e);
@@ -73,6 +77,10 @@ pub fn describe(
     let id_name =
         |id: u32| installed.and_then(|i| i.compiled.ids.get(id as usize)).map(|i| i.description.clone());
     let drop = ev.verdict == Verdict::Drop as u8;
+    let function = installed
+        .and_then(|i| i.policy.segments.get((ev.segment as usize).wrapping_sub(1)))
+        .map(|s| s.function.clone())
+        .unwrap_or_default();
     model::Event {
         version: model::EVENT_SCHEMA_VERSION,
         seq: 0,
@@ -97,6 +105,8 @@ pub fn describe(
         generation: ev.generation,
         mac: None,
         vendor: None,
+        function,
+        ..Default::default()
     }
 }
 

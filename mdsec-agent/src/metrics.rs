@@ -317,9 +317,22 @@ fn events(r: &R, st: &AppState) {
     for t in crate::model::EVENT_TYPES {
         ev.with_label_values(&[t]);
     }
-    for (t, n) in &st.events.read().unwrap().by_type {
+    let sup = r.counter(
+        "mdsec_events_suppressed_total",
+        "Detections not emitted because an equal one was (deduplication, one scan event per window).",
+        &["type"],
+    );
+    for t in crate::model::EVENT_TYPES {
+        sup.with_label_values(&[t]);
+    }
+    let store = st.events.read().unwrap();
+    for (t, n) in &store.by_type {
         ev.with_label_values(&[t.as_str()]).inc_by(*n);
     }
+    for (t, n) in &store.suppressed {
+        sup.with_label_values(&[t.as_str()]).inc_by(*n);
+    }
+    drop(store);
     let x = &st.export_stats;
     let out = r.counter(
         "mdsec_event_exports_total",

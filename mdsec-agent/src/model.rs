@@ -40,7 +40,17 @@ pub struct Flow {
 pub const EVENT_SCHEMA_VERSION: u32 = 1;
 
 /// Every event `type` the agent emits (metrics start each at zero).
-pub const EVENT_TYPES: &[&str] = &["policy_drop", "policy_would_drop", "new_device", "rogue_device"];
+pub const EVENT_TYPES: &[&str] = &[
+    "policy_drop",
+    "policy_would_drop",
+    "new_device",
+    "rogue_device",
+    "east_west",
+    "external_dns",
+    "scan",
+    "remote_access",
+    "decommissioned_device",
+];
 
 /// An event: `GET /api/v1/events`, the JSON-lines log and syslog carry the same
 /// object. Documented field by field in docs/OPERATIONS.md.
@@ -84,6 +94,18 @@ pub struct Event {
     pub mac: Option<String>,
     #[serde(default)]
     pub vendor: Option<String>,
+    /// Clinical function of the segment (or device) involved, e.g. `infusion-pump`.
+    #[serde(default)]
+    pub function: String,
+    /// From the triage matrix: `life-critical`, `high`, `moderate` or `low`.
+    #[serde(default)]
+    pub clinical_impact: String,
+    /// From the triage matrix: who is told.
+    #[serde(default)]
+    pub escalation: String,
+    /// Detections: what was observed (counts, window, peers).
+    #[serde(default)]
+    pub evidence: String,
 }
 
 /// JSON Schema of [`Event`] (`deploy/schema/event.schema.json`).

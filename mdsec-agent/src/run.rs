@@ -61,7 +61,12 @@ pub async fn run(cfg: Config) -> Result<()> {
     poller.spawn(tables.clone(), cfg.poll_interval());
 
     let policy = Arc::new(RwLock::new(PolicyState::default()));
-    let store = Arc::new(RwLock::new(EventStore { exporter: exporter.clone(), ..Default::default() }));
+    let store = Arc::new(RwLock::new(EventStore {
+        exporter: exporter.clone(),
+        triage: cfg.triage.clone(),
+        ..Default::default()
+    }));
+    let mut detector = crate::detect::Detector::new(cfg.detection.clone(), dp.ifnames());
     let ring = RingBuf::try_from(dp.take_map(names::EVENTS)?)?;
     events::spawn(ring, store.clone(), policy.clone(), dp.ifnames());
     let fingerprints = crate::samples::Fingerprints::default();
@@ -135,6 +140,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                     !matches!(flush_rx.recv_timeout(Duration::from_secs(2)), Err(RecvTimeoutError::Timeout));
                 let devices = api::devices_json(&state);
                 report_new_devices(&state, &db, &devices);
+                detect(&state, &mut detector, &devices);
                 match db.save_devices(&devices) {
                     Ok(()) => {
                         let mut h = state.history.write().unwrap();
@@ -185,6 +191,34 @@ pub async fn run(cfg: Config) -> Result<()> {
         OnExit::Keep => info!("{why}: leaving the datapath attached (on_exit: keep)"),
     }
     Ok(())
+}
+
+/// Runs the flow detections and keeps their events and suppressed counts.
+fn detect(state: &AppState, detector: &mut crate::detect::Detector, devices: &[crate::model::Device]) {
+    let Some(installed) = state.policy.read().unwrap().current.clone() else { return };
+    let decommissioned = state
+        .overrides
+        .values()
+        .filter(|o| o.decommissioned)
+        .filter_map(|o| crate::model::parse_mac(&o.mac).map(crate::model::mac_string));
+    let (events, suppressed) = {
+        let t = state.tables.read().unwrap();
+        detector.check(
+            &t,
+            &installed.policy,
+            devices,
+            &decommissioned.collect(),
+            std::time::SystemTime::now(),
+        )
+    };
+    let mut store = state.events.write().unwrap();
+    for (kind, n) in suppressed {
+        *store.suppressed.entry(kind).or_default() += n;
+    }
+    for e in events {
+        warn!("{} {} -> {} ({}, segment {}): {}", e.kind, e.src, e.dst, e.app, e.segment, e.reason);
+        store.push(e);
+    }
 }
 
 /// Raises `new_device` / `rogue_device` for devices the inventory has not stored yet.

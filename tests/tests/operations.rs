@@ -161,7 +161,7 @@ fn metrics_match_known_traffic_and_real_prometheus_scrapes_them() {
     let rules = prom.get("/api/v1/rules").unwrap();
     let groups = rules["data"]["groups"].as_array().unwrap();
     let rules: Vec<&serde_json::Value> = groups.iter().flat_map(|g| g["rules"].as_array().unwrap()).collect();
-    assert_eq!(rules.len(), 8);
+    assert_eq!(rules.len(), 9);
     for r in &rules {
         assert_eq!(r["health"], "ok", "{r}");
     }
@@ -549,7 +549,7 @@ fn deploy_kit_passes_promtool_and_systemd() {
         .arg("check")
         .arg("rules")
         .arg(deploy.join("prometheus/mdsec-alerts.yml")));
-    assert!(ok && said.contains("SUCCESS: 8 rules found"), "{said}");
+    assert!(ok && said.contains("SUCCESS: 9 rules found"), "{said}");
 
     // systemd-analyze verify warns (exit 0) on unknown keys and bad values, so the
     // unit must verify with no output at all. The ExecStart binary must exist: point
