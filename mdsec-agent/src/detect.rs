@@ -216,7 +216,7 @@ impl Detector {
                 scanning.insert(src);
                 let target = dm.clone().or(sm.clone()).expect("one end is a member");
                 let mut e = event("scan", "high", k, r.app, &target, now);
-                e.iface = self.ifnames.get(&k.ifindex).cloned().unwrap_or_else(|| format!("if{}", k.ifindex));
+                e.iface = iface(&self.ifnames, k.ifindex);
                 e.mac = sm.as_ref().and_then(|m| m.mac.clone());
                 e.reason = format!(
                     "{src} reached {} hosts and up to {most_ports} ports on one host",
@@ -290,7 +290,7 @@ impl Detector {
             }
             self.last_emitted.insert(key, now);
             e.mac = e.mac.or(device.mac);
-            e.iface = self.ifnames.get(&k.ifindex).cloned().unwrap_or_else(|| format!("if{}", k.ifindex));
+            e.iface = iface(&self.ifnames, k.ifindex);
             e.evidence = format!(
                 "{} packets, {} bytes, verdict {}, first seen {}",
                 r.totals().packets,
@@ -329,6 +329,10 @@ impl Detector {
         }
         (out, suppressed)
     }
+}
+
+fn iface(names: &HashMap<u32, String>, ifindex: u32) -> String {
+    names.get(&ifindex).cloned().unwrap_or_else(|| format!("if{ifindex}"))
 }
 
 /// Segment members by address, from the inventory (MAC membership first).

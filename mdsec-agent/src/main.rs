@@ -141,9 +141,7 @@ fn real_main() -> Result<ExitCode> {
         }
         Cmd::Schema { out } => {
             std::fs::create_dir_all(&out)?;
-            let mut all = mdsec_agent::policy::model::schemas();
-            all.push(model::event_schema());
-            for (name, text) in all {
+            for (name, text) in model::schemas() {
                 std::fs::write(out.join(name), text)?;
                 println!("{}", out.join(name).display());
             }

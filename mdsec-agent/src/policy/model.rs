@@ -810,7 +810,7 @@ mod tests {
 
     #[test]
     fn committed_schemas_are_current() {
-        for (name, text) in schemas() {
+        for (name, text) in crate::model::schemas() {
             let path = root().join("deploy/schema").join(name);
             let committed = std::fs::read_to_string(&path).unwrap_or_default();
             assert!(
