@@ -128,12 +128,19 @@ pub struct Detector {
     seen: HashSet<FlowKey>,
     scans: HashMap<IpAddr, ScanState>,
     last_emitted: HashMap<(String, IpAddr, IpAddr, u16), SystemTime>,
+    /// MACs (canonical spelling) the operator marked decommissioned.
+    decommissioned: HashSet<String>,
     decommissioned_reported: HashSet<String>,
 }
 
 impl Detector {
-    pub fn new(cfg: DetectionConfig, ifnames: HashMap<u32, String>) -> Detector {
+    pub fn new(
+        cfg: DetectionConfig,
+        ifnames: HashMap<u32, String>,
+        decommissioned: HashSet<String>,
+    ) -> Detector {
         Detector {
+            decommissioned,
             ifnames,
             resolvers: cfg.resolvers(),
             cfg,
@@ -150,7 +157,6 @@ impl Detector {
         tables: &Tables,
         policy: &Policy,
         devices: &[Device],
-        decommissioned: &HashSet<String>,
         now: SystemTime,
     ) -> (Vec<Event>, HashMap<String, u64>) {
         let anchor = Anchor::now();
@@ -304,27 +310,16 @@ impl Detector {
 
         // 3. Decommissioned devices seen sending in this run: once per device.
         for d in devices {
-            if decommissioned.contains(&d.mac)
+            if self.decommissioned.contains(&d.mac)
                 && tables.devices.keys().any(|k| crate::model::mac_string(k.mac) == d.mac)
                 && self.decommissioned_reported.insert(d.mac.clone())
             {
                 let seg = d.segment.as_deref().and_then(|s| policy.segments.iter().find(|x| x.name == s));
-                out.push(Event {
-                    version: crate::model::EVENT_SCHEMA_VERSION,
-                    kind: "decommissioned_device".into(),
-                    severity: "high".into(),
-                    time: rfc3339(now),
-                    iface: d.iface.clone(),
-                    vlan: d.vlan,
-                    src: d.ips.first().cloned().unwrap_or_default(),
-                    segment: d.segment.clone().unwrap_or_default(),
-                    function: seg.map(|s| s.function.clone()).unwrap_or_else(|| d.class.clone()),
-                    mac: Some(d.mac.clone()),
-                    vendor: d.vendor.clone(),
-                    reason: format!("{} is marked decommissioned but sent traffic", d.mac),
-                    evidence: format!("{} packets since {}", d.packets, d.first_seen),
-                    ..Default::default()
-                });
+                let reason = format!("{} is marked decommissioned but sent traffic", d.mac);
+                let mut e =
+                    crate::devwatch::device_event("decommissioned_device", "high", d, seg, reason, now);
+                e.evidence = format!("{} packets since {}", d.packets, d.first_seen);
+                out.push(e);
             }
         }
         (out, suppressed)

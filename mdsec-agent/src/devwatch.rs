@@ -32,30 +32,27 @@ pub fn segment_of<'a>(p: &'a Policy, d: &Device) -> Option<(&'a Segment, bool)> 
         .map(|s| (s, false))
 }
 
-fn event(kind: &str, d: &Device, segment: &Segment, reason: String, now: SystemTime) -> Event {
+/// An event about a device (`new_device`, `rogue_device`, `decommissioned_device`).
+/// Without a segment, the device's class stands in for the clinical function.
+pub fn device_event(
+    kind: &str,
+    severity: &str,
+    d: &Device,
+    segment: Option<&Segment>,
+    reason: String,
+    now: SystemTime,
+) -> Event {
     Event {
         version: crate::model::EVENT_SCHEMA_VERSION,
-        seq: 0,
         kind: kind.into(),
-        severity: if kind == "rogue_device" { "high" } else { "low" }.into(),
+        severity: severity.into(),
         time: rfc3339(now),
         iface: d.iface.clone(),
         vlan: d.vlan,
         src: d.ips.first().cloned().unwrap_or_default(),
-        dst: String::new(),
-        proto: String::new(),
-        sport: 0,
-        dport: 0,
-        segment: segment.name.clone(),
-        function: segment.function.clone(),
-        rule: String::new(),
-        rule_id: 0,
+        segment: segment.map(|s| s.name.clone()).unwrap_or_default(),
+        function: segment.map(|s| s.function.clone()).unwrap_or_else(|| d.class.clone()),
         reason,
-        app: String::new(),
-        app_confidence: String::new(),
-        src_identity: None,
-        dst_identity: None,
-        generation: 0,
         mac: Some(d.mac.clone()),
         vendor: d.vendor.clone(),
         ..Default::default()
@@ -75,10 +72,11 @@ pub fn check(
         let Some((seg, declared)) = segment_of(policy, d) else { continue };
         let declares_macs = seg.members.iter().any(|m| matches!(m, Member::Mac { .. }));
         if declares_macs && !declared {
-            out.push(event(
+            out.push(device_event(
                 "rogue_device",
+                "high",
                 d,
-                seg,
+                Some(seg),
                 format!("{} is inside segment {} but not among its declared MAC members", d.mac, seg.name),
                 now,
             ));
@@ -86,10 +84,11 @@ pub fn check(
         if let Some(start) = learning_started(&seg.name) {
             let ends = start + seg.learning_period;
             if now >= ends {
-                out.push(event(
+                out.push(device_event(
                     "new_device",
+                    "low",
                     d,
-                    seg,
+                    Some(seg),
                     format!("first seen after the learning period ended at {}", rfc3339(ends)),
                     now,
                 ));

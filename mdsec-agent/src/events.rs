@@ -66,10 +66,7 @@ pub fn describe(
     anchor: &Anchor,
 ) -> model::Event {
     let installed = policy.generation(ev.generation);
-    let segment = installed
-        .and_then(|i| i.policy.segments.get((ev.segment as usize).wrapping_sub(1)))
-        .map(|s| s.name.clone())
-        .unwrap_or_default();
+    let seg = installed.and_then(|i| i.policy.segments.get((ev.segment as usize).wrapping_sub(1)));
     let rule = match installed.and_then(|i| i.policy.rules.iter().find(|r| r.id == ev.rule)) {
         Some(r) => r.origin(),
         None => "default".to_string(),
@@ -77,10 +74,6 @@ pub fn describe(
     let id_name =
         |id: u32| installed.and_then(|i| i.compiled.ids.get(id as usize)).map(|i| i.description.clone());
     let drop = ev.verdict == Verdict::Drop as u8;
-    let function = installed
-        .and_then(|i| i.policy.segments.get((ev.segment as usize).wrapping_sub(1)))
-        .map(|s| s.function.clone())
-        .unwrap_or_default();
     model::Event {
         version: model::EVENT_SCHEMA_VERSION,
         seq: 0,
@@ -94,7 +87,7 @@ pub fn describe(
         proto: proto_name(ev.proto),
         sport: ev.sport,
         dport: ev.dport,
-        segment,
+        segment: seg.map(|s| s.name.clone()).unwrap_or_default(),
         rule,
         rule_id: ev.rule,
         reason: if ev.reason == DENY_APP_MISMATCH { "app_mismatch" } else { "default_deny" }.into(),
@@ -105,7 +98,7 @@ pub fn describe(
         generation: ev.generation,
         mac: None,
         vendor: None,
-        function,
+        function: seg.map(|s| s.function.clone()).unwrap_or_default(),
         ..Default::default()
     }
 }

@@ -198,10 +198,10 @@ fn segments(r: &R, st: &AppState) {
         "Unauthorized protocol occurrences: denied flows (once per flow and policy generation) by app.",
         &["segment", "app"],
     );
-    // Start every segment of the active policy at zero so rate() works from the
-    // first scrape and a quiet segment is visible.
-    // The set of series then depends on the policy only, not on what traffic
-    // happened to arrive.
+    // Every segment of the active policy starts at zero: rate() works from the
+    // first scrape, a quiet segment is visible, and the set of series depends on
+    // the policy only, not on what traffic happened to arrive.
+    let deny_family = |v: &Verdict| if *v == Verdict::Drop { &drops } else { &would };
     let cols: BTreeMap<u32, Column> = segstats::columns().collect();
     if let Some(cur) = st.policy.read().unwrap().current.clone() {
         let names = cur.policy.segments.iter().map(|s| s.name.as_str()).chain([NO_SEGMENT]);
@@ -211,8 +211,7 @@ fn segments(r: &R, st: &AppState) {
                     pk.with_label_values(&[seg, verdict.name()]);
                     by.with_label_values(&[seg, verdict.name()]);
                     if let Some(r) = reason {
-                        let family = if *verdict == Verdict::Drop { &drops } else { &would };
-                        family.with_label_values(&[seg, r]);
+                        deny_family(verdict).with_label_values(&[seg, r]);
                     }
                 }
             }
@@ -223,12 +222,8 @@ fn segments(r: &R, st: &AppState) {
             Some(Column::Verdict { verdict, reason }) => {
                 pk.with_label_values(&[seg.as_str(), verdict.name()]).inc_by(c.packets);
                 by.with_label_values(&[seg.as_str(), verdict.name()]).inc_by(c.bytes);
-                let family = match verdict {
-                    Verdict::Drop => &drops,
-                    _ => &would,
-                };
                 if let Some(reason) = reason {
-                    family.with_label_values(&[seg.as_str(), reason]).inc_by(c.packets);
+                    deny_family(verdict).with_label_values(&[seg.as_str(), reason]).inc_by(c.packets);
                 }
             }
             Some(Column::Violation(app)) => {

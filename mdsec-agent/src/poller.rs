@@ -40,6 +40,8 @@ impl Poller {
 
     /// One poll: snapshot the maps outside the lock, merge under it, then age.
     pub fn poll(&mut self, tables: &RwLock<Tables>) -> Result<()> {
+        // Counters first: the flow table read after them is at least as new.
+        self.segstats.lock().unwrap().poll()?;
         let flows: Vec<_> = self.flows.iter().filter_map(Result::ok).collect();
         let devices: Vec<_> = self.devices.iter().filter_map(Result::ok).collect();
         let mut stats = Vec::with_capacity(STATS_LEN as usize);
@@ -50,7 +52,6 @@ impl Poller {
                 bytes: a.bytes + c.bytes,
             }));
         }
-        self.segstats.lock().unwrap().poll()?;
         let idle = {
             let mut t = tables.write().unwrap();
             t.merge_flows(&flows);

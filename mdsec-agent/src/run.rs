@@ -66,7 +66,14 @@ pub async fn run(cfg: Config) -> Result<()> {
         triage: cfg.triage.clone(),
         ..Default::default()
     }));
-    let mut detector = crate::detect::Detector::new(cfg.detection.clone(), dp.ifnames());
+    // Overrides are keyed by the canonical MAC spelling (validation made them parse).
+    let decommissioned = cfg
+        .devices
+        .iter()
+        .filter(|o| o.decommissioned)
+        .filter_map(|o| crate::model::parse_mac(&o.mac).map(crate::model::mac_string))
+        .collect();
+    let mut detector = crate::detect::Detector::new(cfg.detection.clone(), dp.ifnames(), decommissioned);
     let ring = RingBuf::try_from(dp.take_map(names::EVENTS)?)?;
     events::spawn(ring, store.clone(), policy.clone(), dp.ifnames());
     let fingerprints = crate::samples::Fingerprints::default();
@@ -196,20 +203,9 @@ pub async fn run(cfg: Config) -> Result<()> {
 /// Runs the flow detections and keeps their events and suppressed counts.
 fn detect(state: &AppState, detector: &mut crate::detect::Detector, devices: &[crate::model::Device]) {
     let Some(installed) = state.policy.read().unwrap().current.clone() else { return };
-    let decommissioned = state
-        .overrides
-        .values()
-        .filter(|o| o.decommissioned)
-        .filter_map(|o| crate::model::parse_mac(&o.mac).map(crate::model::mac_string));
     let (events, suppressed) = {
         let t = state.tables.read().unwrap();
-        detector.check(
-            &t,
-            &installed.policy,
-            devices,
-            &decommissioned.collect(),
-            std::time::SystemTime::now(),
-        )
+        detector.check(&t, &installed.policy, devices, std::time::SystemTime::now())
     };
     let mut store = state.events.write().unwrap();
     for (kind, n) in suppressed {

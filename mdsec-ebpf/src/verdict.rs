@@ -59,15 +59,15 @@ pub fn decide(p: &Packet, flow: Option<*mut FlowValue>, now: u64, len: u64) -> u
         if verdict == Verdict::Drop as u8 && !mirror {
             count(Stat::PolicyDrop, len);
             let col = if app_rule { COL_DROP_APP_MISMATCH } else { Verdict::Drop as u32 };
-            count_segment(gen, fv.segment, col, 1, len);
+            count_segment(gen, fv.segment, col, len);
             return xdp_action::XDP_DROP;
         }
         count(Stat::PolicyWouldDrop, len);
         let col = if app_rule { COL_WOULD_DROP_APP_MISMATCH } else { Verdict::WouldDrop as u32 };
-        count_segment(gen, fv.segment, col, 1, len);
+        count_segment(gen, fv.segment, col, len);
         return xdp_action::XDP_PASS;
     }
-    count_segment(gen, fv.segment, verdict as u32 & 7, 1, len);
+    count_segment(gen, fv.segment, verdict as u32 & 7, len);
     count(
         match Verdict::from_u8(verdict) {
             Verdict::Allow | Verdict::AppPending => Stat::PolicyAllow,
@@ -80,16 +80,17 @@ pub fn decide(p: &Packet, flow: Option<*mut FlowValue>, now: u64, len: u64) -> u
     xdp_action::XDP_PASS
 }
 
-/// Adds to the per-segment counters of the generation's half of `SEG_STATS`.
+/// Adds one packet (or, in a violation column, one flow) and `bytes` to the
+/// per-segment counters of the generation's half of `SEG_STATS`.
 #[inline(always)]
-fn count_segment(gen: u32, segment: u32, col: u32, packets: u64, bytes: u64) {
+fn count_segment(gen: u32, segment: u32, col: u32, bytes: u64) {
     if segment >= SEG_SLOTS {
         return;
     }
     if let Some(c) = SEG_STATS.get_ptr_mut(segstats::index(gen, segment, col)) {
         // SAFETY: a valid per-CPU cell; per-CPU cells have no concurrent writer.
         let c: &mut Counter = unsafe { &mut *c };
-        c.packets += packets;
+        c.packets += 1;
         c.bytes += bytes;
     }
 }
@@ -296,7 +297,7 @@ fn emit(p: &Packet, fv: &mut FlowValue, gen: u32, now: u64, rate: u32) {
         let hint = port_hint(p.proto, p.sport, p.dport) as u8;
         (hint, if hint != 0 { Confidence::Low as u8 } else { Confidence::None as u8 })
     };
-    count_segment(gen, fv.segment, COL_VIOLATIONS + (app as u32 & 31), 1, 0);
+    count_segment(gen, fv.segment, COL_VIOLATIONS + (app as u32 & 31), 0);
     let Some(bucket) = EVENT_BUCKET.get_ptr_mut(0) else {
         return;
     };
