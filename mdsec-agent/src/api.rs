@@ -58,6 +58,8 @@ pub struct AppState {
     /// Bearer token `/api/*` requires, if configured.
     pub token: Option<String>,
     pub limiter: Mutex<Limiter>,
+    /// Learning state and baseline size per segment, as of the last store pass.
+    pub baseline: RwLock<crate::learn::Status>,
 }
 
 /// Token bucket per client address. The table is bounded: when full, clients
@@ -174,6 +176,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/interfaces", get(interfaces))
         .route("/api/v1/events", get(events))
         .route("/api/v1/policy", get(policy_status))
+        .route("/api/v1/baseline", get(baseline))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .merge(api)
@@ -437,6 +440,10 @@ async fn events(
 
 async fn policy_status(axum::extract::State(st): S) -> Json<crate::policy::runtime::Status> {
     Json(st.policy.read().unwrap().status.clone())
+}
+
+async fn baseline(axum::extract::State(st): S) -> Json<crate::learn::Status> {
+    Json(st.baseline.read().unwrap().clone())
 }
 
 /// Ready once the datapath is attached everywhere and the first poll has landed.

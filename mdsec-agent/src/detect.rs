@@ -1,11 +1,12 @@
 //! Detections over the flow table: `scan`, `remote_access`, `external_dns`,
-//! `east_west`, and `decommissioned_device` from the inventory.
+//! `east_west`, the learned-baseline ones from [`crate::learn`] (`new_destination`,
+//! `new_port`, `new_app`), and `decommissioned_device` from the inventory.
 //!
 //! Runs on the store thread after each inventory pass. Every flow is examined
-//! once, in its client → server direction (the client uses the higher port), and
-//! only when a segment member (a medical device) is at one end; a scan is counted
-//! for any source that reaches into a segment. One flow yields at most one
-//! detection (scan, then remote access, external DNS, east-west). Equal
+//! once, in its client → server direction ([`client_side`]), and only when a
+//! segment member (a medical device) is at one end; a scan is counted for any
+//! source that reaches into a segment. One flow yields at most one detection
+//! (scan, then remote access, external DNS, east-west, then novelty). Equal
 //! detections within `dedup_secs` are suppressed and counted instead, and a scan
 //! is one event per source and window, so a sweep of thousands of ports is one
 //! event.
@@ -20,15 +21,17 @@ use ipnet::IpNet;
 use mdsec_common::{
     app::{App, port_hint},
     flow::FlowKey,
+    net::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
     policy::Verdict,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::{
     clock::{Anchor, rfc3339},
+    learn::Learner,
     model::{Device, Event, proto_name},
     policy::model::{Member, Policy},
-    state::Tables,
+    state::{FlowRecord, Tables},
 };
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -115,10 +118,81 @@ struct ScanState {
 
 /// A flow end that is a segment member (a device).
 #[derive(Clone)]
-struct End {
-    segment: String,
-    function: String,
-    mac: Option<String>,
+pub struct End {
+    pub segment: String,
+    pub function: String,
+    pub mac: Option<String>,
+}
+
+/// Who is a segment member: inventory devices by address (MAC membership
+/// included), then CIDR members.
+pub struct Members<'a> {
+    policy: &'a Policy,
+    by_ip: HashMap<IpAddr, End>,
+}
+
+impl<'a> Members<'a> {
+    pub fn new(policy: &'a Policy, devices: &[Device]) -> Members<'a> {
+        let mut by_ip = HashMap::new();
+        for d in devices {
+            let Some(seg) = d.segment.as_deref().and_then(|s| policy.segments.iter().find(|x| x.name == s))
+            else {
+                continue;
+            };
+            for ip in d.ips.iter().filter_map(|i| i.parse::<IpAddr>().ok()) {
+                by_ip.insert(
+                    ip,
+                    End {
+                        segment: seg.name.clone(),
+                        function: seg.function.clone(),
+                        mac: Some(d.mac.clone()),
+                    },
+                );
+            }
+        }
+        Members { policy, by_ip }
+    }
+
+    pub fn get(&self, ip: &IpAddr) -> Option<End> {
+        self.by_ip.get(ip).cloned().or_else(|| {
+            let seg = self.policy.segments.iter().find(|s| {
+                s.members.iter().any(|m| matches!(m, Member::Net { net, .. } if net.contains(ip)))
+            })?;
+            Some(End { segment: seg.name.clone(), function: seg.function.clone(), mac: None })
+        })
+    }
+}
+
+/// The client-side flows among `keys`: TCP/UDP flows whose reverse flow (on any
+/// interface: a routed reply enters on another one) started later or was never
+/// seen, and ICMP/ICMPv6 echo requests. Equal start times go to the higher
+/// source port (clients use ephemeral ports).
+pub(crate) fn client_side(tables: &Tables, keys: &[FlowKey]) -> Vec<FlowKey> {
+    if keys.is_empty() {
+        return Vec::new();
+    }
+    // (src, dst, proto, sport, dport) → earliest start on any interface.
+    type Tuple = ([u8; 16], [u8; 16], u8, u16, u16);
+    let mut started: HashMap<Tuple, u64> = HashMap::new();
+    for (k, r) in &tables.flows {
+        let e = started.entry((k.src, k.dst, k.proto, k.sport, k.dport)).or_insert(u64::MAX);
+        *e = (*e).min(r.first_seen_ns);
+    }
+    keys.iter()
+        .filter(|k| match k.proto {
+            IPPROTO_TCP | IPPROTO_UDP => {
+                let mine = tables.flows.get(k).map_or(0, |r| r.first_seen_ns);
+                match started.get(&(k.dst, k.src, k.proto, k.dport, k.sport)) {
+                    None => true,
+                    Some(&theirs) => mine < theirs || (mine == theirs && k.sport > k.dport),
+                }
+            }
+            IPPROTO_ICMP => k.sport == 8,
+            IPPROTO_ICMPV6 => k.sport == 128,
+            _ => false,
+        })
+        .copied()
+        .collect()
 }
 
 pub struct Detector {
@@ -128,9 +202,21 @@ pub struct Detector {
     seen: HashSet<FlowKey>,
     scans: HashMap<IpAddr, ScanState>,
     last_emitted: HashMap<(String, IpAddr, IpAddr, u16), SystemTime>,
+    /// Flows that raised (or had suppressed) a detection: no novelty for them.
+    flagged: HashSet<FlowKey>,
     /// MACs (canonical spelling) the operator marked decommissioned.
     decommissioned: HashSet<String>,
     decommissioned_reported: HashSet<String>,
+    /// Baselines and `new_*` detections.
+    pub learner: Learner,
+}
+
+/// What the detector needs to know about the installed policy.
+pub struct PolicyView<'a> {
+    pub policy: &'a Policy,
+    pub generation: u32,
+    /// When each segment's learning period ends (flows that start earlier are learned).
+    pub learning_ends: &'a HashMap<String, SystemTime>,
 }
 
 impl Detector {
@@ -138,6 +224,7 @@ impl Detector {
         cfg: DetectionConfig,
         ifnames: HashMap<u32, String>,
         decommissioned: HashSet<String>,
+        learner: Learner,
     ) -> Detector {
         Detector {
             decommissioned,
@@ -147,7 +234,9 @@ impl Detector {
             seen: HashSet::new(),
             scans: HashMap::new(),
             last_emitted: HashMap::new(),
+            flagged: HashSet::new(),
             decommissioned_reported: HashSet::new(),
+            learner,
         }
     }
 
@@ -155,33 +244,27 @@ impl Detector {
     pub fn check(
         &mut self,
         tables: &Tables,
-        policy: &Policy,
+        view: &PolicyView,
         devices: &[Device],
         now: SystemTime,
     ) -> (Vec<Event>, HashMap<String, u64>) {
+        let policy = view.policy;
         let anchor = Anchor::now();
-        let members = members(policy, devices);
-        let member = |ip: &IpAddr| {
-            members.get(ip).cloned().or_else(|| {
-                let seg = policy.segments.iter().find(|s| {
-                    s.members.iter().any(|m| matches!(m, Member::Net { net, .. } if net.contains(ip)))
-                })?;
-                Some(End { segment: seg.name.clone(), function: seg.function.clone(), mac: None })
-            })
-        };
+        let members = Members::new(policy, devices);
         let mut out = Vec::new();
         let mut suppressed: HashMap<String, u64> = HashMap::new();
 
         // New client-side flows, oldest first so windows advance in order.
-        let mut new: Vec<_> = tables
-            .flows
-            .iter()
-            .filter(|(k, _)| !self.seen.contains(*k))
-            .map(|(k, r)| (*k, r.clone()))
-            .collect();
+        let fresh: Vec<FlowKey> = tables.flows.keys().filter(|k| !self.seen.contains(*k)).copied().collect();
         self.seen.retain(|k| tables.flows.contains_key(k));
-        self.seen.extend(new.iter().map(|(k, _)| *k));
-        new.retain(|(k, _)| matches!(k.proto, 6 | 17) && k.sport > k.dport);
+        self.flagged.retain(|k| tables.flows.contains_key(k));
+        self.seen.extend(fresh.iter().copied());
+        let clients = client_side(tables, &fresh);
+        let mut new: Vec<(FlowKey, FlowRecord)> = clients
+            .iter()
+            .filter(|k| matches!(k.proto, IPPROTO_TCP | IPPROTO_UDP))
+            .filter_map(|k| Some((*k, tables.flows.get(k)?.clone())))
+            .collect();
         new.sort_by_key(|(_, r)| r.first_seen_ns);
 
         // 1. Scans: per source, distinct hosts / ports per host in a window.
@@ -189,7 +272,7 @@ impl Detector {
         let mut scanning: HashSet<IpAddr> = HashSet::new();
         for (k, r) in &new {
             let (src, dst) = (k.src_ip(), k.dst_ip());
-            let (sm, dm) = (member(&src), member(&dst));
+            let (sm, dm) = (members.get(&src), members.get(&dst));
             if sm.is_none() && dm.is_none() {
                 continue;
             }
@@ -241,54 +324,39 @@ impl Detector {
         self.scans.retain(|_, st| now.duration_since(st.window_start).unwrap_or_default() <= window * 2);
 
         // 2. Per-flow detections, skipped for sources caught scanning.
-        let dedup = Duration::from_secs(self.cfg.dedup_secs);
+        let mut found = Vec::new();
         for (k, r) in &new {
             let (src, dst) = (k.src_ip(), k.dst_ip());
             if scanning.contains(&src) {
                 continue;
             }
-            let (sm, dm) = (member(&src), member(&dst));
-            let app = if r.app_confidence != 0 {
-                App::from_u8(r.app)
-            } else {
-                port_hint(k.proto, k.sport, k.dport)
-            };
-            let verdict = Verdict::from_u8(r.verdict);
-            // The segment's allow-list names this flow: a rule (not a default) allowed it.
-            let named =
-                matches!(verdict, Verdict::Allow | Verdict::Reply | Verdict::AppPending) && r.rule != 0;
-            let found = if REMOTE_ACCESS.contains(&app) && !named && (sm.is_some() || dm.is_some()) {
-                let device = dm.clone().or(sm.clone()).unwrap();
-                let mut e = event("remote_access", "high", k, r.app, &device, now);
-                e.app = app.name().into();
-                e.reason = format!("{} from {src} to {dst}, not named by the allow-list", app.name());
-                Some((e, device))
-            } else if let Some(m) = sm.as_ref().filter(|_| {
-                (app == App::Dns || k.dport == 53)
-                    && !self.resolvers.is_empty()
-                    && !self.resolvers.iter().any(|n| n.contains(&dst))
-            }) {
-                let mut e = event("external_dns", "medium", k, r.app, m, now);
-                e.app = "dns".into();
-                e.reason = format!("DNS from {src} to {dst}, which is not an internal resolver");
-                Some((e, m.clone()))
-            } else if let (Some(a), Some(b)) = (&sm, &dm)
-                && a.segment == b.segment
-                && !named
-            {
-                let mut e = event("east_west", "medium", k, r.app, a, now);
-                e.reason = format!(
-                    "{src} to {dst} inside segment {}: {} port {} is not allowed by its rules",
-                    a.segment,
-                    proto_name(k.proto),
-                    k.dport
-                );
-                Some((e, a.clone()))
-            } else {
-                None
-            };
-            let Some((mut e, device)) = found else { continue };
-            let key = (e.kind.clone(), src, dst, k.dport);
+            if let Some(f) = self.per_flow(k, r, &members.get(&src), &members.get(&dst), now) {
+                found.push(f);
+            }
+        }
+        self.flagged.extend(found.iter().map(|f| f.0));
+        // 3. New destinations, ports and apps against the learned baseline.
+        let scans = &self.scans;
+        let novelties = self.learner.observe(
+            tables,
+            &clients,
+            &members,
+            policy,
+            view.generation,
+            view.learning_ends,
+            |ip| scans.get(ip).is_some_and(|s| s.reported),
+            now,
+        );
+        found.extend(
+            novelties
+                .into_iter()
+                .filter(|n| !self.flagged.contains(&n.key))
+                .map(|n| (n.key, n.event, n.device)),
+        );
+        let dedup = Duration::from_secs(self.cfg.dedup_secs);
+        for (k, mut e, device) in found {
+            let Some(r) = tables.flows.get(&k) else { continue };
+            let key = (e.kind.clone(), k.src_ip(), k.dst_ip(), k.dport);
             if self.last_emitted.get(&key).is_some_and(|t| now.duration_since(*t).unwrap_or_default() < dedup)
             {
                 *suppressed.entry(e.kind.clone()).or_default() += 1;
@@ -297,18 +365,19 @@ impl Detector {
             self.last_emitted.insert(key, now);
             e.mac = e.mac.or(device.mac);
             e.iface = iface(&self.ifnames, k.ifindex);
-            e.evidence = format!(
+            let detail = format!(
                 "{} packets, {} bytes, verdict {}, first seen {}",
                 r.totals().packets,
                 r.totals().bytes,
-                verdict.name(),
+                Verdict::from_u8(r.verdict).name(),
                 rfc3339(anchor.wall(r.first_seen_ns))
             );
+            e.evidence = if e.evidence.is_empty() { detail } else { format!("{}; {detail}", e.evidence) };
             out.push(e);
         }
         self.last_emitted.retain(|_, t| now.duration_since(*t).unwrap_or_default() < dedup);
 
-        // 3. Decommissioned devices seen sending in this run: once per device.
+        // 4. Decommissioned devices seen sending in this run: once per device.
         for d in devices {
             if self.decommissioned.contains(&d.mac)
                 && tables.devices.keys().any(|k| crate::model::mac_string(k.mac) == d.mac)
@@ -324,31 +393,62 @@ impl Detector {
         }
         (out, suppressed)
     }
+
+    /// Remote access, external DNS or east-west for one client-side flow (in
+    /// that order: one flow yields at most one).
+    fn per_flow(
+        &self,
+        k: &FlowKey,
+        r: &FlowRecord,
+        sm: &Option<End>,
+        dm: &Option<End>,
+        now: SystemTime,
+    ) -> Option<(FlowKey, Event, End)> {
+        let (src, dst) = (k.src_ip(), k.dst_ip());
+        let app =
+            if r.app_confidence != 0 { App::from_u8(r.app) } else { port_hint(k.proto, k.sport, k.dport) };
+        let verdict = Verdict::from_u8(r.verdict);
+        // The segment's allow-list names this flow: a rule (not a default) allowed it.
+        let named = matches!(verdict, Verdict::Allow | Verdict::Reply | Verdict::AppPending) && r.rule != 0;
+        if REMOTE_ACCESS.contains(&app) && !named && (sm.is_some() || dm.is_some()) {
+            let device = dm.clone().or(sm.clone())?;
+            let mut e = event("remote_access", "high", k, r.app, &device, now);
+            e.app = app.name().into();
+            e.reason = format!("{} from {src} to {dst}, not named by the allow-list", app.name());
+            return Some((*k, e, device));
+        }
+        if let Some(m) = sm.as_ref().filter(|_| {
+            (app == App::Dns || k.dport == 53)
+                && !self.resolvers.is_empty()
+                && !self.resolvers.iter().any(|n| n.contains(&dst))
+        }) {
+            let mut e = event("external_dns", "medium", k, r.app, m, now);
+            e.app = "dns".into();
+            e.reason = format!("DNS from {src} to {dst}, which is not an internal resolver");
+            return Some((*k, e, m.clone()));
+        }
+        if let (Some(a), Some(b)) = (sm, dm)
+            && a.segment == b.segment
+            && !named
+        {
+            let mut e = event("east_west", "medium", k, r.app, a, now);
+            e.reason = format!(
+                "{src} to {dst} inside segment {}: {} port {} is not allowed by its rules",
+                a.segment,
+                proto_name(k.proto),
+                k.dport
+            );
+            return Some((*k, e, a.clone()));
+        }
+        None
+    }
 }
 
 fn iface(names: &HashMap<u32, String>, ifindex: u32) -> String {
     names.get(&ifindex).cloned().unwrap_or_else(|| format!("if{ifindex}"))
 }
 
-/// Segment members by address, from the inventory (MAC membership first).
-fn members(policy: &Policy, devices: &[Device]) -> HashMap<IpAddr, End> {
-    let mut out = HashMap::new();
-    for d in devices {
-        let Some(seg) = d.segment.as_deref().and_then(|s| policy.segments.iter().find(|x| x.name == s))
-        else {
-            continue;
-        };
-        for ip in d.ips.iter().filter_map(|i| i.parse::<IpAddr>().ok()) {
-            out.insert(
-                ip,
-                End { segment: seg.name.clone(), function: seg.function.clone(), mac: Some(d.mac.clone()) },
-            );
-        }
-    }
-    out
-}
-
-fn event(kind: &str, severity: &str, k: &FlowKey, app: u8, m: &End, now: SystemTime) -> Event {
+pub(crate) fn event(kind: &str, severity: &str, k: &FlowKey, app: u8, m: &End, now: SystemTime) -> Event {
     Event {
         version: crate::model::EVENT_SCHEMA_VERSION,
         kind: kind.into(),

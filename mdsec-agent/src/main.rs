@@ -6,6 +6,7 @@ use mdsec_agent::{
     client,
     config::{self, Config},
     loader, model,
+    policy::model::Mode,
     table::{human, render},
 };
 
@@ -38,6 +39,24 @@ enum Cmd {
     Schema {
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Print an allow-list for a segment from its learned baseline (a complete
+    /// segment file that `check` accepts; review it, then replace the segment's file).
+    Suggest {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The segment (its file must be in policy_dir).
+        #[arg(long)]
+        segment: String,
+        /// Mode of the suggested file (default: the segment's current mode).
+        #[arg(long, value_parser = ["monitor", "enforce"])]
+        mode: Option<String>,
+        /// Also use communication first seen after the learning period.
+        #[arg(long)]
+        all: bool,
+        /// Write to this file (atomically) instead of standard output.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
     },
     /// Detach the datapath and remove its pins (after a crash, or an `on_exit: keep` stop).
     Detach {
@@ -138,6 +157,44 @@ fn real_main() -> Result<ExitCode> {
                 }
             }
             println!("{}: ok", config.display());
+        }
+        Cmd::Suggest { config, segment, mode, all, out } => {
+            let cfg = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let Some(dir) = &cfg.policy_dir else {
+                anyhow::bail!("{}: no policy_dir: suggest needs the segment's file", config.display());
+            };
+            let (policy, diags) = mdsec_agent::policy::model::load_dir(dir, std::time::SystemTime::now());
+            let Some(policy) = policy else {
+                for d in diags {
+                    eprintln!("{d}");
+                }
+                return Ok(ExitCode::FAILURE);
+            };
+            let rows = mdsec_agent::store::Store::open_existing(&cfg.state_dir)?
+                .load_observations(Some(&segment))?;
+            let mode = mode.map(|m| if m == "enforce" { Mode::Enforce } else { Mode::Monitor });
+            let now = mdsec_agent::clock::rfc3339(std::time::SystemTime::now());
+            let text = mdsec_agent::suggest::suggest(
+                &policy,
+                &rows,
+                &mdsec_agent::suggest::Options { segment: &segment, mode, all, now },
+            )?;
+            match out {
+                None => print!("{text}"),
+                Some(path) => {
+                    // Write beside the target, then rename: the agent's file watcher
+                    // must never read half a file.
+                    let tmp = path.with_extension("yaml.tmp~");
+                    std::fs::write(&tmp, &text)
+                        .map_err(|e| anyhow::anyhow!("write {}: {e}", tmp.display()))?;
+                    std::fs::rename(&tmp, &path)
+                        .map_err(|e| anyhow::anyhow!("rename to {}: {e}", path.display()))?;
+                    eprintln!("wrote {}", path.display());
+                }
+            }
         }
         Cmd::Schema { out } => {
             std::fs::create_dir_all(&out)?;

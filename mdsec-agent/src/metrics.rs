@@ -68,6 +68,7 @@ pub fn render(st: &AppState) -> String {
     segments(&r, st);
     policy(&r, st);
     inventory(&r, st);
+    baseline(&r, st);
     events(&r, st);
     let mut out = Vec::new();
     TextEncoder::new().encode(&r.0.gather(), &mut out).expect("text encoding");
@@ -305,6 +306,31 @@ fn inventory(r: &R, st: &AppState) {
     )
     .with_label_values::<&str>(&[])
     .set(if devices.is_empty() { 0.0 } else { unknown as f64 / devices.len() as f64 });
+}
+
+fn baseline(r: &R, st: &AppState) {
+    let b = st.baseline.read().unwrap();
+    let learning = r.int_gauge(
+        "mdsec_segment_learning",
+        "1 while a segment is in its learning period (no new_* detections), else 0.",
+        &["segment"],
+    );
+    let obs = r.int_gauge(
+        "mdsec_baseline_observations",
+        "Distinct observed communications (device, peer, proto, port, app) stored for a segment.",
+        &["segment"],
+    );
+    for (name, s) in &b.segments {
+        learning.with_label_values(&[name.as_str()]).set(s.learning as i64);
+        obs.with_label_values(&[name.as_str()]).set(s.observations as i64);
+    }
+    r.counter(
+        "mdsec_baseline_dropped_total",
+        "Observations not stored because the baseline table was full.",
+        &[],
+    )
+    .with_label_values::<&str>(&[])
+    .inc_by(b.dropped);
 }
 
 fn events(r: &R, st: &AppState) {

@@ -49,6 +49,9 @@ pub const EVENT_TYPES: &[&str] = &[
     "external_dns",
     "scan",
     "remote_access",
+    "new_destination",
+    "new_port",
+    "new_app",
     "decommissioned_device",
 ];
 

@@ -21,9 +21,11 @@ use mdsec_common::maps as names;
 
 use crate::{
     api::{self, AppState},
+    clock::rfc3339,
     config::{Config, OnExit},
     devwatch,
     events::{self, EventStore},
+    learn::{self, Learner},
     loader::Datapath,
     oui::Oui,
     policy::{
@@ -73,7 +75,6 @@ pub async fn run(cfg: Config) -> Result<()> {
         .filter(|o| o.decommissioned)
         .filter_map(|o| crate::model::parse_mac(&o.mac).map(crate::model::mac_string))
         .collect();
-    let mut detector = crate::detect::Detector::new(cfg.detection.clone(), dp.ifnames(), decommissioned);
     let ring = RingBuf::try_from(dp.take_map(names::EVENTS)?)?;
     events::spawn(ring, store.clone(), policy.clone(), dp.ifnames());
     let fingerprints = crate::samples::Fingerprints::default();
@@ -112,7 +113,18 @@ pub async fn run(cfg: Config) -> Result<()> {
     let mut db = Store::open(&cfg.state_dir)?;
     let history: HashMap<_, _> =
         db.load_devices()?.into_iter().map(|d| ((d.iface.clone(), d.vlan, d.mac.clone()), d)).collect();
-    info!("state database: {} devices from earlier runs", history.len());
+    let observations = db.load_observations(None)?;
+    info!(
+        "state database: {} devices and {} baseline observations from earlier runs",
+        history.len(),
+        observations.len()
+    );
+    let mut detector = crate::detect::Detector::new(
+        cfg.detection.clone(),
+        dp.ifnames(),
+        decommissioned,
+        Learner::new(observations),
+    );
 
     let state = Arc::new(AppState {
         tables,
@@ -136,6 +148,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         export_stats,
         token,
         limiter: Mutex::new(api::Limiter::new(cfg.api.rate_limit_per_sec, cfg.api.rate_limit_burst)),
+        baseline: RwLock::new(Default::default()),
     });
     let (flush_tx, flush_rx) = std::sync::mpsc::channel::<()>();
     let flusher = {
@@ -147,7 +160,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                     !matches!(flush_rx.recv_timeout(Duration::from_secs(2)), Err(RecvTimeoutError::Timeout));
                 let devices = api::devices_json(&state);
                 report_new_devices(&state, &db, &devices);
-                detect(&state, &mut detector, &devices);
+                detect(&state, &mut detector, &devices, &mut db);
                 match db.save_devices(&devices) {
                     Ok(()) => {
                         let mut h = state.history.write().unwrap();
@@ -200,13 +213,52 @@ pub async fn run(cfg: Config) -> Result<()> {
     Ok(())
 }
 
-/// Runs the flow detections and keeps their events and suppressed counts.
-fn detect(state: &AppState, detector: &mut crate::detect::Detector, devices: &[crate::model::Device]) {
+/// Runs the flow detections, keeps their events and suppressed counts, and
+/// writes the baseline observations they recorded.
+fn detect(
+    state: &AppState,
+    detector: &mut crate::detect::Detector,
+    devices: &[crate::model::Device],
+    db: &mut Store,
+) {
     let Some(installed) = state.policy.read().unwrap().current.clone() else { return };
+    let now = SystemTime::now();
+    let mut status = learn::Status::default();
+    let mut learning_ends = HashMap::new();
+    for s in &installed.policy.segments {
+        // Not recorded yet (first pass of a new segment): it starts learning now.
+        let start =
+            db.learning_start(&s.name).ok().flatten().and_then(|t| devwatch::parse_time(&t)).unwrap_or(now);
+        let ends = start + s.learning_period;
+        learning_ends.insert(s.name.clone(), ends);
+        status.segments.insert(
+            s.name.clone(),
+            learn::SegmentStatus { learning: now < ends, learning_ends: rfc3339(ends), observations: 0 },
+        );
+    }
+    let view = crate::detect::PolicyView {
+        policy: &installed.policy,
+        generation: installed.generation,
+        learning_ends: &learning_ends,
+    };
     let (events, suppressed) = {
         let t = state.tables.read().unwrap();
-        detector.check(&t, &installed.policy, devices, std::time::SystemTime::now())
+        detector.check(&t, &view, devices, now)
     };
+    let rows = detector.learner.take_dirty();
+    if !rows.is_empty()
+        && let Err(e) = db.save_observations(&rows)
+    {
+        warn!("saving {} baseline observations failed (kept for the next pass): {e:#}", rows.len());
+        detector.learner.restore_dirty(&rows);
+    }
+    for (name, n) in detector.learner.counts() {
+        if let Some(s) = status.segments.get_mut(&name) {
+            s.observations = n;
+        }
+    }
+    status.dropped = detector.learner.dropped;
+    *state.baseline.write().unwrap() = status;
     let mut store = state.events.write().unwrap();
     for (kind, n) in suppressed {
         *store.suppressed.entry(kind).or_default() += n;

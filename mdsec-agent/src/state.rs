@@ -81,6 +81,8 @@ pub struct FlowRecord {
     pub generation: u32,
     pub app: u8,
     pub app_confidence: u8,
+    /// The first payload has been classified (`app`/`app_confidence` are final).
+    pub app_done: bool,
 }
 
 impl FlowRecord {
@@ -148,6 +150,7 @@ impl Tables {
                 generation: 0,
                 app: 0,
                 app_confidence: 0,
+                app_done: false,
             });
             self.flow_evictions += r.counts.observe(v.first_seen_ns, v.packets, v.bytes) as u64;
             r.first_seen_ns = r.first_seen_ns.min(v.first_seen_ns);
@@ -159,6 +162,7 @@ impl Tables {
             r.generation = v.generation;
             r.app = v.app;
             r.app_confidence = v.app_confidence;
+            r.app_done = v.app_done != 0;
         }
         for (k, r) in self.flows.iter_mut() {
             if !present.contains(k) {

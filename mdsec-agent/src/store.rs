@@ -1,5 +1,6 @@
 //! The state database (SQLite in `state_dir`, WAL): what must survive restarts and
-//! crashes. Today the device inventory; schema changes are numbered migrations
+//! crashes: the device inventory, segments' learning starts and the learned
+//! observations (`learn.rs`). Schema changes are numbered migrations
 //! recorded in `PRAGMA user_version`.
 
 use std::path::Path;
@@ -7,7 +8,11 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use rusqlite::{Connection, params};
 
-use crate::model::Device;
+use crate::{
+    learn::{ObsKey, ObsVal},
+    model::Device,
+    policy::model::Direction,
+};
 
 pub const FILE: &str = "mdsec.db";
 
@@ -27,6 +32,21 @@ const MIGRATIONS: &[&str] = &[
     )",
     "CREATE TABLE segments (name TEXT PRIMARY KEY, learning_started TEXT NOT NULL)",
     "ALTER TABLE devices ADD COLUMN fingerprints TEXT NOT NULL DEFAULT '{}'",
+    "CREATE TABLE observations (
+        segment TEXT NOT NULL,
+        direction TEXT NOT NULL,
+        device TEXT NOT NULL,
+        peer TEXT NOT NULL,
+        peer_segment TEXT NOT NULL,
+        proto INTEGER NOT NULL,
+        port INTEGER NOT NULL,
+        app TEXT NOT NULL,
+        flows INTEGER NOT NULL,
+        first_seen TEXT NOT NULL,
+        last_seen TEXT NOT NULL,
+        learned INTEGER NOT NULL,
+        PRIMARY KEY (segment, direction, device, peer, peer_segment, proto, port, app)
+    )",
 ];
 
 pub struct Store {
@@ -42,6 +62,18 @@ impl Store {
         let mut s = Store { conn };
         s.migrate().with_context(|| format!("migrate {}", path.display()))?;
         Ok(s)
+    }
+
+    /// Opens the database of an agent that has run (for readers such as
+    /// `suggest`); never creates one.
+    pub fn open_existing(dir: &Path) -> Result<Store> {
+        let path = dir.join(FILE);
+        anyhow::ensure!(
+            path.exists(),
+            "no state database at {}: has the agent run with this state_dir?",
+            path.display()
+        );
+        Store::open(dir)
     }
 
     pub fn schema_version(&self) -> Result<u32> {
@@ -115,6 +147,90 @@ impl Store {
         Ok(())
     }
 
+    /// Writes observation rows (whole rows: the agent holds the totals).
+    pub fn save_observations(&mut self, rows: &[(ObsKey, ObsVal)]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut put = tx.prepare_cached(
+                "INSERT OR REPLACE INTO observations (segment, direction, device, peer, peer_segment, proto, port, app, flows, first_seen, last_seen, learned)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?;
+            for (k, v) in rows {
+                put.execute(params![
+                    k.segment,
+                    direction_text(k.direction),
+                    k.device.to_string(),
+                    k.peer.to_string(),
+                    k.peer_segment,
+                    k.proto,
+                    k.port,
+                    k.app,
+                    v.flows as i64,
+                    v.first_seen,
+                    v.last_seen,
+                    v.learned
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Observation rows, of one segment or all; rows this agent cannot read
+    /// (hand-edited) are skipped.
+    pub fn load_observations(&self, segment: Option<&str>) -> Result<Vec<(ObsKey, ObsVal)>> {
+        let mut st = self.conn.prepare(
+            "SELECT segment, direction, device, peer, peer_segment, proto, port, app, flows, first_seen, last_seen, learned
+             FROM observations WHERE ?1 IS NULL OR segment = ?1",
+        )?;
+        let rows = st.query_map(params![segment], |r| {
+            let direction: String = r.get(1)?;
+            let device: String = r.get(2)?;
+            let peer: String = r.get(3)?;
+            Ok((
+                (|| {
+                    Some(ObsKey {
+                        segment: r.get(0).ok()?,
+                        direction: match direction.as_str() {
+                            "out" => Direction::Out,
+                            "in" => Direction::In,
+                            _ => return None,
+                        },
+                        device: device.parse().ok()?,
+                        peer: peer.parse().ok()?,
+                        peer_segment: r.get(4).ok()?,
+                        proto: r.get(5).ok()?,
+                        port: r.get(6).ok()?,
+                        app: r.get(7).ok()?,
+                    })
+                })(),
+                ObsVal {
+                    flows: r.get::<_, i64>(8)? as u64,
+                    first_seen: r.get(9)?,
+                    last_seen: r.get(10)?,
+                    learned: r.get(11)?,
+                },
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            if let (Some(k), v) = row? {
+                out.push((k, v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// When the agent first loaded segment `name`, if it ever did.
+    pub fn learning_start(&self, name: &str) -> Result<Option<String>> {
+        let mut st = self.conn.prepare("SELECT learning_started FROM segments WHERE name = ?1")?;
+        let mut rows = st.query(params![name])?;
+        Ok(match rows.next()? {
+            Some(r) => Some(r.get(0)?),
+            None => None,
+        })
+    }
+
     /// When the agent first loaded segment `name` (recorded now if never).
     pub fn learning_started(&self, name: &str, now: &str) -> Result<String> {
         self.conn.execute(
@@ -149,6 +265,13 @@ impl Store {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+fn direction_text(d: Direction) -> &'static str {
+    match d {
+        Direction::Out => "out",
+        Direction::In => "in",
     }
 }
 
@@ -192,6 +315,44 @@ mod tests {
         assert_eq!(d[0].ips, vec!["10.0.1.9", "10.0.1.2"]);
         assert_eq!(d[0].vendor.as_deref(), Some("Baxter International Inc"));
         assert_eq!(d[0].fingerprints.get("dhcp.hostname").map(String::as_str), Some("pump07"));
+        drop(s);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn observations_round_trip() {
+        let dir = std::env::temp_dir().join(format!("mdsec-t-store-obs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let k = ObsKey {
+            segment: "pumps".into(),
+            direction: Direction::In,
+            device: "10.0.1.2".parse().unwrap(),
+            peer: "fd00::7".parse().unwrap(),
+            peer_segment: "workstations".into(),
+            proto: 6,
+            port: 8443,
+            app: "tls".into(),
+        };
+        let v = ObsVal {
+            flows: 3,
+            first_seen: "2026-11-23T09:00:00.000Z".into(),
+            last_seen: "2026-11-23T10:00:00.000Z".into(),
+            learned: true,
+        };
+        {
+            let mut s = Store::open(&dir).unwrap();
+            s.save_observations(&[(k.clone(), v.clone())]).unwrap();
+            let mut v2 = v.clone();
+            v2.flows = 4;
+            s.save_observations(&[(k.clone(), v2)]).unwrap();
+        }
+        let s = Store::open(&dir).unwrap();
+        let rows = s.load_observations(Some("pumps")).unwrap();
+        assert_eq!(rows, vec![(k, ObsVal { flows: 4, ..v })]);
+        assert!(s.load_observations(Some("other")).unwrap().is_empty());
+        assert_eq!(s.learning_start("pumps").unwrap(), None);
+        s.learning_started("pumps", "2026-11-23T08:00:00.000Z").unwrap();
+        assert_eq!(s.learning_start("pumps").unwrap().as_deref(), Some("2026-11-23T08:00:00.000Z"));
         drop(s);
         std::fs::remove_dir_all(&dir).unwrap();
     }

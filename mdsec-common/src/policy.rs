@@ -7,6 +7,27 @@
 //! with one write. A flow caches its verdict together with the generation that
 //! produced it and is re-evaluated when they differ.
 
+/// Link-local control traffic that is never policed (and never learned): DHCP,
+/// IPv4 broadcast and 224.0.0.0/24, IPv6 link-local and link-scope multicast
+/// destinations, ICMPv6 MLD and router/neighbour discovery. A device that loses
+/// its address or a neighbour entry must never be a policy outcome. `dst` is the
+/// map address form (IPv4-mapped for IPv4); `sport` is the ICMP type.
+#[inline(always)]
+pub fn exempt(v4: bool, proto: u8, sport: u16, dport: u16, dst: &[u8; 16]) -> bool {
+    if proto == crate::net::IPPROTO_UDP && matches!(dport, 67 | 68 | 546 | 547) {
+        return true;
+    }
+    if v4 {
+        let bcast = dst[12] == 255 && dst[13] == 255 && dst[14] == 255 && dst[15] == 255;
+        let local_mcast = dst[12] == 224 && dst[13] == 0 && dst[14] == 0;
+        return bcast || local_mcast;
+    }
+    let link_local = (dst[0] == 0xfe && dst[1] & 0xc0 == 0x80) || (dst[0] == 0xff && dst[1] & 0x0f == 0x02);
+    // ICMPv6: MLD (130–132, 143), router/neighbour discovery (133–137).
+    let nd_mld = proto == crate::net::IPPROTO_ICMPV6 && matches!(sport, 130..=137 | 143);
+    link_local || nd_mld
+}
+
 /// Identities per generation (index into `SEGMENTS`). Id 0 is "no identity".
 pub const MAX_IDS: u32 = 4096;
 

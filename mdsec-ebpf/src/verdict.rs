@@ -10,7 +10,7 @@ use aya_ebpf::{bindings::xdp_action, maps::lpm_trie::Key};
 use mdsec_common::{
     app::{port_hint, Confidence},
     flow::FlowValue,
-    net::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_UDP},
+    net::{IPPROTO_ICMP, IPPROTO_ICMPV6},
     policy::{
         Event, IdentData, MacKey, PolicyData, SegmentInfo, TupleKey, Verdict, DENY_APP_MISMATCH,
         DENY_DEFAULT, IDENT_HEADER_BITS, IFACE_MIRROR, MAX_IDS, POLICY_FULL_BITS, SEG_DEFAULT_ALLOW,
@@ -146,25 +146,11 @@ fn deny(s: &SegmentInfo, d: &SegmentInfo, app_rule: bool) -> (Verdict, u32) {
     (Verdict::Allow, if s.flags & SEG_MEMBER != 0 { s.segment } else { d.segment })
 }
 
-/// Link-local control traffic is never policed: address resolution, router
-/// discovery, multicast listener reports and DHCP must keep working whatever the
-/// policy says (a device that loses its address is a clinical incident).
+/// Link-local control traffic is never policed (the rule lives in mdsec-common,
+/// shared with the agent's learner).
 #[inline(always)]
 fn exempt(p: &Packet) -> bool {
-    if p.proto == IPPROTO_UDP && matches!(p.dport, 67 | 68 | 546 | 547) {
-        return true;
-    }
-    if p.l3 == L3_IPV4 {
-        let d = &p.dst;
-        let bcast = d[12] == 255 && d[13] == 255 && d[14] == 255 && d[15] == 255;
-        let local_mcast = d[12] == 224 && d[13] == 0 && d[14] == 0;
-        return bcast || local_mcast;
-    }
-    let d = &p.dst;
-    let link_local = (d[0] == 0xfe && d[1] & 0xc0 == 0x80) || (d[0] == 0xff && d[1] & 0x0f == 0x02);
-    // ICMPv6: MLD (130–132, 143), router/neighbour discovery (133–137).
-    let nd_mld = p.proto == IPPROTO_ICMPV6 && matches!(p.sport, 130..=137 | 143);
-    link_local || nd_mld
+    mdsec_common::policy::exempt(p.l3 == L3_IPV4, p.proto, p.sport, p.dport, &p.dst)
 }
 
 #[inline(always)]

@@ -162,3 +162,33 @@ pub fn send_and_settle(sock: &UdpSocket, to: SocketAddr, count: usize, size: usi
     std::thread::sleep(Duration::from_millis(200));
     Ok(())
 }
+
+/// A DNS query for `pacs.hospital.internal` (A record).
+pub fn dns_query() -> Vec<u8> {
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in ["pacs", "hospital", "internal"] {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// One TCP connection from host `from` to host `to`: the client sends `payload`,
+/// the server reads it and answers `ok`. Panics if any step fails (a dropped flow).
+pub fn tcp_exchange(topo: &crate::netns::Topology, from: u8, to: u8, port: u16, payload: &[u8]) {
+    use std::io::{Read, Write};
+    let listener = tcp_listener(topo.host(to), port).unwrap();
+    let len = payload.len();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; len];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(b"ok").unwrap();
+    });
+    let mut c = tcp_connect(topo.host(from), SocketAddr::new(topo.host(to).v4().into(), port)).unwrap();
+    c.write_all(payload).unwrap();
+    let mut back = [0u8; 2];
+    c.read_exact(&mut back).unwrap();
+    server.join().unwrap();
+}

@@ -11,7 +11,6 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
     net::{Ipv4Addr, SocketAddr},
     time::Duration,
 };
@@ -21,7 +20,7 @@ use mdsec_tests::{
     agent::{Agent, AgentOptions},
     frames::{self, RawSender, V4},
     netns::{Topology, link_mac},
-    traffic,
+    traffic::{self, dns_query, tcp_exchange},
 };
 
 const DETECTIONS: [&str; 7] = [
@@ -49,33 +48,6 @@ fn policy() -> Vec<(String, String)> {
             "segment: imaging\nfunction: imaging-modality\nmode: monitor\ndefault: deny\nmembers:\n  - cidr: 10.0.4.0/24\nallow:\n  - from: workstations\n    proto: tcp\n    ports: [104]\n".into(),
         ),
     ]
-}
-
-/// A DNS query for `pacs.hospital.internal` (A record).
-fn dns_query() -> Vec<u8> {
-    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-    for label in ["pacs", "hospital", "internal"] {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    q
-}
-
-fn tcp_exchange(topo: &Topology, from: u8, to: u8, port: u16, payload: &'static [u8]) {
-    let listener = traffic::tcp_listener(topo.host(to), port).unwrap();
-    let server = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        let mut buf = vec![0u8; payload.len()];
-        s.read_exact(&mut buf).unwrap();
-        s.write_all(b"ok").unwrap();
-    });
-    let mut c =
-        traffic::tcp_connect(topo.host(from), SocketAddr::new(topo.host(to).v4().into(), port)).unwrap();
-    c.write_all(payload).unwrap();
-    let mut back = [0u8; 2];
-    c.read_exact(&mut back).unwrap();
-    server.join().unwrap();
 }
 
 #[test]

@@ -238,7 +238,7 @@ pub enum Member {
     Mac { mac: [u8; 6], vlan: Option<u16> },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Direction {
     /// From the segment to the peer (`to:`).
     Out,
