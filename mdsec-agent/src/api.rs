@@ -60,6 +60,12 @@ pub struct AppState {
     pub limiter: Mutex<Limiter>,
     /// Learning state and baseline size per segment, as of the last store pass.
     pub baseline: RwLock<crate::learn::Status>,
+    /// Lifecycle rows by MAC (state database; refreshed each store pass and on change).
+    pub lifecycle: RwLock<HashMap<String, crate::lifecycle::Record>>,
+    /// Register findings and lifecycle states, for metrics.
+    pub evidence: RwLock<crate::evidence::EvidenceStatus>,
+    /// Where the state database lives (lifecycle changes open their own connection).
+    pub state_dir: std::path::PathBuf,
 }
 
 /// Token bucket per client address. The table is bounded: when full, clients
@@ -177,6 +183,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/events", get(events))
         .route("/api/v1/policy", get(policy_status))
         .route("/api/v1/baseline", get(baseline))
+        .route("/api/v1/devices/{mac}/state", axum::routing::post(set_state))
+        .route("/api/v1/audit", get(audit))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .merge(api)
@@ -329,8 +337,11 @@ pub fn devices_json(st: &AppState) -> Vec<model::Device> {
         .collect();
     merge_history(&mut out, &st.history.read().unwrap());
     let policy = st.policy.read().unwrap().current.clone();
+    let lifecycle = st.lifecycle.read().unwrap();
     for d in &mut out {
         classify_device(d, st.overrides.get(&d.mac));
+        let decommissioned = st.overrides.get(&d.mac).is_some_and(|o| o.decommissioned);
+        d.lifecycle = crate::evidence::lifecycle_of(d, &lifecycle, decommissioned).name().into();
         d.segment = policy
             .as_ref()
             .and_then(|p| crate::devwatch::segment_of(&p.policy, d))
@@ -440,6 +451,81 @@ async fn events(
 
 async fn policy_status(axum::extract::State(st): S) -> Json<crate::policy::runtime::Status> {
     Json(st.policy.read().unwrap().status.clone())
+}
+
+/// `POST /api/v1/devices/{mac}/state` with `{"state", "reason", "actor"}`: one
+/// lifecycle change, audited. 400 bad input, 404 device never seen, 409 not a
+/// lifecycle transition (nothing changes).
+async fn set_state(
+    axum::extract::State(st): S,
+    axum::extract::Path(mac): axum::extract::Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(mac) = crate::model::parse_mac(&mac).map(crate::model::mac_string) else {
+        return error(StatusCode::BAD_REQUEST, format!("`{mac}` is not a MAC address (aa:bb:cc:dd:ee:ff)"));
+    };
+    let change: crate::lifecycle::Change = match serde_json::from_slice(&body) {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("body: {e}")),
+    };
+    let Some(to) = crate::lifecycle::State::from_name(&change.state) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "`{}` is not a lifecycle state (onboarding, active, exception, decommissioned)",
+                change.state
+            ),
+        );
+    };
+    // Seen by the datapath in this run, or stored by an earlier one.
+    let known = st.tables.read().unwrap().devices.keys().any(|k| mac_string(k.mac) == mac)
+        || st.history.read().unwrap().keys().any(|(_, _, m)| *m == mac);
+    if !known {
+        return error(StatusCode::NOT_FOUND, format!("no device {mac} in the inventory"));
+    }
+    let dir = st.state_dir.clone();
+    let st2 = st.clone();
+    let res = tokio::task::spawn_blocking(move || {
+        let mut db = crate::store::Store::open(&dir)
+            .map_err(|e| crate::lifecycle::ChangeError::Database(format!("{e:#}")))?;
+        let now = rfc3339(std::time::SystemTime::now());
+        let actor = if change.actor.trim().is_empty() { "unknown".to_string() } else { change.actor.clone() };
+        let row = db.set_lifecycle(&mac, to, change.reason.trim(), &actor, &now)?;
+        let records =
+            db.lifecycle().map_err(|e| crate::lifecycle::ChangeError::Database(format!("{e:#}")))?;
+        *st2.lifecycle.write().unwrap() = records;
+        Ok::<_, crate::lifecycle::ChangeError>(row)
+    })
+    .await;
+    use crate::lifecycle::ChangeError;
+    match res {
+        Ok(Ok(row)) => {
+            log::info!("lifecycle: {} {} → {} by {}: {}", row.mac, row.from, row.to, row.actor, row.reason);
+            Json(row).into_response()
+        }
+        Ok(Err(ChangeError::Invalid(m))) => error(StatusCode::CONFLICT, m),
+        Ok(Err(ChangeError::Bad(m))) => error(StatusCode::BAD_REQUEST, m),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("lifecycle change failed: {e}")),
+    }
+}
+
+/// `GET /api/v1/audit[?mac=…]`: the lifecycle audit trail, oldest first.
+async fn audit(
+    axum::extract::State(st): S,
+    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
+) -> Response {
+    let dir = st.state_dir.clone();
+    let mac = q.get("mac").map(|m| crate::model::parse_mac(m).map(crate::model::mac_string));
+    if let Some(None) = mac {
+        return error(StatusCode::BAD_REQUEST, "mac: not a MAC address");
+    }
+    let mac = mac.flatten();
+    match tokio::task::spawn_blocking(move || crate::store::Store::open(&dir)?.audit(mac.as_deref())).await {
+        Ok(Ok(rows)) => Json(rows).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 async fn baseline(axum::extract::State(st): S) -> Json<crate::learn::Status> {

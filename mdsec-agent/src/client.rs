@@ -49,6 +49,18 @@ fn ok(path: &str, status: u16, body: Vec<u8>) -> Result<Vec<u8>> {
     Ok(body)
 }
 
+/// POSTs a JSON body; returns the status and the answer whatever the status.
+pub fn post_json(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    body: &serde_json::Value,
+) -> Result<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("connect to the agent at {addr} (is `mdsec-agent run` up?)"))?;
+    exchange_body(&mut s, addr, "POST", path, token, Some(&serde_json::to_vec(body)?))
+}
+
 /// One request with an optional bearer token; returns the status and the body.
 pub fn exchange(
     s: &mut TcpStream,
@@ -57,9 +69,27 @@ pub fn exchange(
     path: &str,
     token: Option<&str>,
 ) -> Result<(u16, Vec<u8>)> {
+    exchange_body(s, addr, method, path, token, None)
+}
+
+/// Like [`exchange`], with an optional JSON request body.
+pub fn exchange_body(
+    s: &mut TcpStream,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&[u8]>,
+) -> Result<(u16, Vec<u8>)> {
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(s, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n{auth}\r\n")?;
+    let content = body
+        .map(|b| format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()))
+        .unwrap_or_default();
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n{auth}{content}\r\n")?;
+    if let Some(b) = body {
+        s.write_all(b)?;
+    }
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n").context("malformed HTTP answer")?;

@@ -67,6 +67,12 @@ pub struct Config {
     /// Anomaly detection thresholds (scan, DNS resolvers, deduplication).
     #[serde(default)]
     pub detection: crate::detect::DetectionConfig,
+    /// The vulnerability register (YAML; see docs/EVIDENCE.md). Relative to this file.
+    #[serde(default)]
+    pub register: Option<PathBuf>,
+    /// Snapshots for the evidence report.
+    #[serde(default)]
+    pub evidence: crate::evidence::EvidenceConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -305,11 +311,14 @@ impl Config {
             e.file = path.to_owned();
             e
         })?;
-        // A relative policy_dir is relative to the config file.
-        if let Some(d) = &cfg.policy_dir
-            && d.is_relative()
-        {
-            cfg.policy_dir = Some(path.parent().unwrap_or(Path::new(".")).join(d));
+        // A relative policy_dir or register is relative to the config file.
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut cfg.policy_dir, &mut cfg.register] {
+            if let Some(d) = p
+                && d.is_relative()
+            {
+                *p = Some(base.join(&*d));
+            }
         }
         Ok(cfg)
     }
@@ -385,6 +394,9 @@ impl Config {
             return Err(at(l, format!("events.log `{l}` must be an absolute path or `-` (stdout)")));
         }
         self.detection.validate().map_err(|(needle, m)| at(needle, m))?;
+        if self.evidence.snapshot_secs == 0 || self.evidence.retention_days == 0 {
+            return Err(at("evidence", "evidence.snapshot_secs and retention_days must be positive".into()));
+        }
         if let Some(sl) = &self.events.syslog {
             SyslogTarget::parse(&sl.target)
                 .map_err(|e| at(&sl.target, format!("events.syslog.target {e}")))?;

@@ -204,9 +204,10 @@ pub struct Detector {
     last_emitted: HashMap<(String, IpAddr, IpAddr, u16), SystemTime>,
     /// Flows that raised (or had suppressed) a detection: no novelty for them.
     flagged: HashSet<FlowKey>,
-    /// MACs (canonical spelling) the operator marked decommissioned.
-    decommissioned: HashSet<String>,
-    decommissioned_reported: HashSet<String>,
+    /// Decommissioned MACs (canonical spelling) → since when: the lifecycle
+    /// state, or the epoch for `decommissioned: true` in the agent config.
+    pub decommissioned: HashMap<String, SystemTime>,
+    decommissioned_reported: HashSet<(String, SystemTime)>,
     /// Baselines and `new_*` detections.
     pub learner: Learner,
 }
@@ -223,7 +224,7 @@ impl Detector {
     pub fn new(
         cfg: DetectionConfig,
         ifnames: HashMap<u32, String>,
-        decommissioned: HashSet<String>,
+        decommissioned: HashMap<String, SystemTime>,
         learner: Learner,
     ) -> Detector {
         Detector {
@@ -377,17 +378,20 @@ impl Detector {
         }
         self.last_emitted.retain(|_, t| now.duration_since(*t).unwrap_or_default() < dedup);
 
-        // 4. Decommissioned devices seen sending in this run: once per device.
+        // 4. Decommissioned devices that sent traffic (in this run) after they were
+        // decommissioned: once per device and decommissioning.
         for d in devices {
-            if self.decommissioned.contains(&d.mac)
+            let Some(&since) = self.decommissioned.get(&d.mac) else { continue };
+            let sent_since = crate::devwatch::parse_time(&d.last_seen).is_some_and(|t| t > since);
+            if sent_since
                 && tables.devices.keys().any(|k| crate::model::mac_string(k.mac) == d.mac)
-                && self.decommissioned_reported.insert(d.mac.clone())
+                && self.decommissioned_reported.insert((d.mac.clone(), since))
             {
                 let seg = d.segment.as_deref().and_then(|s| policy.segments.iter().find(|x| x.name == s));
-                let reason = format!("{} is marked decommissioned but sent traffic", d.mac);
+                let reason = format!("{} is decommissioned but sent traffic", d.mac);
                 let mut e =
                     crate::devwatch::device_event("decommissioned_device", "high", d, seg, reason, now);
-                e.evidence = format!("{} packets since {}", d.packets, d.first_seen);
+                e.evidence = format!("last seen {}, decommissioned {}", d.last_seen, rfc3339(since));
                 out.push(e);
             }
         }

@@ -35,7 +35,14 @@ pub struct EventStore {
     pub suppressed: BTreeMap<String, u64>,
     pub exporter: Option<crate::export::Exporter>,
     pub triage: crate::triage::TriageConfig,
+    /// Events not yet in the state database (the store thread writes them).
+    pub unsaved: Vec<model::Event>,
+    /// Events not kept for the database because [`UNSAVED_MAX`] were waiting.
+    pub unsaved_dropped: u64,
 }
+
+/// Events waiting for the database at most (a stuck disk must not grow memory).
+pub const UNSAVED_MAX: usize = 100_000;
 
 impl EventStore {
     pub fn push(&mut self, mut e: model::Event) {
@@ -45,6 +52,11 @@ impl EventStore {
         *self.by_type.entry(e.kind.clone()).or_default() += 1;
         if let Some(x) = &self.exporter {
             x.send(&e);
+        }
+        if self.unsaved.len() < UNSAVED_MAX {
+            self.unsaved.push(e.clone());
+        } else {
+            self.unsaved_dropped += 1;
         }
         if self.events.len() == KEEP {
             self.events.pop_front();

@@ -58,10 +58,68 @@ enum Cmd {
         #[arg(long, short)]
         out: Option<PathBuf>,
     },
+    /// Compensating-controls evidence for a period, from the state database, the
+    /// policy and the vulnerability register (works with the agent stopped too).
+    Report {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Start, `YYYY-MM-DD` (UTC) or RFC 3339; default 30 days before `--to`.
+        #[arg(long)]
+        from: Option<String>,
+        /// End (exclusive); default now.
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, value_parser = ["html", "md", "json"], default_value = "html")]
+        format: String,
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// Device lifecycle (through the running agent's API).
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// The vulnerability register.
+    #[command(subcommand)]
+    Register(RegisterCmd),
     /// Detach the datapath and remove its pins (after a crash, or an `on_exit: keep` stop).
     Detach {
         #[arg(long, short)]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// Change a device's lifecycle state (onboarding, active, exception,
+    /// decommissioned); audited with the reason and actor.
+    SetState {
+        mac: String,
+        state: String,
+        #[arg(long)]
+        reason: String,
+        /// Who makes the change (default: $SUDO_USER or $USER).
+        #[arg(long)]
+        actor: Option<String>,
+        #[command(flatten)]
+        q: Query,
+    },
+    /// The lifecycle audit trail (of one device, or all).
+    Audit {
+        #[arg(long)]
+        mac: Option<String>,
+        #[command(flatten)]
+        q: Query,
+    },
+}
+
+#[derive(Subcommand)]
+enum RegisterCmd {
+    /// Convert a CSV export (vendor,model,firmware,cve,disclosed,patch[,title]) to register YAML.
+    Import {
+        #[arg(long)]
+        csv: PathBuf,
+        #[arg(long, short)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -156,7 +214,168 @@ fn real_main() -> Result<ExitCode> {
                     }
                 }
             }
+            if let Some(reg) = &cfg.register {
+                match mdsec_agent::register::Register::load(reg) {
+                    Ok(r) => println!("{}: ok ({} entries)", reg.display(), r.entries.len()),
+                    Err(diags) => {
+                        for d in diags {
+                            eprintln!("{d}");
+                        }
+                        return Ok(ExitCode::FAILURE);
+                    }
+                }
+            }
             println!("{}: ok", config.display());
+        }
+        Cmd::Report { config, from, to, format, out } => {
+            let cfg = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return Ok(code),
+            };
+            let now = std::time::SystemTime::now();
+            let to = match to {
+                Some(t) => mdsec_agent::report::parse_when(&t).map_err(|e| anyhow::anyhow!("--to {e}"))?,
+                None => now,
+            };
+            let from = match from {
+                Some(f) => mdsec_agent::report::parse_when(&f).map_err(|e| anyhow::anyhow!("--from {e}"))?,
+                None => to - std::time::Duration::from_secs(30 * 86_400),
+            };
+            anyhow::ensure!(from < to, "--from must be before --to");
+            let policy = match &cfg.policy_dir {
+                Some(dir) => {
+                    let (p, diags) = mdsec_agent::policy::model::load_dir(dir, now);
+                    if p.is_none() {
+                        for d in diags {
+                            eprintln!("{d}");
+                        }
+                        anyhow::bail!("the policy directory has errors; fix them to report on segments");
+                    }
+                    p
+                }
+                None => None,
+            };
+            let register = match &cfg.register {
+                Some(path) => match mdsec_agent::register::Register::load(path) {
+                    Ok(r) => Some(r),
+                    Err(diags) => {
+                        for d in diags {
+                            eprintln!("{d}");
+                        }
+                        return Ok(ExitCode::FAILURE);
+                    }
+                },
+                None => None,
+            };
+            let db = mdsec_agent::store::Store::open_existing(&cfg.state_dir)?;
+            let rfc = mdsec_agent::clock::rfc3339;
+            let snapshots = db
+                .snapshots_between(&rfc(from), &rfc(to))?
+                .iter()
+                .filter_map(|d| serde_json::from_str(d).ok())
+                .collect();
+            let audit =
+                db.audit(None)?.into_iter().filter(|a| a.time >= rfc(from) && a.time < rfc(to)).collect();
+            let inputs = mdsec_agent::report::Inputs {
+                policy: policy.as_ref(),
+                register: register.as_ref(),
+                devices: db.load_device_docs()?,
+                lifecycle: db.lifecycle()?,
+                config_decommissioned: cfg
+                    .devices
+                    .iter()
+                    .filter(|o| o.decommissioned)
+                    .filter_map(|o| model::parse_mac(&o.mac).map(model::mac_string))
+                    .collect(),
+                audit,
+                events: db.events_between(&rfc(from), &rfc(to))?,
+                snapshots,
+                triage: &cfg.triage,
+                from,
+                to,
+                now,
+            };
+            let report = mdsec_agent::report::build(&inputs);
+            let text = match format.as_str() {
+                "json" => serde_json::to_string_pretty(&report)? + "\n",
+                "md" => mdsec_agent::report_render::markdown(&report),
+                _ => mdsec_agent::report_render::html(&report),
+            };
+            match out {
+                Some(p) => {
+                    std::fs::write(&p, text).map_err(|e| anyhow::anyhow!("write {}: {e}", p.display()))?
+                }
+                None => print!("{text}"),
+            }
+        }
+        Cmd::Device(DeviceCmd::SetState { mac, state, reason, actor, q }) => {
+            let actor = actor
+                .or_else(|| std::env::var("SUDO_USER").ok())
+                .or_else(|| std::env::var("USER").ok())
+                .unwrap_or_default();
+            let body = serde_json::json!({ "state": state, "reason": reason, "actor": actor });
+            let (status, answer) = client::post_json(
+                client::parse_api(&q.api)?,
+                &format!("/api/v1/devices/{mac}/state"),
+                q.token()?.as_deref(),
+                &body,
+            )?;
+            if status != 200 {
+                let msg = serde_json::from_slice::<serde_json::Value>(&answer)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().map(String::from))
+                    .unwrap_or_else(|| String::from_utf8_lossy(&answer).into());
+                eprintln!("error: {mac}: {msg}");
+                return Ok(ExitCode::FAILURE);
+            }
+            let row: mdsec_agent::lifecycle::AuditRow = serde_json::from_slice(&answer)?;
+            println!(
+                "{}: {} → {} (audit #{}, {} by {})",
+                row.mac, row.from, row.to, row.id, row.time, row.actor
+            );
+        }
+        Cmd::Device(DeviceCmd::Audit { mac, q }) => {
+            let path = match &mac {
+                Some(m) => format!("/api/v1/audit?mac={m}"),
+                None => "/api/v1/audit".into(),
+            };
+            let rows: Vec<mdsec_agent::lifecycle::AuditRow> = q.get(&path)?;
+            if q.json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                let rows: Vec<Vec<String>> = rows
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.id.to_string(),
+                            r.time.clone(),
+                            r.mac.clone(),
+                            r.from.clone(),
+                            r.to.clone(),
+                            r.actor.clone(),
+                            r.reason.clone(),
+                        ]
+                    })
+                    .collect();
+                print!("{}", render(&["#", "TIME", "MAC", "FROM", "TO", "BY", "REASON"], &rows));
+            }
+        }
+        Cmd::Register(RegisterCmd::Import { csv, out }) => {
+            let text =
+                std::fs::read_to_string(&csv).map_err(|e| anyhow::anyhow!("read {}: {e}", csv.display()))?;
+            let yaml = match mdsec_agent::register::import_csv(&text, &csv.display().to_string()) {
+                Ok(y) => y,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            match out {
+                Some(p) => {
+                    std::fs::write(&p, yaml).map_err(|e| anyhow::anyhow!("write {}: {e}", p.display()))?
+                }
+                None => print!("{yaml}"),
+            }
         }
         Cmd::Suggest { config, segment, mode, all, out } => {
             let cfg = match load_config(&config) {

@@ -69,6 +69,7 @@ pub fn render(st: &AppState) -> String {
     policy(&r, st);
     inventory(&r, st);
     baseline(&r, st);
+    evidence(&r, st);
     events(&r, st);
     let mut out = Vec::new();
     TextEncoder::new().encode(&r.0.gather(), &mut out).expect("text encoding");
@@ -331,6 +332,48 @@ fn baseline(r: &R, st: &AppState) {
     )
     .with_label_values::<&str>(&[])
     .inc_by(b.dropped);
+}
+
+fn evidence(r: &R, st: &AppState) {
+    let ev = st.evidence.read().unwrap();
+    let l = &["segment", "class"];
+    let vulnerable =
+        r.int_gauge("mdsec_vulnerable_devices", "Devices with at least one CVE not patched (register).", l);
+    let eol = r.int_gauge("mdsec_end_of_life_devices", "Devices whose vendor support ended (register).", l);
+    let open = r.int_gauge("mdsec_open_vulnerabilities", "(device, CVE) pairs not patched (register).", l);
+    let lag = r.int_gauge(
+        "mdsec_patch_lag_days_max",
+        "Largest running patch-compliance lag (days since disclosure) of an open (device, CVE).",
+        l,
+    );
+    for (mac, findings) in &ev.findings {
+        let (seg, class) =
+            ev.labels.get(mac).cloned().unwrap_or_else(|| (NO_SEGMENT.into(), "unknown".into()));
+        let labels = [seg.as_str(), class.as_str()];
+        let open_n = findings.iter().filter(|f| f.status.is_open()).count() as i64;
+        vulnerable.with_label_values(&labels).add((open_n > 0) as i64);
+        eol.with_label_values(&labels)
+            .add(findings.iter().any(|f| f.status == crate::register::Status::EndOfLife) as i64);
+        open.with_label_values(&labels).add(open_n);
+        let g = lag.with_label_values(&labels);
+        let worst = findings.iter().filter(|f| f.status.is_open()).map(|f| f.lag_days).max().unwrap_or(0);
+        g.set(g.get().max(worst));
+    }
+    let states =
+        r.int_gauge("mdsec_devices_by_lifecycle", "Inventory devices by lifecycle state.", &["state"]);
+    for s in crate::lifecycle::State::ALL {
+        states.with_label_values(&[s.name()]);
+    }
+    for s in ev.states.values() {
+        states.with_label_values(&[s.name()]).inc();
+    }
+    r.int_gauge(
+        "mdsec_register_load_success",
+        "1 if the vulnerability register loaded (or none is configured), 0 if its last edit has errors (the previous one stays).",
+        &[],
+    )
+    .with_label_values::<&str>(&[])
+    .set((ev.register_ok || !ev.register_configured) as i64);
 }
 
 fn events(r: &R, st: &AppState) {

@@ -116,6 +116,8 @@ pub fn schemas() -> Vec<(&'static str, String)> {
     let mut all = crate::policy::model::schemas();
     let s = schemars::schema_for!(Event);
     all.push(("event.schema.json", serde_json::to_string_pretty(&s).unwrap() + "\n"));
+    all.push(("register.schema.json", crate::register::schema()));
+    all.push(("report.schema.json", crate::report::schema()));
     all
 }
 
@@ -167,6 +169,9 @@ pub struct Device {
     /// The segment whose members include it (declared MAC, else address), if any.
     #[serde(default)]
     pub segment: Option<String>,
+    /// Lifecycle state: onboarding, active, exception or decommissioned.
+    #[serde(default)]
+    pub lifecycle: String,
     pub packets: u64,
     pub bytes: u64,
     pub first_seen: String,

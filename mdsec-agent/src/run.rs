@@ -7,7 +7,7 @@
 //! agent continues the same counts; `mdsec-agent detach` removes them by hand.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex, RwLock, mpsc::RecvTimeoutError},
     time::{Duration, SystemTime},
 };
@@ -69,7 +69,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         ..Default::default()
     }));
     // Overrides are keyed by the canonical MAC spelling (validation made them parse).
-    let decommissioned = cfg
+    let config_decommissioned: HashSet<String> = cfg
         .devices
         .iter()
         .filter(|o| o.decommissioned)
@@ -122,9 +122,17 @@ pub async fn run(cfg: Config) -> Result<()> {
     let mut detector = crate::detect::Detector::new(
         cfg.detection.clone(),
         dp.ifnames(),
-        decommissioned,
+        HashMap::new(),
         Learner::new(observations),
     );
+    let mut evidence = EvidencePass {
+        register: RegisterFile::new(cfg.register.clone()),
+        snapshotter: crate::evidence::Snapshotter::new(SystemTime::now()),
+        every: cfg.evidence.snapshot_secs,
+        retention: Duration::from_secs(cfg.evidence.retention_days * 86_400),
+        config_decommissioned,
+        pruned: None,
+    };
 
     let state = Arc::new(AppState {
         tables,
@@ -149,6 +157,9 @@ pub async fn run(cfg: Config) -> Result<()> {
         token,
         limiter: Mutex::new(api::Limiter::new(cfg.api.rate_limit_per_sec, cfg.api.rate_limit_burst)),
         baseline: RwLock::new(Default::default()),
+        lifecycle: RwLock::new(db.lifecycle().unwrap_or_default()),
+        evidence: RwLock::new(Default::default()),
+        state_dir: cfg.state_dir.clone(),
     });
     let (flush_tx, flush_rx) = std::sync::mpsc::channel::<()>();
     let flusher = {
@@ -158,9 +169,15 @@ pub async fn run(cfg: Config) -> Result<()> {
             loop {
                 let stop =
                     !matches!(flush_rx.recv_timeout(Duration::from_secs(2)), Err(RecvTimeoutError::Timeout));
+                match db.lifecycle() {
+                    Ok(l) => *state.lifecycle.write().unwrap() = l,
+                    Err(e) => warn!("reading lifecycle states failed: {e:#}"),
+                }
                 let devices = api::devices_json(&state);
                 report_new_devices(&state, &db, &devices);
+                detector.decommissioned = evidence.decommissioned(&state);
                 detect(&state, &mut detector, &devices, &mut db);
+                evidence.pass(&state, &mut db, &devices, stop);
                 match db.save_devices(&devices) {
                     Ok(()) => {
                         let mut h = state.history.write().unwrap();
@@ -321,4 +338,129 @@ fn read_token(path: &std::path::Path) -> Result<String> {
         );
     }
     Ok(token)
+}
+
+/// The register file, reloaded when it changes; a bad edit keeps the last good one.
+struct RegisterFile {
+    path: Option<std::path::PathBuf>,
+    modified: Option<SystemTime>,
+    current: crate::register::Register,
+    ok: bool,
+}
+
+impl RegisterFile {
+    fn new(path: Option<std::path::PathBuf>) -> RegisterFile {
+        RegisterFile { path, modified: None, current: Default::default(), ok: true }
+    }
+
+    fn refresh(&mut self) {
+        let Some(path) = &self.path else { return };
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        if modified.is_some() && modified == self.modified {
+            return;
+        }
+        self.modified = modified;
+        match crate::register::Register::load(path) {
+            Ok(r) => {
+                info!("vulnerability register {}: {} entries", path.display(), r.entries.len());
+                self.current = r;
+                self.ok = true;
+            }
+            Err(diags) => {
+                for d in diags {
+                    error!("{d}");
+                }
+                error!("vulnerability register {}: keeping the last good one", path.display());
+                self.ok = false;
+            }
+        }
+    }
+}
+
+/// Register assessment, lifecycle, event persistence and snapshots: the store
+/// thread's evidence work.
+struct EvidencePass {
+    register: RegisterFile,
+    snapshotter: crate::evidence::Snapshotter,
+    every: u64,
+    retention: Duration,
+    config_decommissioned: HashSet<String>,
+    pruned: Option<SystemTime>,
+}
+
+impl EvidencePass {
+    /// Decommissioned MACs and since when (the agent config's are since ever).
+    fn decommissioned(&self, state: &AppState) -> HashMap<String, SystemTime> {
+        let mut out: HashMap<String, SystemTime> =
+            self.config_decommissioned.iter().map(|m| (m.clone(), SystemTime::UNIX_EPOCH)).collect();
+        for (mac, r) in state.lifecycle.read().unwrap().iter() {
+            if r.state == crate::lifecycle::State::Decommissioned {
+                out.insert(mac.clone(), devwatch::parse_time(&r.since).unwrap_or(SystemTime::UNIX_EPOCH));
+            } else if out.contains_key(mac) && !self.config_decommissioned.contains(mac) {
+                out.remove(mac);
+            }
+        }
+        out
+    }
+
+    fn pass(&mut self, state: &AppState, db: &mut Store, devices: &[crate::model::Device], stop: bool) {
+        let now = SystemTime::now();
+        // Events reach the database on this thread, never from the hot paths.
+        let unsaved = std::mem::take(&mut state.events.write().unwrap().unsaved);
+        if !unsaved.is_empty()
+            && let Err(e) = db.save_events(&unsaved)
+        {
+            warn!("saving {} events failed (kept for the next pass): {e:#}", unsaved.len());
+            let mut st = state.events.write().unwrap();
+            let newer = std::mem::replace(&mut st.unsaved, unsaved);
+            st.unsaved.extend(newer);
+        }
+        self.register.refresh();
+        let findings = crate::evidence::assess(&self.register.current, devices, now);
+        let records = state.lifecycle.read().unwrap().clone();
+        let states: HashMap<String, crate::lifecycle::State> = devices
+            .iter()
+            .map(|d| {
+                let s =
+                    crate::evidence::lifecycle_of(d, &records, self.config_decommissioned.contains(&d.mac));
+                (d.mac.clone(), s)
+            })
+            .collect();
+        let labels = devices
+            .iter()
+            .map(|d| {
+                let seg = d.segment.clone().unwrap_or_else(|| crate::segstats::NO_SEGMENT.into());
+                (d.mac.clone(), (seg, d.class.clone()))
+            })
+            .collect();
+        let installed = state.policy.read().unwrap().current.clone();
+        if stop || self.snapshotter.due(now, self.every) {
+            let totals = crate::evidence::summarize(state.segstats.lock().unwrap().totals());
+            let policy = installed.as_ref().map(|i| &i.policy);
+            let kpi = crate::evidence::kpi(devices, &findings, policy, &states, now);
+            let snap = self.snapshotter.take(&totals, policy, kpi, now);
+            match serde_json::to_string(&snap) {
+                Ok(doc) => {
+                    if let Err(e) = db.save_snapshot(&snap.time, &doc) {
+                        warn!("saving the evidence snapshot failed: {e:#}");
+                    }
+                }
+                Err(e) => warn!("encoding the evidence snapshot failed: {e}"),
+            }
+        }
+        if self.pruned.is_none_or(|t| now.duration_since(t).unwrap_or_default() > Duration::from_secs(86_400))
+        {
+            self.pruned = Some(now);
+            if let Err(e) = db.prune(&rfc3339(now - self.retention)) {
+                warn!("pruning old evidence failed: {e:#}");
+            }
+        }
+        *state.evidence.write().unwrap() = crate::evidence::EvidenceStatus {
+            findings,
+            states,
+            labels,
+            register_ok: self.register.ok,
+            register_configured: self.register.path.is_some(),
+        };
+    }
 }

@@ -47,6 +47,19 @@ const MIGRATIONS: &[&str] = &[
         learned INTEGER NOT NULL,
         PRIMARY KEY (segment, direction, device, peer, peer_segment, proto, port, app)
     )",
+    // The whole device as the API last showed it (class, segment, model …), for
+    // reports made while the agent is down.
+    "ALTER TABLE devices ADD COLUMN doc TEXT NOT NULL DEFAULT '{}'",
+    // Lifecycle: the current state per MAC, and the append-only audit trail.
+    "CREATE TABLE lifecycle (mac TEXT PRIMARY KEY, state TEXT NOT NULL, since TEXT NOT NULL, reason TEXT NOT NULL, actor TEXT NOT NULL);
+     CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, mac TEXT NOT NULL,
+        from_state TEXT NOT NULL, to_state TEXT NOT NULL, reason TEXT NOT NULL, actor TEXT NOT NULL);
+     CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'the audit table is append-only'); END;
+     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'the audit table is append-only'); END;",
+    // Evidence: every event, and periodic snapshots (segment counter deltas, KPIs).
+    "CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, type TEXT NOT NULL, doc TEXT NOT NULL);
+     CREATE INDEX events_time ON events (time);
+     CREATE TABLE snapshots (time TEXT PRIMARY KEY, doc TEXT NOT NULL);",
 ];
 
 pub struct Store {
@@ -59,6 +72,9 @@ impl Store {
         let conn = Connection::open(&path).with_context(|| format!("open {}", path.display()))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // The agent, the API and CLI readers share the file: wait for a writer
+        // rather than fail.
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let mut s = Store { conn };
         s.migrate().with_context(|| format!("migrate {}", path.display()))?;
         Ok(s)
@@ -74,6 +90,11 @@ impl Store {
             path.display()
         );
         Store::open(dir)
+    }
+
+    #[cfg(test)]
+    pub fn raw_execute(&self, sql: &str) -> rusqlite::Result<usize> {
+        self.conn.execute(sql, [])
     }
 
     pub fn schema_version(&self) -> Result<u32> {
@@ -105,8 +126,8 @@ impl Store {
                 "SELECT first_seen, ips, fingerprints FROM devices WHERE iface = ?1 AND vlan = ?2 AND mac = ?3",
             )?;
             let mut put = tx.prepare_cached(
-                "INSERT OR REPLACE INTO devices (iface, vlan, mac, vendor, ips, first_seen, last_seen, packets, bytes, fingerprints)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT OR REPLACE INTO devices (iface, vlan, mac, vendor, ips, first_seen, last_seen, packets, bytes, fingerprints, doc)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?;
             for d in devices {
                 let old: Option<(String, String, String)> = get
@@ -139,7 +160,8 @@ impl Store {
                     d.last_seen,
                     d.packets as i64,
                     d.bytes as i64,
-                    serde_json::to_string(&fps)?
+                    serde_json::to_string(&fps)?,
+                    serde_json::to_string(d)?
                 ])?;
             }
         }
@@ -242,6 +264,154 @@ impl Store {
             params![name],
             |r| r.get(0),
         )?)
+    }
+
+    /// Devices as the API last showed them (class, segment, model included), with
+    /// the merged first sighting and addresses.
+    pub fn load_device_docs(&self) -> Result<Vec<Device>> {
+        let stored = self.load_devices()?;
+        let mut st = self.conn.prepare("SELECT doc FROM devices ORDER BY iface, vlan, mac")?;
+        let docs: Vec<String> = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        Ok(stored
+            .into_iter()
+            .zip(docs)
+            .map(|(base, doc)| match serde_json::from_str::<Device>(&doc) {
+                Ok(d) => Device {
+                    first_seen: base.first_seen,
+                    ips: base.ips,
+                    fingerprints: base.fingerprints,
+                    ..d
+                },
+                Err(_) => base,
+            })
+            .collect())
+    }
+
+    /// Current lifecycle rows by MAC.
+    pub fn lifecycle(&self) -> Result<std::collections::HashMap<String, crate::lifecycle::Record>> {
+        let mut st = self.conn.prepare("SELECT mac, state, since, reason, actor FROM lifecycle")?;
+        let rows = st.query_map([], |r| {
+            let state: String = r.get(1)?;
+            Ok((r.get::<_, String>(0)?, state, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?;
+        let mut out = std::collections::HashMap::new();
+        for row in rows {
+            let (mac, state, since, reason, actor) = row?;
+            if let Some(state) = crate::lifecycle::State::from_name(&state) {
+                out.insert(mac, crate::lifecycle::Record { state, since, reason, actor });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Changes a device's lifecycle state and appends the audit row, in one
+    /// transaction; an invalid transition changes nothing.
+    pub fn set_lifecycle(
+        &mut self,
+        mac: &str,
+        to: crate::lifecycle::State,
+        reason: &str,
+        actor: &str,
+        now: &str,
+    ) -> Result<crate::lifecycle::AuditRow, crate::lifecycle::ChangeError> {
+        use crate::lifecycle::{AuditRow, ChangeError, State};
+        let db = |e: rusqlite::Error| ChangeError::Database(e.to_string());
+        // IMMEDIATE: two concurrent changes of one device serialise here.
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db)?;
+        let from: State = tx
+            .query_row("SELECT state FROM lifecycle WHERE mac = ?1", params![mac], |r| r.get::<_, String>(0))
+            .ok()
+            .and_then(|s| State::from_name(&s))
+            .unwrap_or_default();
+        crate::lifecycle::check_transition(from, to, reason)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO lifecycle (mac, state, since, reason, actor) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![mac, to.name(), now, reason, actor],
+        )
+        .map_err(db)?;
+        tx.execute(
+            "INSERT INTO audit (time, mac, from_state, to_state, reason, actor) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![now, mac, from.name(), to.name(), reason, actor],
+        )
+        .map_err(db)?;
+        let id = tx.last_insert_rowid();
+        tx.commit().map_err(db)?;
+        Ok(AuditRow {
+            id,
+            time: now.into(),
+            mac: mac.into(),
+            from: from.name().into(),
+            to: to.name().into(),
+            reason: reason.into(),
+            actor: actor.into(),
+        })
+    }
+
+    /// The audit trail, oldest first (of one MAC or all).
+    pub fn audit(&self, mac: Option<&str>) -> Result<Vec<crate::lifecycle::AuditRow>> {
+        let mut st = self.conn.prepare(
+            "SELECT id, time, mac, from_state, to_state, reason, actor FROM audit WHERE ?1 IS NULL OR mac = ?1 ORDER BY id",
+        )?;
+        let rows = st.query_map(params![mac], |r| {
+            Ok(crate::lifecycle::AuditRow {
+                id: r.get(0)?,
+                time: r.get(1)?,
+                mac: r.get(2)?,
+                from: r.get(3)?,
+                to: r.get(4)?,
+                reason: r.get(5)?,
+                actor: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Appends events (the evidence report reads them back by time).
+    pub fn save_events(&mut self, events: &[crate::model::Event]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut put = tx.prepare_cached("INSERT INTO events (time, type, doc) VALUES (?1, ?2, ?3)")?;
+            for e in events {
+                put.execute(params![e.time, e.kind, serde_json::to_string(e)?])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Events with `from <= time < to` (RFC 3339 UTC strings compare in time order).
+    pub fn events_between(&self, from: &str, to: &str) -> Result<Vec<crate::model::Event>> {
+        let mut st =
+            self.conn.prepare("SELECT doc FROM events WHERE time >= ?1 AND time < ?2 ORDER BY id")?;
+        let rows = st.query_map(params![from, to], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for doc in rows {
+            if let Ok(e) = serde_json::from_str(&doc?) {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn save_snapshot(&mut self, time: &str, doc: &str) -> Result<()> {
+        self.conn
+            .execute("INSERT OR REPLACE INTO snapshots (time, doc) VALUES (?1, ?2)", params![time, doc])?;
+        Ok(())
+    }
+
+    /// Snapshot documents with `from <= time < to`, oldest first.
+    pub fn snapshots_between(&self, from: &str, to: &str) -> Result<Vec<String>> {
+        let mut st =
+            self.conn.prepare("SELECT doc FROM snapshots WHERE time >= ?1 AND time < ?2 ORDER BY time")?;
+        let rows = st.query_map(params![from, to], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Drops events and snapshots older than `before` (retention).
+    pub fn prune(&mut self, before: &str) -> Result<()> {
+        self.conn.execute("DELETE FROM events WHERE time < ?1", params![before])?;
+        self.conn.execute("DELETE FROM snapshots WHERE time < ?1", params![before])?;
+        Ok(())
     }
 
     pub fn load_devices(&self) -> Result<Vec<Device>> {

@@ -225,6 +225,10 @@ const TEST_PACKAGES: &[&str] = &[
     // The operations tests: a real Prometheus (with promtool) and systemd-analyze.
     "prometheus",
     "systemd",
+    // The evidence report: its JSON checked by an independent JSON Schema
+    // validator, its HTML rendered by a real browser.
+    "python3-jsonschema",
+    "chromium",
 ];
 /// The offline eBPF toolchain (see shared/toolchain.md): rustc 1.96 with its library
 /// source, and LLVM 22 for bpf-linker.

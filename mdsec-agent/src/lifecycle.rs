@@ -1,0 +1,186 @@
+//! Device lifecycle: `onboarding` → `active` ⇄ `exception` → `decommissioned`.
+//!
+//! Biomed owns each device from onboarding to decommissioning. The state lives in
+//! the state database (`lifecycle` table, one row per MAC); every change appends
+//! one row to the `audit` table (when, from, to, why, who as given), which SQLite
+//! triggers keep append-only. A device without a row is `onboarding`; a device the
+//! agent config marks `decommissioned: true` counts as decommissioned too. A
+//! decommissioned device that sends traffic after the change raises
+//! `decommissioned_device` (detect.rs).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// New: seen, not yet confirmed by biomed.
+    #[default]
+    Onboarding,
+    /// In clinical service under its segment's policy.
+    Active,
+    /// In service with a documented deviation (e.g. waiting for a patch).
+    Exception,
+    /// Out of service: any traffic from it is an incident.
+    Decommissioned,
+}
+
+impl State {
+    pub const ALL: [State; 4] = [State::Onboarding, State::Active, State::Exception, State::Decommissioned];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Onboarding => "onboarding",
+            State::Active => "active",
+            State::Exception => "exception",
+            State::Decommissioned => "decommissioned",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<State> {
+        State::ALL.into_iter().find(|x| x.name() == s)
+    }
+
+    /// States reachable from this one.
+    pub fn next(self) -> &'static [State] {
+        match self {
+            State::Onboarding => &[State::Active, State::Exception, State::Decommissioned],
+            State::Active => &[State::Exception, State::Decommissioned],
+            State::Exception => &[State::Active, State::Decommissioned],
+            // Back into service only through onboarding again.
+            State::Decommissioned => &[State::Onboarding],
+        }
+    }
+}
+
+/// A device's current lifecycle row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub state: State,
+    pub since: String,
+    pub reason: String,
+    pub actor: String,
+}
+
+/// One audit row: `GET /api/v1/audit`, the CLI and the report show these.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct AuditRow {
+    pub id: i64,
+    pub time: String,
+    pub mac: String,
+    pub from: String,
+    pub to: String,
+    pub reason: String,
+    pub actor: String,
+}
+
+/// The body of `POST /api/v1/devices/{mac}/state`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Change {
+    pub state: String,
+    pub reason: String,
+    /// Who asks (as given; the agent cannot verify it).
+    #[serde(default)]
+    pub actor: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeError {
+    /// Not a transition the lifecycle allows (HTTP 409).
+    Invalid(String),
+    /// Bad request: reason missing (HTTP 400).
+    Bad(String),
+    Database(String),
+}
+
+impl std::fmt::Display for ChangeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChangeError::Invalid(m) | ChangeError::Bad(m) => f.write_str(m),
+            ChangeError::Database(m) => write!(f, "state database: {m}"),
+        }
+    }
+}
+
+/// Checks a change before anything is written.
+pub fn check_transition(from: State, to: State, reason: &str) -> Result<(), ChangeError> {
+    if reason.trim().is_empty() {
+        return Err(ChangeError::Bad("a lifecycle change needs a reason".into()));
+    }
+    if reason.len() > 1000 {
+        return Err(ChangeError::Bad("the reason is longer than 1000 bytes".into()));
+    }
+    if from == to {
+        return Err(ChangeError::Invalid(format!("the device is already {}", to.name())));
+    }
+    if !from.next().contains(&to) {
+        let allowed: Vec<&str> = from.next().iter().map(|s| s.name()).collect();
+        return Err(ChangeError::Invalid(format!(
+            "{} → {} is not a lifecycle transition; from {} a device can go to: {}",
+            from.name(),
+            to.name(),
+            from.name(),
+            allowed.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    #[test]
+    fn transitions_follow_the_lifecycle() {
+        use State::*;
+        for (from, to, ok) in [
+            (Onboarding, Active, true),
+            (Active, Exception, true),
+            (Exception, Active, true),
+            (Active, Decommissioned, true),
+            (Decommissioned, Onboarding, true),
+            (Decommissioned, Active, false),
+            (Active, Onboarding, false),
+            (Active, Active, false),
+        ] {
+            assert_eq!(check_transition(from, to, "r").is_ok(), ok, "{from:?} → {to:?}");
+        }
+        let e = check_transition(Decommissioned, Active, "r").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "decommissioned → active is not a lifecycle transition; from decommissioned a device can go to: onboarding"
+        );
+        assert!(matches!(check_transition(Onboarding, Active, " "), Err(ChangeError::Bad(_))));
+    }
+
+    #[test]
+    fn changes_are_audited_and_the_audit_is_append_only() {
+        let dir = std::env::temp_dir().join(format!("mdsec-t-lifecycle-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = Store::open(&dir).unwrap();
+        let mac = "58:46:e1:00:00:01";
+        s.set_lifecycle(mac, State::Active, "commissioned", "biomed:ana", "2026-11-25T10:00:00.000Z")
+            .unwrap();
+        s.set_lifecycle(mac, State::Decommissioned, "replaced", "biomed:ana", "2026-11-25T11:00:00.000Z")
+            .unwrap();
+        let before = s.audit(None).unwrap();
+        let e = s.set_lifecycle(mac, State::Active, "oops", "x", "2026-11-25T12:00:00.000Z").unwrap_err();
+        assert!(matches!(e, ChangeError::Invalid(_)));
+        // The refused change wrote nothing.
+        assert_eq!(s.audit(None).unwrap(), before);
+        assert_eq!(s.lifecycle().unwrap()[mac].state, State::Decommissioned);
+        assert_eq!(
+            before.iter().map(|r| (r.from.as_str(), r.to.as_str())).collect::<Vec<_>>(),
+            vec![("onboarding", "active"), ("active", "decommissioned")]
+        );
+        // The triggers refuse edits and deletes, even by hand.
+        for sql in ["UPDATE audit SET reason = 'x'", "DELETE FROM audit"] {
+            let err = s.raw_execute(sql).unwrap_err().to_string();
+            assert!(err.contains("append-only"), "{err}");
+        }
+        assert_eq!(s.audit(Some(mac)).unwrap().len(), 2);
+        drop(s);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
