@@ -49,10 +49,16 @@ impl Default for AgentOptions {
 impl Agent {
     /// Starts an agent on every gateway interface of `topo` and waits for `/readyz`.
     pub fn start(topo: &Topology, opts: AgentOptions) -> Result<Agent> {
-        let dir = std::env::temp_dir().join(&topo.id);
+        Self::start_on(&topo.id, &topo.gw, &topo.gw_ifs(), opts)
+    }
+
+    /// Starts an agent in namespace `gw` on interfaces `ifs`; its files live in
+    /// `<tmp>/<id>` (removed when the agent is dropped).
+    pub fn start_on(id: &str, gw: &str, ifs: &[String], opts: AgentOptions) -> Result<Agent> {
+        let dir = std::env::temp_dir().join(id);
         std::fs::create_dir_all(&dir)?;
         let mut yaml = String::from("interfaces:\n");
-        for ifname in topo.gw_ifs() {
+        for ifname in ifs {
             yaml += &format!("  - name: {ifname}\n    role: inline\n    xdp_mode: {}\n", opts.xdp_mode);
         }
         yaml += &format!(
@@ -72,7 +78,7 @@ impl Agent {
         std::fs::write(&cfg, yaml)?;
         let log = std::fs::File::create(dir.join("agent.log"))?;
         let child = Command::new("ip")
-            .args(["netns", "exec", &topo.gw])
+            .args(["netns", "exec", gw])
             .arg(agent_bin())
             .args(["run", "--config"])
             .arg(&cfg)
@@ -82,7 +88,7 @@ impl Agent {
             .stdin(Stdio::null())
             .spawn()
             .context("spawn mdsec-agent")?;
-        let mut a = Agent { child, gw: topo.gw.clone(), dir, addr: "127.0.0.1:9740".parse().unwrap() };
+        let mut a = Agent { child, gw: gw.to_string(), dir, addr: "127.0.0.1:9740".parse().unwrap() };
         a.wait_ready(Duration::from_secs(20))?;
         Ok(a)
     }

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod fixtures;
 pub mod frames;
+pub mod hospital;
 pub mod kernel;
 pub mod netns;
 pub mod prom;

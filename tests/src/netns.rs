@@ -181,18 +181,23 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        for ns in self.namespaces.iter().rev() {
-            // Kill what still runs inside (e.g. a helper a failed test left), then delete.
-            if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
-                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                    if let Ok(pid) = pid.parse::<i32>() {
-                        // SAFETY: signalling a process of our own namespace.
-                        unsafe { libc::kill(pid, libc::SIGKILL) };
-                    }
+        delete_namespaces(&self.namespaces);
+    }
+}
+
+/// Deletes namespaces (last first) after killing what still runs inside them
+/// (e.g. a helper a failed test left). Only our own namespaces are passed here.
+pub fn delete_namespaces(namespaces: &[String]) {
+    for ns in namespaces.iter().rev() {
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    // SAFETY: signalling a process of our own namespace.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
                 }
             }
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
+        let _ = Command::new("ip").args(["netns", "del", ns]).status();
     }
 }
 

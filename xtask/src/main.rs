@@ -42,7 +42,11 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Run the benchmarks (release build) and update BENCHMARKS.md.
-    Bench,
+    Bench {
+        /// Which: packet, throughput, scale, policy, differential (default: all).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Remove namespaces, mounts and temp dirs that a crashed test or lab left.
     Cleanup,
 }
@@ -114,17 +118,18 @@ fn real_main() -> Result<()> {
             let st = Command::new(root.join("target/debug/mdsec-lab"))
                 .args(&args)
                 .env("MDSEC_AGENT_BIN", root.join("target/debug/mdsec-agent"))
+                .env("MDSEC_LAB_OUT", root.join("target/lab"))
                 .status()?;
             if !st.success() {
                 bail!("lab failed ({st})");
             }
             Ok(())
         }
-        Cmd::Bench => {
-            setup()?;
+        Cmd::Bench { args } => {
+            setup_with(BENCH_PACKAGES)?;
             require_root("the benchmarks load XDP programs")?;
             cargo(&["build", "--release", "-p", "mdsec-tests", "--bin", "mdsec-bench"])?;
-            run(&mut Command::new(root.join("target/release/mdsec-bench")))
+            run(Command::new(root.join("target/release/mdsec-bench")).args(&args))
         }
         Cmd::Cleanup => {
             let n = cleanup()?;
@@ -229,13 +234,24 @@ const TEST_PACKAGES: &[&str] = &[
     // validator, its HTML rendered by a real browser.
     "python3-jsonschema",
     "chromium",
+    // The lab's live view is checked at 80×24 in a real terminal.
+    "tmux",
 ];
 /// The offline eBPF toolchain (see shared/toolchain.md): rustc 1.96 with its library
 /// source, and LLVM 22 for bpf-linker.
 const TOOLCHAIN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src", "llvm-22-dev"];
 
+/// What `cargo xtask bench` compares against: xdp-filter and bpftool (per-packet
+/// cost), trafgen (the flood), nftables and iptables (the other drop points).
+const BENCH_PACKAGES: &[&str] = &["xdp-tools", "bpftool", "netsniff-ng", "nftables", "iptables"];
+
 fn setup() -> Result<()> {
+    setup_with(&[])
+}
+
+fn setup_with(extra: &[&'static str]) -> Result<()> {
     let mut want: Vec<&str> = TEST_PACKAGES.to_vec();
+    want.extend_from_slice(extra);
     let nightly_ok = toolchain::detect().is_some_and(|t| matches!(t, toolchain::Toolchain::RustupNightly));
     if !nightly_ok {
         want.extend_from_slice(TOOLCHAIN_PACKAGES);
