@@ -29,10 +29,27 @@ pub struct Poller {
 
 impl Poller {
     pub fn new(dp: &mut Datapath, segstats: Arc<Mutex<SegStats>>, idle: Duration) -> Result<Poller> {
+        Self::from_maps(
+            dp.take_map(names::FLOWS)?,
+            dp.take_map(names::DEVICES)?,
+            dp.take_map(names::STATS)?,
+            segstats,
+            idle,
+        )
+    }
+
+    /// From the maps themselves (the benchmark polls a loaded, unattached datapath).
+    pub fn from_maps(
+        flows: aya::maps::Map,
+        devices: aya::maps::Map,
+        stats: aya::maps::Map,
+        segstats: Arc<Mutex<SegStats>>,
+        idle: Duration,
+    ) -> Result<Poller> {
         Ok(Poller {
-            flows: BpfHashMap::try_from(dp.take_map(names::FLOWS)?)?,
-            devices: BpfHashMap::try_from(dp.take_map(names::DEVICES)?)?,
-            stats: PerCpuArray::try_from(dp.take_map(names::STATS)?)?,
+            flows: BpfHashMap::try_from(flows)?,
+            devices: BpfHashMap::try_from(devices)?,
+            stats: PerCpuArray::try_from(stats)?,
             segstats,
             idle,
         })

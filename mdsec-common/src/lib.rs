@@ -12,6 +12,8 @@ pub mod device;
 pub mod flow;
 pub mod frag;
 pub mod maps;
+#[cfg(feature = "user")]
+pub mod model;
 pub mod net;
 pub mod policy;
 pub mod segstats;

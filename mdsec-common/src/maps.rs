@@ -1,6 +1,10 @@
 //! Map names and default sizes. The names are the ELF symbol names in the eBPF
 //! object and the file names under the pin directory, so they must stay stable.
 
+/// Benchmark baselines in the same object (empty XDP_PASS / XDP_DROP programs).
+pub const BASELINE_PASS: &str = "mdsec_baseline_pass";
+pub const BASELINE_DROP: &str = "mdsec_baseline_drop";
+
 /// LRU hash: [`crate::flow::FlowKey`] → [`crate::flow::FlowValue`].
 pub const FLOWS: &str = "FLOWS";
 /// LRU hash: [`crate::device::DeviceKey`] → [`crate::device::DeviceValue`].

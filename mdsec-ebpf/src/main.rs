@@ -49,6 +49,19 @@ pub fn mdsec_xdp(ctx: XdpContext) -> u32 {
     action
 }
 
+/// Benchmark baseline: the cheapest possible XDP program (`cargo xtask bench`
+/// measures the datapath's marginal cost against it). Never attached by the agent.
+#[xdp]
+pub fn mdsec_baseline_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+/// Benchmark baseline: drop everything (the attach point's throughput floor).
+#[xdp]
+pub fn mdsec_baseline_drop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
+}
+
 // Host builds (clippy) get std's handler through mdsec-common's `user` feature.
 #[cfg(all(target_arch = "bpf", not(test)))]
 #[panic_handler]

@@ -20,19 +20,49 @@ pub const XDP_DROP: u32 = 1;
 
 pub struct TestProg {
     ebpf: Ebpf,
+    program: &'static str,
 }
 
 impl TestProg {
     pub fn load() -> Result<TestProg> {
-        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).context("load object")?;
-        let prog: &mut Xdp = ebpf.program_mut(names::PROGRAM).context("no program")?.try_into()?;
+        Self::load_with(names::PROGRAM, &[])
+    }
+
+    /// Loads `program` of the object (the datapath or a benchmark baseline) with
+    /// map sizes overridden by `sizes`.
+    pub fn load_with(program: &'static str, sizes: &[(&str, u32)]) -> Result<TestProg> {
+        let mut loader = EbpfLoader::new();
+        for (name, max) in sizes {
+            loader.map_max_entries(name, *max);
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).context("load object")?;
+        let prog: &mut Xdp = ebpf.program_mut(program).context("no program")?.try_into()?;
         prog.load().map_err(|e| match e {
             ProgramError::LoadError { verifier_log, .. } => {
                 anyhow::anyhow!("verifier: {verifier_log}")
             }
             e => e.into(),
         })?;
-        Ok(TestProg { ebpf })
+        Ok(TestProg { ebpf, program })
+    }
+
+    /// The kernel's id of the loaded program (for `bpftool prog run`).
+    pub fn id(&self) -> Result<u32> {
+        let prog: &Xdp = self.ebpf.program(self.program).unwrap().try_into()?;
+        Ok(prog.info()?.id())
+    }
+
+    /// Attaches the program to `ifname` in the calling thread's network namespace
+    /// (driver mode); detached when the TestProg is dropped.
+    pub fn attach(&mut self, ifname: &str) -> Result<()> {
+        let name = std::ffi::CString::new(ifname)?;
+        // SAFETY: a NUL-terminated name; resolved in this thread's namespace.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        anyhow::ensure!(ifindex != 0, "no interface {ifname}");
+        let prog: &mut Xdp = self.ebpf.program_mut(self.program).unwrap().try_into()?;
+        prog.attach_to_if_index(ifindex, aya::programs::XdpMode::Driver)
+            .with_context(|| format!("attach to {ifname}"))?;
+        Ok(())
     }
 
     /// Hands a map to its user-side owner (e.g. `PolicyMaps`).
@@ -42,14 +72,14 @@ impl TestProg {
 
     /// Runs `frame` `repeat` times in the kernel; returns the mean time per run.
     pub fn time(&mut self, frame: &[u8], repeat: u32) -> Result<std::time::Duration> {
-        let prog: &mut Xdp = self.ebpf.program_mut(names::PROGRAM).unwrap().try_into()?;
+        let prog: &mut Xdp = self.ebpf.program_mut(self.program).unwrap().try_into()?;
         let r = prog.test_run(TestRunOptions { data_in: Some(frame), repeat, ..Default::default() })?;
         Ok(r.duration)
     }
 
     /// Runs the program once on `frame` and returns its XDP action.
     pub fn run(&mut self, frame: &[u8]) -> Result<u32> {
-        let prog: &mut Xdp = self.ebpf.program_mut(names::PROGRAM).unwrap().try_into()?;
+        let prog: &mut Xdp = self.ebpf.program_mut(self.program).unwrap().try_into()?;
         let r = prog.test_run(TestRunOptions { data_in: Some(frame), repeat: 1, ..Default::default() })?;
         Ok(r.return_value)
     }
@@ -78,6 +108,17 @@ impl TestProg {
         Ok(m.iter().filter_map(Result::ok).collect())
     }
 
+    /// One FLOWS entry.
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>> {
+        let m: BpfHashMap<&MapData, FlowKey, FlowValue> =
+            BpfHashMap::try_from(self.ebpf.map(names::FLOWS).unwrap())?;
+        match m.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     pub fn devices(&self) -> Result<Vec<(DeviceKey, DeviceValue)>> {
         let m: BpfHashMap<&MapData, DeviceKey, DeviceValue> =
             BpfHashMap::try_from(self.ebpf.map(names::DEVICES).unwrap())?;
@@ -99,6 +140,9 @@ impl TestProg {
         clear!(names::FLOWS, FlowKey, FlowValue);
         clear!(names::DEVICES, DeviceKey, DeviceValue);
         clear!(names::FRAGS, mdsec_common::frag::FragKey, mdsec_common::frag::FragValue);
+        if self.ebpf.map(names::ALLOWED).is_some() {
+            clear!(names::ALLOWED, mdsec_common::policy::TupleKey, u8);
+        }
         Ok(())
     }
 }

@@ -211,3 +211,26 @@ pub fn leftover_namespaces() -> Vec<String> {
         .map(String::from)
         .collect()
 }
+
+/// A bpffs mounted under the temp dir in the test process's mount namespace, so
+/// pins outlive an agent that `ip netns exec` ran (it remounts /sys, and a bpffs
+/// mounted there would die with the agent). On a gateway the host's /sys/fs/bpf
+/// plays this part. Unmounted when dropped.
+pub struct SharedBpffs(pub std::path::PathBuf);
+
+impl SharedBpffs {
+    pub fn new(id: &str) -> SharedBpffs {
+        let dir = std::env::temp_dir().join(format!("{id}-bpffs"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let st = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&dir).status().unwrap();
+        assert!(st.success());
+        SharedBpffs(dir)
+    }
+}
+
+impl Drop for SharedBpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}

@@ -37,7 +37,18 @@ pub fn udp_receiver(h: &Host, v6: bool, port: u16) -> Result<UdpSocket> {
 
 pub fn tcp_listener(h: &Host, port: u16) -> Result<TcpListener> {
     let bind = SocketAddr::new(h.ip(false), port);
-    Ok(in_netns(&h.ns, move || TcpListener::bind(bind))??)
+    // A listener on the same port a moment ago can still hold it briefly (seen
+    // under load): retry for up to two seconds before failing.
+    let t0 = std::time::Instant::now();
+    loop {
+        match in_netns(&h.ns, move || TcpListener::bind(bind))? {
+            Ok(l) => return Ok(l),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && t0.elapsed() < Duration::from_secs(2) => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 pub fn tcp_connect(h: &Host, to: SocketAddr) -> Result<TcpStream> {

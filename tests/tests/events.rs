@@ -62,3 +62,36 @@ fn one_event_per_flow_and_rate_limited() {
     assert_eq!(prog.stat(Stat::PolicyDrop).unwrap(), 19);
     assert_eq!(prog.stat(Stat::EventsLost).unwrap(), 0);
 }
+
+#[test]
+fn a_full_event_ring_loses_events_but_counts_every_one() {
+    let mut prog = TestProg::load().unwrap();
+    let mut maps = PolicyMaps::new(|n| prog.take_map(n)).unwrap();
+    let mut ring = RingBuf::try_from(prog.take_map(names::EVENTS).unwrap()).unwrap();
+    let dir = policy_dir();
+    let (p, _) = model::load_dir(&dir, SystemTime::now());
+    std::fs::remove_dir_all(&dir).unwrap();
+    let c = compile::compile(&p.unwrap(), &Anchor::now(), maps.limits()).unwrap();
+    // No rate limit to speak of: only the ring's size stops events.
+    maps.apply(&c, 10_000_000).unwrap();
+    // 5,000 denied flows while nobody drains the 256 KiB ring (about 3,000 events fit).
+    const FLOWS: u16 = 5000;
+    // DHCP ports are exempt from policy (never dropped): leave them out.
+    let ports: Vec<u16> = (1..=FLOWS + 4).filter(|p| !matches!(p, 67 | 68 | 546 | 547)).collect();
+    assert_eq!(ports.len(), FLOWS as usize);
+    for port in ports {
+        let ip = V4::new(Ipv4Addr::new(10, 1, 0, 7), Ipv4Addr::new(10, 9, 0, 1), 17)
+            .build(&frames::udp(5000, port, &[0; 8]));
+        let f = frames::eth([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], &[], 0x0800, &ip);
+        assert_eq!(prog.run(&f).unwrap(), XDP_DROP, "a full ring never changes a verdict");
+    }
+    let mut delivered = 0u64;
+    while ring.next().is_some() {
+        delivered += 1;
+    }
+    let lost = prog.stat(Stat::EventsLost).unwrap();
+    assert!(lost > 0 && delivered > 1000, "delivered {delivered}, lost {lost}");
+    assert_eq!(delivered + lost, FLOWS as u64, "every violation is an event or a counted loss");
+    assert_eq!(prog.stat(Stat::EventsRateLimited).unwrap(), 0);
+    assert_eq!(prog.stat(Stat::PolicyDrop).unwrap(), FLOWS as u64);
+}

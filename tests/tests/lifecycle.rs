@@ -5,7 +5,7 @@ use std::{net::SocketAddr, process::Command, time::Duration};
 
 use mdsec_tests::{
     agent::{Agent, AgentOptions},
-    netns::{self, Topology},
+    netns::{self, SharedBpffs, Topology},
     traffic,
 };
 
@@ -35,27 +35,6 @@ fn generic_mode_is_attached_as_asked() {
     let ifaces: Vec<mdsec_agent::model::Interface> = agent.get("/api/v1/interfaces").unwrap();
     assert_eq!(ifaces[0].effective_mode, "skb");
     assert!(agent.log().contains("effective mode skb"), "{}", agent.log());
-}
-
-/// A bpffs mounted outside /sys so that two `ip netns exec` runs (each with its own
-/// /sys) see the same pins. Unmounted on drop.
-struct SharedBpffs(std::path::PathBuf);
-
-impl SharedBpffs {
-    fn new(id: &str) -> SharedBpffs {
-        let dir = std::env::temp_dir().join(format!("{id}-bpffs"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let st = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&dir).status().unwrap();
-        assert!(st.success());
-        SharedBpffs(dir)
-    }
-}
-
-impl Drop for SharedBpffs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-        let _ = std::fs::remove_dir(&self.0);
-    }
 }
 
 #[test]

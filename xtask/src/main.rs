@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask <setup|build|test|lab|cleanup>`.
+//! Project tasks: `cargo xtask <setup|build|test|lab|bench|fuzz|cleanup>`.
 //!
 //! Every task except `cleanup` runs `setup` first, which is idempotent: it installs
 //! only what is missing (Debian packages, the eBPF toolchain, bpf-linker).
@@ -46,6 +46,15 @@ enum Cmd {
         /// Which: packet, throughput, scale, policy, differential (default: all).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Fuzz the config loader, the policy loader, the register and the payload
+    /// parsers with cargo-fuzz (libFuzzer; needs the rustup nightly toolchain).
+    Fuzz {
+        /// One of agent_config, policy_files, register, payloads (default: all).
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
     },
     /// Remove namespaces, mounts and temp dirs that a crashed test or lab left.
     Cleanup,
@@ -130,6 +139,33 @@ fn real_main() -> Result<()> {
             require_root("the benchmarks load XDP programs")?;
             cargo(&["build", "--release", "-p", "mdsec-tests", "--bin", "mdsec-bench"])?;
             run(Command::new(root.join("target/release/mdsec-bench")).args(&args))
+        }
+        Cmd::Fuzz { target, secs } => {
+            setup()?;
+            let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let have = Command::new(&cargo_bin)
+                .args(["fuzz", "--version"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !have {
+                eprintln!("xtask fuzz: installing cargo-fuzz");
+                run(Command::new(&cargo_bin).args(["install", "cargo-fuzz", "--locked"]))?;
+            }
+            let all = ["agent_config", "policy_files", "register", "payloads"];
+            let targets: Vec<&str> = match &target {
+                Some(t) if all.contains(&t.as_str()) => vec![t.as_str()],
+                Some(t) => bail!("unknown fuzz target {t} (one of: {})", all.join(", ")),
+                None => all.to_vec(),
+            };
+            for t in targets {
+                eprintln!("xtask fuzz: {t} for {secs} s");
+                run(Command::new("cargo")
+                    .current_dir(root.join("fuzz"))
+                    .env_remove("CARGO")
+                    .env_remove("RUSTUP_TOOLCHAIN")
+                    .args(["+nightly", "fuzz", "run", t, "--", &format!("-max_total_time={secs}")]))?;
+            }
+            Ok(())
         }
         Cmd::Cleanup => {
             let n = cleanup()?;

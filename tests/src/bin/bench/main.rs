@@ -22,6 +22,11 @@ use mdsec_agent::{
 };
 use mdsec_tests::kernel::TestProg;
 
+mod differential;
+mod perpacket;
+mod scale;
+mod throughput;
+
 fn net(a: u8, b: u8, c: u8) -> IpNet {
     IpNet::new(IpAddr::V4(Ipv4Addr::new(a, b, c, 0)), 24).unwrap()
 }
@@ -72,6 +77,33 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn main() -> Result<()> {
+    let which: Vec<String> = std::env::args().skip(1).collect();
+    let all = ["packet", "throughput", "scale", "policy", "differential"];
+    for w in &which {
+        if !all.contains(&w.as_str()) {
+            anyhow::bail!("unknown benchmark {w} (one of: {})", all.join(", "));
+        }
+    }
+    let want = |n: &str| which.is_empty() || which.iter().any(|w| w == n);
+    if want("packet") {
+        perpacket::run()?;
+    }
+    if want("throughput") {
+        throughput::run()?;
+    }
+    if want("scale") {
+        scale::run()?;
+    }
+    if want("policy") {
+        policy_bench()?;
+    }
+    if want("differential") {
+        differential::run()?;
+    }
+    Ok(())
+}
+
+fn policy_bench() -> Result<()> {
     let policy = synthetic(100, 200, 100);
     let mut prog = TestProg::load()?;
     let mut maps = PolicyMaps::new(|n| prog.take_map(n))?;
@@ -105,11 +137,11 @@ fn main() -> Result<()> {
          `CONFIG`. Machine: {}.\n\n{table}",
         machine()
     );
-    write_section(&section)?;
+    write_section("## Policy compile + swap", &section)?;
     Ok(())
 }
 
-fn machine() -> String {
+pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -123,22 +155,23 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
 }
 
-/// Replaces the `## Policy compile + swap` section of BENCHMARKS.md (or adds it).
-fn write_section(section: &str) -> Result<()> {
+/// Replaces the section titled `title` of BENCHMARKS.md (or appends it).
+pub fn write_section(title: &str, section: &str) -> Result<()> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
     let old = std::fs::read_to_string(&path).unwrap_or_else(|_| {
         "# Benchmarks\n\nMeasured with `cargo xtask bench` on the machine described below; numbers from one run.\n\n"
             .to_string()
     });
-    let start = old.find("## Policy compile + swap");
+    let start = old.find(title);
+    let section = if section.ends_with('\n') { format!("{section}\n") } else { format!("{section}\n\n") };
     let new = match start {
         Some(s) => {
             let end = old[s + 3..].find("\n## ").map_or(old.len(), |e| s + 3 + e + 1);
             format!("{}{section}{}", &old[..s], &old[end..])
         }
-        None => format!("{old}{section}"),
+        None => format!("{}\n\n{section}", old.trim_end()),
     };
-    std::fs::write(&path, new)?;
-    println!("wrote {}", path.display());
+    std::fs::write(&path, new.trim_end().to_string() + "\n")?;
+    println!("wrote {} ({title})", path.display());
     Ok(())
 }

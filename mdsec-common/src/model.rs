@@ -1,0 +1,531 @@
+//! The reference model of the datapath: parse, flow key (fragments included),
+//! app-ID, identity, policy and verdict, written as plain Rust over a byte slice
+//! with the same stage boundaries as the kernel program. The differential test
+//! (`tests/tests/differential.rs`, `cargo xtask bench differential`) runs random
+//! and malformed frames through both and requires the same action, flow key,
+//! verdict, app and packet count. Where the two disagree, one of them is wrong.
+//!
+//! Not modelled: the per-CPU event rate limit and ring buffers (they never change
+//! a verdict), LRU eviction (the test clears both sides together), and mirror ports.
+
+use std::collections::{HashMap, HashSet};
+use std::vec::Vec;
+
+use crate::{
+    app::{App, CLASSIFY_BYTES, Confidence, classify},
+    flow::FlowKey,
+    frag::FragKey,
+    net::*,
+    policy::{
+        IdentData, MAX_IDS, MacKey, PolicyData, PolicyValue, SEG_DEFAULT_ALLOW, SEG_ENFORCE, SEG_MEMBER,
+        SegmentInfo, TupleKey, Verdict, exempt,
+    },
+    stats::Stat,
+};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+
+const L3_ARP: u8 = 1;
+const L3_IPV4: u8 = 4;
+const L3_IPV6: u8 = 6;
+const L3_OTHER: u8 = 255;
+const FRAG_FIRST: u8 = 1;
+const FRAG_LATER: u8 = 2;
+
+/// What the parse stage learns from a frame.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Parsed {
+    /// Why parsing stopped early, if it did.
+    pub reason: Option<Stat>,
+    pub has_eth: bool,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub vlan: u16,
+    pub l3: u8,
+    pub has_addrs: bool,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub proto: u8,
+    pub has_l4: bool,
+    pub sport: u16,
+    pub dport: u16,
+    pub frag: u8,
+    pub frag_id: u32,
+    pub payload_len: usize,
+    pub payload_off: usize,
+}
+
+fn be16(b: &[u8], i: usize) -> u16 {
+    u16::from_be_bytes([b[i], b[i + 1]])
+}
+
+/// Parses a frame as the kernel's parse stage does.
+pub fn parse(f: &[u8]) -> Parsed {
+    let mut p = Parsed::default();
+    p.reason = parse_into(f, &mut p).err();
+    p
+}
+
+fn parse_into(f: &[u8], p: &mut Parsed) -> Result<(), Stat> {
+    if f.len() < ETH_HLEN {
+        return Err(Stat::TruncEth);
+    }
+    p.has_eth = true;
+    p.dst_mac.copy_from_slice(&f[0..6]);
+    p.src_mac.copy_from_slice(&f[6..12]);
+    let mut ethertype = be16(f, 12);
+    let mut off = ETH_HLEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        if f.len() < off + 4 {
+            return Err(Stat::TruncVlan);
+        }
+        p.vlan = be16(f, off) & 0x0fff;
+        ethertype = be16(f, off + 2);
+        off += 4;
+    }
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        return Err(Stat::VlanTooDeep);
+    }
+    match ethertype {
+        ETH_P_IP => ipv4(f, off, p),
+        ETH_P_IPV6 => ipv6(f, off, p),
+        ETH_P_ARP => {
+            p.l3 = L3_ARP;
+            if f.len() < off + 28 { Err(Stat::TruncArp) } else { Ok(()) }
+        }
+        _ => {
+            p.l3 = L3_OTHER;
+            Ok(())
+        }
+    }
+}
+
+fn ipv4(f: &[u8], off: usize, p: &mut Parsed) -> Result<(), Stat> {
+    p.l3 = L3_IPV4;
+    if f.len() < off + 20 {
+        return Err(Stat::TruncIpv4);
+    }
+    let h = &f[off..];
+    if h[0] >> 4 != 4 {
+        return Err(Stat::BadIpv4Version);
+    }
+    let ihl = (h[0] & 0x0f) as usize * 4;
+    if ihl < 20 {
+        return Err(Stat::BadIpv4Ihl);
+    }
+    let total = be16(h, 2) as usize;
+    if total < ihl || off + total > f.len() {
+        return Err(Stat::BadIpv4Len);
+    }
+    let l3_end = off + total;
+    p.src = v4_mapped([h[12], h[13], h[14], h[15]]);
+    p.dst = v4_mapped([h[16], h[17], h[18], h[19]]);
+    p.has_addrs = true;
+    p.proto = h[9];
+    let frag = be16(h, 6);
+    if frag & 0x3fff != 0 {
+        p.frag_id = be16(h, 4) as u32;
+        if frag & 0x1fff != 0 {
+            p.frag = FRAG_LATER;
+            return Ok(());
+        }
+        p.frag = FRAG_FIRST;
+    }
+    l4(f, off + ihl, l3_end, p)
+}
+
+fn ipv6(f: &[u8], off: usize, p: &mut Parsed) -> Result<(), Stat> {
+    p.l3 = L3_IPV6;
+    if f.len() < off + 40 {
+        return Err(Stat::TruncIpv6);
+    }
+    let h = &f[off..];
+    if h[0] >> 4 != 6 {
+        return Err(Stat::BadIpv6Version);
+    }
+    let l3_end = off + 40 + be16(h, 4) as usize;
+    p.src.copy_from_slice(&h[8..24]);
+    p.dst.copy_from_slice(&h[24..40]);
+    p.has_addrs = true;
+    let mut nh = h[6];
+    let mut off = off + 40;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match nh {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                if f.len() < off + 2 {
+                    return Err(Stat::TruncIpv6Ext);
+                }
+                nh = f[off];
+                off += (f[off + 1] as usize + 1) * 8;
+                if off > f.len() {
+                    return Err(Stat::TruncIpv6Ext);
+                }
+            }
+            IPPROTO_FRAGMENT => {
+                if f.len() < off + 8 {
+                    return Err(Stat::TruncIpv6Ext);
+                }
+                nh = f[off];
+                let fo = be16(f, off + 2);
+                p.frag_id = u32::from_be_bytes([f[off + 4], f[off + 5], f[off + 6], f[off + 7]]);
+                off += 8;
+                if fo & 0xfff8 != 0 {
+                    p.proto = nh;
+                    p.frag = FRAG_LATER;
+                    return Ok(());
+                }
+                if fo & 1 != 0 {
+                    p.frag = FRAG_FIRST;
+                }
+            }
+            _ => break,
+        }
+    }
+    p.proto = nh;
+    if matches!(nh, IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_FRAGMENT) {
+        return Err(Stat::Ipv6ExtTooDeep);
+    }
+    l4(f, off, l3_end, p)
+}
+
+fn l4(f: &[u8], off: usize, l3_end: usize, p: &mut Parsed) -> Result<(), Stat> {
+    let header = match p.proto {
+        IPPROTO_TCP => {
+            if f.len() < off + 20 {
+                return Err(Stat::TruncL4);
+            }
+            if f[off + 12] >> 4 < 5 {
+                return Err(Stat::BadTcpOffset);
+            }
+            p.sport = be16(f, off);
+            p.dport = be16(f, off + 2);
+            (f[off + 12] >> 4) as usize * 4
+        }
+        IPPROTO_UDP => {
+            if f.len() < off + 8 {
+                return Err(Stat::TruncL4);
+            }
+            p.sport = be16(f, off);
+            p.dport = be16(f, off + 2);
+            8
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            if f.len() < off + 4 {
+                return Err(Stat::TruncL4);
+            }
+            p.sport = f[off] as u16;
+            p.dport = f[off + 1] as u16;
+            4
+        }
+        _ => 0,
+    };
+    p.has_l4 = true;
+    if l3_end > off + header {
+        // The kernel keeps these in u16 fields.
+        p.payload_len = (l3_end - off - header) & 0xffff;
+        p.payload_off = (off + header) & 0xffff;
+    }
+    Ok(())
+}
+
+/// The policy maps of one generation, as the agent wrote them.
+#[derive(Debug, Clone, Default)]
+pub struct Tables {
+    pub generation: u32,
+    /// IDENT entries: (prefix length in bits, key, id).
+    pub idents: Vec<(u32, IdentData, u32)>,
+    pub macs: HashMap<MacKey, u32>,
+    /// SEGMENTS by id (of the active generation's half).
+    pub segments: HashMap<u32, SegmentInfo>,
+    /// POLICY entries: (prefix length in bits, key, value).
+    pub policy: Vec<(u32, PolicyData, PolicyValue)>,
+}
+
+fn ident_bytes(d: &IdentData) -> [u8; 20] {
+    let mut b = [0u8; 20];
+    b[0] = d.generation;
+    b[1] = d.scoped;
+    b[2..4].copy_from_slice(&d.vlan);
+    b[4..].copy_from_slice(&d.addr);
+    b
+}
+
+fn policy_bytes(d: &PolicyData) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[0] = d.generation;
+    b[1..5].copy_from_slice(&d.src);
+    b[5..9].copy_from_slice(&d.dst);
+    b[9] = d.proto;
+    b[10..12].copy_from_slice(&d.port);
+    b
+}
+
+/// Do the first `bits` bits of `a` and `b` agree?
+fn prefix_eq(a: &[u8], b: &[u8], bits: u32) -> bool {
+    let (full, rest) = ((bits / 8) as usize, bits % 8);
+    if a[..full] != b[..full] {
+        return false;
+    }
+    rest == 0 || (a[full] ^ b[full]) & (0xffu8 << (8 - rest)) == 0
+}
+
+fn lpm<'a, K, V>(entries: &'a [(u32, K, V)], key: &[u8], bytes: impl Fn(&K) -> Vec<u8>) -> Option<&'a V> {
+    entries
+        .iter()
+        .filter(|(len, k, _)| prefix_eq(&bytes(k), key, *len))
+        .max_by_key(|(len, _, _)| *len)
+        .map(|(_, _, v)| v)
+}
+
+/// What the model keeps per flow (the kernel's FlowValue fields that matter).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowState {
+    pub packets: u64,
+    pub generation: u32,
+    pub valid_until: u64,
+    pub verdict: u8,
+    pub rule: u32,
+    pub segment: u32,
+    pub required_app: u8,
+    pub src_id: u32,
+    pub dst_id: u32,
+    pub app: u8,
+    pub app_confidence: u8,
+    pub app_done: bool,
+}
+
+/// The result of one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub action: u32,
+    pub key: Option<FlowKey>,
+}
+
+#[derive(Default)]
+pub struct Model {
+    pub tables: Tables,
+    pub flows: HashMap<FlowKey, FlowState>,
+    frags: HashMap<FragKey, (u16, u16)>,
+    allowed: HashSet<TupleKey>,
+}
+
+impl Model {
+    pub fn new(tables: Tables) -> Model {
+        Model { tables, ..Default::default() }
+    }
+
+    /// Forgets flows, fragments and reply tuples (the kernel's LRU maps cleared).
+    pub fn clear(&mut self) {
+        self.flows.clear();
+        self.frags.clear();
+        self.allowed.clear();
+    }
+
+    /// One frame on `ifindex` at `now` (CLOCK_BOOTTIME ns).
+    pub fn run(&mut self, frame: &[u8], ifindex: u32, now: u64) -> Outcome {
+        let p = parse(frame);
+        let Some(key) = self.flow_key(&p, ifindex) else {
+            return Outcome { action: XDP_PASS, key: None };
+        };
+        let fs = self.flows.entry(key).or_default();
+        fs.packets += 1;
+        // App stage: the first payload of the flow, once.
+        if p.payload_len > 0 && !fs.app_done && p.frag != FRAG_LATER {
+            let n = p.payload_len.min(CLASSIFY_BYTES);
+            // bpf_xdp_load_bytes fails past the frame's end: nothing is recorded.
+            if p.payload_off + n <= frame.len() {
+                let mut buf = [0u8; CLASSIFY_BYTES];
+                buf[..n].copy_from_slice(&frame[p.payload_off..p.payload_off + n]);
+                let (app, conf) = classify(&buf, n, p.proto, p.sport, p.dport);
+                fs.app = app as u8;
+                fs.app_confidence = conf as u8;
+                fs.app_done = true;
+            }
+        }
+        let action = self.decide(&p, key, ifindex, now);
+        Outcome { action, key: Some(key) }
+    }
+
+    fn flow_key(&mut self, p: &Parsed, ifindex: u32) -> Option<FlowKey> {
+        if !p.has_eth || !p.has_addrs || !(p.has_l4 || p.frag == FRAG_LATER) {
+            return None;
+        }
+        let mut key = FlowKey {
+            ifindex,
+            vlan: p.vlan,
+            proto: p.proto,
+            _pad: 0,
+            src: p.src,
+            dst: p.dst,
+            sport: p.sport,
+            dport: p.dport,
+        };
+        if p.frag != 0 {
+            let fk = FragKey {
+                ifindex,
+                vlan: p.vlan,
+                proto: p.proto,
+                _pad: 0,
+                src: p.src,
+                dst: p.dst,
+                id: p.frag_id,
+            };
+            if p.frag == FRAG_FIRST {
+                self.frags.insert(fk, (p.sport, p.dport));
+            } else if let Some(&(s, d)) = self.frags.get(&fk) {
+                key.sport = s;
+                key.dport = d;
+            }
+        }
+        Some(key)
+    }
+
+    fn identity(&self, addr: &[u8; 16], mac: &[u8; 6], vlan: u16) -> u32 {
+        let bit = (self.tables.generation & 1) as u8;
+        let mut mk = MacKey { generation: bit, scoped: 1, vlan, mac: *mac, _pad: [0; 2] };
+        if let Some(id) = self.tables.macs.get(&mk) {
+            return *id;
+        }
+        mk.scoped = 0;
+        mk.vlan = 0;
+        if let Some(id) = self.tables.macs.get(&mk) {
+            return *id;
+        }
+        let key = IdentData { generation: bit, scoped: 1, vlan: vlan.to_be_bytes(), addr: *addr };
+        let by = |k: &IdentData| ident_bytes(k).to_vec();
+        if let Some(id) = lpm(&self.tables.idents, &ident_bytes(&key), by) {
+            return *id;
+        }
+        let key = IdentData { generation: bit, scoped: 0, vlan: [0; 2], addr: *addr };
+        lpm(&self.tables.idents, &ident_bytes(&key), by).copied().unwrap_or(0)
+    }
+
+    fn seg(&self, id: u32) -> SegmentInfo {
+        if id == 0 || id >= MAX_IDS {
+            return SegmentInfo::default();
+        }
+        self.tables.segments.get(&id).copied().unwrap_or_default()
+    }
+
+    fn allowed(&self, src: u32, dst: u32, proto: u8, port: u16, now: u64) -> Option<(u32, u8, u64, u32)> {
+        let key = PolicyData {
+            generation: (self.tables.generation & 1) as u8,
+            src: src.to_be_bytes(),
+            dst: dst.to_be_bytes(),
+            proto,
+            port: port.to_be_bytes(),
+        };
+        let v = lpm(&self.tables.policy, &policy_bytes(&key), |k| policy_bytes(k).to_vec())?;
+        if v.expires_ns != 0 && now >= v.expires_ns {
+            return None;
+        }
+        Some((v.rule, v.app, if v.expires_ns == 0 { u64::MAX } else { v.expires_ns }, v.segment as u32))
+    }
+
+    fn decide(&mut self, p: &Parsed, key: FlowKey, _ifindex: u32, now: u64) -> u32 {
+        let generation = self.tables.generation;
+        if generation == 0 {
+            return XDP_PASS;
+        }
+        let fs = self.flows[&key];
+        let mut fs =
+            if fs.generation != generation || now >= fs.valid_until { self.evaluate(p, fs, now) } else { fs };
+        if fs.verdict == Verdict::AppPending as u8 && fs.app_done {
+            if fs.app == fs.required_app && fs.app_confidence == Confidence::High as u8 {
+                fs.verdict = Verdict::Allow as u8;
+            } else {
+                let (v, s) = deny(&self.seg(fs.src_id), &self.seg(fs.dst_id), true);
+                fs.verdict = v as u8;
+                fs.segment = s;
+            }
+        }
+        self.flows.insert(key, fs);
+        if fs.verdict == Verdict::Drop as u8 { XDP_DROP } else { XDP_PASS }
+    }
+
+    fn evaluate(&mut self, p: &Parsed, mut fs: FlowState, now: u64) -> FlowState {
+        fs.generation = self.tables.generation;
+        fs.valid_until = u64::MAX;
+        fs.rule = 0;
+        fs.segment = 0;
+        fs.required_app = 0;
+        if exempt(p.l3 == L3_IPV4, p.proto, p.sport, p.dport, &p.dst) {
+            fs.verdict = Verdict::Exempt as u8;
+            return fs;
+        }
+        let src_id = self.identity(&p.src, &p.src_mac, p.vlan);
+        let dst_id = self.identity(&p.dst, &p.dst_mac, p.vlan);
+        fs.src_id = src_id;
+        fs.dst_id = dst_id;
+        let (s, d) = (self.seg(src_id), self.seg(dst_id));
+        if s.flags & SEG_MEMBER == 0 && d.flags & SEG_MEMBER == 0 {
+            fs.verdict = Verdict::Unevaluated as u8;
+            return fs;
+        }
+        if let Some((rule, app, until, segment)) = self.allowed(src_id, dst_id, p.proto, p.dport, now) {
+            fs.rule = rule;
+            fs.segment = segment;
+            fs.valid_until = until;
+            fs.required_app = app;
+            fs.verdict = if app == 0 { Verdict::Allow as u8 } else { Verdict::AppPending as u8 };
+            self.allowed.insert(reverse_tuple(p));
+            return fs;
+        }
+        let tuple =
+            TupleKey { src: p.src, dst: p.dst, sport: p.sport, dport: p.dport, proto: p.proto, _pad: [0; 3] };
+        if self.allowed.contains(&tuple) {
+            let original = if matches!(p.proto, IPPROTO_ICMP | IPPROTO_ICMPV6) { p.dport } else { p.sport };
+            if let Some((rule, _, until, segment)) = self.allowed(dst_id, src_id, p.proto, original, now) {
+                fs.rule = rule;
+                fs.segment = segment;
+                fs.valid_until = until;
+                fs.verdict = Verdict::Reply as u8;
+                return fs;
+            }
+        }
+        let (v, segment) = deny(&s, &d, false);
+        fs.verdict = v as u8;
+        fs.segment = segment;
+        fs
+    }
+}
+
+fn reverse_tuple(p: &Parsed) -> TupleKey {
+    let (mut sport, mut dport) = (p.dport, p.sport);
+    if p.proto == IPPROTO_ICMP && p.sport == 8 {
+        sport = 0;
+        dport = p.dport;
+    } else if p.proto == IPPROTO_ICMPV6 && p.sport == 128 {
+        sport = 129;
+        dport = p.dport;
+    }
+    TupleKey { src: p.dst, dst: p.src, sport, dport, proto: p.proto, _pad: [0; 3] }
+}
+
+fn deny(s: &SegmentInfo, d: &SegmentInfo, app_rule: bool) -> (Verdict, u32) {
+    let denies =
+        |x: &SegmentInfo| x.flags & SEG_MEMBER != 0 && (app_rule || x.flags & SEG_DEFAULT_ALLOW == 0);
+    let (sd, dd) = (denies(s), denies(d));
+    if sd && s.flags & SEG_ENFORCE != 0 {
+        return (Verdict::Drop, s.segment);
+    }
+    if dd && d.flags & SEG_ENFORCE != 0 {
+        return (Verdict::Drop, d.segment);
+    }
+    if sd {
+        return (Verdict::WouldDrop, s.segment);
+    }
+    if dd {
+        return (Verdict::WouldDrop, d.segment);
+    }
+    (Verdict::Allow, if s.flags & SEG_MEMBER != 0 { s.segment } else { d.segment })
+}
+
+/// The app a flow ends up with, as the agent reports it.
+pub fn app_of(fs: &FlowState) -> App {
+    App::from_u8(fs.app)
+}

@@ -1,0 +1,428 @@
+//! Differential testing: random and malformed frames through the kernel program
+//! (BPF_PROG_TEST_RUN) and through the reference model (`mdsec_common::model`),
+//! which must agree on the action, the flow key, the flow's verdict, app and
+//! packet count, and on the parser's stop reason counts.
+//!
+//! Frames come from a seeded generator driven by `arbitrary::Unstructured`: a
+//! structure (Ethernet, VLAN stacks, ARP, IPv4 with options and fragments, IPv6
+//! with extension chains, TCP/UDP/ICMP/other) over small address and port pools
+//! that the test policy names, real payloads from the fixtures, replies of
+//! earlier flows, and mutations (truncation, flipped bytes, bogus lengths).
+
+use std::{collections::BTreeMap, net::Ipv6Addr, time::SystemTime};
+
+use anyhow::{Context, Result};
+use arbitrary::Unstructured;
+use mdsec_agent::{
+    clock::Anchor,
+    policy::{compile, compile::Compiled, maps::PolicyMaps, model::load_dir},
+};
+use mdsec_common::{
+    model::{Model, Tables},
+    policy::{IdentData, MacKey, PolicyData},
+    stats::{STATS_LEN, Stat},
+};
+
+use crate::{
+    fixtures,
+    frames::{self, V4},
+    kernel::TestProg,
+};
+
+/// The policy both sides decide with: enforce and monitor segments, a MAC
+/// member, a VLAN-scoped member, a default-allow segment, app rules, port ranges.
+pub const POLICY: &[(&str, &str)] = &[
+    (
+        "zones.yaml",
+        "zones:\n  pharmacy: [10.0.2.0/24, fd00:2::/64]\n  dns: [10.0.2.53/32]\n  workstations: [10.0.3.0/24]\n",
+    ),
+    (
+        "pumps.yaml",
+        "segment: pumps\nfunction: infusion-pump\nmode: enforce\ndefault: deny\nmembers:\n  - cidr: 10.0.1.0/24\n  - cidr: fd00:1::/64\n  - mac: 02:00:00:00:01:99\nallow:\n  - to: pharmacy\n    proto: tcp\n    ports: [2575]\n    app: hl7\n  - to: dns\n    proto: udp\n    ports: [53]\n  - to: pharmacy\n    proto: udp\n    ports: [\"9000-9010\"]\n  - to: pharmacy\n    proto: icmp\n  - to: pharmacy\n    proto: icmpv6\n",
+    ),
+    (
+        "imaging.yaml",
+        "segment: imaging\nfunction: imaging-modality\nmode: monitor\ndefault: deny\nmembers:\n  - cidr: 10.0.4.0/24\nallow:\n  - from: workstations\n    proto: tcp\n    ports: [104]\n    app: dicom\n",
+    ),
+    (
+        "ward.yaml",
+        "segment: ward\nfunction: patient-monitor\nmode: enforce\ndefault: deny\nmembers:\n  - cidr: 10.0.6.0/24\n    vlan: 110\nallow:\n  - to: pharmacy\n    proto: tcp\n    ports: [2575]\n",
+    ),
+    (
+        "lab.yaml",
+        "segment: lab\nfunction: lab-analyzer\nmode: enforce\ndefault: allow\nmembers:\n  - cidr: 10.0.7.0/24\n",
+    ),
+];
+
+const V4_POOL: &[[u8; 4]] = &[
+    [10, 0, 1, 2],
+    [10, 0, 1, 3],
+    [10, 0, 2, 2],
+    [10, 0, 2, 53],
+    [10, 0, 3, 2],
+    [10, 0, 4, 2],
+    [10, 0, 6, 2],
+    [10, 0, 7, 2],
+    [10, 0, 9, 9],
+    [224, 0, 0, 5],
+    [255, 255, 255, 255],
+];
+const V6_POOL: &[&str] = &["fd00:1::2", "fd00:2::2", "fd00:9::9", "fe80::1", "ff02::1"];
+const PORT_POOL: &[u16] =
+    &[2575, 53, 9000, 9005, 9011, 104, 22, 67, 68, 546, 3389, 80, 443, 40000, 40001, 40002];
+const MAC_POOL: &[[u8; 6]] =
+    &[[2, 0, 0, 0, 1, 1], [2, 0, 0, 0, 1, 2], [2, 0, 0, 0, 1, 0x99], [2, 0, 0, 0, 2, 1]];
+const PAYLOADS: &[&str] =
+    &["hl7-mllp", "dicom-associate-rq", "dns-query", "http-get", "tls-client-hello", "ssh-banner"];
+
+/// The kernel program and the model with the same policy installed.
+pub struct Pair {
+    pub prog: TestProg,
+    _maps: PolicyMaps,
+    pub model: Model,
+    payloads: Vec<Vec<u8>>,
+}
+
+/// The model's view of the tables the agent wrote for generation `gen`.
+pub fn tables(c: &Compiled, generation: u32) -> Tables {
+    let bit = (generation & 1) as u8;
+    Tables {
+        generation,
+        idents: c
+            .idents
+            .iter()
+            .map(|e| {
+                let d = IdentData {
+                    generation: bit,
+                    scoped: e.vlan.is_some() as u8,
+                    vlan: e.vlan.unwrap_or(0).to_be_bytes(),
+                    addr: e.addr,
+                };
+                (e.prefix_len, d, e.id)
+            })
+            .collect(),
+        macs: c
+            .macs
+            .iter()
+            .map(|m| {
+                let k = MacKey {
+                    generation: bit,
+                    scoped: m.vlan.is_some() as u8,
+                    vlan: m.vlan.unwrap_or(0),
+                    mac: m.mac,
+                    _pad: [0; 2],
+                };
+                (k, m.id)
+            })
+            .collect(),
+        segments: c.segments.iter().copied().collect(),
+        policy: c
+            .policy
+            .iter()
+            .map(|(k, v)| {
+                let d = PolicyData {
+                    generation: bit,
+                    src: k.src.to_be_bytes(),
+                    dst: k.dst.to_be_bytes(),
+                    proto: k.proto,
+                    port: k.port.to_be_bytes(),
+                };
+                (k.prefix_len, d, *v)
+            })
+            .collect(),
+    }
+}
+
+impl Pair {
+    pub fn new() -> Result<Pair> {
+        let dir = std::env::temp_dir().join(format!("{}-diff", crate::netns::unique_id()));
+        std::fs::create_dir_all(&dir)?;
+        for (name, text) in POLICY {
+            std::fs::write(dir.join(name), text)?;
+        }
+        let (p, diags) = load_dir(&dir, SystemTime::now());
+        let _ = std::fs::remove_dir_all(&dir);
+        let p = p.with_context(|| format!("{diags:?}"))?;
+        let mut prog = TestProg::load()?;
+        let mut maps = PolicyMaps::new(|n| prog.take_map(n))?;
+        let c = compile::compile(&p, &Anchor::now(), maps.limits()).map_err(anyhow::Error::msg)?;
+        let generation = maps.apply(&c, 1_000_000)?;
+        Ok(Pair {
+            prog,
+            _maps: maps,
+            model: Model::new(tables(&c, generation)),
+            payloads: PAYLOADS.iter().map(|n| fixtures::load(n)).collect(),
+        })
+    }
+}
+
+/// What a run found.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub packets: u64,
+    pub dropped: u64,
+    pub flows: u64,
+    pub disagreements: u64,
+    /// The first few, described.
+    pub examples: Vec<String>,
+    /// Frames by the model's parse outcome (for the record).
+    pub reasons: BTreeMap<String, u64>,
+}
+
+/// An earlier flow (src, dst, proto, sport, dport, IPv6) to send a reply for.
+type Recent = ([u8; 16], [u8; 16], u8, u16, u16, bool);
+
+struct Gen {
+    state: u64,
+    recent: Vec<Recent>,
+}
+
+impl Gen {
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                self.state ^= self.state << 13;
+                self.state ^= self.state >> 7;
+                self.state ^= self.state << 17;
+                (self.state >> 24) as u8
+            })
+            .collect()
+    }
+}
+
+fn mapped(a: [u8; 4]) -> [u8; 16] {
+    mdsec_common::net::v4_mapped(a)
+}
+
+/// One frame from the generator.
+fn frame(g: &mut Gen, payloads: &[Vec<u8>]) -> arbitrary::Result<Vec<u8>> {
+    let raw = g.bytes(256);
+    let mut u = Unstructured::new(&raw);
+    let src_mac = *u.choose(MAC_POOL)?;
+    let dst_mac = *u.choose(MAC_POOL)?;
+    let kind = u.int_in_range(0..=99u8)?;
+    if kind < 3 {
+        // Pure noise of any length.
+        let n = u.int_in_range(0..=120usize)?;
+        return Ok(g.bytes(n));
+    }
+    let tags: Vec<(u16, u16)> = match u.int_in_range(0..=9u8)? {
+        0..=6 => vec![],
+        7 => vec![(0x8100, *u.choose(&[110u16, 200, 0])?)],
+        8 => vec![(0x88a8, 5), (0x8100, *u.choose(&[110u16, 200])?)],
+        _ => vec![(0x8100, 1), (0x8100, 2), (0x8100, 3)],
+    };
+    let reply = !g.recent.is_empty() && u.ratio(1, 5)?;
+    let (src, dst, proto, sport, dport, v6) = if reply {
+        let (s, d, p, sp, dp, v6) = g.recent[u.choose_index(g.recent.len())?];
+        let (sp, dp) = match p {
+            1 if sp == 8 => (0, dp),
+            58 if sp == 128 => (129, dp),
+            _ => (dp, sp),
+        };
+        (d, s, p, sp, dp, v6)
+    } else {
+        let v6 = u.ratio(1, 4)?;
+        let addr = |u: &mut Unstructured| -> arbitrary::Result<[u8; 16]> {
+            Ok(if v6 {
+                u.choose(V6_POOL)?.parse::<Ipv6Addr>().unwrap().octets()
+            } else {
+                mapped(*u.choose(V4_POOL)?)
+            })
+        };
+        let (s, d) = (addr(&mut u)?, addr(&mut u)?);
+        let proto = match u.int_in_range(0..=9u8)? {
+            0..=3 => 6,
+            4..=6 => 17,
+            7 | 8 => {
+                if v6 {
+                    58
+                } else {
+                    1
+                }
+            }
+            _ => *u.choose(&[47u8, 132, 0, 255])?,
+        };
+        let port = |u: &mut Unstructured| -> arbitrary::Result<u16> {
+            Ok(if u.ratio(3, 4)? { *u.choose(PORT_POOL)? } else { u.int_in_range(40000..=40015)? })
+        };
+        let (sp, dp) = if matches!(proto, 1 | 58) {
+            (*u.choose(&[8u16, 0, 3, 128, 129, 135, 143])?, u.int_in_range(0..=1)?)
+        } else {
+            (port(&mut u)?, port(&mut u)?)
+        };
+        (s, d, proto, sp, dp, v6)
+    };
+    if !reply && matches!(proto, 6 | 17 | 1 | 58) && g.recent.len() < 64 {
+        g.recent.push((src, dst, proto, sport, dport, v6));
+    } else if !reply && g.recent.len() >= 64 {
+        let i = u.choose_index(64)?;
+        g.recent[i] = (src, dst, proto, sport, dport, v6);
+    }
+    let payload: Vec<u8> = match u.int_in_range(0..=5u8)? {
+        0 | 1 => vec![],
+        2 | 3 => u.choose(payloads)?.clone(),
+        _ => {
+            let n = u.int_in_range(1..=200usize)?;
+            g.bytes(n)
+        }
+    };
+    let l4 = match proto {
+        6 => frames::tcp(sport, dport, *u.choose(&[0x02u8, 0x10, 0x18, 0x11, 0x04])?, &payload),
+        17 => frames::udp(sport, dport, &payload),
+        1 | 58 => {
+            let mut h = vec![sport as u8, dport as u8, 0, 0, 0, 1, 0, 1];
+            h.extend_from_slice(&payload);
+            h
+        }
+        _ => payload.clone(),
+    };
+    let mut l3 = if v6 {
+        let mut exts = Vec::new();
+        for _ in 0..u.int_in_range(0..=7u8)? {
+            let t = *u.choose(&[0u8, 43, 60, 44])?;
+            let body = if t == 44 {
+                // Offset (units of 8) and M flag, then the identification.
+                let fo: u16 = *u.choose(&[0u16, 1, 8, 9, 0x100])?;
+                let id = u.int_in_range(1..=3u32)?;
+                let mut b = fo.to_be_bytes().to_vec();
+                b.extend_from_slice(&id.to_be_bytes());
+                b
+            } else {
+                vec![0u8; 6]
+            };
+            exts.push((t, body));
+        }
+        frames::ipv6(Ipv6Addr::from(src), Ipv6Addr::from(dst), &exts, proto, &l4)
+    } else {
+        let mut h = V4::new(
+            std::net::Ipv4Addr::new(src[12], src[13], src[14], src[15]),
+            std::net::Ipv4Addr::new(dst[12], dst[13], dst[14], dst[15]),
+            proto,
+        );
+        h.id = u.int_in_range(1..=3)?;
+        h.frag = *u.choose(&[0u16, 0, 0, 0, 0x2000, 0x2000, 0x0010, 0x2010, 0x4000])?;
+        if u.ratio(1, 8)? {
+            h.options = vec![1, 1, 1, 1];
+        }
+        h.build(&l4)
+    };
+    // Mutations.
+    match u.int_in_range(0..=19u8)? {
+        0 => {
+            let i = u.choose_index(l3.len().max(1))?.min(l3.len().saturating_sub(1));
+            if !l3.is_empty() {
+                l3[i] ^= 1 << u.int_in_range(0..=7u8)?;
+            }
+        }
+        1 if !l3.is_empty() => l3[0] = u.arbitrary()?, // version / IHL
+        2 if l3.len() > 4 => {
+            let len: u16 = u.arbitrary()?;
+            l3[2..4].copy_from_slice(&len.to_be_bytes()); // IPv4 total / IPv6 flow label
+        }
+        3 if l3.len() > 6 => {
+            let len: u16 = u.int_in_range(0..=400)?;
+            l3[4..6].copy_from_slice(&len.to_be_bytes()); // IPv6 payload length / IPv4 id
+        }
+        _ => {}
+    }
+    let ethertype = match (v6, u.int_in_range(0..=29u8)?) {
+        (_, 0) => 0x0806,
+        (_, 1) => 0x88cc,
+        (true, _) => 0x86dd,
+        (false, _) => 0x0800,
+    };
+    let mut f = frames::eth(dst_mac, src_mac, &tags, ethertype, &l3);
+    if u.ratio(1, 10)? {
+        let cut = u.int_in_range(0..=f.len())?;
+        f.truncate(cut);
+    }
+    Ok(f)
+}
+
+/// Runs `n` generated frames through both sides from `seed`.
+pub fn run(n: u64, seed: u64) -> Result<Report> {
+    let mut pair = Pair::new()?;
+    let mut g = Gen { state: seed | 1, recent: Vec::new() };
+    let mut r = Report::default();
+    let mut model_reasons = [0u64; STATS_LEN as usize];
+    let stats0 = pair.prog.stats()?;
+    let mut last_stats = stats0.clone();
+    const BATCH: u64 = 5000;
+    for i in 0..n {
+        let mut f = frame(&mut g, &pair.payloads).unwrap_or_default();
+        // BPF_PROG_TEST_RUN refuses XDP input shorter than an Ethernet header (and
+        // no driver hands XDP one): pad the runt instead of skipping it.
+        if f.len() < 14 {
+            f.resize(14, 0);
+        }
+        let now = mdsec_agent::clock::boottime_ns();
+        let want = pair.model.run(&f, 1, now);
+        let got = pair.prog.run(&f)?;
+        r.packets += 1;
+        r.dropped += (got == mdsec_common::model::XDP_DROP) as u64;
+        let parsed = mdsec_common::model::parse(&f);
+        if let Some(s) = parsed.reason {
+            model_reasons[s as usize] += 1;
+        }
+        *r.reasons.entry(parsed.reason.map_or("ok".to_string(), |s| s.name().to_string())).or_default() += 1;
+        let mut problem = None;
+        if got != want.action {
+            problem = Some(format!("action: kernel {got}, model {}", want.action));
+        } else if let Some(k) = want.key {
+            let m = pair.model.flows[&k];
+            match pair.prog.flow(&k)? {
+                None => problem = Some(format!("flow key {k:?}: not in the kernel")),
+                Some(v) => {
+                    let app_k = if v.app_done != 0 { Some((v.app, v.app_confidence)) } else { None };
+                    let app_m = if m.app_done { Some((m.app, m.app_confidence)) } else { None };
+                    if v.packets != m.packets
+                        || v.verdict != m.verdict
+                        || app_k != app_m
+                        || v.segment != m.segment
+                    {
+                        problem = Some(format!(
+                            "flow {k:?}: kernel packets {} verdict {} app {app_k:?} segment {}, model packets {} verdict {} app {app_m:?} segment {}",
+                            v.packets, v.verdict, v.segment, m.packets, m.verdict, m.segment
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(p) = problem {
+            r.disagreements += 1;
+            if r.examples.len() < 10 {
+                r.examples.push(format!("packet {i} (seed {seed}): {p}; frame {}", hex(&f)));
+            }
+        }
+        if (i + 1) % BATCH == 0 || i + 1 == n {
+            // The parser's stop reasons, per batch, from the kernel's counters.
+            let now_stats = pair.prog.stats()?;
+            for s in Stat::ALL.iter().filter(|s| s.is_malformed()) {
+                let k = now_stats[*s as usize].packets - last_stats[*s as usize].packets;
+                if k != model_reasons[*s as usize] {
+                    r.disagreements += 1;
+                    if r.examples.len() < 10 {
+                        r.examples.push(format!(
+                            "batch ending at packet {i} (seed {seed}): {}: kernel {k}, model {}",
+                            s.name(),
+                            model_reasons[*s as usize]
+                        ));
+                    }
+                }
+            }
+            model_reasons = [0; STATS_LEN as usize];
+            last_stats = now_stats;
+            r.flows += pair.model.flows.len() as u64;
+            // Keep the LRU maps far from full: both sides forget together.
+            pair.prog.clear()?;
+            pair.model.clear();
+        }
+    }
+    let _ = stats0;
+    Ok(r)
+}
+
+fn hex(f: &[u8]) -> String {
+    f.iter().map(|b| format!("{b:02x}")).collect()
+}
