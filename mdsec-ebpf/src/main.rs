@@ -31,20 +31,21 @@ pub fn mdsec_xdp(ctx: XdpContext) -> u32 {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
 
-    let mut pkt = parse::Packet::new(ctx.ingress_ifindex() as u32);
-    if let Err(reason) = parse::parse(&ctx, &mut pkt) {
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let pkt = parse::Packet::init(&mut slot, ctx.ingress_ifindex() as u32);
+    if let Err(reason) = parse::parse(&ctx, pkt) {
         stats::count(reason, len);
     }
-    let flow = account::account(&pkt, now, len);
+    let flow = account::account(pkt, now, len);
     if let Some(f) = flow {
         // Only the first payload of a flow is classified: test here, so every later
         // packet skips the out-of-line call.
         // SAFETY: `f` is a live FLOWS value.
         if pkt.payload_len > 0 && unsafe { (*f).app_done } == 0 {
-            app::identify(ctx.ctx, &pkt, f);
+            app::identify(ctx.ctx, pkt, f);
         }
     }
-    let action = verdict::decide(&pkt, flow, now, len);
+    let action = verdict::decide(pkt, flow, now, len);
     stats::count(if action == xdp_action::XDP_DROP { Stat::Drop } else { Stat::Pass }, len);
     action
 }
