@@ -24,6 +24,28 @@ pub fn agent_bin() -> PathBuf {
     exe.parent().and_then(|d| d.parent()).unwrap().join("mdsec-agent")
 }
 
+/// What a CLI run printed: (success, stdout, stderr).
+pub type CliOutput = (bool, String, String);
+
+/// Runs `mdsec-agent ARGS` in this namespace (commands that read files).
+pub fn cli(args: &[&str]) -> CliOutput {
+    output(Command::new(agent_bin()).args(args))
+}
+
+/// Runs `mdsec-agent ARGS` inside namespace `ns` (commands that talk to the API).
+pub fn cli_in(ns: &str, args: &[&str]) -> CliOutput {
+    output(Command::new("ip").args(["netns", "exec", ns]).arg(agent_bin()).args(args))
+}
+
+fn output(cmd: &mut Command) -> CliOutput {
+    let out = cmd.output().expect("run mdsec-agent");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
 pub struct Agent {
     child: Child,
     pub gw: String,

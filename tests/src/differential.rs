@@ -9,14 +9,11 @@
 //! that the test policy names, real payloads from the fixtures, replies of
 //! earlier flows, and mutations (truncation, flipped bytes, bogus lengths).
 
-use std::{collections::BTreeMap, net::Ipv6Addr, time::SystemTime};
+use std::{collections::BTreeMap, net::Ipv6Addr};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use arbitrary::Unstructured;
-use mdsec_agent::{
-    clock::Anchor,
-    policy::{compile, compile::Compiled, maps::PolicyMaps, model::load_dir},
-};
+use mdsec_agent::policy::{compile::Compiled, maps::PolicyMaps};
 use mdsec_common::{
     model::{Model, Tables},
     policy::{IdentData, MacKey, PolicyData},
@@ -135,18 +132,7 @@ pub fn tables(c: &Compiled, generation: u32) -> Tables {
 
 impl Pair {
     pub fn new() -> Result<Pair> {
-        let dir = std::env::temp_dir().join(format!("{}-diff", crate::netns::unique_id()));
-        std::fs::create_dir_all(&dir)?;
-        for (name, text) in POLICY {
-            std::fs::write(dir.join(name), text)?;
-        }
-        let (p, diags) = load_dir(&dir, SystemTime::now());
-        let _ = std::fs::remove_dir_all(&dir);
-        let p = p.with_context(|| format!("{diags:?}"))?;
-        let mut prog = TestProg::load()?;
-        let mut maps = PolicyMaps::new(|n| prog.take_map(n))?;
-        let c = compile::compile(&p, &Anchor::now(), maps.limits()).map_err(anyhow::Error::msg)?;
-        let generation = maps.apply(&c, 1_000_000)?;
+        let (prog, maps, c, generation) = crate::kernel::with_policy(POLICY, 1_000_000)?;
         Ok(Pair {
             prog,
             _maps: maps,

@@ -146,3 +146,27 @@ impl TestProg {
         Ok(())
     }
 }
+
+/// The datapath loaded with the policy of these (file name, YAML) installed as a
+/// generation: the program, the policy maps' owner, what was compiled and the
+/// generation number.
+pub fn with_policy(
+    files: &[(&str, &str)],
+    event_rate: u32,
+) -> Result<(TestProg, mdsec_agent::policy::maps::PolicyMaps, mdsec_agent::policy::compile::Compiled, u32)> {
+    use mdsec_agent::policy::{compile, maps::PolicyMaps, model::load_dir};
+    let dir = std::env::temp_dir().join(format!("{}-policy", crate::netns::unique_id()));
+    std::fs::create_dir_all(&dir)?;
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text)?;
+    }
+    let (p, diags) = load_dir(&dir, std::time::SystemTime::now());
+    let _ = std::fs::remove_dir_all(&dir);
+    let p = p.with_context(|| format!("{diags:?}"))?;
+    let mut prog = TestProg::load()?;
+    let mut maps = PolicyMaps::new(|n| prog.take_map(n))?;
+    let c = compile::compile(&p, &mdsec_agent::clock::Anchor::now(), maps.limits())
+        .map_err(anyhow::Error::msg)?;
+    let generation = maps.apply(&c, event_rate)?;
+    Ok((prog, maps, c, generation))
+}

@@ -1,41 +1,31 @@
 //! Deny events under BPF_PROG_TEST_RUN: one per flow and generation, rate-limited
 //! per CPU, and the suppressed ones counted.
 
-use std::{net::Ipv4Addr, time::SystemTime};
+use std::net::Ipv4Addr;
 
 use aya::maps::RingBuf;
-use mdsec_agent::{
-    clock::Anchor,
-    policy::{compile, maps::PolicyMaps, model},
-};
 use mdsec_common::{maps as names, policy::Event, stats::Stat};
 use mdsec_tests::{
     frames::{self, V4},
-    kernel::{TestProg, XDP_DROP},
+    kernel::{self, TestProg, XDP_DROP},
 };
 
-fn policy_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(mdsec_tests::netns::unique_id());
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("s.yaml"),
-        "segment: pumps\nfunction: infusion-pump\nmode: enforce\ndefault: deny\nmembers:\n  - cidr: 10.1.0.0/24\n",
-    )
-    .unwrap();
-    dir
+const PUMPS: &[(&str, &str)] = &[(
+    "s.yaml",
+    "segment: pumps\nfunction: infusion-pump\nmode: enforce\ndefault: deny\nmembers:\n  - cidr: 10.1.0.0/24\n",
+)];
+
+/// The datapath with the pump segment at `event_rate`, and its event ring.
+fn load(event_rate: u32) -> (TestProg, RingBuf<aya::maps::MapData>) {
+    let (mut prog, _maps, _, _) = kernel::with_policy(PUMPS, event_rate).unwrap();
+    let ring = RingBuf::try_from(prog.take_map(names::EVENTS).unwrap()).unwrap();
+    (prog, ring)
 }
 
 #[test]
 fn one_event_per_flow_and_rate_limited() {
-    let mut prog = TestProg::load().unwrap();
-    let mut maps = PolicyMaps::new(|n| prog.take_map(n)).unwrap();
-    let mut ring = RingBuf::try_from(prog.take_map(names::EVENTS).unwrap()).unwrap();
-    let dir = policy_dir();
-    let (p, _) = model::load_dir(&dir, SystemTime::now());
-    std::fs::remove_dir_all(&dir).unwrap();
-    let c = compile::compile(&p.unwrap(), &Anchor::now(), maps.limits()).unwrap();
     // At most 5 events per second per CPU.
-    maps.apply(&c, 5).unwrap();
+    let (mut prog, mut ring) = load(5);
 
     let frame = |dport: u16| {
         let ip = V4::new(Ipv4Addr::new(10, 1, 0, 7), Ipv4Addr::new(10, 9, 0, 1), 17)
@@ -65,15 +55,8 @@ fn one_event_per_flow_and_rate_limited() {
 
 #[test]
 fn a_full_event_ring_loses_events_but_counts_every_one() {
-    let mut prog = TestProg::load().unwrap();
-    let mut maps = PolicyMaps::new(|n| prog.take_map(n)).unwrap();
-    let mut ring = RingBuf::try_from(prog.take_map(names::EVENTS).unwrap()).unwrap();
-    let dir = policy_dir();
-    let (p, _) = model::load_dir(&dir, SystemTime::now());
-    std::fs::remove_dir_all(&dir).unwrap();
-    let c = compile::compile(&p.unwrap(), &Anchor::now(), maps.limits()).unwrap();
     // No rate limit to speak of: only the ring's size stops events.
-    maps.apply(&c, 10_000_000).unwrap();
+    let (mut prog, mut ring) = load(10_000_000);
     // 5,000 denied flows while nobody drains the 256 KiB ring (about 3,000 events fit).
     const FLOWS: u16 = 5000;
     // DHCP ports are exempt from policy (never dropped): leave them out.

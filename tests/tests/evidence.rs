@@ -13,7 +13,7 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, process::Comman
 
 use mdsec_agent::report::Report;
 use mdsec_tests::{
-    agent::{Agent, AgentOptions, agent_bin},
+    agent::{Agent, AgentOptions, cli, cli_in},
     fixtures,
     netns::Topology,
     traffic::{self, dns_query, tcp_exchange},
@@ -59,25 +59,6 @@ fn policy() -> Vec<(String, String)> {
             "segment: imaging\nfunction: imaging-modality\nmode: monitor\ndefault: deny\nmembers:\n  - cidr: 10.0.4.0/24\nallow:\n  - from: workstations\n    proto: tcp\n    ports: [104]\n".into(),
         ),
     ]
-}
-
-fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(agent_bin()).args(args).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
-
-/// Runs a CLI query command against the agent inside the gateway namespace.
-fn cli_in(gw: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new("ip").args(["netns", "exec", gw]).arg(agent_bin()).args(args).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
 }
 
 /// Removes a directory when dropped (also on panic).

@@ -10,13 +10,12 @@
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
-    process::Command,
     time::Duration,
 };
 
 use mdsec_agent::{learn::Status, model::Event};
 use mdsec_tests::{
-    agent::{Agent, AgentOptions, agent_bin},
+    agent::{Agent, AgentOptions, cli},
     fixtures,
     frames::{self, RawSender, V4},
     netns::{Host, Topology, link_mac},
@@ -75,15 +74,6 @@ fn raw_syn(from: &Host, gw: &str, to: Ipv4Addr, ports: std::ops::Range<u16>) {
 
 fn baseline(a: &Agent) -> Status {
     a.get("/api/v1/baseline").unwrap()
-}
-
-fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(agent_bin()).args(args).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
 }
 
 #[test]

@@ -187,33 +187,24 @@ fn hl7_message(app: &str, n: u64) -> Vec<u8> {
     .into_bytes()
 }
 
-/// MLLP server: answers every message with an HL7 ACK.
-fn hl7_server(ns: &str, ip: Ipv4Addr, running: Arc<AtomicBool>) -> Result<thread::JoinHandle<()>> {
-    let addr = SocketAddr::new(ip.into(), 2575);
+/// A TCP server in `ns` on `ip:port`: each connection handled on its own thread
+/// until `running` is cleared.
+fn serve(
+    ns: &str,
+    ip: Ipv4Addr,
+    port: u16,
+    running: Arc<AtomicBool>,
+    handle: fn(TcpStream),
+) -> Result<thread::JoinHandle<()>> {
+    let addr = SocketAddr::new(ip.into(), port);
     let l: TcpListener = in_netns(ns, move || TcpListener::bind(addr))??;
     l.set_nonblocking(true)?;
     Ok(thread::spawn(move || {
         while running.load(Ordering::SeqCst) {
             match l.accept() {
-                Ok((mut s, _)) => {
-                    thread::spawn(move || {
-                        let _ = s.set_nonblocking(false);
-                        let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
-                        let mut got = Vec::new();
-                        let mut buf = [0u8; 2048];
-                        while let Ok(n) = s.read(&mut buf) {
-                            if n == 0 {
-                                break;
-                            }
-                            got.extend_from_slice(&buf[..n]);
-                            if got.ends_with(b"\x1c\r") {
-                                let _ = s.write_all(
-                                    b"\x0bMSH|^~\\&|HIS|HOSP|||20261125120000||ACK|1|P|2.5\rMSA|AA|1\r\x1c\r",
-                                );
-                                got.clear();
-                            }
-                        }
-                    });
+                Ok((s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    thread::spawn(move || handle(s));
                 }
                 Err(_) => thread::sleep(Duration::from_millis(50)),
             }
@@ -221,26 +212,29 @@ fn hl7_server(ns: &str, ip: Ipv4Addr, running: Arc<AtomicBool>) -> Result<thread
     }))
 }
 
-/// Plain HTTP server answering 200 (the EMR's web front end).
-fn http_server(ns: &str, ip: Ipv4Addr, running: Arc<AtomicBool>) -> Result<thread::JoinHandle<()>> {
-    let addr = SocketAddr::new(ip.into(), 8080);
-    let l: TcpListener = in_netns(ns, move || TcpListener::bind(addr))??;
-    l.set_nonblocking(true)?;
-    Ok(thread::spawn(move || {
-        while running.load(Ordering::SeqCst) {
-            match l.accept() {
-                Ok((mut s, _)) => {
-                    let _ = s.set_nonblocking(false);
-                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                    let mut buf = [0u8; 2048];
-                    let _ = s.read(&mut buf);
-                    let _ =
-                        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
-                }
-                Err(_) => thread::sleep(Duration::from_millis(50)),
-            }
+/// MLLP: answers every message with an HL7 ACK.
+fn hl7_ack(mut s: TcpStream) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
         }
-    }))
+        got.extend_from_slice(&buf[..n]);
+        if got.ends_with(b"\x1c\r") {
+            let _ = s.write_all(b"\x0bMSH|^~\\&|HIS|HOSP|||20261125120000||ACK|1|P|2.5\rMSA|AA|1\r\x1c\r");
+            got.clear();
+        }
+    }
+}
+
+/// The EMR's web front end: 200 to anything.
+fn http_ok(mut s: TcpStream) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut buf = [0u8; 2048];
+    let _ = s.read(&mut buf);
+    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
 }
 
 fn hl7_send(ns: &str, to: Ipv4Addr, msg: &[u8]) -> Result<()> {
@@ -526,9 +520,9 @@ fn start_services_and_traffic(h: &Hospital, work: &Path, running: Arc<AtomicBool
     }
 
     let mut w = vec![
-        hl7_server(&h.ns("pharmacy"), ip("pharmacy"), running.clone())?,
-        hl7_server(&h.ns("emr"), ip("emr"), running.clone())?,
-        http_server(&h.ns("emr"), ip("emr"), running.clone())?,
+        serve(&h.ns("pharmacy"), ip("pharmacy"), 2575, running.clone(), hl7_ack)?,
+        serve(&h.ns("emr"), ip("emr"), 2575, running.clone(), hl7_ack)?,
+        serve(&h.ns("emr"), ip("emr"), 8080, running.clone(), http_ok)?,
     ];
     thread::sleep(Duration::from_millis(300));
     // HL7: pumps → pharmacy, monitors → EMR, every ~3 s.

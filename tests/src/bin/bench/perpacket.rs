@@ -6,14 +6,10 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr},
     path::Path,
     process::Command,
-    time::SystemTime,
 };
 
 use anyhow::{Context, Result, bail};
-use mdsec_agent::{
-    clock::Anchor,
-    policy::{compile, maps::PolicyMaps, model::load_dir},
-};
+use mdsec_agent::policy::maps::PolicyMaps;
 use mdsec_common::maps as names;
 use mdsec_tests::{
     fixtures,
@@ -101,19 +97,7 @@ pub fn datapath_with_policy() -> Result<(TestProg, PolicyMaps)> {
 
 /// Loads the datapath with the policy of these (file, YAML) installed.
 pub fn datapath_with_policy_text(files: &[(&str, &str)]) -> Result<(TestProg, PolicyMaps)> {
-    let dir = std::env::temp_dir().join(format!("mdsec-bench-policy-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    for (name, text) in files {
-        std::fs::write(dir.join(name), text)?;
-    }
-    let (p, diags) = load_dir(&dir, SystemTime::now());
-    let _ = std::fs::remove_dir_all(&dir);
-    let p = p.with_context(|| format!("{diags:?}"))?;
-    let mut prog = TestProg::load()?;
-    let mut maps = PolicyMaps::new(|n| prog.take_map(n))?;
-    let c = compile::compile(&p, &Anchor::now(), maps.limits()).map_err(anyhow::Error::msg)?;
-    maps.apply(&c, 1000)?;
+    let (prog, maps, _, _) = mdsec_tests::kernel::with_policy(files, 1000)?;
     Ok((prog, maps))
 }
 
