@@ -157,15 +157,25 @@ fn real_main() -> Result<()> {
                 Some(t) => bail!("unknown fuzz target {t} (one of: {})", all.join(", ")),
                 None => all.to_vec(),
             };
+            let mut result = Ok(());
             for t in targets {
                 eprintln!("xtask fuzz: {t} for {secs} s");
-                run(Command::new("cargo")
+                result = run(Command::new("cargo")
                     .current_dir(root.join("fuzz"))
                     .env_remove("CARGO")
                     .env_remove("RUSTUP_TOOLCHAIN")
-                    .args(["+nightly", "fuzz", "run", t, "--", &format!("-max_total_time={secs}")]))?;
+                    .args(["+nightly", "fuzz", "run", t, "--", &format!("-max_total_time={secs}")]));
+                if result.is_err() {
+                    break;
+                }
             }
-            Ok(())
+            // The file-based targets write scratch files named after their process.
+            for e in std::fs::read_dir(std::env::temp_dir())?.flatten() {
+                if e.file_name().to_string_lossy().starts_with("mdsec-fuzz-") {
+                    let _ = std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
+                }
+            }
+            result
         }
         Cmd::Cleanup => {
             let n = cleanup()?;
