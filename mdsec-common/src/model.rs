@@ -12,26 +12,19 @@ use std::collections::{HashMap, HashSet};
 use std::vec::Vec;
 
 use crate::{
-    app::{App, CLASSIFY_BYTES, Confidence, classify},
+    app::{CLASSIFY_BYTES, classify},
     flow::FlowKey,
     frag::FragKey,
     net::*,
     policy::{
-        IdentData, MAX_IDS, MacKey, PolicyData, PolicyValue, SEG_DEFAULT_ALLOW, SEG_ENFORCE, SEG_MEMBER,
-        SegmentInfo, TupleKey, Verdict, exempt,
+        IdentData, MAX_IDS, MacKey, PolicyData, PolicyValue, SEG_MEMBER, SegmentInfo, TupleKey, Verdict,
+        app_satisfies, deny, exempt, reply_rule_port, reply_tuple,
     },
     stats::Stat,
 };
 
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
-
-const L3_ARP: u8 = 1;
-const L3_IPV4: u8 = 4;
-const L3_IPV6: u8 = 6;
-const L3_OTHER: u8 = 255;
-const FRAG_FIRST: u8 = 1;
-const FRAG_LATER: u8 = 2;
 
 /// What the parse stage learns from a frame.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -273,7 +266,11 @@ fn prefix_eq(a: &[u8], b: &[u8], bits: u32) -> bool {
     rest == 0 || (a[full] ^ b[full]) & (0xffu8 << (8 - rest)) == 0
 }
 
-fn lpm<'a, K, V>(entries: &'a [(u32, K, V)], key: &[u8], bytes: impl Fn(&K) -> Vec<u8>) -> Option<&'a V> {
+fn lpm<'a, K, V, const N: usize>(
+    entries: &'a [(u32, K, V)],
+    key: &[u8; N],
+    bytes: impl Fn(&K) -> [u8; N],
+) -> Option<&'a V> {
     entries
         .iter()
         .filter(|(len, k, _)| prefix_eq(&bytes(k), key, *len))
@@ -346,7 +343,7 @@ impl Model {
                 fs.app_done = true;
             }
         }
-        let action = self.decide(&p, key, ifindex, now);
+        let action = self.decide(&p, key, now);
         Outcome { action, key: Some(key) }
     }
 
@@ -396,12 +393,11 @@ impl Model {
             return *id;
         }
         let key = IdentData { generation: bit, scoped: 1, vlan: vlan.to_be_bytes(), addr: *addr };
-        let by = |k: &IdentData| ident_bytes(k).to_vec();
-        if let Some(id) = lpm(&self.tables.idents, &ident_bytes(&key), by) {
+        if let Some(id) = lpm(&self.tables.idents, &ident_bytes(&key), ident_bytes) {
             return *id;
         }
         let key = IdentData { generation: bit, scoped: 0, vlan: [0; 2], addr: *addr };
-        lpm(&self.tables.idents, &ident_bytes(&key), by).copied().unwrap_or(0)
+        lpm(&self.tables.idents, &ident_bytes(&key), ident_bytes).copied().unwrap_or(0)
     }
 
     fn seg(&self, id: u32) -> SegmentInfo {
@@ -419,14 +415,11 @@ impl Model {
             proto,
             port: port.to_be_bytes(),
         };
-        let v = lpm(&self.tables.policy, &policy_bytes(&key), |k| policy_bytes(k).to_vec())?;
-        if v.expires_ns != 0 && now >= v.expires_ns {
-            return None;
-        }
-        Some((v.rule, v.app, if v.expires_ns == 0 { u64::MAX } else { v.expires_ns }, v.segment as u32))
+        let v = lpm(&self.tables.policy, &policy_bytes(&key), policy_bytes)?;
+        Some((v.rule, v.app, v.live_until(now)?, v.segment as u32))
     }
 
-    fn decide(&mut self, p: &Parsed, key: FlowKey, _ifindex: u32, now: u64) -> u32 {
+    fn decide(&mut self, p: &Parsed, key: FlowKey, now: u64) -> u32 {
         let generation = self.tables.generation;
         if generation == 0 {
             return XDP_PASS;
@@ -435,7 +428,7 @@ impl Model {
         let mut fs =
             if fs.generation != generation || now >= fs.valid_until { self.evaluate(p, fs, now) } else { fs };
         if fs.verdict == Verdict::AppPending as u8 && fs.app_done {
-            if fs.app == fs.required_app && fs.app_confidence == Confidence::High as u8 {
+            if app_satisfies(fs.app, fs.app_confidence, fs.required_app) {
                 fs.verdict = Verdict::Allow as u8;
             } else {
                 let (v, s) = deny(&self.seg(fs.src_id), &self.seg(fs.dst_id), true);
@@ -472,13 +465,13 @@ impl Model {
             fs.valid_until = until;
             fs.required_app = app;
             fs.verdict = if app == 0 { Verdict::Allow as u8 } else { Verdict::AppPending as u8 };
-            self.allowed.insert(reverse_tuple(p));
+            self.allowed.insert(reply_tuple(&p.src, &p.dst, p.proto, p.sport, p.dport));
             return fs;
         }
         let tuple =
             TupleKey { src: p.src, dst: p.dst, sport: p.sport, dport: p.dport, proto: p.proto, _pad: [0; 3] };
         if self.allowed.contains(&tuple) {
-            let original = if matches!(p.proto, IPPROTO_ICMP | IPPROTO_ICMPV6) { p.dport } else { p.sport };
+            let original = reply_rule_port(p.proto, p.sport, p.dport);
             if let Some((rule, _, until, segment)) = self.allowed(dst_id, src_id, p.proto, original, now) {
                 fs.rule = rule;
                 fs.segment = segment;
@@ -492,40 +485,4 @@ impl Model {
         fs.segment = segment;
         fs
     }
-}
-
-fn reverse_tuple(p: &Parsed) -> TupleKey {
-    let (mut sport, mut dport) = (p.dport, p.sport);
-    if p.proto == IPPROTO_ICMP && p.sport == 8 {
-        sport = 0;
-        dport = p.dport;
-    } else if p.proto == IPPROTO_ICMPV6 && p.sport == 128 {
-        sport = 129;
-        dport = p.dport;
-    }
-    TupleKey { src: p.dst, dst: p.src, sport, dport, proto: p.proto, _pad: [0; 3] }
-}
-
-fn deny(s: &SegmentInfo, d: &SegmentInfo, app_rule: bool) -> (Verdict, u32) {
-    let denies =
-        |x: &SegmentInfo| x.flags & SEG_MEMBER != 0 && (app_rule || x.flags & SEG_DEFAULT_ALLOW == 0);
-    let (sd, dd) = (denies(s), denies(d));
-    if sd && s.flags & SEG_ENFORCE != 0 {
-        return (Verdict::Drop, s.segment);
-    }
-    if dd && d.flags & SEG_ENFORCE != 0 {
-        return (Verdict::Drop, d.segment);
-    }
-    if sd {
-        return (Verdict::WouldDrop, s.segment);
-    }
-    if dd {
-        return (Verdict::WouldDrop, d.segment);
-    }
-    (Verdict::Allow, if s.flags & SEG_MEMBER != 0 { s.segment } else { d.segment })
-}
-
-/// The app a flow ends up with, as the agent reports it.
-pub fn app_of(fs: &FlowState) -> App {
-    App::from_u8(fs.app)
 }

@@ -16,6 +16,21 @@ pub const IPPROTO_FRAGMENT: u8 = 44;
 pub const IPPROTO_ICMPV6: u8 = 58;
 pub const IPPROTO_DSTOPTS: u8 = 60;
 
+/// What the parser found at layer 3 (`l3` of a parsed packet). Zero means
+/// nothing yet: the kernel zero-fills its packet before parsing.
+pub const L3_NONE: u8 = 0;
+pub const L3_ARP: u8 = 1;
+pub const L3_IPV4: u8 = 4;
+pub const L3_IPV6: u8 = 6;
+pub const L3_OTHER: u8 = 255;
+
+/// Fragment position (`frag` of a parsed packet); zero means not a fragment.
+pub const FRAG_NONE: u8 = 0;
+/// Offset 0 with more-fragments set: carries the L4 header.
+pub const FRAG_FIRST: u8 = 1;
+/// Offset > 0: no L4 header.
+pub const FRAG_LATER: u8 = 2;
+
 /// At most this many VLAN tags are parsed (802.1ad S-tag + 802.1Q C-tag).
 pub const MAX_VLAN_TAGS: usize = 2;
 /// At most this many IPv6 extension headers are skipped before giving up.

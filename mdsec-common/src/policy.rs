@@ -28,6 +28,60 @@ pub fn exempt(v4: bool, proto: u8, sport: u16, dport: u16, dst: &[u8; 16]) -> bo
     link_local || nd_mld
 }
 
+/// The deny outcome from the segments at both ends: drop if a denying segment
+/// enforces, would-drop if denying segments only monitor, else allowed by the
+/// defaults. `app_rule` denies even where the default allows (the matching rule
+/// required an app). Returns the verdict and the segment it is accounted to.
+#[inline(always)]
+pub fn deny(s: &SegmentInfo, d: &SegmentInfo, app_rule: bool) -> (Verdict, u32) {
+    let denies =
+        |x: &SegmentInfo| x.flags & SEG_MEMBER != 0 && (app_rule || x.flags & SEG_DEFAULT_ALLOW == 0);
+    let (sd, dd) = (denies(s), denies(d));
+    if sd && s.flags & SEG_ENFORCE != 0 {
+        return (Verdict::Drop, s.segment);
+    }
+    if dd && d.flags & SEG_ENFORCE != 0 {
+        return (Verdict::Drop, d.segment);
+    }
+    if sd {
+        return (Verdict::WouldDrop, s.segment);
+    }
+    if dd {
+        return (Verdict::WouldDrop, d.segment);
+    }
+    // Allowed by a segment's default: accounted to that segment.
+    (Verdict::Allow, if s.flags & SEG_MEMBER != 0 { s.segment } else { d.segment })
+}
+
+/// The tuple a reply of the flow (src, dst, proto, sport, dport) carries. ICMP
+/// echo requests are answered by echo replies (type 8 → 0, 128 → 129).
+#[inline(always)]
+pub fn reply_tuple(src: &[u8; 16], dst: &[u8; 16], proto: u8, sport: u16, dport: u16) -> TupleKey {
+    let (mut rs, mut rd) = (dport, sport);
+    if proto == crate::net::IPPROTO_ICMP && sport == 8 {
+        rs = 0;
+        rd = dport;
+    } else if proto == crate::net::IPPROTO_ICMPV6 && sport == 128 {
+        rs = 129;
+        rd = dport;
+    }
+    TupleKey { src: *dst, dst: *src, sport: rs, dport: rd, proto, _pad: [0; 3] }
+}
+
+/// For a packet that may answer an allowed flow: the port the original flow's
+/// rule was matched on (the reply's source port; for ICMP the code).
+#[inline(always)]
+pub fn reply_rule_port(proto: u8, sport: u16, dport: u16) -> u16 {
+    if proto == crate::net::IPPROTO_ICMP || proto == crate::net::IPPROTO_ICMPV6 { dport } else { sport }
+}
+
+/// Does the first payload's classification satisfy a rule that requires
+/// `required`? Only a payload match (high confidence) does, never a port guess.
+#[inline(always)]
+pub fn app_satisfies(app: u8, confidence: u8, required: u8) -> bool {
+    app == required && confidence == crate::app::Confidence::High as u8
+}
+
 /// Identities per generation (index into `SEGMENTS`). Id 0 is "no identity".
 pub const MAX_IDS: u32 = 4096;
 
@@ -88,6 +142,19 @@ pub struct PolicyValue {
     pub segment: u16,
     /// `CLOCK_BOOTTIME` ns after which the entry no longer allows; 0 = never.
     pub expires_ns: u64,
+}
+
+impl PolicyValue {
+    /// Until when (`CLOCK_BOOTTIME` ns) the entry allows, seen at `now`; `None`
+    /// once it has expired. `u64::MAX` for an entry without expiry.
+    #[inline(always)]
+    pub fn live_until(&self, now: u64) -> Option<u64> {
+        match self.expires_ns {
+            0 => Some(u64::MAX),
+            e if now >= e => None,
+            e => Some(e),
+        }
+    }
 }
 
 /// `PolicyValue::flags`: the entry comes from a time-bound exception.

@@ -18,23 +18,13 @@ use mdsec_common::{
     stats::Stat,
 };
 
-pub const L3_NONE: u8 = 0;
-pub const L3_ARP: u8 = 1;
-pub const L3_IPV4: u8 = 4;
-pub const L3_IPV6: u8 = 6;
-pub const L3_OTHER: u8 = 255;
+pub use mdsec_common::net::{FRAG_FIRST, FRAG_LATER, FRAG_NONE, L3_ARP, L3_IPV4, L3_IPV6, L3_NONE, L3_OTHER};
 
-pub const FRAG_NONE: u8 = 0;
 // Packet::init relies on the "nothing yet" values being zero.
 const _: () = assert!(L3_NONE == 0 && FRAG_NONE == 0);
 
-/// Offset 0 with more-fragments set: carries the L4 header.
-pub const FRAG_FIRST: u8 = 1;
-/// Offset > 0: no L4 header.
-pub const FRAG_LATER: u8 = 2;
-
-// 8-byte aligned, arrays first: the all-zero start is a few 64-bit stores, not
-// a call to a byte-wise memset (which cost about 100 ns per packet).
+// 8-byte aligned, arrays first: the all-zero start is ten 64-bit stores, not a
+// call to the BPF target's byte-wise memset (see `Packet::init`).
 #[repr(C, align(8))]
 pub struct Packet {
     /// Source and destination addresses (IPv4-mapped for IPv4); valid with `has_addrs`.

@@ -10,11 +10,10 @@ use aya_ebpf::{bindings::xdp_action, maps::lpm_trie::Key};
 use mdsec_common::{
     app::{port_hint, Confidence},
     flow::FlowValue,
-    net::{IPPROTO_ICMP, IPPROTO_ICMPV6},
     policy::{
-        Event, IdentData, MacKey, PolicyData, SegmentInfo, TupleKey, Verdict, DENY_APP_MISMATCH,
-        DENY_DEFAULT, IDENT_HEADER_BITS, IFACE_MIRROR, MAX_IDS, POLICY_FULL_BITS, SEG_DEFAULT_ALLOW,
-        SEG_ENFORCE, SEG_MEMBER,
+        app_satisfies, deny, reply_rule_port, reply_tuple, Event, IdentData, MacKey, PolicyData, SegmentInfo,
+        TupleKey, Verdict, DENY_APP_MISMATCH, DENY_DEFAULT, IDENT_HEADER_BITS, IFACE_MIRROR, MAX_IDS,
+        POLICY_FULL_BITS, SEG_MEMBER,
     },
     segstats::{self, COL_DROP_APP_MISMATCH, COL_VIOLATIONS, COL_WOULD_DROP_APP_MISMATCH, SEG_SLOTS},
     stats::{Counter, Stat},
@@ -99,7 +98,7 @@ fn count_segment(gen: u32, segment: u32, col: u32, bytes: u64) {
 /// only a payload-based (high-confidence) match satisfies the rule.
 #[inline(always)]
 fn check_app(fv: &mut FlowValue, gen: u32) {
-    if fv.app == fv.required_app && fv.app_confidence == Confidence::High as u8 {
+    if app_satisfies(fv.app, fv.app_confidence, fv.required_app) {
         fv.verdict = Verdict::Allow as u8;
         return;
     }
@@ -120,30 +119,6 @@ fn seg_info(bit: u32, id: u32) -> SegmentInfo {
         return SegmentInfo::default();
     }
     SEGMENTS.get(bit * MAX_IDS + id).copied().unwrap_or_default()
-}
-
-/// Deny outcome from the segments involved: drop if a denying segment enforces,
-/// would-drop if denying segments only monitor. `app_rule` denies even when the
-/// defaults allow (the rule that matched required an app).
-#[inline(always)]
-fn deny(s: &SegmentInfo, d: &SegmentInfo, app_rule: bool) -> (Verdict, u32) {
-    let denies =
-        |x: &SegmentInfo| x.flags & SEG_MEMBER != 0 && (app_rule || x.flags & SEG_DEFAULT_ALLOW == 0);
-    let (sd, dd) = (denies(s), denies(d));
-    if sd && s.flags & SEG_ENFORCE != 0 {
-        return (Verdict::Drop, s.segment);
-    }
-    if dd && d.flags & SEG_ENFORCE != 0 {
-        return (Verdict::Drop, d.segment);
-    }
-    if sd {
-        return (Verdict::WouldDrop, s.segment);
-    }
-    if dd {
-        return (Verdict::WouldDrop, d.segment);
-    }
-    // Allowed by a segment's default: accounted to that segment.
-    (Verdict::Allow, if s.flags & SEG_MEMBER != 0 { s.segment } else { d.segment })
 }
 
 /// Link-local control traffic is never policed (the rule lives in mdsec-common,
@@ -195,26 +170,7 @@ fn allowed(bit: u8, src: u32, dst: u32, proto: u8, port: u16, now: u64) -> Optio
         },
     );
     let v = POLICY.get(&key)?;
-    if v.expires_ns != 0 && now >= v.expires_ns {
-        return None;
-    }
-    Some((v.rule, v.app, if v.expires_ns == 0 { u64::MAX } else { v.expires_ns }, v.segment as u32))
-}
-
-/// The tuple a reply of this packet's flow carries. ICMP echo requests are
-/// answered by echo replies (type 8 → 0, 128 → 129).
-#[inline(always)]
-fn reverse_tuple(p: &Packet) -> TupleKey {
-    let mut sport = p.dport;
-    let mut dport = p.sport;
-    if p.proto == IPPROTO_ICMP && p.sport == 8 {
-        sport = 0;
-        dport = p.dport;
-    } else if p.proto == IPPROTO_ICMPV6 && p.sport == 128 {
-        sport = 129;
-        dport = p.dport;
-    }
-    TupleKey { src: p.dst, dst: p.src, sport, dport, proto: p.proto, _pad: [0; 3] }
+    Some((v.rule, v.app, v.live_until(now)?, v.segment as u32))
 }
 
 #[inline(never)]
@@ -247,7 +203,7 @@ fn evaluate(p: &Packet, f: *mut FlowValue, gen: u32, now: u64) {
         fv.valid_until_ns = until;
         fv.required_app = app;
         fv.verdict = if app == 0 { Verdict::Allow as u8 } else { Verdict::AppPending as u8 };
-        let _ = ALLOWED.insert(&reverse_tuple(p), &1, 0);
+        let _ = ALLOWED.insert(&reply_tuple(&p.src, &p.dst, p.proto, p.sport, p.dport), &1, 0);
         return;
     }
     let tuple =
@@ -255,8 +211,7 @@ fn evaluate(p: &Packet, f: *mut FlowValue, gen: u32, now: u64) {
     // SAFETY: plain map lookup.
     if unsafe { ALLOWED.get(&tuple) }.is_some() {
         // Still allowed in this direction under the current policy?
-        let original_port =
-            if p.proto == IPPROTO_ICMP || p.proto == IPPROTO_ICMPV6 { p.dport } else { p.sport };
+        let original_port = reply_rule_port(p.proto, p.sport, p.dport);
         if let Some((rule, _, until, segment)) = allowed(bit, dst_id, src_id, p.proto, original_port, now) {
             fv.rule = rule;
             fv.segment = segment;

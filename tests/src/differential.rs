@@ -16,7 +16,6 @@ use arbitrary::Unstructured;
 use mdsec_agent::policy::{compile::Compiled, maps::PolicyMaps};
 use mdsec_common::{
     model::{Model, Tables},
-    policy::{IdentData, MacKey, PolicyData},
     stats::{STATS_LEN, Stat},
 };
 
@@ -80,53 +79,16 @@ pub struct Pair {
     payloads: Vec<Vec<u8>>,
 }
 
-/// The model's view of the tables the agent wrote for generation `gen`.
+/// The model's view of the tables the agent wrote for `generation` (the same
+/// key construction `PolicyMaps::apply` uses).
 pub fn tables(c: &Compiled, generation: u32) -> Tables {
     let bit = (generation & 1) as u8;
     Tables {
         generation,
-        idents: c
-            .idents
-            .iter()
-            .map(|e| {
-                let d = IdentData {
-                    generation: bit,
-                    scoped: e.vlan.is_some() as u8,
-                    vlan: e.vlan.unwrap_or(0).to_be_bytes(),
-                    addr: e.addr,
-                };
-                (e.prefix_len, d, e.id)
-            })
-            .collect(),
-        macs: c
-            .macs
-            .iter()
-            .map(|m| {
-                let k = MacKey {
-                    generation: bit,
-                    scoped: m.vlan.is_some() as u8,
-                    vlan: m.vlan.unwrap_or(0),
-                    mac: m.mac,
-                    _pad: [0; 2],
-                };
-                (k, m.id)
-            })
-            .collect(),
+        idents: c.idents.iter().map(|e| (e.prefix_len, e.data(bit), e.id)).collect(),
+        macs: c.macs.iter().map(|m| (m.key(bit), m.id)).collect(),
         segments: c.segments.iter().copied().collect(),
-        policy: c
-            .policy
-            .iter()
-            .map(|(k, v)| {
-                let d = PolicyData {
-                    generation: bit,
-                    src: k.src.to_be_bytes(),
-                    dst: k.dst.to_be_bytes(),
-                    proto: k.proto,
-                    port: k.port.to_be_bytes(),
-                };
-                (k.prefix_len, d, *v)
-            })
-            .collect(),
+        policy: c.policy.iter().map(|(k, v)| (k.prefix_len, k.data(bit), *v)).collect(),
     }
 }
 
@@ -332,8 +294,7 @@ pub fn run(n: u64, seed: u64) -> Result<Report> {
     let mut g = Gen { state: seed | 1, recent: Vec::new() };
     let mut r = Report::default();
     let mut model_reasons = [0u64; STATS_LEN as usize];
-    let stats0 = pair.prog.stats()?;
-    let mut last_stats = stats0.clone();
+    let mut last_stats = pair.prog.stats()?;
     const BATCH: u64 = 5000;
     for i in 0..n {
         let mut f = frame(&mut g, &pair.payloads).unwrap_or_default();
@@ -405,7 +366,6 @@ pub fn run(n: u64, seed: u64) -> Result<Report> {
             pair.model.clear();
         }
     }
-    let _ = stats0;
     Ok(r)
 }
 

@@ -16,8 +16,9 @@ use ipnet::IpNet;
 use mdsec_common::{
     net::ip_to_key,
     policy::{
-        IDENT_HEADER_BITS, MAX_IDS, POLICY_ANY_PORT_BITS, POLICY_ANY_PROTO_BITS, POLICY_FLAG_EXCEPTION,
-        PolicyValue, SEG_DEFAULT_ALLOW, SEG_ENFORCE, SEG_MEMBER, SegmentInfo,
+        IDENT_HEADER_BITS, IdentData, MAX_IDS, MacKey, POLICY_ANY_PORT_BITS, POLICY_ANY_PROTO_BITS,
+        POLICY_FLAG_EXCEPTION, PolicyData, PolicyValue, SEG_DEFAULT_ALLOW, SEG_ENFORCE, SEG_MEMBER,
+        SegmentInfo,
     },
     segstats::MAX_SEGMENTS,
 };
@@ -50,6 +51,44 @@ pub struct PolicyKey {
     pub dst: u32,
     pub proto: u8,
     pub port: u16,
+}
+
+impl IdentEntry {
+    /// The IDENT key data in generation half `bit`.
+    pub fn data(&self, bit: u8) -> IdentData {
+        IdentData {
+            generation: bit,
+            scoped: self.vlan.is_some() as u8,
+            vlan: self.vlan.unwrap_or(0).to_be_bytes(),
+            addr: self.addr,
+        }
+    }
+}
+
+impl MacEntry {
+    /// The MACS key in generation half `bit`.
+    pub fn key(&self, bit: u8) -> MacKey {
+        MacKey {
+            generation: bit,
+            scoped: self.vlan.is_some() as u8,
+            vlan: self.vlan.unwrap_or(0),
+            mac: self.mac,
+            _pad: [0; 2],
+        }
+    }
+}
+
+impl PolicyKey {
+    /// The POLICY key data in generation half `bit`.
+    pub fn data(&self, bit: u8) -> PolicyData {
+        PolicyData {
+            generation: bit,
+            src: self.src.to_be_bytes(),
+            dst: self.dst.to_be_bytes(),
+            proto: self.proto,
+            port: self.port.to_be_bytes(),
+        }
+    }
 }
 
 /// What one identity stands for (index = id; id 0 is "no identity").

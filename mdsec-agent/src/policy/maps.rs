@@ -64,36 +64,16 @@ impl PolicyMaps {
         let bit = (next & 1) as u8;
         self.clear_half(bit)?;
         for e in &c.idents {
-            let data = IdentData {
-                generation: bit,
-                scoped: e.vlan.is_some() as u8,
-                vlan: e.vlan.unwrap_or(0).to_be_bytes(),
-                addr: e.addr,
-            };
-            self.ident.insert(&Key::new(e.prefix_len, data), e.id, 0).context("write IDENT")?;
+            self.ident.insert(&Key::new(e.prefix_len, e.data(bit)), e.id, 0).context("write IDENT")?;
         }
         for m in &c.macs {
-            let key = MacKey {
-                generation: bit,
-                scoped: m.vlan.is_some() as u8,
-                vlan: m.vlan.unwrap_or(0),
-                mac: m.mac,
-                _pad: [0; 2],
-            };
-            self.macs.insert(key, m.id, 0).context("write MACS")?;
+            self.macs.insert(m.key(bit), m.id, 0).context("write MACS")?;
         }
         for (id, info) in &c.segments {
             self.segments.set(bit as u32 * MAX_IDS + id, info, 0).context("write SEGMENTS")?;
         }
         for (k, v) in &c.policy {
-            let data = PolicyData {
-                generation: bit,
-                src: k.src.to_be_bytes(),
-                dst: k.dst.to_be_bytes(),
-                proto: k.proto,
-                port: k.port.to_be_bytes(),
-            };
-            self.policy.insert(&Key::new(k.prefix_len, data), v, 0).context("write POLICY")?;
+            self.policy.insert(&Key::new(k.prefix_len, k.data(bit)), v, 0).context("write POLICY")?;
         }
         self.config.set(0, PolicyConfig { generation: next, event_rate }, 0).context("flip CONFIG")?;
         Ok(next)
