@@ -341,7 +341,7 @@ pub fn devices_json(st: &AppState) -> Vec<model::Device> {
     for d in &mut out {
         classify_device(d, st.overrides.get(&d.mac));
         let decommissioned = st.overrides.get(&d.mac).is_some_and(|o| o.decommissioned);
-        d.lifecycle = crate::evidence::lifecycle_of(d, &lifecycle, decommissioned).name().into();
+        d.lifecycle = crate::lifecycle::effective(&lifecycle, decommissioned, &d.mac).name().into();
         d.segment = policy
             .as_ref()
             .and_then(|p| crate::devwatch::segment_of(&p.policy, d))

@@ -296,6 +296,15 @@ impl Config {
         Duration::from_secs(self.flow_idle_timeout_secs)
     }
 
+    /// MACs (canonical spelling) that `devices:` marks `decommissioned: true`.
+    pub fn decommissioned_macs(&self) -> std::collections::BTreeSet<String> {
+        self.devices
+            .iter()
+            .filter(|o| o.decommissioned)
+            .filter_map(|o| crate::model::parse_mac(&o.mac).map(crate::model::mac_string))
+            .collect()
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let at = |line, col, message: String| ConfigError { file: path.to_owned(), line, col, message };
         let meta = std::fs::metadata(path).map_err(|e| at(0, 0, format!("cannot read: {e}")))?;

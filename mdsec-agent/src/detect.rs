@@ -30,7 +30,7 @@ use crate::{
     clock::{Anchor, rfc3339},
     learn::Learner,
     model::{Device, Event, proto_name},
-    policy::model::{Member, Policy},
+    policy::model::Policy,
     state::{FlowRecord, Tables},
 };
 
@@ -116,6 +116,12 @@ struct ScanState {
     reported: bool,
 }
 
+impl ScanState {
+    fn new(window_start: SystemTime) -> ScanState {
+        ScanState { window_start, hosts: BTreeSet::new(), ports: HashMap::new(), reported: false }
+    }
+}
+
 /// A flow end that is a segment member (a device).
 #[derive(Clone)]
 pub struct End {
@@ -155,9 +161,7 @@ impl<'a> Members<'a> {
 
     pub fn get(&self, ip: &IpAddr) -> Option<End> {
         self.by_ip.get(ip).cloned().or_else(|| {
-            let seg = self.policy.segments.iter().find(|s| {
-                s.members.iter().any(|m| matches!(m, Member::Net { net, .. } if net.contains(ip)))
-            })?;
+            let seg = self.policy.net_segment(ip)?;
             Some(End { segment: seg.name.clone(), function: seg.function.clone(), mac: None })
         })
     }
@@ -204,8 +208,8 @@ pub struct Detector {
     last_emitted: HashMap<(String, IpAddr, IpAddr, u16), SystemTime>,
     /// Flows that raised (or had suppressed) a detection: no novelty for them.
     flagged: HashSet<FlowKey>,
-    /// Decommissioned MACs (canonical spelling) → since when: the lifecycle
-    /// state, or the epoch for `decommissioned: true` in the agent config.
+    /// Decommissioned MACs (canonical spelling) → since when; set by the store
+    /// pass from [`crate::lifecycle::decommissioned_since`].
     pub decommissioned: HashMap<String, SystemTime>,
     decommissioned_reported: HashSet<(String, SystemTime)>,
     /// Baselines and `new_*` detections.
@@ -221,14 +225,9 @@ pub struct PolicyView<'a> {
 }
 
 impl Detector {
-    pub fn new(
-        cfg: DetectionConfig,
-        ifnames: HashMap<u32, String>,
-        decommissioned: HashMap<String, SystemTime>,
-        learner: Learner,
-    ) -> Detector {
+    pub fn new(cfg: DetectionConfig, ifnames: HashMap<u32, String>, learner: Learner) -> Detector {
         Detector {
-            decommissioned,
+            decommissioned: HashMap::new(),
             ifnames,
             resolvers: cfg.resolvers(),
             cfg,
@@ -278,19 +277,9 @@ impl Detector {
                 continue;
             }
             let t = anchor.wall(r.first_seen_ns);
-            let st = self.scans.entry(src).or_insert_with(|| ScanState {
-                window_start: t,
-                hosts: BTreeSet::new(),
-                ports: HashMap::new(),
-                reported: false,
-            });
+            let st = self.scans.entry(src).or_insert_with(|| ScanState::new(t));
             if t.duration_since(st.window_start).unwrap_or_default() > window {
-                *st = ScanState {
-                    window_start: t,
-                    hosts: BTreeSet::new(),
-                    ports: HashMap::new(),
-                    reported: false,
-                };
+                *st = ScanState::new(t);
             }
             st.hosts.insert(dst);
             let ports = st.ports.entry(dst).or_default();
@@ -342,9 +331,7 @@ impl Detector {
             tables,
             &clients,
             &members,
-            policy,
-            view.generation,
-            view.learning_ends,
+            view,
             |ip| scans.get(ip).is_some_and(|s| s.reported),
             now,
         );
@@ -380,11 +367,16 @@ impl Detector {
 
         // 4. Decommissioned devices that sent traffic (in this run) after they were
         // decommissioned: once per device and decommissioning.
+        let in_this_run: HashSet<String> = if self.decommissioned.is_empty() {
+            HashSet::new()
+        } else {
+            tables.devices.keys().map(|k| crate::model::mac_string(k.mac)).collect()
+        };
         for d in devices {
             let Some(&since) = self.decommissioned.get(&d.mac) else { continue };
             let sent_since = crate::devwatch::parse_time(&d.last_seen).is_some_and(|t| t > since);
             if sent_since
-                && tables.devices.keys().any(|k| crate::model::mac_string(k.mac) == d.mac)
+                && in_this_run.contains(&d.mac)
                 && self.decommissioned_reported.insert((d.mac.clone(), since))
             {
                 let seg = d.segment.as_deref().and_then(|s| policy.segments.iter().find(|x| x.name == s));

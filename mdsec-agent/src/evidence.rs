@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     clinical::Class,
-    lifecycle::{Record, State},
+    lifecycle::State,
     model::Device,
     policy::model::Policy,
     register::{Finding, Register, Status},
@@ -115,15 +115,6 @@ pub fn summarize(totals: &Totals) -> BTreeMap<String, SegmentCounts> {
         }
     }
     out
-}
-
-/// The effective lifecycle state of a device.
-pub fn lifecycle_of(d: &Device, records: &HashMap<String, Record>, config_decommissioned: bool) -> State {
-    match records.get(&d.mac) {
-        Some(r) => r.state,
-        None if config_decommissioned => State::Decommissioned,
-        None => State::Onboarding,
-    }
 }
 
 /// Register findings per device (MAC), today.
@@ -240,13 +231,11 @@ impl Snapshotter {
     }
 }
 
-/// What `/metrics` shows of the register and the lifecycle (store thread).
+/// What `/metrics` shows of the register (store thread); segment, class and
+/// lifecycle come from the inventory.
 #[derive(Debug, Clone, Default)]
 pub struct EvidenceStatus {
     pub findings: BTreeMap<String, Vec<Finding>>,
-    pub states: HashMap<String, State>,
-    /// MAC → (segment, class) for labels.
-    pub labels: HashMap<String, (String, String)>,
     pub register_ok: bool,
     pub register_configured: bool,
 }

@@ -30,9 +30,9 @@ use mdsec_common::{
 
 use crate::{
     clock::{Anchor, rfc3339},
-    detect::{End, Members},
+    detect::{End, Members, PolicyView},
     model::{Event, proto_name},
-    policy::model::{Direction, Member, Peer, Policy},
+    policy::model::{Direction, Peer, Policy},
     state::{FlowRecord, Tables},
 };
 
@@ -93,11 +93,7 @@ pub fn label(policy: &Policy, peer: IpAddr, peer_segment: &str) -> Peer {
     if !peer_segment.is_empty() && policy.segment_index(peer_segment).is_some() {
         return Peer::Name(peer_segment.to_string());
     }
-    if let Some(s) = policy
-        .segments
-        .iter()
-        .find(|s| s.members.iter().any(|m| matches!(m, Member::Net { net, .. } if net.contains(&peer))))
-    {
+    if let Some(s) = policy.net_segment(&peer) {
         return Peer::Name(s.name.clone());
     }
     // The most specific zone; equal prefixes go to the first name in order.
@@ -181,23 +177,21 @@ impl Learner {
     }
 
     /// Observes the new client-side flows `clients` (plus earlier ones still
-    /// waiting for payload). `learning` holds the segments in their learning
-    /// period; `quiet` flows are recorded without a novelty (scanners, flows that
-    /// already raised another detection) — a scanner's flows are not recorded.
-    #[allow(clippy::too_many_arguments)]
+    /// waiting for payload) under the installed policy `view`: records each, and
+    /// returns a novelty for a flow outside the learning period that the baseline
+    /// lacks. Flows from `scanner` sources are neither recorded nor reported.
     pub fn observe(
         &mut self,
         tables: &Tables,
         clients: &[FlowKey],
         members: &Members,
-        policy: &Policy,
-        generation: u32,
-        learning_ends: &HashMap<String, SystemTime>,
+        view: &PolicyView,
         scanner: impl Fn(&IpAddr) -> bool,
         now: SystemTime,
     ) -> Vec<Novelty> {
-        if self.known.as_ref().is_none_or(|k| k.generation != generation) {
-            let mut known = Known { generation, ..Default::default() };
+        let (policy, learning_ends) = (view.policy, view.learning_ends);
+        if self.known.as_ref().is_none_or(|k| k.generation != view.generation) {
+            let mut known = Known { generation: view.generation, ..Default::default() };
             for k in self.rows.keys() {
                 known.add(policy, k);
             }

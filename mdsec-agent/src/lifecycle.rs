@@ -3,8 +3,9 @@
 //! Biomed owns each device from onboarding to decommissioning. The state lives in
 //! the state database (`lifecycle` table, one row per MAC); every change appends
 //! one row to the `audit` table (when, from, to, why, who as given), which SQLite
-//! triggers keep append-only. A device without a row is `onboarding`; a device the
-//! agent config marks `decommissioned: true` counts as decommissioned too. A
+//! triggers keep append-only. A device without a row is `onboarding`, or
+//! `decommissioned` if the agent config marks it `decommissioned: true` (a row,
+//! once written, wins over the config; see [`effective`]). A
 //! decommissioned device that sends traffic after the change raises
 //! `decommissioned_device` (detect.rs).
 
@@ -59,6 +60,39 @@ pub struct Record {
     pub since: String,
     pub reason: String,
     pub actor: String,
+}
+
+/// A device's effective state: its lifecycle row, else `decommissioned` when the
+/// agent config marks it so, else `onboarding`. The one precedence rule the API,
+/// the detector, the metrics and the report share.
+pub fn effective(
+    records: &std::collections::HashMap<String, Record>,
+    config_decommissioned: bool,
+    mac: &str,
+) -> State {
+    match records.get(mac) {
+        Some(r) => r.state,
+        None if config_decommissioned => State::Decommissioned,
+        None => State::Onboarding,
+    }
+}
+
+/// Decommissioned MACs and since when (by [`effective`]'s precedence); a
+/// config-only decommissioning counts from the epoch.
+pub fn decommissioned_since(
+    records: &std::collections::HashMap<String, Record>,
+    config: &std::collections::BTreeSet<String>,
+) -> std::collections::HashMap<String, std::time::SystemTime> {
+    let parse = |t: &str| t.parse::<jiff::Timestamp>().ok().map(std::time::SystemTime::from);
+    let from_records = records
+        .iter()
+        .filter(|(_, r)| r.state == State::Decommissioned)
+        .map(|(mac, r)| (mac.clone(), parse(&r.since).unwrap_or(std::time::SystemTime::UNIX_EPOCH)));
+    let from_config = config
+        .iter()
+        .filter(|mac| !records.contains_key(*mac))
+        .map(|mac| (mac.clone(), std::time::SystemTime::UNIX_EPOCH));
+    from_records.chain(from_config).collect()
 }
 
 /// One audit row: `GET /api/v1/audit`, the CLI and the report show these.

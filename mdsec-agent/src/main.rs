@@ -170,6 +170,25 @@ fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// Prints every diagnostic; the exit code a command ends with when there were any.
+fn print_diags(diags: impl IntoIterator<Item = impl std::fmt::Display>) -> ExitCode {
+    for d in diags {
+        eprintln!("{d}");
+    }
+    ExitCode::FAILURE
+}
+
+/// The policy directory loaded now, or its diagnostics printed.
+fn load_policy(dir: &std::path::Path) -> Result<mdsec_agent::policy::model::Policy, ExitCode> {
+    let (p, diags) = mdsec_agent::policy::model::load_dir(dir, std::time::SystemTime::now());
+    p.ok_or_else(|| print_diags(diags))
+}
+
+/// The vulnerability register, or its diagnostics printed.
+fn load_register(path: &std::path::Path) -> Result<mdsec_agent::register::Register, ExitCode> {
+    mdsec_agent::register::Register::load(path).map_err(print_diags)
+}
+
 fn real_main() -> Result<ExitCode> {
     match Cli::parse().cmd {
         Cmd::Run { config } => {
@@ -215,14 +234,9 @@ fn real_main() -> Result<ExitCode> {
                 }
             }
             if let Some(reg) = &cfg.register {
-                match mdsec_agent::register::Register::load(reg) {
+                match load_register(reg) {
                     Ok(r) => println!("{}: ok ({} entries)", reg.display(), r.entries.len()),
-                    Err(diags) => {
-                        for d in diags {
-                            eprintln!("{d}");
-                        }
-                        return Ok(ExitCode::FAILURE);
-                    }
+                    Err(code) => return Ok(code),
                 }
             }
             println!("{}: ok", config.display());
@@ -242,60 +256,22 @@ fn real_main() -> Result<ExitCode> {
                 None => to - std::time::Duration::from_secs(30 * 86_400),
             };
             anyhow::ensure!(from < to, "--from must be before --to");
-            let policy = match &cfg.policy_dir {
-                Some(dir) => {
-                    let (p, diags) = mdsec_agent::policy::model::load_dir(dir, now);
-                    if p.is_none() {
-                        for d in diags {
-                            eprintln!("{d}");
-                        }
-                        anyhow::bail!("the policy directory has errors; fix them to report on segments");
-                    }
-                    p
-                }
-                None => None,
+            let policy = match cfg.policy_dir.as_deref().map(load_policy).transpose() {
+                Ok(p) => p,
+                Err(code) => return Ok(code),
             };
-            let register = match &cfg.register {
-                Some(path) => match mdsec_agent::register::Register::load(path) {
-                    Ok(r) => Some(r),
-                    Err(diags) => {
-                        for d in diags {
-                            eprintln!("{d}");
-                        }
-                        return Ok(ExitCode::FAILURE);
-                    }
-                },
-                None => None,
+            let register = match cfg.register.as_deref().map(load_register).transpose() {
+                Ok(r) => r,
+                Err(code) => return Ok(code),
             };
             let db = mdsec_agent::store::Store::open_existing(&cfg.state_dir)?;
-            let rfc = mdsec_agent::clock::rfc3339;
-            let snapshots = db
-                .snapshots_between(&rfc(from), &rfc(to))?
-                .iter()
-                .filter_map(|d| serde_json::from_str(d).ok())
-                .collect();
-            let audit =
-                db.audit(None)?.into_iter().filter(|a| a.time >= rfc(from) && a.time < rfc(to)).collect();
-            let inputs = mdsec_agent::report::Inputs {
-                policy: policy.as_ref(),
-                register: register.as_ref(),
-                devices: db.load_device_docs()?,
-                lifecycle: db.lifecycle()?,
-                config_decommissioned: cfg
-                    .devices
-                    .iter()
-                    .filter(|o| o.decommissioned)
-                    .filter_map(|o| model::parse_mac(&o.mac).map(model::mac_string))
-                    .collect(),
-                audit,
-                events: db.events_between(&rfc(from), &rfc(to))?,
-                snapshots,
-                triage: &cfg.triage,
-                from,
-                to,
-                now,
-            };
-            let report = mdsec_agent::report::build(&inputs);
+            let report = mdsec_agent::report::collect(
+                &db,
+                &cfg,
+                policy.as_ref(),
+                register.as_ref(),
+                mdsec_agent::report::Period { from, to, now },
+            )?;
             let text = match format.as_str() {
                 "json" => serde_json::to_string_pretty(&report)? + "\n",
                 "md" => mdsec_agent::report_render::markdown(&report),
@@ -385,12 +361,9 @@ fn real_main() -> Result<ExitCode> {
             let Some(dir) = &cfg.policy_dir else {
                 anyhow::bail!("{}: no policy_dir: suggest needs the segment's file", config.display());
             };
-            let (policy, diags) = mdsec_agent::policy::model::load_dir(dir, std::time::SystemTime::now());
-            let Some(policy) = policy else {
-                for d in diags {
-                    eprintln!("{d}");
-                }
-                return Ok(ExitCode::FAILURE);
+            let policy = match load_policy(dir) {
+                Ok(p) => p,
+                Err(code) => return Ok(code),
             };
             let rows = mdsec_agent::store::Store::open_existing(&cfg.state_dir)?
                 .load_observations(Some(&segment))?;

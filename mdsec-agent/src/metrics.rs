@@ -6,7 +6,11 @@
 //! names) and the configured interfaces. No address, port or MAC is ever a label.
 //! Each family is documented in docs/OPERATIONS.md.
 
-use std::{collections::BTreeMap, sync::atomic::Ordering, time::SystemTime};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::atomic::Ordering,
+    time::SystemTime,
+};
 
 use mdsec_common::{policy::Verdict, stats::Stat};
 use prometheus::{Encoder, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
@@ -336,6 +340,11 @@ fn baseline(r: &R, st: &AppState) {
 
 fn evidence(r: &R, st: &AppState) {
     let ev = st.evidence.read().unwrap();
+    let inventory = st.inventory.read().unwrap();
+    let labels: HashMap<&str, (&str, &str)> = inventory
+        .iter()
+        .map(|d| (d.mac.as_str(), (d.segment.as_deref().unwrap_or(NO_SEGMENT), d.class.as_str())))
+        .collect();
     let l = &["segment", "class"];
     let vulnerable =
         r.int_gauge("mdsec_vulnerable_devices", "Devices with at least one CVE not patched (register).", l);
@@ -347,9 +356,8 @@ fn evidence(r: &R, st: &AppState) {
         l,
     );
     for (mac, findings) in &ev.findings {
-        let (seg, class) =
-            ev.labels.get(mac).cloned().unwrap_or_else(|| (NO_SEGMENT.into(), "unknown".into()));
-        let labels = [seg.as_str(), class.as_str()];
+        let (seg, class) = labels.get(mac.as_str()).copied().unwrap_or((NO_SEGMENT, "unknown"));
+        let labels = [seg, class];
         let open_n = findings.iter().filter(|f| f.status.is_open()).count() as i64;
         vulnerable.with_label_values(&labels).add((open_n > 0) as i64);
         eol.with_label_values(&labels)
@@ -364,8 +372,8 @@ fn evidence(r: &R, st: &AppState) {
     for s in crate::lifecycle::State::ALL {
         states.with_label_values(&[s.name()]);
     }
-    for s in ev.states.values() {
-        states.with_label_values(&[s.name()]).inc();
+    for d in inventory.iter() {
+        states.with_label_values(&[d.lifecycle.as_str()]).inc();
     }
     r.int_gauge(
         "mdsec_register_load_success",

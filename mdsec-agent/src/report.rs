@@ -163,6 +163,46 @@ impl From<&Event> for EventBrief {
     }
 }
 
+/// The period a report covers, and when it is made.
+#[derive(Debug, Clone, Copy)]
+pub struct Period {
+    pub from: SystemTime,
+    pub to: SystemTime,
+    pub now: SystemTime,
+}
+
+/// The report for `period` from the state database, the loaded policy and
+/// register, and the agent config (triage, config-decommissioned devices).
+pub fn collect(
+    db: &crate::store::Store,
+    cfg: &crate::config::Config,
+    policy: Option<&Policy>,
+    register: Option<&Register>,
+    period: Period,
+) -> anyhow::Result<Report> {
+    let rfc = crate::clock::rfc3339;
+    let (from, to) = (rfc(period.from), rfc(period.to));
+    let inputs = Inputs {
+        policy,
+        register,
+        devices: db.load_device_docs()?,
+        lifecycle: db.lifecycle()?,
+        config_decommissioned: cfg.decommissioned_macs(),
+        audit: db.audit(None)?.into_iter().filter(|a| a.time >= from && a.time < to).collect(),
+        events: db.events_between(&from, &to)?,
+        snapshots: db
+            .snapshots_between(&from, &to)?
+            .iter()
+            .filter_map(|d| serde_json::from_str(d).ok())
+            .collect(),
+        triage: &cfg.triage,
+        from: period.from,
+        to: period.to,
+        now: period.now,
+    };
+    Ok(build(&inputs))
+}
+
 /// Everything the report is built from.
 pub struct Inputs<'a> {
     pub policy: Option<&'a Policy>,
@@ -184,8 +224,7 @@ fn is_policy(e: &Event) -> bool {
     e.kind.starts_with("policy_")
 }
 
-pub fn rule_text(p: &Policy, r: &Rule) -> String {
-    let _ = p;
+pub fn rule_text(r: &Rule) -> String {
     let mut t = format!(
         "{} {}",
         match r.direction {
@@ -276,8 +315,11 @@ pub fn build(inp: &Inputs) -> Report {
         .devices
         .iter()
         .map(|d| {
-            let s =
-                crate::evidence::lifecycle_of(d, &inp.lifecycle, inp.config_decommissioned.contains(&d.mac));
+            let s = crate::lifecycle::effective(
+                &inp.lifecycle,
+                inp.config_decommissioned.contains(&d.mac),
+                &d.mac,
+            );
             (d.mac.clone(), s)
         })
         .collect();
@@ -304,13 +346,13 @@ pub fn build(inp: &Inputs) -> Report {
                     DefaultVerdict::Allow => "allow".into(),
                 },
                 members: s.members.iter().map(member_text).collect(),
-                allow: rules.iter().filter(|r| r.exception.is_none()).map(|r| rule_text(p, r)).collect(),
+                allow: rules.iter().filter(|r| r.exception.is_none()).map(|r| rule_text(r)).collect(),
                 exceptions: rules
                     .iter()
                     .filter_map(|r| {
                         let e = r.exception.as_ref()?;
                         Some(ExceptionReport {
-                            rule: rule_text(p, r),
+                            rule: rule_text(r),
                             expires: e.expires_text.clone(),
                             reason: e.reason.clone(),
                             ticket: e.ticket.clone(),

@@ -35,7 +35,6 @@ fn pct(x: f64) -> String {
 
 pub fn markdown(r: &Report) -> String {
     let mut m = String::new();
-    let k = &r.program.end;
     let _ = writeln!(m, "# Compensating controls for medical devices\n");
     let _ = writeln!(m, "Period {} to {} · generated {} by mdsec\n", r.from, r.to, r.generated);
     for c in &r.caveats {
@@ -139,7 +138,6 @@ pub fn markdown(r: &Report) -> String {
             cell(&a.actor)
         );
     }
-    let _ = k;
     m
 }
 

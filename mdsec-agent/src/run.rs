@@ -7,7 +7,7 @@
 //! agent continues the same counts; `mdsec-agent detach` removes them by hand.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{Arc, Mutex, RwLock, mpsc::RecvTimeoutError},
     time::{Duration, SystemTime},
 };
@@ -30,7 +30,8 @@ use crate::{
     oui::Oui,
     policy::{
         maps::PolicyMaps,
-        runtime::{PolicyState, Reloader, Trigger},
+        model::Policy,
+        runtime::{Installed, PolicyState, Reloader, Trigger},
     },
     poller::Poller,
     segstats::SegStats,
@@ -68,13 +69,6 @@ pub async fn run(cfg: Config) -> Result<()> {
         triage: cfg.triage.clone(),
         ..Default::default()
     }));
-    // Overrides are keyed by the canonical MAC spelling (validation made them parse).
-    let config_decommissioned: HashSet<String> = cfg
-        .devices
-        .iter()
-        .filter(|o| o.decommissioned)
-        .filter_map(|o| crate::model::parse_mac(&o.mac).map(crate::model::mac_string))
-        .collect();
     let ring = RingBuf::try_from(dp.take_map(names::EVENTS)?)?;
     events::spawn(ring, store.clone(), policy.clone(), dp.ifnames());
     let fingerprints = crate::samples::Fingerprints::default();
@@ -110,7 +104,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         }
     }
 
-    let mut db = Store::open(&cfg.state_dir)?;
+    let db = Store::open(&cfg.state_dir)?;
     let history: HashMap<_, _> =
         db.load_devices()?.into_iter().map(|d| ((d.iface.clone(), d.vlan, d.mac.clone()), d)).collect();
     let observations = db.load_observations(None)?;
@@ -119,19 +113,21 @@ pub async fn run(cfg: Config) -> Result<()> {
         history.len(),
         observations.len()
     );
-    let mut detector = crate::detect::Detector::new(
-        cfg.detection.clone(),
-        dp.ifnames(),
-        HashMap::new(),
-        Learner::new(observations),
-    );
-    let mut evidence = EvidencePass {
-        register: RegisterFile::new(cfg.register.clone()),
-        snapshotter: crate::evidence::Snapshotter::new(SystemTime::now()),
-        every: cfg.evidence.snapshot_secs,
-        retention: Duration::from_secs(cfg.evidence.retention_days * 86_400),
-        config_decommissioned,
-        pruned: None,
+    let mut pass = StorePass {
+        detector: crate::detect::Detector::new(
+            cfg.detection.clone(),
+            dp.ifnames(),
+            Learner::new(observations),
+        ),
+        evidence: EvidencePass {
+            register: RegisterFile::new(cfg.register.clone()),
+            snapshotter: crate::evidence::Snapshotter::new(SystemTime::now()),
+            every: cfg.evidence.snapshot_secs,
+            retention: Duration::from_secs(cfg.evidence.retention_days * 86_400),
+            pruned: None,
+        },
+        config_decommissioned: cfg.decommissioned_macs(),
+        db,
     };
 
     let state = Arc::new(AppState {
@@ -157,7 +153,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         token,
         limiter: Mutex::new(api::Limiter::new(cfg.api.rate_limit_per_sec, cfg.api.rate_limit_burst)),
         baseline: RwLock::new(Default::default()),
-        lifecycle: RwLock::new(db.lifecycle().unwrap_or_default()),
+        lifecycle: RwLock::new(pass.db.lifecycle().unwrap_or_default()),
         evidence: RwLock::new(Default::default()),
         state_dir: cfg.state_dir.clone(),
     });
@@ -169,25 +165,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             loop {
                 let stop =
                     !matches!(flush_rx.recv_timeout(Duration::from_secs(2)), Err(RecvTimeoutError::Timeout));
-                match db.lifecycle() {
-                    Ok(l) => *state.lifecycle.write().unwrap() = l,
-                    Err(e) => warn!("reading lifecycle states failed: {e:#}"),
-                }
-                let devices = api::devices_json(&state);
-                report_new_devices(&state, &db, &devices);
-                detector.decommissioned = evidence.decommissioned(&state);
-                detect(&state, &mut detector, &devices, &mut db);
-                evidence.pass(&state, &mut db, &devices, stop);
-                match db.save_devices(&devices) {
-                    Ok(()) => {
-                        let mut h = state.history.write().unwrap();
-                        for d in &devices {
-                            h.insert((d.iface.clone(), d.vlan, d.mac.clone()), d.clone());
-                        }
-                    }
-                    Err(e) => warn!("saving devices failed: {e:#}"),
-                }
-                *state.inventory.write().unwrap() = devices;
+                pass.run(&state, stop);
                 if stop {
                     return;
                 }
@@ -230,99 +208,149 @@ pub async fn run(cfg: Config) -> Result<()> {
     Ok(())
 }
 
-/// Runs the flow detections, keeps their events and suppressed counts, and
-/// writes the baseline observations they recorded.
-fn detect(
-    state: &AppState,
-    detector: &mut crate::detect::Detector,
-    devices: &[crate::model::Device],
-    db: &mut Store,
-) {
-    let Some(installed) = state.policy.read().unwrap().current.clone() else { return };
-    let now = SystemTime::now();
-    let mut status = learn::Status::default();
-    let mut learning_ends = HashMap::new();
-    for s in &installed.policy.segments {
-        // Not recorded yet (first pass of a new segment): it starts learning now.
-        let start =
-            db.learning_start(&s.name).ok().flatten().and_then(|t| devwatch::parse_time(&t)).unwrap_or(now);
-        let ends = start + s.learning_period;
-        learning_ends.insert(s.name.clone(), ends);
-        status.segments.insert(
-            s.name.clone(),
-            learn::SegmentStatus { learning: now < ends, learning_ends: rfc3339(ends), observations: 0 },
-        );
-    }
-    let view = crate::detect::PolicyView {
-        policy: &installed.policy,
-        generation: installed.generation,
-        learning_ends: &learning_ends,
-    };
-    let (events, suppressed) = {
-        let t = state.tables.read().unwrap();
-        detector.check(&t, &view, devices, now)
-    };
-    let rows = detector.learner.take_dirty();
-    if !rows.is_empty()
-        && let Err(e) = db.save_observations(&rows)
-    {
-        warn!("saving {} baseline observations failed (kept for the next pass): {e:#}", rows.len());
-        detector.learner.restore_dirty(&rows);
-    }
-    for (name, n) in detector.learner.counts() {
-        if let Some(s) = status.segments.get_mut(&name) {
-            s.observations = n;
-        }
-    }
-    status.dropped = detector.learner.dropped;
-    *state.baseline.write().unwrap() = status;
-    let mut store = state.events.write().unwrap();
-    for (kind, n) in suppressed {
-        *store.suppressed.entry(kind).or_default() += n;
-    }
-    for e in events {
-        warn!("{} {} -> {} ({}, segment {}): {}", e.kind, e.src, e.dst, e.app, e.segment, e.reason);
-        store.push(e);
-    }
+/// The store thread's work, every 2 s: inventory, device events, detections
+/// and baselines, evidence, and the state database.
+struct StorePass {
+    db: Store,
+    detector: crate::detect::Detector,
+    evidence: EvidencePass,
+    config_decommissioned: std::collections::BTreeSet<String>,
 }
 
-/// Raises `new_device` / `rogue_device` for devices the inventory has not stored yet.
-fn report_new_devices(state: &AppState, db: &Store, devices: &[crate::model::Device]) {
-    let Some(installed) = state.policy.read().unwrap().current.clone() else { return };
-    let now = std::time::SystemTime::now();
-    let now_text = crate::clock::rfc3339(now);
-    // A segment's learning period starts the first time a policy containing it is
-    // installed (within one flush interval).
-    for s in &installed.policy.segments {
-        if let Err(e) = db.learning_started(&s.name, &now_text) {
-            warn!("recording the learning start of {}: {e:#}", s.name);
+impl StorePass {
+    fn run(&mut self, state: &AppState, stop: bool) {
+        match self.db.lifecycle() {
+            Ok(l) => *state.lifecycle.write().unwrap() = l,
+            Err(e) => warn!("reading lifecycle states failed: {e:#}"),
+        }
+        let devices = api::devices_json(state);
+        if let Some(installed) = state.policy.read().unwrap().current.clone() {
+            let now = SystemTime::now();
+            let starts = self.learning_starts(&installed.policy, now);
+            self.report_new_devices(state, &installed.policy, &devices, &starts, now);
+            self.detector.decommissioned = crate::lifecycle::decommissioned_since(
+                &state.lifecycle.read().unwrap(),
+                &self.config_decommissioned,
+            );
+            self.detect(state, &installed, &devices, &starts, now);
+        }
+        self.evidence.pass(state, &mut self.db, &devices, stop);
+        match self.db.save_devices(&devices) {
+            Ok(()) => {
+                let mut h = state.history.write().unwrap();
+                for d in &devices {
+                    h.insert((d.iface.clone(), d.vlan, d.mac.clone()), d.clone());
+                }
+            }
+            Err(e) => warn!("saving devices failed: {e:#}"),
+        }
+        *state.inventory.write().unwrap() = devices;
+    }
+
+    /// When each segment's learning period started: the first time a policy
+    /// containing it was installed (recorded now if never, within one pass).
+    fn learning_starts(&self, policy: &Policy, now: SystemTime) -> HashMap<String, SystemTime> {
+        let now_text = rfc3339(now);
+        policy
+            .segments
+            .iter()
+            .map(|s| {
+                let start = match self.db.learning_started(&s.name, &now_text) {
+                    Ok(t) => devwatch::parse_time(&t).unwrap_or(now),
+                    Err(e) => {
+                        warn!("recording the learning start of {}: {e:#}", s.name);
+                        now
+                    }
+                };
+                (s.name.clone(), start)
+            })
+            .collect()
+    }
+
+    /// Raises `new_device` / `rogue_device` for devices the inventory has not stored yet.
+    fn report_new_devices(
+        &self,
+        state: &AppState,
+        policy: &Policy,
+        devices: &[crate::model::Device],
+        starts: &HashMap<String, SystemTime>,
+        now: SystemTime,
+    ) {
+        let new: Vec<_> = {
+            let h = state.history.read().unwrap();
+            devices
+                .iter()
+                .filter(|d| !h.contains_key(&(d.iface.clone(), d.vlan, d.mac.clone())))
+                .cloned()
+                .collect()
+        };
+        let events = devwatch::check(&new, policy, |segment| starts.get(segment).copied(), now);
+        let mut store = state.events.write().unwrap();
+        for e in events {
+            warn!(
+                "{} {} ({}) in segment {}: {}",
+                e.kind,
+                e.mac.as_deref().unwrap_or(""),
+                e.src,
+                e.segment,
+                e.reason
+            );
+            store.push(e);
         }
     }
-    let new: Vec<_> = {
-        let h = state.history.read().unwrap();
-        devices
-            .iter()
-            .filter(|d| !h.contains_key(&(d.iface.clone(), d.vlan, d.mac.clone())))
-            .cloned()
-            .collect()
-    };
-    let events = devwatch::check(
-        &new,
-        &installed.policy,
-        |segment| db.learning_started(segment, &now_text).ok().and_then(|t| devwatch::parse_time(&t)),
-        now,
-    );
-    let mut store = state.events.write().unwrap();
-    for e in events {
-        warn!(
-            "{} {} ({}) in segment {}: {}",
-            e.kind,
-            e.mac.as_deref().unwrap_or(""),
-            e.src,
-            e.segment,
-            e.reason
-        );
-        store.push(e);
+
+    /// Runs the flow detections, keeps their events and suppressed counts, and
+    /// writes the baseline observations they recorded.
+    fn detect(
+        &mut self,
+        state: &AppState,
+        installed: &Installed,
+        devices: &[crate::model::Device],
+        starts: &HashMap<String, SystemTime>,
+        now: SystemTime,
+    ) {
+        let mut status = learn::Status::default();
+        let mut learning_ends = HashMap::new();
+        for s in &installed.policy.segments {
+            let ends = starts.get(&s.name).copied().unwrap_or(now) + s.learning_period;
+            learning_ends.insert(s.name.clone(), ends);
+            status.segments.insert(
+                s.name.clone(),
+                learn::SegmentStatus { learning: now < ends, learning_ends: rfc3339(ends), observations: 0 },
+            );
+        }
+        let view = crate::detect::PolicyView {
+            policy: &installed.policy,
+            generation: installed.generation,
+            learning_ends: &learning_ends,
+        };
+        let (events, suppressed) = {
+            let t = state.tables.read().unwrap();
+            self.detector.check(&t, &view, devices, now)
+        };
+        let learner = &mut self.detector.learner;
+        let rows = learner.take_dirty();
+        if !rows.is_empty()
+            && let Err(e) = self.db.save_observations(&rows)
+        {
+            warn!("saving {} baseline observations failed (kept for the next pass): {e:#}", rows.len());
+            learner.restore_dirty(&rows);
+        }
+        for (name, n) in learner.counts() {
+            if let Some(s) = status.segments.get_mut(&name) {
+                s.observations = n;
+            }
+        }
+        status.dropped = learner.dropped;
+        *state.baseline.write().unwrap() = status;
+        let mut store = state.events.write().unwrap();
+        for (kind, n) in suppressed {
+            *store.suppressed.entry(kind).or_default() += n;
+        }
+        for e in events {
+            warn!("{} {} -> {} ({}, segment {}): {}", e.kind, e.src, e.dst, e.app, e.segment, e.reason);
+            store.push(e);
+        }
     }
 }
 
@@ -384,25 +412,10 @@ struct EvidencePass {
     snapshotter: crate::evidence::Snapshotter,
     every: u64,
     retention: Duration,
-    config_decommissioned: HashSet<String>,
     pruned: Option<SystemTime>,
 }
 
 impl EvidencePass {
-    /// Decommissioned MACs and since when (the agent config's are since ever).
-    fn decommissioned(&self, state: &AppState) -> HashMap<String, SystemTime> {
-        let mut out: HashMap<String, SystemTime> =
-            self.config_decommissioned.iter().map(|m| (m.clone(), SystemTime::UNIX_EPOCH)).collect();
-        for (mac, r) in state.lifecycle.read().unwrap().iter() {
-            if r.state == crate::lifecycle::State::Decommissioned {
-                out.insert(mac.clone(), devwatch::parse_time(&r.since).unwrap_or(SystemTime::UNIX_EPOCH));
-            } else if out.contains_key(mac) && !self.config_decommissioned.contains(mac) {
-                out.remove(mac);
-            }
-        }
-        out
-    }
-
     fn pass(&mut self, state: &AppState, db: &mut Store, devices: &[crate::model::Device], stop: bool) {
         let now = SystemTime::now();
         // Events reach the database on this thread, never from the hot paths.
@@ -417,21 +430,10 @@ impl EvidencePass {
         }
         self.register.refresh();
         let findings = crate::evidence::assess(&self.register.current, devices, now);
-        let records = state.lifecycle.read().unwrap().clone();
+        // devices_json filled in each device's effective lifecycle state.
         let states: HashMap<String, crate::lifecycle::State> = devices
             .iter()
-            .map(|d| {
-                let s =
-                    crate::evidence::lifecycle_of(d, &records, self.config_decommissioned.contains(&d.mac));
-                (d.mac.clone(), s)
-            })
-            .collect();
-        let labels = devices
-            .iter()
-            .map(|d| {
-                let seg = d.segment.clone().unwrap_or_else(|| crate::segstats::NO_SEGMENT.into());
-                (d.mac.clone(), (seg, d.class.clone()))
-            })
+            .map(|d| (d.mac.clone(), crate::lifecycle::State::from_name(&d.lifecycle).unwrap_or_default()))
             .collect();
         let installed = state.policy.read().unwrap().current.clone();
         if stop || self.snapshotter.due(now, self.every) {
@@ -457,8 +459,6 @@ impl EvidencePass {
         }
         *state.evidence.write().unwrap() = crate::evidence::EvidenceStatus {
             findings,
-            states,
-            labels,
             register_ok: self.register.ok,
             register_configured: self.register.path.is_some(),
         };

@@ -243,16 +243,6 @@ impl Store {
         Ok(out)
     }
 
-    /// When the agent first loaded segment `name`, if it ever did.
-    pub fn learning_start(&self, name: &str) -> Result<Option<String>> {
-        let mut st = self.conn.prepare("SELECT learning_started FROM segments WHERE name = ?1")?;
-        let mut rows = st.query(params![name])?;
-        Ok(match rows.next()? {
-            Some(r) => Some(r.get(0)?),
-            None => None,
-        })
-    }
-
     /// When the agent first loaded segment `name` (recorded now if never).
     pub fn learning_started(&self, name: &str, now: &str) -> Result<String> {
         self.conn.execute(
@@ -269,12 +259,9 @@ impl Store {
     /// Devices as the API last showed them (class, segment, model included), with
     /// the merged first sighting and addresses.
     pub fn load_device_docs(&self) -> Result<Vec<Device>> {
-        let stored = self.load_devices()?;
-        let mut st = self.conn.prepare("SELECT doc FROM devices ORDER BY iface, vlan, mac")?;
-        let docs: Vec<String> = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
-        Ok(stored
+        Ok(self
+            .device_rows()?
             .into_iter()
-            .zip(docs)
             .map(|(base, doc)| match serde_json::from_str::<Device>(&doc) {
                 Ok(d) => Device {
                     first_seen: base.first_seen,
@@ -415,12 +402,18 @@ impl Store {
     }
 
     pub fn load_devices(&self) -> Result<Vec<Device>> {
-        let mut st = self
-            .conn
-            .prepare("SELECT iface, vlan, mac, vendor, ips, first_seen, last_seen, packets, bytes, fingerprints FROM devices ORDER BY iface, vlan, mac")?;
+        Ok(self.device_rows()?.into_iter().map(|(d, _)| d).collect())
+    }
+
+    /// Every stored device (the merged columns) with its last API document.
+    fn device_rows(&self) -> Result<Vec<(Device, String)>> {
+        let mut st = self.conn.prepare(
+            "SELECT iface, vlan, mac, vendor, ips, first_seen, last_seen, packets, bytes, fingerprints, doc
+             FROM devices ORDER BY iface, vlan, mac",
+        )?;
         let rows = st.query_map([], |r| {
             let ips: String = r.get(4)?;
-            Ok(Device {
+            let d = Device {
                 iface: r.get(0)?,
                 vlan: r.get(1)?,
                 mac: r.get(2)?,
@@ -432,7 +425,8 @@ impl Store {
                 packets: r.get::<_, i64>(7)? as u64,
                 bytes: r.get::<_, i64>(8)? as u64,
                 ..Default::default()
-            })
+            };
+            Ok((d, r.get(10)?))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -520,9 +514,15 @@ mod tests {
         let rows = s.load_observations(Some("pumps")).unwrap();
         assert_eq!(rows, vec![(k, ObsVal { flows: 4, ..v })]);
         assert!(s.load_observations(Some("other")).unwrap().is_empty());
-        assert_eq!(s.learning_start("pumps").unwrap(), None);
-        s.learning_started("pumps", "2026-11-23T08:00:00.000Z").unwrap();
-        assert_eq!(s.learning_start("pumps").unwrap().as_deref(), Some("2026-11-23T08:00:00.000Z"));
+        // The first call records the start; later calls return it unchanged.
+        assert_eq!(
+            s.learning_started("pumps", "2026-11-23T08:00:00.000Z").unwrap(),
+            "2026-11-23T08:00:00.000Z"
+        );
+        assert_eq!(
+            s.learning_started("pumps", "2026-11-24T08:00:00.000Z").unwrap(),
+            "2026-11-23T08:00:00.000Z"
+        );
         drop(s);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -230,17 +230,7 @@ fn write_rule(
 fn covers(policy: &Policy, rule: &Rule, k: &ObsKey) -> bool {
     let peer_ok = match &rule.peer {
         Peer::Cidr(c) => c.contains(&k.peer),
-        Peer::Name(n) => {
-            k.peer_segment == *n
-                || policy.segments.iter().filter(|s| &s.name == n).any(|s| {
-                    s.members.iter().any(|m| matches!(m, Member::Net { net, .. } if net.contains(&k.peer)))
-                })
-                || policy
-                    .zones
-                    .iter()
-                    .filter(|z| &z.name == n)
-                    .any(|z| z.cidrs.iter().any(|c| c.contains(&k.peer)))
-        }
+        Peer::Name(n) => k.peer_segment == *n || policy.name_contains(n, &k.peer),
     };
     rule.direction == k.direction
         && peer_ok

@@ -300,6 +300,8 @@ pub struct FlowState {
 pub struct Outcome {
     pub action: u32,
     pub key: Option<FlowKey>,
+    /// Why the parser stopped early, if it did (the kernel counts it in STATS).
+    pub reason: Option<Stat>,
 }
 
 #[derive(Default)]
@@ -326,7 +328,7 @@ impl Model {
     pub fn run(&mut self, frame: &[u8], ifindex: u32, now: u64) -> Outcome {
         let p = parse(frame);
         let Some(key) = self.flow_key(&p, ifindex) else {
-            return Outcome { action: XDP_PASS, key: None };
+            return Outcome { action: XDP_PASS, key: None, reason: p.reason };
         };
         let fs = self.flows.entry(key).or_default();
         fs.packets += 1;
@@ -344,7 +346,7 @@ impl Model {
             }
         }
         let action = self.decide(&p, key, now);
-        Outcome { action, key: Some(key) }
+        Outcome { action, key: Some(key), reason: p.reason }
     }
 
     fn flow_key(&mut self, p: &Parsed, ifindex: u32) -> Option<FlowKey> {

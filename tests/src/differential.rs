@@ -308,11 +308,10 @@ pub fn run(n: u64, seed: u64) -> Result<Report> {
         let got = pair.prog.run(&f)?;
         r.packets += 1;
         r.dropped += (got == mdsec_common::model::XDP_DROP) as u64;
-        let parsed = mdsec_common::model::parse(&f);
-        if let Some(s) = parsed.reason {
+        if let Some(s) = want.reason {
             model_reasons[s as usize] += 1;
         }
-        *r.reasons.entry(parsed.reason.map_or("ok".to_string(), |s| s.name().to_string())).or_default() += 1;
+        *r.reasons.entry(want.reason.map_or("ok".to_string(), |s| s.name().to_string())).or_default() += 1;
         let mut problem = None;
         if got != want.action {
             problem = Some(format!("action: kernel {got}, model {}", want.action));

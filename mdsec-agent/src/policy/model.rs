@@ -301,6 +301,25 @@ impl Policy {
     pub fn segment_index(&self, name: &str) -> Option<usize> {
         self.segments.iter().position(|s| s.name == name)
     }
+
+    /// The first segment with a CIDR member containing `ip` (MAC members need
+    /// the inventory to know a device's addresses).
+    pub fn net_segment(&self, ip: &std::net::IpAddr) -> Option<&Segment> {
+        self.segments
+            .iter()
+            .find(|s| s.members.iter().any(|m| matches!(m, Member::Net { net, .. } if net.contains(ip))))
+    }
+
+    /// Does the zone or segment called `name` hold `ip` by address?
+    pub fn name_contains(&self, name: &str, ip: &std::net::IpAddr) -> bool {
+        let in_segment = self
+            .segments
+            .iter()
+            .filter(|s| s.name == name)
+            .any(|s| s.members.iter().any(|m| matches!(m, Member::Net { net, .. } if net.contains(ip))));
+        in_segment
+            || self.zones.iter().filter(|z| z.name == name).any(|z| z.cidrs.iter().any(|c| c.contains(ip)))
+    }
 }
 
 // ---- Loading ------------------------------------------------------------------------
