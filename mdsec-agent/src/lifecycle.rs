@@ -83,11 +83,9 @@ pub fn decommissioned_since(
     records: &std::collections::HashMap<String, Record>,
     config: &std::collections::BTreeSet<String>,
 ) -> std::collections::HashMap<String, std::time::SystemTime> {
-    let parse = |t: &str| t.parse::<jiff::Timestamp>().ok().map(std::time::SystemTime::from);
-    let from_records = records
-        .iter()
-        .filter(|(_, r)| r.state == State::Decommissioned)
-        .map(|(mac, r)| (mac.clone(), parse(&r.since).unwrap_or(std::time::SystemTime::UNIX_EPOCH)));
+    let from_records = records.iter().filter(|(_, r)| r.state == State::Decommissioned).map(|(mac, r)| {
+        (mac.clone(), crate::devwatch::parse_time(&r.since).unwrap_or(std::time::SystemTime::UNIX_EPOCH))
+    });
     let from_config = config
         .iter()
         .filter(|mac| !records.contains_key(*mac))

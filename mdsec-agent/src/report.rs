@@ -447,8 +447,8 @@ pub fn schema() -> String {
 
 /// `YYYY-MM-DD` (midnight UTC) or RFC 3339.
 pub fn parse_when(s: &str) -> Result<SystemTime, String> {
-    if let Ok(t) = s.parse::<jiff::Timestamp>() {
-        return Ok(t.into());
+    if let Some(t) = crate::devwatch::parse_time(s) {
+        return Ok(t);
     }
     if let Ok(d) = s.parse::<jiff::civil::Date>() {
         return d
