@@ -174,6 +174,22 @@ pub fn send_and_settle(sock: &UdpSocket, to: SocketAddr, count: usize, size: usi
     Ok(())
 }
 
+/// Sends `n` datagrams of 64 bytes from host `from` to host `to`:`port` (IPv6 if
+/// `v6`); returns how many arrived.
+pub fn udp_delivered(
+    topo: &crate::netns::Topology,
+    from: u8,
+    to: u8,
+    port: u16,
+    n: usize,
+    v6: bool,
+) -> usize {
+    let rx = udp_receiver(topo.host(to), v6, port).unwrap();
+    let tx = udp_socket(topo.host(from), v6).unwrap();
+    send_and_settle(&tx, SocketAddr::new(topo.host(to).ip(v6), port), n, 64).unwrap();
+    drain(&rx)
+}
+
 /// A DNS query for `pacs.hospital.internal` (A record).
 pub fn dns_query() -> Vec<u8> {
     let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];

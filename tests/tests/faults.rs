@@ -28,12 +28,8 @@ fn policy() -> Vec<(String, String)> {
     ]
 }
 
-/// Sends `n` datagrams from host `from` to host `to`:`port`; returns how many arrived.
 fn udp(topo: &Topology, from: u8, to: u8, port: u16, n: usize) -> usize {
-    let rx = traffic::udp_receiver(topo.host(to), false, port).unwrap();
-    let tx = traffic::udp_socket(topo.host(from), false).unwrap();
-    traffic::send_and_settle(&tx, SocketAddr::new(topo.host(to).v4().into(), port), n, 100).unwrap();
-    traffic::drain(&rx)
+    traffic::udp_delivered(topo, from, to, port, n, false)
 }
 
 fn drops(a: &Agent) -> u64 {

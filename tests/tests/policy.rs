@@ -43,10 +43,7 @@ fn start(topo: &Topology, policy: Vec<(String, String)>) -> Agent {
 
 /// Sends `n` datagrams from h`from` to h`to`:`port` and returns how many arrived.
 fn udp(topo: &Topology, from: u8, to: u8, port: u16, n: usize, v6: bool) -> usize {
-    let rx = traffic::udp_receiver(topo.host(to), v6, port).unwrap();
-    let tx = traffic::udp_socket(topo.host(from), v6).unwrap();
-    traffic::send_and_settle(&tx, SocketAddr::new(topo.host(to).ip(v6), port), n, 64).unwrap();
-    traffic::drain(&rx)
+    traffic::udp_delivered(topo, from, to, port, n, v6)
 }
 
 fn stat(a: &Agent, name: &str) -> u64 {
