@@ -71,16 +71,15 @@ impl Poller {
         }
         let idle = {
             let mut t = tables.write().unwrap();
-            t.merge_flows(&flows);
-            t.merge_devices(&devices);
+            t.merge(&flows, &devices);
             t.set_stats(stats);
-            t.idle_flows(clock::boottime_ns(), self.idle.as_nanos() as u64)
+            t.idle_flows(clock::mono_ns(), self.idle.as_nanos() as u64)
         };
         for k in idle {
             // A packet may have arrived since the snapshot: only delete what is
             // still idle, so no count is lost.
             let still_idle = match self.flows.get(&k, 0) {
-                Ok(v) => clock::boottime_ns().saturating_sub(v.last_seen_ns) > self.idle.as_nanos() as u64,
+                Ok(v) => clock::mono_ns().saturating_sub(v.last_seen_ns) > self.idle.as_nanos() as u64,
                 Err(_) => true,
             };
             if !still_idle {

@@ -3,6 +3,11 @@
 //! Kernel entries can disappear (LRU eviction, idle ageing) and reappear with
 //! counters starting from zero. Each record therefore keeps a `base` of everything
 //! counted by earlier kernel incarnations, so reported counters never go backwards.
+//!
+//! A device's counters are its `DEVICES` entry plus the owned counts of its flows
+//! (see `mdsec_common::flow`): live flow records are summed on every merge, and a
+//! flow record's counts move into its device's `flow_base` when the record is
+//! forgotten or changes owner.
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
@@ -83,6 +88,9 @@ pub struct FlowRecord {
     pub app_confidence: u8,
     /// The first payload has been classified (`app`/`app_confidence` are final).
     pub app_done: bool,
+    /// The device the flow's own frames count for, and those counts.
+    owner: DeviceKey,
+    owned: Monotonic,
 }
 
 impl FlowRecord {
@@ -93,7 +101,12 @@ impl FlowRecord {
 
 #[derive(Debug, Clone)]
 pub struct DeviceRecord {
+    /// Its `DEVICES` entry: frames no flow it owns counts.
     counts: Monotonic,
+    /// Owned counts of flow records already forgotten (or now owned by another MAC).
+    flow_base: Totals,
+    /// Owned counts of the live flow records, as of the last merge.
+    flow_live: Totals,
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,
     /// Every address seen for this device, oldest dropped beyond [`MAX_DEVICE_IPS`].
@@ -103,8 +116,25 @@ pub struct DeviceRecord {
 }
 
 impl DeviceRecord {
+    fn new(first_seen_ns: u64, last_seen_ns: u64) -> DeviceRecord {
+        DeviceRecord {
+            counts: Monotonic::default(),
+            flow_base: Totals::default(),
+            flow_live: Totals::default(),
+            first_seen_ns,
+            last_seen_ns,
+            ips: BTreeSet::new(),
+            ip_order: Vec::new(),
+        }
+    }
+
+    /// Every frame the device sent: its own entry and its flows.
     pub fn totals(&self) -> Totals {
-        self.counts.totals()
+        let d = self.counts.totals();
+        Totals {
+            packets: d.packets + self.flow_base.packets + self.flow_live.packets,
+            bytes: d.bytes + self.flow_base.bytes + self.flow_live.bytes,
+        }
     }
 
     fn remember_ip(&mut self, ip: IpAddr) {
@@ -135,7 +165,14 @@ pub struct Tables {
 }
 
 impl Tables {
-    pub fn merge_flows(&mut self, snapshot: &[(FlowKey, FlowValue)]) {
+    /// Merges one poll's snapshots of both maps.
+    pub fn merge(&mut self, flows: &[(FlowKey, FlowValue)], devices: &[(DeviceKey, DeviceValue)]) {
+        self.merge_flows(flows);
+        self.merge_devices(devices);
+        self.derive_devices();
+    }
+
+    fn merge_flows(&mut self, snapshot: &[(FlowKey, FlowValue)]) {
         let mut present = HashSet::with_capacity(snapshot.len());
         for (k, v) in snapshot {
             present.insert(*k);
@@ -151,8 +188,23 @@ impl Tables {
                 app: 0,
                 app_confidence: 0,
                 app_done: false,
+                owner: v.owner(k),
+                owned: Monotonic::default(),
             });
             self.flow_evictions += r.counts.observe(v.first_seen_ns, v.packets, v.bytes) as u64;
+            if r.owner != v.owner(k) {
+                // Recreated by another MAC: what the old owner sent stays its own.
+                let old = std::mem::take(&mut r.owned).totals();
+                let d = self
+                    .devices
+                    .entry(r.owner)
+                    .or_insert_with(|| DeviceRecord::new(r.first_seen_ns, r.last_seen_ns));
+                d.flow_base.packets += old.packets;
+                d.flow_base.bytes += old.bytes;
+                r.owner = v.owner(k);
+            }
+            let (op, ob) = v.owned();
+            r.owned.observe(v.first_seen_ns, op, ob);
             r.first_seen_ns = r.first_seen_ns.min(v.first_seen_ns);
             r.last_seen_ns = r.last_seen_ns.max(v.last_seen_ns);
             r.tcp_flags |= v.tcp_flags as u8;
@@ -167,22 +219,18 @@ impl Tables {
         for (k, r) in self.flows.iter_mut() {
             if !present.contains(k) {
                 self.flow_evictions += r.counts.vanished() as u64;
+                r.owned.vanished();
             }
         }
         self.kernel_flows = snapshot.len();
     }
 
-    pub fn merge_devices(&mut self, snapshot: &[(DeviceKey, DeviceValue)]) {
+    fn merge_devices(&mut self, snapshot: &[(DeviceKey, DeviceValue)]) {
         let mut present = HashSet::with_capacity(snapshot.len());
         for (k, v) in snapshot {
             present.insert(*k);
-            let r = self.devices.entry(*k).or_insert_with(|| DeviceRecord {
-                counts: Monotonic::default(),
-                first_seen_ns: v.first_seen_ns,
-                last_seen_ns: v.last_seen_ns,
-                ips: BTreeSet::new(),
-                ip_order: Vec::new(),
-            });
+            let r =
+                self.devices.entry(*k).or_insert_with(|| DeviceRecord::new(v.first_seen_ns, v.last_seen_ns));
             self.device_evictions += r.counts.observe(v.first_seen_ns, v.packets, v.bytes) as u64;
             r.first_seen_ns = r.first_seen_ns.min(v.first_seen_ns);
             r.last_seen_ns = r.last_seen_ns.max(v.last_seen_ns);
@@ -199,6 +247,27 @@ impl Tables {
             }
         }
         self.kernel_devices = snapshot.len();
+    }
+
+    /// Sums each device's flow records into it. A flow whose device has no
+    /// record (its `DEVICES` entry was never read: evicted, or the map was full)
+    /// creates one, with the flow's source address.
+    fn derive_devices(&mut self) {
+        for d in self.devices.values_mut() {
+            d.flow_live = Totals::default();
+        }
+        for (k, f) in &self.flows {
+            let d = self.devices.entry(f.owner).or_insert_with(|| {
+                let mut d = DeviceRecord::new(f.first_seen_ns, f.last_seen_ns);
+                d.remember_ip(k.src_ip());
+                d
+            });
+            let t = f.owned.totals();
+            d.flow_live.packets += t.packets;
+            d.flow_live.bytes += t.bytes;
+            d.first_seen_ns = d.first_seen_ns.min(f.first_seen_ns);
+            d.last_seen_ns = d.last_seen_ns.max(f.last_seen_ns);
+        }
     }
 
     pub fn set_stats(&mut self, per_cpu_sums: Vec<Counter>) {
@@ -218,8 +287,19 @@ impl Tables {
             .collect()
     }
 
+    /// Drops an aged-out flow record; its counts stay with its device.
     pub fn forget_flow(&mut self, k: &FlowKey) {
-        self.flows.remove(k);
+        if let Some(r) = self.flows.remove(k) {
+            let t = r.owned.totals();
+            let d = self
+                .devices
+                .entry(r.owner)
+                .or_insert_with(|| DeviceRecord::new(r.first_seen_ns, r.last_seen_ns));
+            d.flow_base.packets += t.packets;
+            d.flow_base.bytes += t.bytes;
+            d.flow_live.packets -= t.packets.min(d.flow_live.packets);
+            d.flow_live.bytes -= t.bytes.min(d.flow_live.bytes);
+        }
     }
 }
 
@@ -271,6 +351,55 @@ mod tests {
         assert_eq!(t.idle_flows(1100, 500), vec![key(1)]);
         t.forget_flow(&key(1));
         assert!(!t.flows.contains_key(&key(1)));
+    }
+
+    fn owned_by(mut v: FlowValue, mac: [u8; 6], foreign: u64) -> FlowValue {
+        v.src_mac = mac;
+        v.foreign_packets = foreign;
+        v.foreign_bytes = foreign * 100;
+        v
+    }
+
+    #[test]
+    fn devices_count_their_own_flows_and_keep_them_when_flows_go() {
+        let mut t = Tables::default();
+        let (a, b) = ([2, 0, 0, 0, 0, 0xa], [2, 0, 0, 0, 0, 0xb]);
+        let dev = |mac| DeviceKey { ifindex: 2, vlan: 0, mac };
+        let entry = |packets| DeviceValue {
+            first_seen_ns: 5,
+            last_seen_ns: 6,
+            packets,
+            bytes: packets * 10,
+            ..Default::default()
+        };
+        // A owns two flows; 2 frames of the second came from B (counted in B's entry).
+        t.merge(
+            &[(key(1), owned_by(val(10, 5), a, 0)), (key(2), owned_by(val(20, 4), a, 2))],
+            &[(dev(a), entry(3)), (dev(b), entry(2))],
+        );
+        assert_eq!(t.devices[&dev(a)].totals(), Totals { packets: 3 + 5 + 2, bytes: 30 + 500 + 200 });
+        assert_eq!(t.devices[&dev(b)].totals().packets, 2);
+        assert_eq!(t.devices[&dev(a)].last_seen_ns, 24, "latest flow packet");
+        // Flow 1 grows, then is evicted (kept as a record), then aged out.
+        t.merge(&[(key(1), owned_by(val(10, 7), a, 0))], &[(dev(a), entry(3))]);
+        assert_eq!(t.devices[&dev(a)].totals().packets, 3 + 7 + 2);
+        t.merge(&[], &[(dev(a), entry(3))]);
+        assert_eq!(t.devices[&dev(a)].totals().packets, 3 + 7 + 2);
+        t.forget_flow(&key(1));
+        t.forget_flow(&key(2));
+        assert_eq!(t.devices[&dev(a)].totals().packets, 3 + 7 + 2);
+        t.merge(&[], &[(dev(a), entry(3))]);
+        assert_eq!(t.devices[&dev(a)].totals().packets, 3 + 7 + 2);
+        // Recreated by B: A keeps what it sent, B gets the new incarnation.
+        t.merge(&[(key(3), owned_by(val(30, 4), a, 0))], &[]);
+        t.merge(&[(key(3), owned_by(val(40, 1), b, 0))], &[]);
+        assert_eq!(t.devices[&dev(a)].totals().packets, 3 + 7 + 2 + 4);
+        assert_eq!(t.devices[&dev(b)].totals().packets, 2 + 1);
+        // A flow whose device entry was never read still makes a device.
+        let c = [2, 0, 0, 0, 0, 0xc];
+        t.merge(&[(key(4), owned_by(val(50, 6), c, 0))], &[]);
+        assert_eq!(t.devices[&dev(c)].totals().packets, 6);
+        assert!(t.devices[&dev(c)].ips.contains(&key(4).src_ip()));
     }
 
     #[test]

@@ -9,16 +9,20 @@ pub struct DeviceKey {
     pub mac: [u8; 6],
 }
 
-/// Value of the `DEVICES` LRU hash. Timestamps are `CLOCK_BOOTTIME` nanoseconds.
+/// Value of the `DEVICES` LRU hash. Timestamps are `CLOCK_MONOTONIC_COARSE` nanoseconds.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DeviceValue {
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,
-    /// Frames and frame bytes sent by this MAC (every ethertype, ARP included).
+    /// Frames and frame bytes sent by this MAC that no flow it owns counts (see
+    /// `crate::flow`): the device's total adds its flows' [`owned`] counts.
+    ///
+    /// [`owned`]: crate::flow::FlowValue::owned
     pub packets: u64,
     pub bytes: u64,
-    /// Last IPv4 source address (IP header or ARP sender), all zero if none yet.
+    /// Last IPv4 source address (IP header or ARP sender) of a frame that touched
+    /// this entry (a new address always starts a new flow), all zero if none yet.
     pub ipv4: [u8; 4],
     /// Last IPv6 source address, all zero if none yet.
     pub ipv6: [u8; 16],

@@ -1,5 +1,14 @@
 //! Flows: one entry per (interface, VLAN, src, dst, proto, sport, dport) as seen on
 //! ingress of a gateway interface. Both directions of a connection are two flows.
+//!
+//! A flow also carries its device's counts: its frames count for the MAC that
+//! created it ([`FlowValue::src_mac`]), so the datapath touches `DEVICES` only for
+//! frames without a flow, a flow's first frame and frames from another MAC
+//! (`foreign_*`, counted in their sender's entry instead). A device's frames are
+//! its `DEVICES` counts plus [`FlowValue::owned`] of every flow it owns
+//! ([`FlowValue::owner`]).
+
+use crate::device::DeviceKey;
 
 /// Key of the `FLOWS` LRU hash. Addresses are IPv6 or IPv4-mapped IPv6; ports are
 /// host byte order. For ICMP/ICMPv6, `sport` is the type and `dport` the code (the
@@ -18,19 +27,23 @@ pub struct FlowKey {
     pub dport: u16,
 }
 
-/// Value of the `FLOWS` LRU hash. Timestamps are `CLOCK_BOOTTIME` nanoseconds.
+/// Value of the `FLOWS` LRU hash. Timestamps are `CLOCK_MONOTONIC_COARSE` nanoseconds.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
     pub packets: u64,
     /// Frame bytes, Ethernet header and VLAN tags included.
     pub bytes: u64,
+    /// Frames (and their bytes) of this flow sent by a MAC other than `src_mac`
+    /// (included in `packets`/`bytes`).
+    pub foreign_packets: u64,
+    pub foreign_bytes: u64,
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,
     /// Union of the TCP flags byte of every segment (low 8 bits). A full word so the
     /// kernel can OR into it atomically (BPF atomics are 32/64-bit only).
     pub tcp_flags: u64,
-    /// Policy cache: the verdict below holds until this `CLOCK_BOOTTIME` ns (an
+    /// Policy cache: the verdict below holds until this `CLOCK_MONOTONIC_COARSE` ns (an
     /// exception's expiry), u64::MAX otherwise.
     pub valid_until_ns: u64,
     /// Policy generation that produced the cached verdict (0: never evaluated).
@@ -45,6 +58,9 @@ pub struct FlowValue {
     pub segment: u32,
     /// Generation for which a deny event was emitted (one event per flow and gen).
     pub reported_generation: u32,
+    /// Source MAC of the frame that created the flow: the device that owns it.
+    pub src_mac: [u8; 6],
+    pub _pad0: [u8; 2],
     /// [`crate::policy::Verdict`] as u8.
     pub verdict: u8,
     /// Application identified from the first payload ([`crate::app::App`]).
@@ -56,6 +72,18 @@ pub struct FlowValue {
     /// 1 once the first payload has been classified (classification runs once).
     pub app_done: u8,
     pub _pad: [u8; 3],
+}
+
+impl FlowValue {
+    /// The device the flow's own frames count for.
+    pub fn owner(&self, k: &FlowKey) -> DeviceKey {
+        DeviceKey { ifindex: k.ifindex, vlan: k.vlan, mac: self.src_mac }
+    }
+
+    /// (frames, bytes) the flow counts for its owner.
+    pub fn owned(&self) -> (u64, u64) {
+        (self.packets - self.foreign_packets, self.bytes - self.foreign_bytes)
+    }
 }
 
 #[cfg(feature = "user")]
@@ -75,4 +103,6 @@ mod user {
 }
 
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 44);
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 80);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 104);
+// The datapath compares `src_mac` as one u32 and one u16 load.
+const _: () = assert!(core::mem::offset_of!(FlowValue, src_mac) % 8 == 0);

@@ -48,7 +48,7 @@ pub const PROGRAM: &str = "mdsec_xdp";
 
 /// Bumped whenever a key or value layout changes. Pins live under a directory named
 /// after it, so an upgraded agent never reinterprets the bytes of an older map.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Compile-time sizes in the object; the agent overrides them at load time.
 pub const DEFAULT_FLOWS_MAX: u32 = 262_144;

@@ -13,6 +13,7 @@ use std::vec::Vec;
 
 use crate::{
     app::{CLASSIFY_BYTES, classify},
+    device::DeviceKey,
     flow::FlowKey,
     frag::FragKey,
     net::*,
@@ -308,6 +309,8 @@ pub struct Outcome {
 pub struct Model {
     pub tables: Tables,
     pub flows: HashMap<FlowKey, FlowState>,
+    /// Frames and bytes each device sent (every frame with an Ethernet header).
+    pub devices: HashMap<DeviceKey, (u64, u64)>,
     frags: HashMap<FragKey, (u16, u16)>,
     allowed: HashSet<TupleKey>,
 }
@@ -320,13 +323,19 @@ impl Model {
     /// Forgets flows, fragments and reply tuples (the kernel's LRU maps cleared).
     pub fn clear(&mut self) {
         self.flows.clear();
+        self.devices.clear();
         self.frags.clear();
         self.allowed.clear();
     }
 
-    /// One frame on `ifindex` at `now` (CLOCK_BOOTTIME ns).
+    /// One frame on `ifindex` at `now` (CLOCK_MONOTONIC_COARSE ns).
     pub fn run(&mut self, frame: &[u8], ifindex: u32, now: u64) -> Outcome {
         let p = parse(frame);
+        if p.has_eth {
+            let d = self.devices.entry(DeviceKey { ifindex, vlan: p.vlan, mac: p.src_mac }).or_default();
+            d.0 += 1;
+            d.1 += frame.len() as u64;
+        }
         let Some(key) = self.flow_key(&p, ifindex) else {
             return Outcome { action: XDP_PASS, key: None, reason: p.reason };
         };

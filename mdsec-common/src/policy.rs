@@ -140,12 +140,12 @@ pub struct PolicyValue {
     /// Segment (1-based) whose file the rule comes from: allowed traffic is
     /// accounted to it.
     pub segment: u16,
-    /// `CLOCK_BOOTTIME` ns after which the entry no longer allows; 0 = never.
+    /// `CLOCK_MONOTONIC_COARSE` ns after which the entry no longer allows; 0 = never.
     pub expires_ns: u64,
 }
 
 impl PolicyValue {
-    /// Until when (`CLOCK_BOOTTIME` ns) the entry allows, seen at `now`; `None`
+    /// Until when (`CLOCK_MONOTONIC_COARSE` ns) the entry allows, seen at `now`; `None`
     /// once it has expired. `u64::MAX` for an entry without expiry.
     #[inline(always)]
     pub fn live_until(&self, now: u64) -> Option<u64> {

@@ -1,6 +1,11 @@
-//! Account stage: per-reason category counters, the sending device, the flow, and
+//! Account stage: per-reason category counters, the flow, the sending device, and
 //! fragment bookkeeping. Counters shared between CPUs use atomic adds so counts are
 //! exact under concurrent receive queues.
+//!
+//! A frame of an established flow from the flow's own MAC touches only its flow:
+//! the flow counts for its device (see `mdsec_common::flow`). `DEVICES` is written
+//! for frames without a flow, a flow's first frame (to record the device and its
+//! address) and frames from another MAC (`foreign_*` on the flow).
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use mdsec_common::{
@@ -26,11 +31,28 @@ pub fn account(p: &Packet, now: u64, len: u64) -> Option<*mut FlowValue> {
         return None;
     }
     categories(p, len);
-    device(p, now, len);
     if p.has_addrs && (p.has_l4 || p.frag == FRAG_LATER) {
-        return flow(p, now, len);
+        let (f, dev) = flow(p, now, len);
+        match dev {
+            Dev::Untouched => {}
+            Dev::Record => device(p, now, 0, 0),
+            Dev::Count => device(p, now, 1, len),
+        }
+        return f;
     }
+    device(p, now, 1, len);
     None
+}
+
+/// What the frame means for its sender's `DEVICES` entry.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dev {
+    /// Counted by a flow the sender owns.
+    Untouched,
+    /// Counted by a new flow the sender owns: record the device and address only.
+    Record,
+    /// Not counted for the sender by any flow (another MAC's flow, or no flow).
+    Count,
 }
 
 #[inline(always)]
@@ -68,9 +90,10 @@ fn is_zero<const N: usize>(a: &[u8; N]) -> bool {
     true
 }
 
-// Not inlined: each stage gets its own 512-byte BPF stack frame.
+/// Adds `packets` frames of `len` bytes to the sender's entry (creating it) and
+/// records its address. Not inlined: each stage gets its own 512-byte stack frame.
 #[inline(never)]
-fn device(p: &Packet, now: u64, len: u64) {
+fn device(p: &Packet, now: u64, packets: u64, len: u64) {
     let key = DeviceKey { ifindex: p.ifindex, vlan: p.vlan, mac: p.src_mac };
     // Unspecified sources (DHCP discover, IPv6 DAD) say nothing about the device.
     let mut v4 = [0u8; 4];
@@ -85,13 +108,13 @@ fn device(p: &Packet, now: u64, len: u64) {
     let link_local = v6[0] == 0xfe && v6[1] & 0xc0 == 0x80;
 
     if let Some(d) = DEVICES.get_ptr_mut(&key) {
-        update_device(d, now, len, &v4, &v6, link_local);
+        update_device(d, now, packets, len, &v4, &v6, link_local);
         return;
     }
     let new = DeviceValue {
         first_seen_ns: now,
         last_seen_ns: now,
-        packets: 1,
+        packets,
         bytes: len,
         ipv4: v4,
         ipv6: v6,
@@ -102,18 +125,28 @@ fn device(p: &Packet, now: u64, len: u64) {
     }
     // Another CPU created it between our lookup and insert.
     match DEVICES.get_ptr_mut(&key) {
-        Some(d) => update_device(d, now, len, &v4, &v6, link_local),
+        Some(d) => update_device(d, now, packets, len, &v4, &v6, link_local),
         None => count(Stat::DeviceUpdateFail, len),
     }
 }
 
 #[inline(always)]
-fn update_device(d: *mut DeviceValue, now: u64, len: u64, v4: &[u8; 4], v6: &[u8; 16], ll: bool) {
+fn update_device(
+    d: *mut DeviceValue,
+    now: u64,
+    packets: u64,
+    len: u64,
+    v4: &[u8; 4],
+    v6: &[u8; 16],
+    ll: bool,
+) {
     // SAFETY: `d` is a live map value; racing plain stores of timestamps/addresses
     // only ever write a value some CPU just observed.
     unsafe {
-        add(&mut (*d).packets, 1);
-        add(&mut (*d).bytes, len);
+        if packets != 0 {
+            add(&mut (*d).packets, packets);
+            add(&mut (*d).bytes, len);
+        }
         (*d).last_seen_ns = now;
         if !is_zero(v4) {
             (*d).ipv4 = *v4;
@@ -125,8 +158,9 @@ fn update_device(d: *mut DeviceValue, now: u64, len: u64, v4: &[u8; 4], v6: &[u8
     }
 }
 
+/// The frame's flow (created if new), and what its sender's device entry needs.
 #[inline(never)]
-fn flow(p: &Packet, now: u64, len: u64) -> Option<*mut FlowValue> {
+fn flow(p: &Packet, now: u64, len: u64) -> (Option<*mut FlowValue>, Dev) {
     let mut key = FlowKey {
         ifindex: p.ifindex,
         vlan: p.vlan,
@@ -142,12 +176,13 @@ fn flow(p: &Packet, now: u64, len: u64) -> Option<*mut FlowValue> {
     }
 
     if let Some(f) = FLOWS.get_ptr_mut(&key) {
-        update_flow(f, now, len, p.tcp_flags);
-        return Some(f);
+        return (Some(f), update_flow(f, p, now, len));
     }
     let new = FlowValue {
         packets: 1,
         bytes: len,
+        foreign_packets: 0,
+        foreign_bytes: 0,
         first_seen_ns: now,
         last_seen_ns: now,
         tcp_flags: p.tcp_flags as u64,
@@ -158,6 +193,8 @@ fn flow(p: &Packet, now: u64, len: u64) -> Option<*mut FlowValue> {
         dst_id: 0,
         segment: 0,
         reported_generation: 0,
+        src_mac: p.src_mac,
+        _pad0: [0; 2],
         verdict: 0,
         app: 0,
         required_app: 0,
@@ -167,31 +204,45 @@ fn flow(p: &Packet, now: u64, len: u64) -> Option<*mut FlowValue> {
     };
     let inserted = FLOWS.insert(&key, &new, BPF_NOEXIST as u64).is_ok();
     match FLOWS.get_ptr_mut(&key) {
-        Some(f) => {
-            // Lost the race to another CPU's insert: add this packet to its entry.
-            if !inserted {
-                update_flow(f, now, len, p.tcp_flags);
-            }
-            Some(f)
-        }
+        // Lost the race to another CPU's insert: add this packet to its entry.
+        Some(f) if !inserted => (Some(f), update_flow(f, p, now, len)),
+        Some(f) => (Some(f), Dev::Record),
         None => {
             count(Stat::FlowUpdateFail, len);
-            None
+            (None, Dev::Count)
         }
     }
 }
 
 #[inline(always)]
-fn update_flow(f: *mut FlowValue, now: u64, len: u64, tcp_flags: u8) {
+fn update_flow(f: *mut FlowValue, p: &Packet, now: u64, len: u64) -> Dev {
     // SAFETY: `f` is a live map value.
     unsafe {
         add(&mut (*f).packets, 1);
         add(&mut (*f).bytes, len);
         (*f).last_seen_ns = now;
+        let flags = p.tcp_flags as u64;
         // Read first: most segments add no new flag, and a plain load is cheaper.
-        if tcp_flags as u64 & !(*f).tcp_flags != 0 {
-            or(&mut (*f).tcp_flags, tcp_flags as u64);
+        if flags & !(*f).tcp_flags != 0 {
+            or(&mut (*f).tcp_flags, flags);
         }
+        if same_mac(&(*f).src_mac, &p.src_mac) {
+            return Dev::Untouched;
+        }
+        add(&mut (*f).foreign_packets, 1);
+        add(&mut (*f).foreign_bytes, len);
+    }
+    Dev::Count
+}
+
+/// Compares two MACs stored at 8-aligned offsets (`FlowValue::src_mac`,
+/// `Packet::src_mac`, both asserted) with two loads each instead of six.
+#[inline(always)]
+fn same_mac(a: &[u8; 6], b: &[u8; 6]) -> bool {
+    let (a, b) = (a.as_ptr(), b.as_ptr());
+    // SAFETY: both are 6 readable bytes at 4-aligned (indeed 8-aligned) addresses.
+    unsafe {
+        *(a as *const u32) == *(b as *const u32) && *(a.add(4) as *const u16) == *(b.add(4) as *const u16)
     }
 }
 

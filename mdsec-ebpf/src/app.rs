@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     bindings::xdp_md,
-    helpers::{bpf_ktime_get_boot_ns, bpf_xdp_load_bytes},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_xdp_load_bytes},
 };
 use mdsec_common::{
     app::{classify, worth_sampling, App, Confidence, Sample, CLASSIFY_BYTES, SAMPLE_BYTES},
@@ -68,7 +68,7 @@ fn sample(ctx: *mut xdp_md, p: &Packet, app: App) {
             entry.discard(0);
             return;
         }
-        (*s).ts_ns = bpf_ktime_get_boot_ns();
+        (*s).ts_ns = bpf_ktime_get_coarse_ns();
         (*s).ifindex = p.ifindex;
         (*s).vlan = p.vlan;
         (*s).proto = p.proto;

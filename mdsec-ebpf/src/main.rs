@@ -21,7 +21,7 @@ mod parse;
 mod stats;
 mod verdict;
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_boot_ns, macros::xdp, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext};
 use mdsec_common::stats::Stat;
 
 #[xdp]
@@ -29,7 +29,7 @@ pub fn mdsec_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     stats::count(Stat::Frames, len);
     // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
 
     let mut slot = core::mem::MaybeUninit::uninit();
     let pkt = parse::Packet::init(&mut slot, ctx.ingress_ifindex() as u32);

@@ -22,6 +22,8 @@ pub use mdsec_common::net::{FRAG_FIRST, FRAG_LATER, FRAG_NONE, L3_ARP, L3_IPV4, 
 
 // Packet::init relies on the "nothing yet" values being zero.
 const _: () = assert!(L3_NONE == 0 && FRAG_NONE == 0);
+// account::same_mac loads the MAC as a u32 and a u16.
+const _: () = assert!(core::mem::offset_of!(Packet, src_mac) % 8 == 0);
 
 // 8-byte aligned, arrays first: the all-zero start is ten 64-bit stores, not a
 // call to the BPF target's byte-wise memset (see `Packet::init`).

@@ -110,6 +110,11 @@ pub struct Report {
     pub packets: u64,
     pub dropped: u64,
     pub flows: u64,
+    /// Devices compared (summed over batches).
+    pub devices: u64,
+    /// Frames of a flow sent by another MAC than its creator's (the device
+    /// accounting's second path).
+    pub foreign: u64,
     pub disagreements: u64,
     /// The first few, described.
     pub examples: Vec<String>,
@@ -303,7 +308,7 @@ pub fn run(n: u64, seed: u64) -> Result<Report> {
         if f.len() < 14 {
             f.resize(14, 0);
         }
-        let now = mdsec_agent::clock::boottime_ns();
+        let now = mdsec_agent::clock::mono_ns();
         let want = pair.model.run(&f, 1, now);
         let got = pair.prog.run(&f)?;
         r.packets += 1;
@@ -357,6 +362,29 @@ pub fn run(n: u64, seed: u64) -> Result<Report> {
                     }
                 }
             }
+            // Every device's frames, as the agent derives them from DEVICES and
+            // the flows it owns, against the model's plain per-MAC count.
+            let kernel_devices = pair.prog.device_totals()?;
+            let model_devices: std::collections::BTreeMap<_, _> =
+                pair.model.devices.iter().map(|(k, v)| (*k, *v)).collect();
+            if kernel_devices != model_devices {
+                r.disagreements += 1;
+                let differ: Vec<_> = model_devices
+                    .iter()
+                    .filter(|(k, v)| kernel_devices.get(k) != Some(v))
+                    .map(|(k, v)| format!("{k:?}: kernel {:?}, model {v:?}", kernel_devices.get(k)))
+                    .take(3)
+                    .collect();
+                if r.examples.len() < 10 {
+                    r.examples.push(format!(
+                        "batch ending at packet {i} (seed {seed}): devices ({} kernel, {} model) differ: {differ:?}",
+                        kernel_devices.len(),
+                        model_devices.len()
+                    ));
+                }
+            }
+            r.devices += model_devices.len() as u64;
+            r.foreign += pair.prog.flows()?.iter().map(|(_, v)| v.foreign_packets).sum::<u64>();
             model_reasons = [0; STATS_LEN as usize];
             last_stats = now_stats;
             r.flows += pair.model.flows.len() as u64;

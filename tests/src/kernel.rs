@@ -125,6 +125,20 @@ impl TestProg {
         Ok(m.iter().filter_map(Result::ok).collect())
     }
 
+    /// Each device's frames and bytes, as the agent derives them (its DEVICES
+    /// entry plus the flows it owns), keyed like DEVICES.
+    pub fn device_totals(&self) -> Result<std::collections::BTreeMap<DeviceKey, (u64, u64)>> {
+        let mut t = mdsec_agent::state::Tables::default();
+        t.merge(&self.flows()?, &self.devices()?);
+        Ok(t.devices
+            .iter()
+            .map(|(k, r)| {
+                let n = r.totals();
+                (*k, (n.packets, n.bytes))
+            })
+            .collect())
+    }
+
     /// Empties FLOWS, DEVICES and FRAGS (STATS are compared as deltas instead).
     pub fn clear(&mut self) -> Result<()> {
         macro_rules! clear {

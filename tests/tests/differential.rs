@@ -1,6 +1,7 @@
 //! The kernel program against the reference model (`mdsec_common::model`) on
 //! generated frames: the same action, flow key, verdict, app, segment and packet
-//! count for every frame, and the same parser stop reasons. `cargo xtask test`
+//! count for every frame, the same parser stop reasons, and the same frame and
+//! byte counts per device. `cargo xtask test`
 //! runs 40,000 frames (a fixed seed and a fresh one); `cargo xtask bench
 //! differential` runs 1,000,000.
 
@@ -12,6 +13,7 @@ fn kernel_and_reference_model_agree_on_generated_frames() {
         assert_eq!(r.disagreements, 0, "seed {seed}: {:#?}", r.examples);
         // The generator reaches every part of the program.
         assert!(r.dropped > 500 && r.flows > 5000, "{r:?}");
+        assert!(r.devices > 10 && r.foreign > 500, "{r:?}");
         for reason in [
             "ok",
             "truncated_l4",

@@ -76,8 +76,38 @@ fn udp_over_ipv4_is_counted_exactly() {
     assert_eq!(devs.len(), 1);
     assert_eq!(devs[0].0.mac, SRC);
     assert_eq!(devs[0].1.ipv4, A.octets());
-    assert_eq!(devs[0].1.packets, 1000);
+    // The flow counts the device's frames: its DEVICES entry only records it.
+    assert_eq!(devs[0].1.packets, 0);
+    assert_eq!(p.device_totals().unwrap()[&devs[0].0], (1000, 1000 * 242));
     assert_eq!(p.stat(Stat::Udp).unwrap(), 1000);
+}
+
+#[test]
+fn a_flow_counts_for_its_creator_and_another_macs_frames_for_that_mac() {
+    let mut p = TestProg::load().unwrap();
+    let own = udp4(10);
+    // Same 5-tuple from another MAC (a spoofer, or a second router on the LAN).
+    let other_mac = [0x02, 0, 0, 0, 0, 0x03];
+    let mut spoof = own.clone();
+    spoof[6..12].copy_from_slice(&other_mac);
+    let arp = arp_request();
+    for _ in 0..7 {
+        run(&mut p, &own);
+    }
+    for _ in 0..3 {
+        run(&mut p, &spoof);
+    }
+    run(&mut p, &arp);
+    let flows = p.flows().unwrap();
+    assert_eq!(flows.len(), 1);
+    let v = flows[0].1;
+    assert_eq!((v.packets, v.foreign_packets, v.src_mac), (10, 3, SRC));
+    let dev = |mac| mdsec_common::device::DeviceKey { ifindex: TEST_RUN_IFINDEX, vlan: 0, mac };
+    let totals = p.device_totals().unwrap();
+    let n = own.len() as u64;
+    assert_eq!(totals[&dev(SRC)], (7 + 1, 7 * n + arp.len() as u64));
+    assert_eq!(totals[&dev(other_mac)], (3, 3 * n));
+    assert_eq!(totals.len(), 2);
 }
 
 #[test]
@@ -196,7 +226,8 @@ fn vlan_stacks() {
     dev_vlans.sort();
     // The 3-tag frame still counts for its sender, under the inner tag it parsed (43).
     assert_eq!(dev_vlans, vec![42, 43]);
-    assert_eq!(p.devices().unwrap().iter().find(|(k, _)| k.vlan == 43).unwrap().1.packets, 2);
+    let k43 = p.devices().unwrap().iter().find(|(k, _)| k.vlan == 43).unwrap().0;
+    assert_eq!(p.device_totals().unwrap()[&k43].0, 2);
 }
 
 fn dstopts() -> (u8, Vec<u8>) {

@@ -243,14 +243,14 @@ pub fn compile(p: &Policy, anchor: &Anchor, limits: Limits) -> Result<Compiled, 
     }
     // 4. Allow entries. Permanent rules win over exceptions on the same key.
     let mut entries: BTreeMap<PolicyKey, PolicyValue> = BTreeMap::new();
-    let now = anchor.wall(anchor.boot_ns());
+    let now = anchor.wall(anchor.mono_ns());
     for r in &p.rules {
         let (flags, expires_ns) = match &r.exception {
             None => (0, 0),
             Some(e) if e.expires <= now => continue,
             Some(e) => {
                 let ahead = e.expires.duration_since(now).unwrap_or_default();
-                (POLICY_FLAG_EXCEPTION, anchor.boot_ns().saturating_add(ahead.as_nanos() as u64).max(1))
+                (POLICY_FLAG_EXCEPTION, anchor.mono_ns().saturating_add(ahead.as_nanos() as u64).max(1))
             }
         };
         let value = PolicyValue {

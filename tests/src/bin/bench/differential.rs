@@ -14,11 +14,13 @@ pub fn run() -> Result<()> {
     let took = t0.elapsed();
     let reasons: Vec<String> = r.reasons.iter().map(|(k, v)| format!("{k} {v}")).collect();
     let table = format!(
-        "| frames | seed | disagreements | dropped | flows | time |\n|---|---|---|---|---|---|\n| {} | {seed} | **{}** | {} | {} | {:.0} s |\n",
+        "| frames | seed | disagreements | dropped | flows | devices | foreign-MAC frames | time |\n|---|---|---|---|---|---|---|---|\n| {} | {seed} | **{}** | {} | {} | {} | {} | {:.0} s |\n",
         r.packets,
         r.disagreements,
         r.dropped,
         r.flows,
+        r.devices,
+        r.foreign,
         took.as_secs_f64()
     );
     println!("{table}");
@@ -31,8 +33,9 @@ pub fn run() -> Result<()> {
          with extension chains, TCP/UDP/ICMP/other, fixture and random payloads, replies of earlier flows, \
          truncations and corrupted headers) go through the kernel program (BPF_PROG_TEST_RUN) and through \
          `mdsec_common::model` with the same five-segment policy; they must agree on the action, the flow key, \
-         the flow's verdict, segment, app and packet count, and on the parser's stop reasons per batch of \
-         5,000. Machine: {}.\n\n{table}\nParse outcomes of the frames: {}.\n",
+         the flow's verdict, segment, app and packet count, and, per batch of 5,000, on the parser's stop \
+         reasons and on every device's frame and byte counts (the kernel's derived from DEVICES and the flows \
+         each device owns, as the agent sums them). Machine: {}.\n\n{table}\nParse outcomes of the frames: {}.\n",
         crate::machine(),
         reasons.join(", ")
     );

@@ -44,7 +44,7 @@ pub fn run() -> Result<()> {
         names::PROGRAM,
         &[(names::FLOWS, FLOWS + FLOWS / 10), (names::DEVICES, DEVICES * 2)],
     )?;
-    let now = mdsec_agent::clock::boottime_ns();
+    let now = mdsec_agent::clock::mono_ns();
     let fill = Instant::now();
     {
         let mut flows_map = prog.take_map(names::FLOWS)?;
