@@ -231,8 +231,12 @@ pub enum OnExit {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MapSizes {
+    /// IPv4 flows (`FLOWS4`).
     #[serde(default = "default_flows")]
     pub flows: u32,
+    /// Flows with an IPv6 address (`FLOWS`): a separate table with a longer key.
+    #[serde(default = "default_flows_ipv6")]
+    pub flows_ipv6: u32,
     #[serde(default = "default_devices")]
     pub devices: u32,
     #[serde(default = "default_fragments")]
@@ -241,12 +245,20 @@ pub struct MapSizes {
 
 impl Default for MapSizes {
     fn default() -> Self {
-        MapSizes { flows: default_flows(), devices: default_devices(), fragments: default_fragments() }
+        MapSizes {
+            flows: default_flows(),
+            flows_ipv6: default_flows_ipv6(),
+            devices: default_devices(),
+            fragments: default_fragments(),
+        }
     }
 }
 
 fn default_flows() -> u32 {
     maps::DEFAULT_FLOWS_MAX
+}
+fn default_flows_ipv6() -> u32 {
+    maps::DEFAULT_FLOWS6_MAX
 }
 fn default_devices() -> u32 {
     maps::DEFAULT_DEVICES_MAX
@@ -361,9 +373,12 @@ impl Config {
                 return Err(at(&i.name, format!("interface `{}` is listed twice", i.name)));
             }
         }
-        for (name, v) in
-            [("flows", self.maps.flows), ("devices", self.maps.devices), ("fragments", self.maps.fragments)]
-        {
+        for (name, v) in [
+            ("flows", self.maps.flows),
+            ("flows_ipv6", self.maps.flows_ipv6),
+            ("devices", self.maps.devices),
+            ("fragments", self.maps.fragments),
+        ] {
             if !(16..=1 << 26).contains(&v) {
                 return Err(at(name, format!("maps.{name} = {v} is outside 16..=67108864")));
             }
@@ -462,6 +477,7 @@ mod tests {
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert!(c.listen.ip().is_loopback());
         assert_eq!(c.maps.flows, maps::DEFAULT_FLOWS_MAX);
+        assert_eq!(c.maps.flows_ipv6, maps::DEFAULT_FLOWS6_MAX);
         assert_eq!(c.on_exit, OnExit::Detach);
         assert_eq!(c.interfaces[0].xdp_mode, XdpMode::Driver);
     }

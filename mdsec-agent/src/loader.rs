@@ -25,7 +25,7 @@ use aya::{
 use log::{info, warn};
 use mdsec_common::{
     device::{DeviceKey, DeviceValue},
-    flow::{FlowKey, FlowValue},
+    flow::{FlowKey, FlowKey4, FlowValue},
     frag::{FragKey, FragValue},
     maps as names,
     policy::{
@@ -69,6 +69,7 @@ fn map_layout(name: &str) -> (u32, u32) {
     use std::mem::size_of;
     match name {
         names::FLOWS => (size_of::<FlowKey>() as u32, size_of::<FlowValue>() as u32),
+        names::FLOWS4 => (size_of::<FlowKey4>() as u32, size_of::<FlowValue>() as u32),
         names::DEVICES => (size_of::<DeviceKey>() as u32, size_of::<DeviceValue>() as u32),
         names::FRAGS => (size_of::<FragKey>() as u32, size_of::<FragValue>() as u32),
         names::STATS => (4, size_of::<Counter>() as u32),
@@ -97,7 +98,8 @@ impl Datapath {
         fs::create_dir_all(&links_dir).with_context(|| format!("create {}", links_dir.display()))?;
 
         let sizes = [
-            (names::FLOWS, cfg.maps.flows),
+            (names::FLOWS, cfg.maps.flows_ipv6),
+            (names::FLOWS4, cfg.maps.flows),
             (names::DEVICES, cfg.maps.devices),
             (names::FRAGS, cfg.maps.fragments),
             (names::STATS, STATS_LEN),

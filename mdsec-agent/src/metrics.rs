@@ -166,8 +166,15 @@ fn datapath(r: &R, st: &AppState) {
         "Kernel entries the LRU evicted before the agent aged them out (their counts are kept).",
         &["map"],
     );
+    // IPv4 flows live in their own table (`maps.flows`), IPv6 in another.
     for (m, n, c, e) in [
-        ("flows", t.kernel_flows, st.map_sizes.flows, t.flow_evictions),
+        ("flows_ipv4", t.kernel_flows4, st.map_sizes.flows, t.flow4_evictions),
+        (
+            "flows_ipv6",
+            t.kernel_flows - t.kernel_flows4,
+            st.map_sizes.flows_ipv6,
+            t.flow_evictions - t.flow4_evictions,
+        ),
         ("devices", t.kernel_devices, st.map_sizes.devices, t.device_evictions),
     ] {
         entries.with_label_values(&[m]).set(n as i64);

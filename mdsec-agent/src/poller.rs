@@ -1,5 +1,7 @@
-//! Owns the FLOWS, DEVICES and STATS maps on the user side: reads them every poll
-//! interval, merges into [`Tables`], and ages idle flows out of the kernel. Drives
+//! Owns the FLOWS, FLOWS4, DEVICES and STATS maps on the user side: reads them
+//! every poll interval, merges into [`Tables`] (IPv4 flows as IPv4-mapped
+//! [`FlowKey`]s, so the rest of the agent sees one kind of flow), and ages idle flows
+//! out of the kernel. Drives
 //! the per-segment counters' reads ([`SegStats`]) on the same clock.
 
 use std::{
@@ -12,7 +14,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use log::warn;
 use mdsec_common::{
     device::{DeviceKey, DeviceValue},
-    flow::{FlowKey, FlowValue},
+    flow::{FlowKey, FlowKey4, FlowValue},
     maps as names,
     stats::{Counter, STATS_LEN},
 };
@@ -21,6 +23,7 @@ use crate::{clock, loader::Datapath, segstats::SegStats, state::Tables};
 
 pub struct Poller {
     flows: BpfHashMap<MapData, FlowKey, FlowValue>,
+    flows4: BpfHashMap<MapData, FlowKey4, FlowValue>,
     devices: BpfHashMap<MapData, DeviceKey, DeviceValue>,
     stats: PerCpuArray<MapData, Counter>,
     segstats: Arc<Mutex<SegStats>>,
@@ -31,6 +34,7 @@ impl Poller {
     pub fn new(dp: &mut Datapath, segstats: Arc<Mutex<SegStats>>, idle: Duration) -> Result<Poller> {
         Self::from_maps(
             dp.take_map(names::FLOWS)?,
+            dp.take_map(names::FLOWS4)?,
             dp.take_map(names::DEVICES)?,
             dp.take_map(names::STATS)?,
             segstats,
@@ -41,6 +45,7 @@ impl Poller {
     /// From the maps themselves (the benchmark polls a loaded, unattached datapath).
     pub fn from_maps(
         flows: aya::maps::Map,
+        flows4: aya::maps::Map,
         devices: aya::maps::Map,
         stats: aya::maps::Map,
         segstats: Arc<Mutex<SegStats>>,
@@ -48,6 +53,7 @@ impl Poller {
     ) -> Result<Poller> {
         Ok(Poller {
             flows: BpfHashMap::try_from(flows)?,
+            flows4: BpfHashMap::try_from(flows4)?,
             devices: BpfHashMap::try_from(devices)?,
             stats: PerCpuArray::try_from(stats)?,
             segstats,
@@ -59,7 +65,8 @@ impl Poller {
     pub fn poll(&mut self, tables: &RwLock<Tables>) -> Result<()> {
         // Counters first: the flow table read after them is at least as new.
         self.segstats.lock().unwrap().poll()?;
-        let flows: Vec<_> = self.flows.iter().filter_map(Result::ok).collect();
+        let mut flows: Vec<_> = self.flows.iter().filter_map(Result::ok).collect();
+        flows.extend(self.flows4.iter().filter_map(Result::ok).map(|(k, v)| (FlowKey::from(k), v)));
         let devices: Vec<_> = self.devices.iter().filter_map(Result::ok).collect();
         let mut stats = Vec::with_capacity(STATS_LEN as usize);
         for i in 0..STATS_LEN {
@@ -78,14 +85,21 @@ impl Poller {
         for k in idle {
             // A packet may have arrived since the snapshot: only delete what is
             // still idle, so no count is lost.
-            let still_idle = match self.flows.get(&k, 0) {
+            let now = match k.v4() {
+                Some(k4) => self.flows4.get(&k4, 0),
+                None => self.flows.get(&k, 0),
+            };
+            let still_idle = match now {
                 Ok(v) => clock::mono_ns().saturating_sub(v.last_seen_ns) > self.idle.as_nanos() as u64,
                 Err(_) => true,
             };
             if !still_idle {
                 continue;
             }
-            let _ = self.flows.remove(&k);
+            let _ = match k.v4() {
+                Some(k4) => self.flows4.remove(&k4),
+                None => self.flows.remove(&k),
+            };
             tables.write().unwrap().forget_flow(&k);
         }
         Ok(())

@@ -153,12 +153,16 @@ impl DeviceRecord {
 pub struct Tables {
     pub flows: HashMap<FlowKey, FlowRecord>,
     pub devices: HashMap<DeviceKey, DeviceRecord>,
-    /// Entries in the kernel maps at the last read.
+    /// Entries in the kernel maps at the last read (`kernel_flows`: both flow
+    /// maps; `kernel_flows4`: FLOWS4's share).
     pub kernel_flows: usize,
+    pub kernel_flows4: usize,
     pub kernel_devices: usize,
     /// Kernel entries that disappeared without the agent removing them: the LRU
     /// evicted them (idle flows the agent ages out are not counted).
     pub flow_evictions: u64,
+    /// FLOWS4's share of `flow_evictions`.
+    pub flow4_evictions: u64,
     pub device_evictions: u64,
     /// Summed over CPUs, indexed like [`Stat::ALL`].
     pub stats: Vec<Counter>,
@@ -191,7 +195,9 @@ impl Tables {
                 owner: v.owner(k),
                 owned: Monotonic::default(),
             });
-            self.flow_evictions += r.counts.observe(v.first_seen_ns, v.packets, v.bytes) as u64;
+            let evicted = r.counts.observe(v.first_seen_ns, v.packets, v.bytes) as u64;
+            self.flow_evictions += evicted;
+            self.flow4_evictions += evicted * k.v4().is_some() as u64;
             if r.owner != v.owner(k) {
                 // Recreated by another MAC: what the old owner sent stays its own.
                 let old = std::mem::take(&mut r.owned).totals();
@@ -218,11 +224,14 @@ impl Tables {
         }
         for (k, r) in self.flows.iter_mut() {
             if !present.contains(k) {
-                self.flow_evictions += r.counts.vanished() as u64;
+                let evicted = r.counts.vanished() as u64;
+                self.flow_evictions += evicted;
+                self.flow4_evictions += evicted * k.v4().is_some() as u64;
                 r.owned.vanished();
             }
         }
         self.kernel_flows = snapshot.len();
+        self.kernel_flows4 = snapshot.iter().filter(|(k, _)| k.v4().is_some()).count();
     }
 
     fn merge_devices(&mut self, snapshot: &[(DeviceKey, DeviceValue)]) {

@@ -27,7 +27,67 @@ pub struct FlowKey {
     pub dport: u16,
 }
 
-/// Value of the `FLOWS` LRU hash. Timestamps are `CLOCK_MONOTONIC_COARSE` nanoseconds.
+/// Key of the `FLOWS4` LRU hash: flows whose two addresses are IPv4 (IPv4 frames,
+/// and IPv6 frames carrying IPv4-mapped addresses). The kernel hashes the whole
+/// key on every lookup: 20 bytes hash in about half the time of [`FlowKey`]'s 44.
+/// Userspace sees every flow as a [`FlowKey`]; [`FlowKey::v4`] says which map
+/// holds it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey4 {
+    pub ifindex: u32,
+    pub vlan: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// True for `::ffff:a.b.c.d`.
+#[inline(always)]
+pub fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    a[..10] == [0; 10] && a[10] == 0xff && a[11] == 0xff
+}
+
+impl FlowKey {
+    /// The `FLOWS4` key of this flow, if both addresses are IPv4-mapped (then
+    /// that is the map that holds it, never `FLOWS`).
+    pub fn v4(&self) -> Option<FlowKey4> {
+        if !is_v4_mapped(&self.src) || !is_v4_mapped(&self.dst) {
+            return None;
+        }
+        let (s, d) = (&self.src, &self.dst);
+        Some(FlowKey4 {
+            ifindex: self.ifindex,
+            vlan: self.vlan,
+            proto: self.proto,
+            _pad: 0,
+            src: [s[12], s[13], s[14], s[15]],
+            dst: [d[12], d[13], d[14], d[15]],
+            sport: self.sport,
+            dport: self.dport,
+        })
+    }
+}
+
+impl From<FlowKey4> for FlowKey {
+    fn from(k: FlowKey4) -> FlowKey {
+        FlowKey {
+            ifindex: k.ifindex,
+            vlan: k.vlan,
+            proto: k.proto,
+            _pad: 0,
+            src: crate::net::v4_mapped(k.src),
+            dst: crate::net::v4_mapped(k.dst),
+            sport: k.sport,
+            dport: k.dport,
+        }
+    }
+}
+
+/// Value of the `FLOWS` and `FLOWS4` LRU hashes. Timestamps are `CLOCK_MONOTONIC_COARSE` nanoseconds.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
@@ -90,6 +150,7 @@ impl FlowValue {
 mod user {
     use super::*;
     unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowKey4 {}
     unsafe impl aya::Pod for FlowValue {}
 
     impl FlowKey {
@@ -103,6 +164,7 @@ mod user {
 }
 
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 44);
+const _: () = assert!(core::mem::size_of::<FlowKey4>() == 20);
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 104);
 // The datapath compares `src_mac` as one u32 and one u16 load.
 const _: () = assert!(core::mem::offset_of!(FlowValue, src_mac) % 8 == 0);

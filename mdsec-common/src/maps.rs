@@ -5,8 +5,11 @@
 pub const BASELINE_PASS: &str = "mdsec_baseline_pass";
 pub const BASELINE_DROP: &str = "mdsec_baseline_drop";
 
-/// LRU hash: [`crate::flow::FlowKey`] → [`crate::flow::FlowValue`].
+/// LRU hash: [`crate::flow::FlowKey`] → [`crate::flow::FlowValue`]: flows with an
+/// IPv6 address.
 pub const FLOWS: &str = "FLOWS";
+/// LRU hash: [`crate::flow::FlowKey4`] → [`crate::flow::FlowValue`]: IPv4 flows.
+pub const FLOWS4: &str = "FLOWS4";
 /// LRU hash: [`crate::device::DeviceKey`] → [`crate::device::DeviceValue`].
 pub const DEVICES: &str = "DEVICES";
 /// LRU hash: [`crate::frag::FragKey`] → [`crate::frag::FragValue`].
@@ -40,8 +43,8 @@ pub const EVENT_BUCKET: &str = "EVENT_BUCKET";
 
 /// All maps the agent pins, in a fixed order. The ring buffers (`EVENTS`,
 /// `SAMPLES`) and `EVENT_BUCKET` are not pinned: a new agent starts fresh ones.
-pub const ALL: [&str; 12] =
-    [FLOWS, DEVICES, FRAGS, STATS, SEG_STATS, IDENT, MACS, POLICY, SEGMENTS, CONFIG, IFACES, ALLOWED];
+pub const ALL: [&str; 13] =
+    [FLOWS, FLOWS4, DEVICES, FRAGS, STATS, SEG_STATS, IDENT, MACS, POLICY, SEGMENTS, CONFIG, IFACES, ALLOWED];
 
 /// Name of the XDP program in the object.
 pub const PROGRAM: &str = "mdsec_xdp";
@@ -51,7 +54,10 @@ pub const PROGRAM: &str = "mdsec_xdp";
 pub const LAYOUT_VERSION: u32 = 6;
 
 /// Compile-time sizes in the object; the agent overrides them at load time.
+/// `FLOWS4` (IPv4 flows) and `FLOWS` (IPv6): hospital device traffic is mostly
+/// IPv4, so the IPv6 table defaults to a quarter (both preallocate).
 pub const DEFAULT_FLOWS_MAX: u32 = 262_144;
+pub const DEFAULT_FLOWS6_MAX: u32 = 65_536;
 pub const DEFAULT_DEVICES_MAX: u32 = 16_384;
 pub const DEFAULT_FRAGS_MAX: u32 = 8_192;
 /// Identity prefixes, both generations together.

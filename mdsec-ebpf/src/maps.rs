@@ -9,11 +9,11 @@ use aya_ebpf::{
 };
 use mdsec_common::{
     device::{DeviceKey, DeviceValue},
-    flow::{FlowKey, FlowValue},
+    flow::{FlowKey, FlowKey4, FlowValue},
     frag::{FragKey, FragValue},
     maps::{
-        DEFAULT_ALLOWED_MAX, DEFAULT_DEVICES_MAX, DEFAULT_FLOWS_MAX, DEFAULT_FRAGS_MAX, DEFAULT_IDENT_MAX,
-        DEFAULT_MACS_MAX, DEFAULT_POLICY_MAX, EVENTS_BYTES, IFACES_MAX, SAMPLES_BYTES,
+        DEFAULT_ALLOWED_MAX, DEFAULT_DEVICES_MAX, DEFAULT_FLOWS6_MAX, DEFAULT_FLOWS_MAX, DEFAULT_FRAGS_MAX,
+        DEFAULT_IDENT_MAX, DEFAULT_MACS_MAX, DEFAULT_POLICY_MAX, EVENTS_BYTES, IFACES_MAX, SAMPLES_BYTES,
     },
     policy::{IdentData, MacKey, PolicyConfig, PolicyData, PolicyValue, SegmentInfo, TupleKey, MAX_IDS},
     segstats::SEG_STATS_LEN,
@@ -21,7 +21,10 @@ use mdsec_common::{
 };
 
 #[map(name = "FLOWS")]
-pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_FLOWS_MAX, 0);
+pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_FLOWS6_MAX, 0);
+
+#[map(name = "FLOWS4")]
+pub static FLOWS4: LruHashMap<FlowKey4, FlowValue> = LruHashMap::with_max_entries(DEFAULT_FLOWS_MAX, 0);
 
 #[map(name = "DEVICES")]
 pub static DEVICES: LruHashMap<DeviceKey, DeviceValue> = LruHashMap::with_max_entries(DEFAULT_DEVICES_MAX, 0);

@@ -22,8 +22,11 @@ pub use mdsec_common::net::{FRAG_FIRST, FRAG_LATER, FRAG_NONE, L3_ARP, L3_IPV4, 
 
 // Packet::init relies on the "nothing yet" values being zero.
 const _: () = assert!(L3_NONE == 0 && FRAG_NONE == 0);
-// account::same_mac loads the MAC as a u32 and a u16.
+// account::same_mac loads the MAC as a u32 and a u16, account::mapped an address
+// as a u64 and a u32.
 const _: () = assert!(core::mem::offset_of!(Packet, src_mac) % 8 == 0);
+const _: () =
+    assert!(core::mem::offset_of!(Packet, src) % 8 == 0 && core::mem::offset_of!(Packet, dst) % 8 == 0);
 
 // 8-byte aligned, arrays first: the all-zero start is ten 64-bit stores, not a
 // call to the BPF target's byte-wise memset (see `Packet::init`).

@@ -10,7 +10,7 @@ use aya::{
 use mdsec_agent::loader::EBPF_OBJECT;
 use mdsec_common::{
     device::{DeviceKey, DeviceValue},
-    flow::{FlowKey, FlowValue},
+    flow::{FlowKey, FlowKey4, FlowValue},
     maps as names,
     stats::{Counter, STATS_LEN, Stat},
 };
@@ -102,17 +102,32 @@ impl TestProg {
         Ok(self.stats()?[s as usize].packets)
     }
 
+    /// Both flow maps, IPv4 flows as IPv4-mapped keys (as the agent reads them).
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
         let m: BpfHashMap<&MapData, FlowKey, FlowValue> =
             BpfHashMap::try_from(self.ebpf.map(names::FLOWS).unwrap())?;
-        Ok(m.iter().filter_map(Result::ok).collect())
+        let m4: BpfHashMap<&MapData, FlowKey4, FlowValue> =
+            BpfHashMap::try_from(self.ebpf.map(names::FLOWS4).unwrap())?;
+        let mut v: Vec<_> = m.iter().filter_map(Result::ok).collect();
+        v.extend(m4.iter().filter_map(Result::ok).map(|(k, v)| (FlowKey::from(k), v)));
+        Ok(v)
     }
 
-    /// One FLOWS entry.
+    /// One flow entry, from the map that holds its key.
     pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>> {
-        let m: BpfHashMap<&MapData, FlowKey, FlowValue> =
-            BpfHashMap::try_from(self.ebpf.map(names::FLOWS).unwrap())?;
-        match m.get(key, 0) {
+        let got = match key.v4() {
+            Some(k4) => {
+                let m: BpfHashMap<&MapData, FlowKey4, FlowValue> =
+                    BpfHashMap::try_from(self.ebpf.map(names::FLOWS4).unwrap())?;
+                m.get(&k4, 0)
+            }
+            None => {
+                let m: BpfHashMap<&MapData, FlowKey, FlowValue> =
+                    BpfHashMap::try_from(self.ebpf.map(names::FLOWS).unwrap())?;
+                m.get(key, 0)
+            }
+        };
+        match got {
             Ok(v) => Ok(Some(v)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e.into()),
@@ -139,7 +154,7 @@ impl TestProg {
             .collect())
     }
 
-    /// Empties FLOWS, DEVICES and FRAGS (STATS are compared as deltas instead).
+    /// Empties FLOWS, FLOWS4, DEVICES and FRAGS (STATS are compared as deltas instead).
     pub fn clear(&mut self) -> Result<()> {
         macro_rules! clear {
             ($name:expr, $k:ty, $v:ty) => {{
@@ -152,6 +167,7 @@ impl TestProg {
             }};
         }
         clear!(names::FLOWS, FlowKey, FlowValue);
+        clear!(names::FLOWS4, FlowKey4, FlowValue);
         clear!(names::DEVICES, DeviceKey, DeviceValue);
         clear!(names::FRAGS, mdsec_common::frag::FragKey, mdsec_common::frag::FragValue);
         if self.ebpf.map(names::ALLOWED).is_some() {

@@ -132,9 +132,9 @@ fn a_spoofed_flood_of_ten_times_the_flow_table_changes_no_verdict() {
     assert_eq!(drops(&agent), 10_340);
     // The tables stayed within their size; the agent saw and counted evictions.
     let m = agent.metrics().unwrap();
-    assert!(m.get(r#"mdsec_map_entries{map="flows"}"#).unwrap() <= 1024.0);
+    assert!(m.get(r#"mdsec_map_entries{map="flows_ipv4"}"#).unwrap() <= 1024.0);
     assert!(m.get(r#"mdsec_map_entries{map="devices"}"#).unwrap() <= 256.0);
-    let evicted = m.get(r#"mdsec_lru_evictions_total{map="flows"}"#).unwrap();
+    let evicted = m.get(r#"mdsec_lru_evictions_total{map="flows_ipv4"}"#).unwrap();
     assert!(evicted >= 500.0, "only {evicted} flow evictions counted");
     assert_eq!(m.get(r#"mdsec_map_update_failures_total{map="flows"}"#), Some(0.0));
 }

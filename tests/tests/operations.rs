@@ -102,7 +102,8 @@ fn metrics_match_known_traffic_and_real_prometheus_scrapes_them() {
         (r#"mdsec_policy_exceptions_active{segment="pumps"}"#, 0.0),
         (r#"mdsec_segment_info{segment="pumps",mode="enforce",function="infusion-pump"}"#, 1.0),
         (r#"mdsec_interface_info{iface="gw1",role="inline",xdp_mode="driver"}"#, 1.0),
-        (r#"mdsec_map_capacity_entries{map="flows"}"#, 262144.0),
+        (r#"mdsec_map_capacity_entries{map="flows_ipv4"}"#, 262144.0),
+        (r#"mdsec_map_capacity_entries{map="flows_ipv6"}"#, 65536.0),
     ];
     for (series, value) in expect {
         assert_eq!(m.get(series), Some(value), "{series}");

@@ -111,6 +111,32 @@ fn a_flow_counts_for_its_creator_and_another_macs_frames_for_that_mac() {
 }
 
 #[test]
+fn ipv4_flows_and_ipv6_flows_live_in_their_own_maps() {
+    let mut p = TestProg::load().unwrap();
+    let l4 = frames::udp(4000, 53, &[0xab; 10]);
+    let v6 = frames::eth(DST, SRC, &[], 0x86dd, &frames::ipv6(a6(), b6(), &[], 17, &l4));
+    // IPv4-mapped addresses inside an IPv6 header are the IPv4 flow's key: the
+    // same FLOWS4 entry, whatever header carried them.
+    let mapped = frames::eth(
+        DST,
+        SRC,
+        &[],
+        0x86dd,
+        &frames::ipv6(A.to_ipv6_mapped(), B.to_ipv6_mapped(), &[], 17, &l4),
+    );
+    let v4 = frames::eth(DST, SRC, &[], 0x0800, &V4::new(A, B, 17).build(&l4));
+    for f in [&v6, &mapped, &v4] {
+        run(&mut p, f);
+    }
+    let k4 = key(v4_mapped(A.octets()), v4_mapped(B.octets()), 17, 4000, 53, 0);
+    let k6 = key(ip_to_key(a6().into()), ip_to_key(b6().into()), 17, 4000, 53, 0);
+    assert!(k4.v4().is_some() && k6.v4().is_none());
+    assert_eq!(p.flow(&k4).unwrap().unwrap().packets, 2);
+    assert_eq!(p.flow(&k6).unwrap().unwrap().packets, 1);
+    assert_eq!(p.flows().unwrap().len(), 2);
+}
+
+#[test]
 fn truncation_at_every_ipv4_boundary_is_counted_and_passes() {
     let mut p = TestProg::load().unwrap();
     let full = udp4(4);

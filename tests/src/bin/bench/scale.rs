@@ -12,9 +12,8 @@ use aya::maps::HashMap as BpfHashMap;
 use mdsec_agent::{poller::Poller, segstats::SegStats, state::Tables};
 use mdsec_common::{
     device::{DeviceKey, DeviceValue},
-    flow::{FlowKey, FlowValue},
+    flow::{FlowKey4, FlowValue},
     maps as names,
-    net::v4_mapped,
 };
 use mdsec_tests::kernel::TestProg;
 
@@ -42,30 +41,34 @@ fn cpu_time() -> Duration {
 pub fn run() -> Result<()> {
     let mut prog = TestProg::load_with(
         names::PROGRAM,
-        &[(names::FLOWS, FLOWS + FLOWS / 10), (names::DEVICES, DEVICES * 2)],
+        &[(names::FLOWS4, FLOWS + FLOWS / 10), (names::DEVICES, DEVICES * 2)],
     )?;
     let now = mdsec_agent::clock::mono_ns();
     let fill = Instant::now();
     {
-        let mut flows_map = prog.take_map(names::FLOWS)?;
+        let flows6_map = prog.take_map(names::FLOWS)?;
+        let mut flows_map = prog.take_map(names::FLOWS4)?;
         let mut devices_map = prog.take_map(names::DEVICES)?;
-        let mut flows: BpfHashMap<_, FlowKey, FlowValue> = BpfHashMap::try_from(&mut flows_map)?;
+        let mut flows: BpfHashMap<_, FlowKey4, FlowValue> = BpfHashMap::try_from(&mut flows_map)?;
         for i in 0..FLOWS {
-            let k = FlowKey {
-                ifindex: 1 + i % 4,
+            let k = FlowKey4 {
+                ifindex: 1,
                 vlan: 0,
                 proto: 6,
                 _pad: 0,
-                src: v4_mapped([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]),
-                dst: v4_mapped([10, 255, 0, 1]),
+                src: [10, (i >> 16) as u8, (i >> 8) as u8, i as u8],
+                dst: [10, 255, 0, 1],
                 sport: 40000,
                 dport: 2575,
             };
+            // Spread over the devices, so the merge sums flows into every one.
+            let d = i % DEVICES;
             let v = FlowValue {
                 packets: 10,
                 bytes: 1500,
                 first_seen_ns: now,
                 last_seen_ns: now,
+                src_mac: [0x02, 0, 0, (d >> 16) as u8, (d >> 8) as u8, d as u8],
                 ..Default::default()
             };
             flows.insert(k, v, 0)?;
@@ -90,6 +93,7 @@ pub fn run() -> Result<()> {
         let segstats = Arc::new(Mutex::new(SegStats::new(prog.take_map(names::SEG_STATS)?)?));
         let fill_t = fill.elapsed();
         let mut poller = Poller::from_maps(
+            flows6_map,
             flows_map,
             devices_map,
             prog.take_map(names::STATS)?,
