@@ -45,7 +45,7 @@ pub fn mdsec_xdp(ctx: XdpContext) -> u32 {
             app::identify(ctx.ctx, pkt, f);
         }
     }
-    let action = verdict::decide(pkt, flow, now, len);
+    let action = verdict::decide(ctx.ctx, pkt, flow, now, len);
     stats::count(if action == xdp_action::XDP_DROP { Stat::Drop } else { Stat::Pass }, len);
     action
 }

@@ -36,7 +36,6 @@ pub struct Packet {
     pub src: [u8; 16],
     pub dst: [u8; 16],
     pub src_mac: [u8; 6],
-    pub dst_mac: [u8; 6],
     /// ARP sender protocol address.
     pub arp_spa: [u8; 4],
     pub ifindex: u32,
@@ -125,7 +124,6 @@ pub fn parse(ctx: &XdpContext, p: &mut Packet) -> Result<(), Stat> {
     // SAFETY: bounds checked by ptr_at.
     let eth = unsafe { &*eth };
     p.has_eth = true;
-    p.dst_mac = [eth[0], eth[1], eth[2], eth[3], eth[4], eth[5]];
     p.src_mac = [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]];
     let mut ethertype = be16(eth[12], eth[13]);
     let mut off = ETH_HLEN;

@@ -6,7 +6,11 @@
 //! lookup: exact port, port range block, any port, any proto) → replies of allowed
 //! flows → the segments' defaults. Monitor segments and mirror ports never drop.
 
-use aya_ebpf::{bindings::xdp_action, maps::lpm_trie::Key};
+use aya_ebpf::{
+    bindings::{xdp_action, xdp_md},
+    helpers::bpf_xdp_load_bytes,
+    maps::lpm_trie::Key,
+};
 use mdsec_common::{
     app::{port_hint, Confidence},
     flow::FlowValue,
@@ -25,7 +29,7 @@ use crate::{
     stats::count,
 };
 
-pub fn decide(p: &Packet, flow: Option<*mut FlowValue>, now: u64, len: u64) -> u32 {
+pub fn decide(ctx: *mut xdp_md, p: &Packet, flow: Option<*mut FlowValue>, now: u64, len: u64) -> u32 {
     let Some(f) = flow else {
         return xdp_action::XDP_PASS;
     };
@@ -40,10 +44,10 @@ pub fn decide(p: &Packet, flow: Option<*mut FlowValue>, now: u64, len: u64) -> u
     // from the same policy, so any interleaving is a valid verdict.
     let fv = unsafe { &mut *f };
     if fv.generation != gen || now >= fv.valid_until_ns {
-        evaluate(p, f, gen, now);
+        evaluate(ctx, p, f, gen, now);
     }
     if fv.verdict == Verdict::AppPending as u8 && fv.app_done != 0 {
-        check_app(fv, gen);
+        check_app(fv, gen, p.ifindex);
     }
 
     let verdict = fv.verdict;
@@ -52,10 +56,7 @@ pub fn decide(p: &Packet, flow: Option<*mut FlowValue>, now: u64, len: u64) -> u
             emit(p, fv, gen, now, cfg.event_rate);
         }
         let app_rule = fv.required_app != 0;
-        // A mirror port only sees copies: dropping them protects nothing.
-        // SAFETY: plain map lookup.
-        let mirror = unsafe { IFACES.get(&p.ifindex) }.is_some_and(|f| *f & IFACE_MIRROR != 0);
-        if verdict == Verdict::Drop as u8 && !mirror {
+        if verdict == Verdict::Drop as u8 {
             count(Stat::PolicyDrop, len);
             let col = if app_rule { COL_DROP_APP_MISMATCH } else { Verdict::Drop as u32 };
             count_segment(gen, fv.segment, col, len);
@@ -97,7 +98,7 @@ fn count_segment(gen: u32, segment: u32, col: u32, bytes: u64) {
 /// The first payload of a flow whose rule requires an app has been classified:
 /// only a payload-based (high-confidence) match satisfies the rule.
 #[inline(always)]
-fn check_app(fv: &mut FlowValue, gen: u32) {
+fn check_app(fv: &mut FlowValue, gen: u32, ifindex: u32) {
     if app_satisfies(fv.app, fv.app_confidence, fv.required_app) {
         fv.verdict = Verdict::Allow as u8;
         return;
@@ -106,7 +107,7 @@ fn check_app(fv: &mut FlowValue, gen: u32) {
     let s = seg_info(bit, fv.src_id);
     let d = seg_info(bit, fv.dst_id);
     let (verdict, segment) = deny(&s, &d, true);
-    fv.verdict = verdict as u8;
+    fv.verdict = on_port(verdict, ifindex) as u8;
     fv.segment = segment;
     // A new verdict: report it even if the flow was reported before.
     fv.reported_generation = 0;
@@ -173,8 +174,10 @@ fn allowed(bit: u8, src: u32, dst: u32, proto: u8, port: u16, now: u64) -> Optio
     Some((v.rule, v.app, v.live_until(now)?, v.segment as u32))
 }
 
+/// Only the context crosses the call, not packet pointers: the destination MAC is
+/// read here with a helper, so the parser need not copy it for every frame.
 #[inline(never)]
-fn evaluate(p: &Packet, f: *mut FlowValue, gen: u32, now: u64) {
+fn evaluate(ctx: *mut xdp_md, p: &Packet, f: *mut FlowValue, gen: u32, now: u64) {
     // SAFETY: see `decide`.
     let fv = unsafe { &mut *f };
     fv.generation = gen;
@@ -188,7 +191,11 @@ fn evaluate(p: &Packet, f: *mut FlowValue, gen: u32, now: u64) {
     }
     let bit = (gen & 1) as u8;
     let src_id = identity(bit, &p.src, &p.src_mac, p.vlan);
-    let dst_id = identity(bit, &p.dst, &p.dst_mac, p.vlan);
+    let mut dst_mac = [0u8; 6];
+    // SAFETY: the helper writes at most 6 bytes into `dst_mac`; a flow's frame has
+    // a whole Ethernet header, so it cannot fail (on failure the MAC stays zero).
+    unsafe { bpf_xdp_load_bytes(ctx, 0, dst_mac.as_mut_ptr().cast(), 6) };
+    let dst_id = identity(bit, &p.dst, &dst_mac, p.vlan);
     fv.src_id = src_id;
     fv.dst_id = dst_id;
     let s = seg_info(bit as u32, src_id);
@@ -221,8 +228,21 @@ fn evaluate(p: &Packet, f: *mut FlowValue, gen: u32, now: u64) {
         }
     }
     let (verdict, segment) = deny(&s, &d, false);
-    fv.verdict = verdict as u8;
+    fv.verdict = on_port(verdict, p.ifindex) as u8;
     fv.segment = segment;
+}
+
+/// A mirror port only sees copies: dropping them protects nothing, so a deny
+/// there is a would-drop. Decided with the flow's verdict (the interface is part
+/// of the flow key, and a role change comes with a restart, which installs a new
+/// generation), so the drop path does no per-packet IFACES lookup.
+#[inline(always)]
+fn on_port(v: Verdict, ifindex: u32) -> Verdict {
+    // SAFETY: plain map lookup.
+    if v == Verdict::Drop && unsafe { IFACES.get(&ifindex) }.is_some_and(|f| *f & IFACE_MIRROR != 0) {
+        return Verdict::WouldDrop;
+    }
+    v
 }
 
 /// One violation per denied flow and generation: counted by app, then reported as

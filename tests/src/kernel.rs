@@ -140,6 +140,14 @@ impl TestProg {
         Ok(m.iter().filter_map(Result::ok).collect())
     }
 
+    /// Sets an interface's `IFACE_*` flags (as the loader does on attach).
+    pub fn set_iface(&mut self, ifindex: u32, flags: u32) -> Result<()> {
+        let mut m: BpfHashMap<&mut MapData, u32, u32> =
+            BpfHashMap::try_from(self.ebpf.map_mut(names::IFACES).unwrap())?;
+        m.insert(ifindex, flags, 0)?;
+        Ok(())
+    }
+
     /// Each device's frames and bytes, as the agent derives them (its DEVICES
     /// entry plus the flows it owns), keyed like DEVICES.
     pub fn device_totals(&self) -> Result<std::collections::BTreeMap<DeviceKey, (u64, u64)>> {

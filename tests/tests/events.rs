@@ -4,10 +4,14 @@
 use std::net::Ipv4Addr;
 
 use aya::maps::RingBuf;
-use mdsec_common::{maps as names, policy::Event, stats::Stat};
+use mdsec_common::{
+    maps as names,
+    policy::{Event, IFACE_MIRROR, Verdict},
+    stats::Stat,
+};
 use mdsec_tests::{
     frames::{self, V4},
-    kernel::{self, TestProg, XDP_DROP},
+    kernel::{self, TestProg, XDP_DROP, XDP_PASS},
 };
 
 const PUMPS: &[(&str, &str)] = &[(
@@ -77,4 +81,30 @@ fn a_full_event_ring_loses_events_but_counts_every_one() {
     assert_eq!(delivered + lost, FLOWS as u64, "every violation is an event or a counted loss");
     assert_eq!(prog.stat(Stat::EventsRateLimited).unwrap(), 0);
     assert_eq!(prog.stat(Stat::PolicyDrop).unwrap(), FLOWS as u64);
+}
+
+#[test]
+fn a_mirror_port_never_drops_and_reports_would_drops() {
+    let (mut prog, mut ring) = load(1000);
+    // BPF_PROG_TEST_RUN receives on loopback (ifindex 1): make it a mirror port.
+    prog.set_iface(1, IFACE_MIRROR).unwrap();
+    let ip = V4::new(Ipv4Addr::new(10, 1, 0, 7), Ipv4Addr::new(10, 9, 0, 1), 17)
+        .build(&frames::udp(5000, 7, &[0; 8]));
+    let f = frames::eth([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], &[], 0x0800, &ip);
+    for _ in 0..5 {
+        assert_eq!(prog.run(&f).unwrap(), XDP_PASS, "a copy on a mirror port is never dropped");
+    }
+    assert_eq!(prog.stat(Stat::PolicyWouldDrop).unwrap(), 5);
+    assert_eq!(prog.stat(Stat::PolicyDrop).unwrap(), 0);
+    assert_eq!(prog.stat(Stat::Drop).unwrap(), 0);
+    let e = ring.next().map(|item| {
+        // SAFETY: the kernel wrote an Event.
+        unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) }
+    });
+    assert_eq!(e.map(|e| e.verdict), Some(Verdict::WouldDrop as u8), "the event says nothing was dropped");
+    // The same denied traffic on an inline port is dropped.
+    prog.set_iface(1, 0).unwrap();
+    prog.clear().unwrap();
+    assert_eq!(prog.run(&f).unwrap(), XDP_DROP);
+    assert_eq!(prog.stat(Stat::PolicyDrop).unwrap(), 1);
 }
