@@ -2,6 +2,7 @@
 //! See docs/ARCHITECTURE.md for the module map.
 
 pub mod api;
+pub mod batch;
 pub mod client;
 pub mod clinical;
 pub mod clock;

@@ -65,9 +65,9 @@ impl Poller {
     pub fn poll(&mut self, tables: &RwLock<Tables>) -> Result<()> {
         // Counters first: the flow table read after them is at least as new.
         self.segstats.lock().unwrap().poll()?;
-        let mut flows: Vec<_> = self.flows.iter().filter_map(Result::ok).collect();
-        flows.extend(self.flows4.iter().filter_map(Result::ok).map(|(k, v)| (FlowKey::from(k), v)));
-        let devices: Vec<_> = self.devices.iter().filter_map(Result::ok).collect();
+        let mut flows = snapshot(&self.flows);
+        flows.extend(snapshot(&self.flows4).into_iter().map(|(k, v)| (FlowKey::from(k), v)));
+        let devices = snapshot(&self.devices);
         let mut stats = Vec::with_capacity(STATS_LEN as usize);
         for i in 0..STATS_LEN {
             let per_cpu = self.stats.get(&i, 0).context("read STATS")?;
@@ -118,5 +118,18 @@ impl Poller {
                 }
             })
             .expect("spawn poller thread")
+    }
+}
+
+/// Every entry of a kernel hash map: batched, or entry by entry if the kernel
+/// refuses the batch call.
+fn snapshot<K: aya::Pod, V: aya::Pod>(m: &BpfHashMap<MapData, K, V>) -> Vec<(K, V)> {
+    use aya::maps::IterableMap;
+    match crate::batch::read_all(m.map()) {
+        Ok(v) => v,
+        Err(e) => {
+            warn!("batched map read failed ({e}); reading entry by entry");
+            m.iter().filter_map(Result::ok).collect()
+        }
     }
 }

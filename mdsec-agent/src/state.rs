@@ -10,7 +10,7 @@
 //! forgotten or changes owner.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashMap},
     net::IpAddr,
 };
 
@@ -91,6 +91,8 @@ pub struct FlowRecord {
     /// The device the flow's own frames count for, and those counts.
     owner: DeviceKey,
     owned: Monotonic,
+    /// The last merge whose snapshot had this flow (see `Tables::merges`).
+    seen: u64,
 }
 
 impl FlowRecord {
@@ -107,6 +109,8 @@ pub struct DeviceRecord {
     flow_base: Totals,
     /// Owned counts of the live flow records, as of the last merge.
     flow_live: Totals,
+    /// The last merge whose snapshot had this device's entry.
+    seen: u64,
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,
     /// Every address seen for this device, oldest dropped beyond [`MAX_DEVICE_IPS`].
@@ -121,6 +125,7 @@ impl DeviceRecord {
             counts: Monotonic::default(),
             flow_base: Totals::default(),
             flow_live: Totals::default(),
+            seen: 0,
             first_seen_ns,
             last_seen_ns,
             ips: BTreeSet::new(),
@@ -166,20 +171,23 @@ pub struct Tables {
     pub device_evictions: u64,
     /// Summed over CPUs, indexed like [`Stat::ALL`].
     pub stats: Vec<Counter>,
+    /// Snapshots merged so far: records stamped with an older number were not in
+    /// the latest one (cheaper than a set of the snapshot's keys at 1M flows).
+    merges: u64,
 }
 
 impl Tables {
     /// Merges one poll's snapshots of both maps.
     pub fn merge(&mut self, flows: &[(FlowKey, FlowValue)], devices: &[(DeviceKey, DeviceValue)]) {
+        self.merges += 1;
         self.merge_flows(flows);
         self.merge_devices(devices);
         self.derive_devices();
     }
 
     fn merge_flows(&mut self, snapshot: &[(FlowKey, FlowValue)]) {
-        let mut present = HashSet::with_capacity(snapshot.len());
+        let now = self.merges;
         for (k, v) in snapshot {
-            present.insert(*k);
             let r = self.flows.entry(*k).or_insert_with(|| FlowRecord {
                 counts: Monotonic::default(),
                 first_seen_ns: v.first_seen_ns,
@@ -194,7 +202,9 @@ impl Tables {
                 app_done: false,
                 owner: v.owner(k),
                 owned: Monotonic::default(),
+                seen: now,
             });
+            r.seen = now;
             let evicted = r.counts.observe(v.first_seen_ns, v.packets, v.bytes) as u64;
             self.flow_evictions += evicted;
             self.flow4_evictions += evicted * k.v4().is_some() as u64;
@@ -223,7 +233,7 @@ impl Tables {
             r.app_done = v.app_done != 0;
         }
         for (k, r) in self.flows.iter_mut() {
-            if !present.contains(k) {
+            if r.seen != now {
                 let evicted = r.counts.vanished() as u64;
                 self.flow_evictions += evicted;
                 self.flow4_evictions += evicted * k.v4().is_some() as u64;
@@ -235,11 +245,11 @@ impl Tables {
     }
 
     fn merge_devices(&mut self, snapshot: &[(DeviceKey, DeviceValue)]) {
-        let mut present = HashSet::with_capacity(snapshot.len());
+        let now = self.merges;
         for (k, v) in snapshot {
-            present.insert(*k);
             let r =
                 self.devices.entry(*k).or_insert_with(|| DeviceRecord::new(v.first_seen_ns, v.last_seen_ns));
+            r.seen = now;
             self.device_evictions += r.counts.observe(v.first_seen_ns, v.packets, v.bytes) as u64;
             r.first_seen_ns = r.first_seen_ns.min(v.first_seen_ns);
             r.last_seen_ns = r.last_seen_ns.max(v.last_seen_ns);
@@ -250,8 +260,8 @@ impl Tables {
                 r.remember_ip(ip_from_key(v.ipv6));
             }
         }
-        for (k, r) in self.devices.iter_mut() {
-            if !present.contains(k) {
+        for r in self.devices.values_mut() {
+            if r.seen != now {
                 self.device_evictions += r.counts.vanished() as u64;
             }
         }
@@ -333,18 +343,18 @@ mod tests {
     #[test]
     fn counters_survive_eviction_and_recreation() {
         let mut t = Tables::default();
-        t.merge_flows(&[(key(1), val(10, 5))]);
+        t.merge(&[(key(1), val(10, 5))], &[]);
         assert_eq!(t.flows[&key(1)].totals(), Totals { packets: 5, bytes: 500 });
-        t.merge_flows(&[(key(1), val(10, 8))]);
+        t.merge(&[(key(1), val(10, 8))], &[]);
         assert_eq!(t.flows[&key(1)].totals().packets, 8);
         // Evicted by the LRU: nothing lost.
-        t.merge_flows(&[]);
+        t.merge(&[], &[]);
         assert_eq!(t.flows[&key(1)].totals().packets, 8);
         // Recreated with fresh counters.
-        t.merge_flows(&[(key(1), val(50, 2))]);
+        t.merge(&[(key(1), val(50, 2))], &[]);
         assert_eq!(t.flows[&key(1)].totals(), Totals { packets: 10, bytes: 1000 });
         // Recreated between two polls (never seen missing).
-        t.merge_flows(&[(key(1), val(90, 1))]);
+        t.merge(&[(key(1), val(90, 1))], &[]);
         assert_eq!(t.flows[&key(1)].totals().packets, 11);
         assert_eq!(t.flows[&key(1)].first_seen_ns, 10);
         assert_eq!(t.flows[&key(1)].last_seen_ns, 91);
@@ -356,7 +366,7 @@ mod tests {
     #[test]
     fn idle_flows_are_found_and_forgotten() {
         let mut t = Tables::default();
-        t.merge_flows(&[(key(1), val(10, 1)), (key(2), val(1000, 1))]);
+        t.merge(&[(key(1), val(10, 1)), (key(2), val(1000, 1))], &[]);
         assert_eq!(t.idle_flows(1100, 500), vec![key(1)]);
         t.forget_flow(&key(1));
         assert!(!t.flows.contains_key(&key(1)));
@@ -423,7 +433,7 @@ mod tests {
                 ipv4: [10, 0, 0, i],
                 ..Default::default()
             };
-            t.merge_devices(&[(k, v)]);
+            t.merge(&[], &[(k, v)]);
         }
         let ips = &t.devices[&k].ips;
         assert_eq!(ips.len(), MAX_DEVICE_IPS);

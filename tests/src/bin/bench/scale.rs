@@ -130,10 +130,11 @@ pub fn run() -> Result<()> {
         );
         println!("{table}");
         let section = format!(
-            "## Agent scale\n\nCommand: `cargo xtask bench scale`. {FLOWS} flows and {DEVICES} devices are written \
-             into the real FLOWS/DEVICES maps of a loaded (unattached) datapath ({:.1} s to fill from userspace), \
+            "## Agent scale\n\nCommand: `cargo xtask bench scale`. {FLOWS} IPv4 flows (spread over the devices, \
+             whose totals the merge derives from them) and {DEVICES} devices are written into the real \
+             FLOWS4/DEVICES maps of a loaded (unattached) datapath ({:.1} s to fill from userspace), \
              then the agent's poller reads both maps and merges them into its tables {POLLS} times (release \
-             build; one map read per entry, as the agent does every `poll_interval_ms`). RSS is the whole \
+             build; batched map reads, as the agent does every `poll_interval_ms`). RSS is the whole \
              benchmark process after the polls. Machine: {}.\n\n{table}\nWith 1,000,000 flows a poll takes \
              about this long: keep `poll_interval_ms` above it (the poller runs on its own thread; the API \
              serves the last merged tables meanwhile). The 10,000-rule policy compile + swap is below.",
