@@ -125,6 +125,16 @@ impl Status {
     pub fn is_open(self) -> bool {
         self != Status::Patched
     }
+
+    /// The name the JSON report uses (`no-patch`), for the other renderings.
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Patched => "patched",
+            Status::Open => "open",
+            Status::NoPatch => "no-patch",
+            Status::EndOfLife => "end-of-life",
+        }
+    }
 }
 
 /// One CVE of one device.
@@ -420,6 +430,10 @@ mod tests {
         let f = r.assess(&pump, today);
         assert_eq!(f.len(), 2);
         assert_eq!((f[0].status, f[0].lag_days, f[0].lag_since_patch_days), (Status::NoPatch, 2276, None));
+        // Markdown and HTML print the JSON name.
+        for s in [Status::Patched, Status::Open, Status::NoPatch, Status::EndOfLife] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.name());
+        }
         assert_eq!((f[1].status, f[1].lag_days, f[1].lag_since_patch_days), (Status::Patched, 181, Some(49)));
         // Another model of the same vendor, or no model known: no match.
         assert!(

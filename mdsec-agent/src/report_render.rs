@@ -46,12 +46,12 @@ pub fn markdown(r: &Report) -> String {
     }
     let _ = writeln!(
         m,
-        "\n## Daily trend\n\n| Day | Dropped | Would drop | Violations | Detections | Unclassified | Vulnerable devices | Max open lag (days) |\n|---|---|---|---|---|---|---|---|"
+        "\n## Daily trend\n\n| Day | Dropped | Would drop | Violations | Detections | Unclassified | Vulnerable devices | Max open lag (days) | Exceptions |\n|---|---|---|---|---|---|---|---|---|"
     );
     for d in &r.trend {
         let _ = writeln!(
             m,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             d.date,
             d.counts.dropped,
             d.counts.would_drop,
@@ -59,7 +59,8 @@ pub fn markdown(r: &Report) -> String {
             d.detections,
             pct(d.unclassified_ratio),
             d.vulnerable_devices,
-            d.max_open_lag_days
+            d.max_open_lag_days,
+            d.exceptions_active
         );
     }
     let _ = writeln!(m, "\n## Segments");
@@ -88,8 +89,12 @@ pub fn markdown(r: &Report) -> String {
         for f in &d.findings {
             let _ = writeln!(
                 m,
-                "| {} | {} | {} | {:?} | {} |",
-                f.cve, f.disclosed, f.patch_available, f.status, f.lag_days
+                "| {} | {} | {} | {} | {} |",
+                f.cve,
+                f.disclosed,
+                f.patch_available,
+                f.status.name(),
+                f.lag_days
             );
         }
         let _ = writeln!(m, "\nControls:\n");
@@ -482,18 +487,15 @@ pub fn html(r: &Report) -> String {
         );
         h += "<table><thead><tr><th>CVE</th><th>Disclosed</th><th>Vendor patch</th><th>Status</th><th>Lag (days)</th></tr></thead><tbody>";
         for f in &d.findings {
-            let status = serde_json::to_value(f.status)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default();
+            let status = f.status.name();
             let _ = write!(
                 h,
                 "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                esc(&status),
+                status,
                 esc(&f.cve),
                 esc(&f.disclosed),
                 esc(&f.patch_available),
-                esc(&status),
+                status,
                 f.lag_days
             );
         }

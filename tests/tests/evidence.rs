@@ -291,7 +291,18 @@ fn register_lifecycle_and_report_match_the_traffic() {
     // Markdown.
     let (ok, md, err) = cli(&["report", "--config", &cfg, "--format", "md", "--from", "2026-01-01"]);
     assert!(ok, "{err}");
-    assert!(md.contains("| CVE-2020-12040 | 2020-09-01 | none | NoPatch |"), "{md}");
+    assert!(md.contains("| CVE-2020-12040 | 2020-09-01 | none | no-patch |"), "{md}");
+    // The trend table has the HTML's nine columns, Exceptions included, in every row.
+    let trend: Vec<&str> = md
+        .split("## Daily trend")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .skip_while(|l| l.is_empty())
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    assert!(trend[0].ends_with("| Max open lag (days) | Exceptions |") && trend.len() > 2, "{trend:?}");
+    assert!(trend.iter().all(|l| l.matches('|').count() == 10), "{trend:?}");
     assert!(md.contains("Packets allowed") && md.contains("dropped 31, would drop 0"), "{md}");
 
     // HTML in a real browser: the DOM has the tables and charts, the screenshot
