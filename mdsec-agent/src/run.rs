@@ -60,6 +60,22 @@ pub async fn run(cfg: Config) -> Result<()> {
     let segstats = Arc::new(Mutex::new(SegStats::new(dp.take_map(names::SEG_STATS)?)?));
     let mut poller = Poller::new(&mut dp, segstats.clone(), cfg.flow_idle_timeout())?;
     let tables = Arc::new(RwLock::new(Tables::default()));
+    let db = Store::open(&cfg.state_dir)?;
+    let history: HashMap<_, _> =
+        db.load_devices()?.into_iter().map(|d| ((d.iface.clone(), d.vlan, d.mac.clone()), d)).collect();
+    // Devices' totals carry on from what this database stored (see Tables::expect_stored).
+    let ifindex: HashMap<String, u32> = dp.ifnames().into_iter().map(|(i, n)| (n, i)).collect();
+    tables.write().unwrap().expect_stored(
+        history.values().filter_map(|d| {
+            let key = mdsec_common::device::DeviceKey {
+                ifindex: *ifindex.get(&d.iface)?,
+                vlan: d.vlan,
+                mac: crate::model::parse_mac(&d.mac)?,
+            };
+            Some((key, crate::state::Totals { packets: d.packets, bytes: d.bytes }))
+        }),
+        crate::clock::mono_ns(),
+    );
     poller.poll(&tables)?;
     poller.spawn(tables.clone(), cfg.poll_interval());
 
@@ -104,9 +120,6 @@ pub async fn run(cfg: Config) -> Result<()> {
         }
     }
 
-    let db = Store::open(&cfg.state_dir)?;
-    let history: HashMap<_, _> =
-        db.load_devices()?.into_iter().map(|d| ((d.iface.clone(), d.vlan, d.mac.clone()), d)).collect();
     let observations = db.load_observations(None)?;
     info!(
         "state database: {} devices and {} baseline observations from earlier runs",

@@ -109,6 +109,9 @@ pub struct DeviceRecord {
     flow_base: Totals,
     /// Owned counts of the live flow records, as of the last merge.
     flow_live: Totals,
+    /// The part of `flow_live` from flows older than the stored totals (already
+    /// in them).
+    flow_old: Totals,
     /// The last merge whose snapshot had this device's entry.
     seen: u64,
     pub first_seen_ns: u64,
@@ -125,6 +128,7 @@ impl DeviceRecord {
             counts: Monotonic::default(),
             flow_base: Totals::default(),
             flow_live: Totals::default(),
+            flow_old: Totals::default(),
             seen: 0,
             first_seen_ns,
             last_seen_ns,
@@ -174,6 +178,10 @@ pub struct Tables {
     /// Snapshots merged so far: records stamped with an older number were not in
     /// the latest one (cheaper than a set of the snapshot's keys at 1M flows).
     merges: u64,
+    /// Totals an earlier run stored for devices this run has not merged yet, and
+    /// when (datapath clock) this run took them over.
+    stored: HashMap<DeviceKey, Totals>,
+    stored_at_ns: u64,
 }
 
 impl Tables {
@@ -183,6 +191,40 @@ impl Tables {
         self.merge_flows(flows);
         self.merge_devices(devices);
         self.derive_devices();
+        self.credit_stored();
+    }
+
+    /// Totals the previous run stored (the state database), applied to each device
+    /// when this run first sees it. A device's totals live partly in this agent's
+    /// memory (the counts of flows it already forgot), so a restart would otherwise
+    /// lose them; what the kernel still holds is counted once.
+    ///
+    /// `now_ns` is the datapath clock now: kernel entries created before it
+    /// (pinned, from the earlier run) are in the stored totals already; later ones
+    /// are new counts.
+    pub fn expect_stored(&mut self, stored: impl IntoIterator<Item = (DeviceKey, Totals)>, now_ns: u64) {
+        self.stored.extend(stored);
+        self.stored_at_ns = now_ns;
+    }
+
+    fn credit_stored(&mut self) {
+        if self.stored.is_empty() {
+            return;
+        }
+        let (devices, at) = (&mut self.devices, self.stored_at_ns);
+        self.stored.retain(|k, s| {
+            let Some(d) = devices.get_mut(k) else { return true };
+            let mut old = d.flow_old.clone();
+            if let Some((first_seen, p, b)) = d.counts.kernel
+                && first_seen < at
+            {
+                old.packets += p;
+                old.bytes += b;
+            }
+            d.flow_base.packets += s.packets.saturating_sub(old.packets);
+            d.flow_base.bytes += s.bytes.saturating_sub(old.bytes);
+            false
+        });
     }
 
     fn merge_flows(&mut self, snapshot: &[(FlowKey, FlowValue)]) {
@@ -274,6 +316,7 @@ impl Tables {
     fn derive_devices(&mut self) {
         for d in self.devices.values_mut() {
             d.flow_live = Totals::default();
+            d.flow_old = Totals::default();
         }
         for (k, f) in &self.flows {
             let d = self.devices.entry(f.owner).or_insert_with(|| {
@@ -284,6 +327,10 @@ impl Tables {
             let t = f.owned.totals();
             d.flow_live.packets += t.packets;
             d.flow_live.bytes += t.bytes;
+            if f.first_seen_ns < self.stored_at_ns {
+                d.flow_old.packets += t.packets;
+                d.flow_old.bytes += t.bytes;
+            }
             d.first_seen_ns = d.first_seen_ns.min(f.first_seen_ns);
             d.last_seen_ns = d.last_seen_ns.max(f.last_seen_ns);
         }
@@ -419,6 +466,27 @@ mod tests {
         t.merge(&[(key(4), owned_by(val(50, 6), c, 0))], &[]);
         assert_eq!(t.devices[&dev(c)].totals().packets, 6);
         assert!(t.devices[&dev(c)].ips.contains(&key(4).src_ip()));
+    }
+
+    #[test]
+    fn a_restart_keeps_what_the_previous_run_counted() {
+        let mut t = Tables::default();
+        let a = [2, 0, 0, 0, 0, 0xa];
+        let dev = DeviceKey { ifindex: 2, vlan: 0, mac: a };
+        // The last run stored 100 frames (taken over at t=1000); the kernel still
+        // holds a flow of 30 from before, and a new one of 4 started since.
+        t.expect_stored([(dev, Totals { packets: 100, bytes: 10_000 })], 1000);
+        t.merge(&[], &[]);
+        t.merge(&[(key(1), owned_by(val(10, 30), a, 0)), (key(2), owned_by(val(2000, 4), a, 0))], &[]);
+        assert_eq!(t.devices[&dev].totals(), Totals { packets: 104, bytes: 10_400 });
+        // Counting goes on from there, once.
+        t.merge(&[(key(1), owned_by(val(10, 35), a, 0)), (key(2), owned_by(val(2000, 4), a, 0))], &[]);
+        assert_eq!(t.devices[&dev].totals().packets, 109);
+        // A device the old entries say sent more than was stored keeps that.
+        let b = DeviceKey { ifindex: 2, vlan: 0, mac: [2, 0, 0, 0, 0, 0xb] };
+        t.expect_stored([(b, Totals { packets: 1, bytes: 1 })], 1000);
+        t.merge(&[(key(3), owned_by(val(10, 9), b.mac, 0))], &[]);
+        assert_eq!(t.devices[&b].totals().packets, 9);
     }
 
     #[test]

@@ -168,3 +168,41 @@ fn a_deleted_or_unreadable_policy_directory_keeps_the_last_good_policy() {
     let m = agent.metrics().unwrap();
     assert_eq!(m.get("mdsec_policy_last_reload_success"), Some(0.0));
 }
+
+#[test]
+fn a_devices_totals_survive_a_restart_after_its_flows_aged_out() {
+    let topo = Topology::new(2).unwrap();
+    topo.warm_up().unwrap();
+    let state = std::env::temp_dir().join(format!("{}-state", topo.id));
+    // Fresh kernel maps on each start (no shared pins): only the state database
+    // carries the device's totals over.
+    let opts = || AgentOptions {
+        state_dir: Some(state.clone()),
+        extra_yaml: "flow_idle_timeout_secs: 1\n".into(),
+        ..Default::default()
+    };
+    let h1 = topo.host(1);
+    let mac = mdsec_agent::model::mac_string(h1.mac().unwrap());
+    let device = |a: &Agent| -> anyhow::Result<Option<u64>> {
+        Ok(a.devices()?.into_iter().find(|d| d.mac == mac && d.iface == h1.gw_if).map(|d| d.packets))
+    };
+    let agent = Agent::start(&topo, opts()).unwrap();
+    assert_eq!(udp(&topo, 1, 2, 9400, 20), 20);
+    // The flows age out of the kernel: the device keeps their frames.
+    let before = agent
+        .wait_for(
+            Duration::from_secs(15),
+            |a| Ok((device(a)?, a.flows()?.iter().any(|f| f.dport == 9400))),
+            |&(d, flowing)| d.filter(|&n| n >= 20 && !flowing),
+        )
+        .unwrap();
+    drop(agent); // a clean stop stores the inventory
+    let agent = Agent::start(&topo, opts()).unwrap();
+    assert_eq!(udp(&topo, 1, 2, 9401, 5), 5);
+    // Stored totals + this run's frames, none counted twice or lost.
+    let after =
+        agent.wait_for(Duration::from_secs(10), |a| device(a), |d| d.filter(|&n| n >= before + 5)).unwrap();
+    assert!(after < before + 5 + 20, "{before} then {after}: counted twice?");
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&state);
+}
