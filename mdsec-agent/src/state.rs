@@ -73,6 +73,35 @@ impl Monotonic {
     }
 }
 
+/// A flow's counts for its owner across kernel incarnations. Incarnations are
+/// told apart by the flow's own counters ([`Monotonic`]): owned counts read from
+/// a changing entry can dip for a moment (see `FlowValue::owned`), so within one
+/// incarnation the highest read stands.
+#[derive(Debug, Clone, Default)]
+struct Owned {
+    base: Totals,
+    now: (u64, u64),
+}
+
+impl Owned {
+    fn observe(&mut self, new_incarnation: bool, packets: u64, bytes: u64) {
+        if new_incarnation {
+            self.vanished();
+        }
+        self.now = (self.now.0.max(packets), self.now.1.max(bytes));
+    }
+
+    fn vanished(&mut self) {
+        self.base.packets += self.now.0;
+        self.base.bytes += self.now.1;
+        self.now = (0, 0);
+    }
+
+    fn totals(&self) -> Totals {
+        Totals { packets: self.base.packets + self.now.0, bytes: self.base.bytes + self.now.1 }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct FlowRecord {
     counts: Monotonic,
@@ -90,7 +119,7 @@ pub struct FlowRecord {
     pub app_done: bool,
     /// The device the flow's own frames count for, and those counts.
     owner: DeviceKey,
-    owned: Monotonic,
+    owned: Owned,
     /// The last merge whose snapshot had this flow (see `Tables::merges`).
     seen: u64,
 }
@@ -243,11 +272,12 @@ impl Tables {
                 app_confidence: 0,
                 app_done: false,
                 owner: v.owner(k),
-                owned: Monotonic::default(),
+                owned: Owned::default(),
                 seen: now,
             });
             r.seen = now;
-            let evicted = r.counts.observe(v.first_seen_ns, v.packets, v.bytes) as u64;
+            let replaced = r.counts.observe(v.first_seen_ns, v.packets, v.bytes);
+            let evicted = replaced as u64;
             self.flow_evictions += evicted;
             self.flow4_evictions += evicted * k.v4().is_some() as u64;
             if r.owner != v.owner(k) {
@@ -262,7 +292,7 @@ impl Tables {
                 r.owner = v.owner(k);
             }
             let (op, ob) = v.owned();
-            r.owned.observe(v.first_seen_ns, op, ob);
+            r.owned.observe(replaced, op, ob);
             r.first_seen_ns = r.first_seen_ns.min(v.first_seen_ns);
             r.last_seen_ns = r.last_seen_ns.max(v.last_seen_ns);
             r.tcp_flags |= v.tcp_flags as u8;
@@ -466,6 +496,24 @@ mod tests {
         t.merge(&[(key(4), owned_by(val(50, 6), c, 0))], &[]);
         assert_eq!(t.devices[&dev(c)].totals().packets, 6);
         assert!(t.devices[&dev(c)].ips.contains(&key(4).src_ip()));
+    }
+
+    #[test]
+    fn a_torn_read_of_owned_counts_never_takes_a_device_backwards() {
+        let mut t = Tables::default();
+        let a = [2, 0, 0, 0, 0, 0xa];
+        let dev = DeviceKey { ifindex: 2, vlan: 0, mac: a };
+        t.merge(&[(key(1), owned_by(val(10, 5), a, 1))], &[]);
+        assert_eq!(t.devices[&dev].totals().packets, 4);
+        // A copy taken between the datapath's two adds: foreign counted, packets not yet.
+        let mut torn = owned_by(val(10, 5), a, 2);
+        torn.bytes = 500;
+        t.merge(&[(key(1), torn)], &[]);
+        assert_eq!(t.devices[&dev].totals().packets, 4, "no dip, and not a new incarnation");
+        t.merge(&[(key(1), owned_by(val(10, 6), a, 2))], &[]);
+        assert_eq!(t.devices[&dev].totals().packets, 4);
+        t.merge(&[(key(1), owned_by(val(10, 8), a, 2))], &[]);
+        assert_eq!(t.devices[&dev].totals().packets, 6);
     }
 
     #[test]

@@ -140,9 +140,11 @@ impl FlowValue {
         DeviceKey { ifindex: k.ifindex, vlan: k.vlan, mac: self.src_mac }
     }
 
-    /// (frames, bytes) the flow counts for its owner.
+    /// (frames, bytes) the flow counts for its owner. A copy taken while the
+    /// datapath updates the entry may say too few (the datapath adds the foreign
+    /// counts first), never too many.
     pub fn owned(&self) -> (u64, u64) {
-        (self.packets - self.foreign_packets, self.bytes - self.foreign_bytes)
+        (self.packets.saturating_sub(self.foreign_packets), self.bytes.saturating_sub(self.foreign_bytes))
     }
 }
 

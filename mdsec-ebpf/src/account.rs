@@ -243,6 +243,13 @@ fn flow_in<K>(
 fn update_flow(f: *mut FlowValue, p: &Packet, now: u64, len: u64) -> Dev {
     // SAFETY: `f` is a live map value.
     unsafe {
+        let own = same_mac(&(*f).src_mac, &p.src_mac);
+        // Foreign counts first: a reader copying the value (packets before
+        // foreign_packets) can then only see too few owned frames, never too many.
+        if !own {
+            add(&mut (*f).foreign_packets, 1);
+            add(&mut (*f).foreign_bytes, len);
+        }
         add(&mut (*f).packets, 1);
         add(&mut (*f).bytes, len);
         (*f).last_seen_ns = now;
@@ -251,13 +258,12 @@ fn update_flow(f: *mut FlowValue, p: &Packet, now: u64, len: u64) -> Dev {
         if flags & !(*f).tcp_flags != 0 {
             or(&mut (*f).tcp_flags, flags);
         }
-        if same_mac(&(*f).src_mac, &p.src_mac) {
-            return Dev::Untouched;
+        if own {
+            Dev::Untouched
+        } else {
+            Dev::Count
         }
-        add(&mut (*f).foreign_packets, 1);
-        add(&mut (*f).foreign_bytes, len);
     }
-    Dev::Count
 }
 
 /// `mdsec_common::flow::is_v4_mapped` for the 8-aligned addresses of [`Packet`]
