@@ -65,8 +65,8 @@ impl Poller {
     pub fn poll(&mut self, tables: &RwLock<Tables>) -> Result<()> {
         // Counters first: the flow table read after them is at least as new.
         self.segstats.lock().unwrap().poll()?;
-        let mut flows = snapshot(&self.flows);
-        flows.extend(snapshot(&self.flows4).into_iter().map(|(k, v)| (FlowKey::from(k), v)));
+        let flows = snapshot(&self.flows);
+        let flows4 = snapshot(&self.flows4);
         let devices = snapshot(&self.devices);
         let mut stats = Vec::with_capacity(STATS_LEN as usize);
         for i in 0..STATS_LEN {
@@ -78,7 +78,7 @@ impl Poller {
         }
         let idle = {
             let mut t = tables.write().unwrap();
-            t.merge(&flows, &devices);
+            t.merge_maps(&flows, &flows4, &devices);
             t.set_stats(stats);
             t.idle_flows(clock::mono_ns(), self.idle.as_nanos() as u64)
         };
