@@ -73,7 +73,8 @@ pub fn read_all<K: Pod, V: Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
             None | Some(libc::ENOENT) => {}
             Some(_) => return Err(err.unwrap()),
         }
-        let n = attr.count as usize;
+        // The kernel never reports more than it was asked for; stay in bounds anyway.
+        let n = (attr.count as usize).min(chunk);
         // SAFETY: the kernel filled the first `n` keys and values (on success
         // and on ENOENT, the end of the map).
         unsafe {
