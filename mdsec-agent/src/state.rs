@@ -24,10 +24,33 @@ use mdsec_common::{
 /// How many distinct addresses a device record remembers.
 pub const MAX_DEVICE_IPS: usize = 32;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Totals {
     pub packets: u64,
     pub bytes: u64,
+}
+
+impl Totals {
+    fn new(packets: u64, bytes: u64) -> Totals {
+        Totals { packets, bytes }
+    }
+
+    fn saturating_sub(self, o: Totals) -> Totals {
+        Totals::new(self.packets.saturating_sub(o.packets), self.bytes.saturating_sub(o.bytes))
+    }
+}
+
+impl std::ops::Add for Totals {
+    type Output = Totals;
+    fn add(self, o: Totals) -> Totals {
+        Totals::new(self.packets + o.packets, self.bytes + o.bytes)
+    }
+}
+
+impl std::ops::AddAssign for Totals {
+    fn add_assign(&mut self, o: Totals) {
+        *self = *self + o;
+    }
 }
 
 /// Counters of one key across kernel incarnations.
@@ -47,8 +70,7 @@ impl Monotonic {
         if let Some((f, p, b)) = self.kernel
             && (f != first_seen_ns || packets < p)
         {
-            self.base.packets += p;
-            self.base.bytes += b;
+            self.base += Totals::new(p, b);
             replaced = true;
         }
         self.kernel = Some((first_seen_ns, packets, bytes));
@@ -59,8 +81,7 @@ impl Monotonic {
     fn vanished(&mut self) -> bool {
         match self.kernel.take() {
             Some((_, p, b)) => {
-                self.base.packets += p;
-                self.base.bytes += b;
+                self.base += Totals::new(p, b);
                 true
             }
             None => false,
@@ -68,8 +89,7 @@ impl Monotonic {
     }
 
     fn totals(&self) -> Totals {
-        let (p, b) = self.kernel.map_or((0, 0), |(_, p, b)| (p, b));
-        Totals { packets: self.base.packets + p, bytes: self.base.bytes + b }
+        self.base + self.kernel.map_or(Totals::default(), |(_, p, b)| Totals::new(p, b))
     }
 }
 
@@ -80,25 +100,23 @@ impl Monotonic {
 #[derive(Debug, Clone, Default)]
 struct Owned {
     base: Totals,
-    now: (u64, u64),
+    now: Totals,
 }
 
 impl Owned {
-    fn observe(&mut self, new_incarnation: bool, packets: u64, bytes: u64) {
+    fn observe(&mut self, new_incarnation: bool, (packets, bytes): (u64, u64)) {
         if new_incarnation {
             self.vanished();
         }
-        self.now = (self.now.0.max(packets), self.now.1.max(bytes));
+        self.now = Totals::new(self.now.packets.max(packets), self.now.bytes.max(bytes));
     }
 
     fn vanished(&mut self) {
-        self.base.packets += self.now.0;
-        self.base.bytes += self.now.1;
-        self.now = (0, 0);
+        self.base += std::mem::take(&mut self.now);
     }
 
     fn totals(&self) -> Totals {
-        Totals { packets: self.base.packets + self.now.0, bytes: self.base.bytes + self.now.1 }
+        self.base + self.now
     }
 }
 
@@ -138,9 +156,6 @@ pub struct DeviceRecord {
     flow_base: Totals,
     /// Owned counts of the live flow records, as of the last merge.
     flow_live: Totals,
-    /// The part of `flow_live` from flows older than the stored totals (already
-    /// in them).
-    flow_old: Totals,
     /// The last merge whose snapshot had this device's entry.
     seen: u64,
     pub first_seen_ns: u64,
@@ -157,7 +172,6 @@ impl DeviceRecord {
             counts: Monotonic::default(),
             flow_base: Totals::default(),
             flow_live: Totals::default(),
-            flow_old: Totals::default(),
             seen: 0,
             first_seen_ns,
             last_seen_ns,
@@ -168,11 +182,7 @@ impl DeviceRecord {
 
     /// Every frame the device sent: its own entry and its flows.
     pub fn totals(&self) -> Totals {
-        let d = self.counts.totals();
-        Totals {
-            packets: d.packets + self.flow_base.packets + self.flow_live.packets,
-            bytes: d.bytes + self.flow_base.bytes + self.flow_live.bytes,
-        }
+        self.counts.totals() + self.flow_base + self.flow_live
     }
 
     fn remember_ip(&mut self, ip: IpAddr) {
@@ -241,8 +251,8 @@ impl Tables {
         self.merges += 1;
         self.merge_flows(flows);
         self.merge_devices(devices);
-        self.derive_devices();
-        self.credit_stored();
+        let old = self.derive_devices();
+        self.credit_stored(old);
     }
 
     /// Totals the previous run stored (the state database), applied to each device
@@ -258,22 +268,19 @@ impl Tables {
         self.stored_at_ns = now_ns;
     }
 
-    fn credit_stored(&mut self) {
-        if self.stored.is_empty() {
-            return;
-        }
+    /// `old`: per device with stored totals, the owned counts of its flows older
+    /// than the takeover (already in the stored totals).
+    fn credit_stored(&mut self, mut old: HashMap<DeviceKey, Totals>) {
         let (devices, at) = (&mut self.devices, self.stored_at_ns);
         self.stored.retain(|k, s| {
             let Some(d) = devices.get_mut(k) else { return true };
-            let mut old = d.flow_old.clone();
+            let mut old = old.remove(k).unwrap_or_default();
             if let Some((first_seen, p, b)) = d.counts.kernel
                 && first_seen < at
             {
-                old.packets += p;
-                old.bytes += b;
+                old += Totals::new(p, b);
             }
-            d.flow_base.packets += s.packets.saturating_sub(old.packets);
-            d.flow_base.bytes += s.bytes.saturating_sub(old.bytes);
+            d.flow_base += s.saturating_sub(old);
             false
         });
     }
@@ -282,10 +289,9 @@ impl Tables {
         let now = self.merges;
         let (mut n, mut n4) = (0, 0);
         for (k, v) in snapshot {
-            let k = &k;
             n += 1;
             n4 += k.v4().is_some() as usize;
-            let r = self.flows.entry(*k).or_insert_with(|| FlowRecord {
+            let r = self.flows.entry(k).or_insert_with(|| FlowRecord {
                 counts: Monotonic::default(),
                 first_seen_ns: v.first_seen_ns,
                 last_seen_ns: v.last_seen_ns,
@@ -297,7 +303,7 @@ impl Tables {
                 app: 0,
                 app_confidence: 0,
                 app_done: false,
-                owner: v.owner(k),
+                owner: v.owner(&k),
                 owned: Owned::default(),
                 seen: now,
             });
@@ -306,19 +312,12 @@ impl Tables {
             let evicted = replaced as u64;
             self.flow_evictions += evicted;
             self.flow4_evictions += evicted * k.v4().is_some() as u64;
-            if r.owner != v.owner(k) {
+            if r.owner != v.owner(&k) {
                 // Recreated by another MAC: what the old owner sent stays its own.
-                let old = std::mem::take(&mut r.owned).totals();
-                let d = self
-                    .devices
-                    .entry(r.owner)
-                    .or_insert_with(|| DeviceRecord::new(r.first_seen_ns, r.last_seen_ns));
-                d.flow_base.packets += old.packets;
-                d.flow_base.bytes += old.bytes;
-                r.owner = v.owner(k);
+                keep_for_device(&mut self.devices, r);
+                r.owner = v.owner(&k);
             }
-            let (op, ob) = v.owned();
-            r.owned.observe(replaced, op, ob);
+            r.owned.observe(replaced, v.owned());
             r.first_seen_ns = r.first_seen_ns.min(v.first_seen_ns);
             r.last_seen_ns = r.last_seen_ns.max(v.last_seen_ns);
             r.tcp_flags |= v.tcp_flags as u8;
@@ -368,12 +367,14 @@ impl Tables {
 
     /// Sums each device's flow records into it. A flow whose device has no
     /// record (its `DEVICES` entry was never read: evicted, or the map was full)
-    /// creates one, with the flow's source address.
-    fn derive_devices(&mut self) {
+    /// creates one, with the flow's source address. Returns, for devices whose
+    /// stored totals are not credited yet, the part from flows older than the
+    /// takeover (see `credit_stored`).
+    fn derive_devices(&mut self) -> HashMap<DeviceKey, Totals> {
         for d in self.devices.values_mut() {
             d.flow_live = Totals::default();
-            d.flow_old = Totals::default();
         }
+        let mut old: HashMap<DeviceKey, Totals> = HashMap::new();
         for (k, f) in &self.flows {
             let d = self.devices.entry(f.owner).or_insert_with(|| {
                 let mut d = DeviceRecord::new(f.first_seen_ns, f.last_seen_ns);
@@ -381,15 +382,14 @@ impl Tables {
                 d
             });
             let t = f.owned.totals();
-            d.flow_live.packets += t.packets;
-            d.flow_live.bytes += t.bytes;
-            if f.first_seen_ns < self.stored_at_ns {
-                d.flow_old.packets += t.packets;
-                d.flow_old.bytes += t.bytes;
+            d.flow_live += t;
+            if f.first_seen_ns < self.stored_at_ns && self.stored.contains_key(&f.owner) {
+                *old.entry(f.owner).or_default() += t;
             }
             d.first_seen_ns = d.first_seen_ns.min(f.first_seen_ns);
             d.last_seen_ns = d.last_seen_ns.max(f.last_seen_ns);
         }
+        old
     }
 
     pub fn set_stats(&mut self, per_cpu_sums: Vec<Counter>) {
@@ -411,18 +411,21 @@ impl Tables {
 
     /// Drops an aged-out flow record; its counts stay with its device.
     pub fn forget_flow(&mut self, k: &FlowKey) {
-        if let Some(r) = self.flows.remove(k) {
-            let t = r.owned.totals();
-            let d = self
-                .devices
-                .entry(r.owner)
-                .or_insert_with(|| DeviceRecord::new(r.first_seen_ns, r.last_seen_ns));
-            d.flow_base.packets += t.packets;
-            d.flow_base.bytes += t.bytes;
-            d.flow_live.packets -= t.packets.min(d.flow_live.packets);
-            d.flow_live.bytes -= t.bytes.min(d.flow_live.bytes);
+        if let Some(mut r) = self.flows.remove(k) {
+            let t = keep_for_device(&mut self.devices, &mut r);
+            let d = self.devices.get_mut(&r.owner).expect("kept above");
+            d.flow_live = d.flow_live.saturating_sub(t);
         }
     }
+}
+
+/// Moves a flow record's owned counts into its device's base (creating the
+/// device if it has no record) and returns them.
+fn keep_for_device(devices: &mut HashMap<DeviceKey, DeviceRecord>, r: &mut FlowRecord) -> Totals {
+    let t = std::mem::take(&mut r.owned).totals();
+    devices.entry(r.owner).or_insert_with(|| DeviceRecord::new(r.first_seen_ns, r.last_seen_ns)).flow_base +=
+        t;
+    t
 }
 
 #[cfg(test)]
