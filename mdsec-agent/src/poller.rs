@@ -1,8 +1,8 @@
 //! Owns the FLOWS, FLOWS4, DEVICES and STATS maps on the user side: reads them
 //! every poll interval, merges into [`Tables`] (IPv4 flows as IPv4-mapped
-//! [`FlowKey`]s, so the rest of the agent sees one kind of flow), and ages idle flows
-//! out of the kernel. Drives
-//! the per-segment counters' reads ([`SegStats`]) on the same clock.
+//! [`FlowKey`]s, so the rest of the agent sees one kind of flow), and ages idle
+//! flows out of the kernel. Drives the per-segment counters' reads ([`SegStats`])
+//! on the same clock.
 
 use std::{
     sync::{Arc, Mutex, RwLock},
@@ -85,19 +85,21 @@ impl Poller {
         for k in idle {
             // A packet may have arrived since the snapshot: only delete what is
             // still idle, so no count is lost.
-            let now = match k.v4() {
-                Some(k4) => self.flows4.get(&k4, 0),
+            // FlowKey::v4 says which map holds the flow.
+            let k4 = k.v4();
+            let entry = match &k4 {
+                Some(k4) => self.flows4.get(k4, 0),
                 None => self.flows.get(&k, 0),
             };
-            let still_idle = match now {
+            let still_idle = match entry {
                 Ok(v) => clock::mono_ns().saturating_sub(v.last_seen_ns) > self.idle.as_nanos() as u64,
                 Err(_) => true,
             };
             if !still_idle {
                 continue;
             }
-            let _ = match k.v4() {
-                Some(k4) => self.flows4.remove(&k4),
+            let _ = match &k4 {
+                Some(k4) => self.flows4.remove(k4),
                 None => self.flows.remove(&k),
             };
             tables.write().unwrap().forget_flow(&k);

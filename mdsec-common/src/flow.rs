@@ -8,7 +8,7 @@
 //! its `DEVICES` counts plus [`FlowValue::owned`] of every flow it owns
 //! ([`FlowValue::owner`]).
 
-use crate::device::DeviceKey;
+use crate::{device::DeviceKey, net::is_v4_mapped};
 
 /// Key of the `FLOWS` LRU hash. Addresses are IPv6 or IPv4-mapped IPv6; ports are
 /// host byte order. For ICMP/ICMPv6, `sport` is the type and `dport` the code (the
@@ -43,12 +43,6 @@ pub struct FlowKey4 {
     pub dst: [u8; 4],
     pub sport: u16,
     pub dport: u16,
-}
-
-/// True for `::ffff:a.b.c.d`.
-#[inline(always)]
-pub fn is_v4_mapped(a: &[u8; 16]) -> bool {
-    a[..10] == [0; 10] && a[10] == 0xff && a[11] == 0xff
 }
 
 impl FlowKey {

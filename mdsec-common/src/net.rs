@@ -43,6 +43,12 @@ pub fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
     [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
 }
 
+/// True for `::ffff:a.b.c.d`, the form [`v4_mapped`] writes.
+#[inline(always)]
+pub fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    a[..10] == [0; 10] && a[10] == 0xff && a[11] == 0xff
+}
+
 #[cfg(feature = "user")]
 mod user {
     use std::net::{IpAddr, Ipv6Addr};

@@ -266,7 +266,7 @@ fn update_flow(f: *mut FlowValue, p: &Packet, now: u64, len: u64) -> Dev {
     }
 }
 
-/// `mdsec_common::flow::is_v4_mapped` for the 8-aligned addresses of [`Packet`]
+/// `mdsec_common::net::is_v4_mapped` for the 8-aligned addresses of [`Packet`]
 /// (asserted there), with two loads instead of twelve.
 #[inline(always)]
 fn mapped(a: &[u8; 16]) -> bool {
