@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use crate::report::{Report, SegmentReport};
+use crate::report::{DeviceReport, Report, SegmentReport};
 
 /// Colours of the chart series (also what the browser test looks for).
 pub const COLOR_DROPPED: &str = "#c0392b";
@@ -44,25 +44,8 @@ pub fn markdown(r: &Report) -> String {
     for (name, v) in kpi_rows(r) {
         let _ = writeln!(m, "| {name} | {v} |");
     }
-    let _ = writeln!(
-        m,
-        "\n## Daily trend\n\n| Day | Dropped | Would drop | Violations | Detections | Unclassified | Vulnerable devices | Max open lag (days) | Exceptions |\n|---|---|---|---|---|---|---|---|---|"
-    );
-    for d in &r.trend {
-        let _ = writeln!(
-            m,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            d.date,
-            d.counts.dropped,
-            d.counts.would_drop,
-            d.counts.violations,
-            d.detections,
-            pct(d.unclassified_ratio),
-            d.vulnerable_devices,
-            d.max_open_lag_days,
-            d.exceptions_active
-        );
-    }
+    let _ = writeln!(m, "\n## Daily trend\n");
+    trend_table(r).md(&mut m);
     let _ = writeln!(m, "\n## Segments");
     for s in &r.segments {
         segment_md(&mut m, s);
@@ -85,18 +68,7 @@ pub fn markdown(r: &Report) -> String {
             d.lifecycle,
             d.ips.join(", ")
         );
-        let _ = writeln!(m, "| CVE | Disclosed | Patch | Status | Lag (days) |\n|---|---|---|---|---|");
-        for f in &d.findings {
-            let _ = writeln!(
-                m,
-                "| {} | {} | {} | {} | {} |",
-                f.cve,
-                f.disclosed,
-                f.patch_available,
-                f.status.name(),
-                f.lag_days
-            );
-        }
+        cve_table(d).md(&mut m);
         let _ = writeln!(m, "\nControls:\n");
         for c in &d.controls {
             let _ = writeln!(m, "- {}", cell(c));
@@ -109,40 +81,10 @@ pub fn markdown(r: &Report) -> String {
             d.detections.len()
         );
     }
-    let _ = writeln!(
-        m,
-        "## Detections\n\n| Time | Type | Segment | From | To | Impact | Reason |\n|---|---|---|---|---|---|---|"
-    );
-    for e in &r.detections {
-        let _ = writeln!(
-            m,
-            "| {} | {} | {} | {} | {}:{} | {} | {} |",
-            e.time,
-            e.kind,
-            e.segment,
-            e.src,
-            e.dst,
-            e.dport,
-            e.clinical_impact,
-            cell(&e.reason)
-        );
-    }
-    let _ = writeln!(
-        m,
-        "\n## Lifecycle changes\n\n| Time | MAC | From | To | Reason | By |\n|---|---|---|---|---|---|"
-    );
-    for a in &r.lifecycle_changes {
-        let _ = writeln!(
-            m,
-            "| {} | {} | {} | {} | {} | {} |",
-            a.time,
-            a.mac,
-            a.from,
-            a.to,
-            cell(&a.reason),
-            cell(&a.actor)
-        );
-    }
+    let _ = writeln!(m, "## Detections\n");
+    detection_table(r).md(&mut m);
+    let _ = writeln!(m, "\n## Lifecycle changes\n");
+    lifecycle_table(r).md(&mut m);
     m
 }
 
@@ -169,19 +111,192 @@ fn segment_md(m: &mut String, s: &SegmentReport) {
         let _ = writeln!(m, "- `{a}`");
     }
     if !s.exceptions.is_empty() {
-        let _ = writeln!(m, "\n| Exception | Expires | Reason | Ticket | Active |\n|---|---|---|---|---|");
-        for e in &s.exceptions {
-            let _ = writeln!(
-                m,
-                "| `{}` | {} | {} | {} | {} |",
-                e.rule,
-                e.expires,
-                cell(&e.reason),
-                cell(&e.ticket),
-                e.active
-            );
+        let _ = writeln!(m);
+        exception_table(s).md(m);
+    }
+}
+
+/// A table both renderings print from the same cells, so the Markdown and the
+/// HTML report cannot drift apart (they had: status names, a missing column).
+struct Table {
+    head: &'static [&'static str],
+    rows: Vec<Row>,
+    /// Index of a column printed as code.
+    code: Option<usize>,
+    /// A closing remark under the rows ("… and 12 earlier").
+    note: Option<String>,
+}
+
+struct Row {
+    /// HTML row class (the CVE status colours the row).
+    class: Option<&'static str>,
+    cells: Vec<String>,
+}
+
+impl Row {
+    fn new(cells: Vec<String>) -> Row {
+        Row { class: None, cells }
+    }
+}
+
+impl Table {
+    fn new(head: &'static [&'static str], rows: Vec<Row>) -> Table {
+        Table { head, rows, code: None, note: None }
+    }
+
+    fn md(&self, m: &mut String) {
+        let _ = writeln!(m, "| {} |\n|{}", self.head.join(" | "), "---|".repeat(self.head.len()));
+        for r in &self.rows {
+            let cells: Vec<String> = r
+                .cells
+                .iter()
+                .enumerate()
+                // GFM reads `\|` as a pipe inside code spans in tables too.
+                .map(|(i, c)| if Some(i) == self.code { format!("`{}`", cell(c)) } else { cell(c) })
+                .collect();
+            let _ = writeln!(m, "| {} |", cells.join(" | "));
+        }
+        if let Some(n) = &self.note {
+            let _ = writeln!(m, "\n{n}");
         }
     }
+
+    fn html(&self, h: &mut String) {
+        *h += "<table><thead><tr>";
+        for c in self.head {
+            let _ = write!(h, "<th>{}</th>", esc(c));
+        }
+        *h += "</tr></thead><tbody>";
+        for r in &self.rows {
+            match r.class {
+                Some(c) => {
+                    let _ = write!(h, "<tr class=\"{c}\">");
+                }
+                None => *h += "<tr>",
+            }
+            for (i, c) in r.cells.iter().enumerate() {
+                if Some(i) == self.code {
+                    let _ = write!(h, "<td><code>{}</code></td>", esc(c));
+                } else {
+                    let _ = write!(h, "<td>{}</td>", esc(c));
+                }
+            }
+            *h += "</tr>";
+        }
+        if let Some(n) = &self.note {
+            let _ = write!(h, "<tr><td colspan=\"{}\">{}</td></tr>", self.head.len(), esc(n));
+        }
+        *h += "</tbody></table>";
+    }
+}
+
+fn trend_table(r: &Report) -> Table {
+    let rows = r
+        .trend
+        .iter()
+        .map(|d| {
+            Row::new(vec![
+                d.date.clone(),
+                d.counts.dropped.to_string(),
+                d.counts.would_drop.to_string(),
+                d.counts.violations.to_string(),
+                d.detections.to_string(),
+                pct(d.unclassified_ratio),
+                d.vulnerable_devices.to_string(),
+                d.max_open_lag_days.to_string(),
+                d.exceptions_active.to_string(),
+            ])
+        })
+        .collect();
+    Table::new(
+        &[
+            "Day",
+            "Dropped",
+            "Would drop",
+            "Violations",
+            "Detections",
+            "Unclassified",
+            "Vulnerable devices",
+            "Max open lag (days)",
+            "Exceptions",
+        ],
+        rows,
+    )
+}
+
+fn exception_table(s: &SegmentReport) -> Table {
+    let rows = s
+        .exceptions
+        .iter()
+        .map(|e| {
+            Row::new(vec![
+                e.rule.clone(),
+                e.expires.clone(),
+                e.reason.clone(),
+                e.ticket.clone(),
+                if e.active { "yes" } else { "expired" }.into(),
+            ])
+        })
+        .collect();
+    Table { code: Some(0), ..Table::new(&["Exception", "Expires", "Reason", "Ticket", "In force"], rows) }
+}
+
+fn cve_table(d: &DeviceReport) -> Table {
+    let rows = d
+        .findings
+        .iter()
+        .map(|f| Row {
+            class: Some(f.status.name()),
+            cells: vec![
+                f.cve.clone(),
+                f.disclosed.clone(),
+                f.patch_available.clone(),
+                f.status.name().into(),
+                f.lag_days.to_string(),
+            ],
+        })
+        .collect();
+    Table::new(&["CVE", "Disclosed", "Vendor patch", "Status", "Lag (days)"], rows)
+}
+
+fn detection_table(r: &Report) -> Table {
+    let rows = r
+        .detections
+        .iter()
+        .map(|e| {
+            Row::new(vec![
+                e.time.clone(),
+                e.kind.clone(),
+                e.segment.clone(),
+                e.src.clone(),
+                format!("{}:{}", e.dst, e.dport),
+                e.clinical_impact.clone(),
+                e.reason.clone(),
+            ])
+        })
+        .collect();
+    Table {
+        note: (r.detections_not_listed > 0).then(|| format!("… and {} earlier", r.detections_not_listed)),
+        ..Table::new(&["Time", "Type", "Segment", "From", "To", "Impact", "Reason"], rows)
+    }
+}
+
+fn lifecycle_table(r: &Report) -> Table {
+    let rows = r
+        .lifecycle_changes
+        .iter()
+        .map(|a| {
+            Row::new(vec![
+                a.time.clone(),
+                a.mac.clone(),
+                a.from.clone(),
+                a.to.clone(),
+                a.reason.clone(),
+                a.actor.clone(),
+            ])
+        })
+        .collect();
+    Table::new(&["Time", "MAC", "From", "To", "Reason", "By"], rows)
 }
 
 fn kpi_rows(r: &Report) -> Vec<(&'static str, String)> {
@@ -395,23 +510,8 @@ pub fn html(r: &Report) -> String {
         &r.trend.iter().map(|d| d.max_open_lag_days as f64).collect::<Vec<_>>(),
     );
     h += "</div>";
-    h += "<table><thead><tr><th>Day</th><th>Dropped</th><th>Would drop</th><th>Violations</th><th>Detections</th><th>Unclassified</th><th>Vulnerable devices</th><th>Max open lag (days)</th><th>Exceptions</th></tr></thead><tbody>";
-    for d in &r.trend {
-        let _ = write!(
-            h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            d.date,
-            d.counts.dropped,
-            d.counts.would_drop,
-            d.counts.violations,
-            d.detections,
-            pct(d.unclassified_ratio),
-            d.vulnerable_devices,
-            d.max_open_lag_days,
-            d.exceptions_active
-        );
-    }
-    h += "</tbody></table></section>";
+    trend_table(r).html(&mut h);
+    h += "</section>";
 
     h += "<section><h2>Segments</h2><table><thead><tr><th>Segment</th><th>Function</th><th>Impact</th><th>Mode</th><th>Enforce</th><th>Allowed</th><th>Dropped</th><th>Would drop</th><th>Violations</th><th>Devices</th><th>Detections</th></tr></thead><tbody>";
     for s in &r.segments {
@@ -451,19 +551,7 @@ pub fn html(r: &Report) -> String {
         }
         h += "</ul>";
         if !s.exceptions.is_empty() {
-            h += "<table><thead><tr><th>Exception</th><th>Expires</th><th>Reason</th><th>Ticket</th><th>In force</th></tr></thead><tbody>";
-            for e in &s.exceptions {
-                let _ = write!(
-                    h,
-                    "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                    esc(&e.rule),
-                    esc(&e.expires),
-                    esc(&e.reason),
-                    esc(&e.ticket),
-                    if e.active { "yes" } else { "expired" }
-                );
-            }
-            h += "</tbody></table>";
+            exception_table(s).html(&mut h);
         }
         h += "</div>";
     }
@@ -485,21 +573,8 @@ pub fn html(r: &Report) -> String {
             esc(&d.lifecycle),
             esc(&d.ips.join(", "))
         );
-        h += "<table><thead><tr><th>CVE</th><th>Disclosed</th><th>Vendor patch</th><th>Status</th><th>Lag (days)</th></tr></thead><tbody>";
-        for f in &d.findings {
-            let status = f.status.name();
-            let _ = write!(
-                h,
-                "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                status,
-                esc(&f.cve),
-                esc(&f.disclosed),
-                esc(&f.patch_available),
-                status,
-                f.lag_days
-            );
-        }
-        h += "</tbody></table><ul>";
+        cve_table(d).html(&mut h);
+        h += "<ul>";
         for c in &d.controls {
             let _ = write!(h, "<li>{}</li>", esc(c));
         }
@@ -511,38 +586,11 @@ pub fn html(r: &Report) -> String {
             d.detections.len()
         );
     }
-    h += "</section><section><h2>Detections</h2><table><thead><tr><th>Time</th><th>Type</th><th>Segment</th><th>From</th><th>To</th><th>Impact</th><th>Reason</th></tr></thead><tbody>";
-    for e in &r.detections {
-        let _ = write!(
-            h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}:{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&e.time),
-            esc(&e.kind),
-            esc(&e.segment),
-            esc(&e.src),
-            esc(&e.dst),
-            e.dport,
-            esc(&e.clinical_impact),
-            esc(&e.reason)
-        );
-    }
-    if r.detections_not_listed > 0 {
-        let _ = write!(h, "<tr><td colspan=\"7\">… and {} earlier</td></tr>", r.detections_not_listed);
-    }
-    h += "</tbody></table></section><section><h2>Lifecycle changes</h2><table><thead><tr><th>Time</th><th>MAC</th><th>From</th><th>To</th><th>Reason</th><th>By</th></tr></thead><tbody>";
-    for a in &r.lifecycle_changes {
-        let _ = write!(
-            h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&a.time),
-            esc(&a.mac),
-            esc(&a.from),
-            esc(&a.to),
-            esc(&a.reason),
-            esc(&a.actor)
-        );
-    }
-    h += "</tbody></table></section></body></html>\n";
+    h += "</section><section><h2>Detections</h2>";
+    detection_table(r).html(&mut h);
+    h += "</section><section><h2>Lifecycle changes</h2>";
+    lifecycle_table(r).html(&mut h);
+    h += "</section></body></html>\n";
     h
 }
 
@@ -556,3 +604,28 @@ th{background:#eee}tr.no-patch td,tr.end-of-life td{background:#fdecea}tr.open t
 .charts{display:flex;flex-wrap:wrap;gap:12px;margin:12px 0}.note{background:#fff4e0;border-left:4px solid #e67e22;padding:6px}\
 code{font-size:12px}.seg,.dev{break-inside:avoid}\
 @media print{body{margin:0;max-width:none}section{break-before:auto}h2{break-after:avoid}tr,.tile,svg{break-inside:avoid}}";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_table_prints_the_same_cells_in_both_renderings() {
+        let t = Table {
+            code: Some(0),
+            note: Some("… and 3 earlier".into()),
+            ..Table::new(
+                &["Rule", "Reason"],
+                vec![Row { class: Some("open"), cells: vec!["a|b".into(), "x < y".into()] }],
+            )
+        };
+        let (mut m, mut h) = (String::new(), String::new());
+        t.md(&mut m);
+        t.html(&mut h);
+        assert_eq!(m, "| Rule | Reason |\n|---|---|\n| `a\\|b` | x < y |\n\n… and 3 earlier\n");
+        assert_eq!(
+            h,
+            "<table><thead><tr><th>Rule</th><th>Reason</th></tr></thead><tbody><tr class=\"open\"><td><code>a|b</code></td><td>x &lt; y</td></tr><tr><td colspan=\"2\">… and 3 earlier</td></tr></tbody></table>"
+        );
+    }
+}
