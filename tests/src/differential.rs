@@ -364,7 +364,8 @@ pub fn run(n: u64, seed: u64) -> Result<Report> {
             }
             // Every device's frames, as the agent derives them from DEVICES and
             // the flows it owns, against the model's plain per-MAC count.
-            let kernel_devices = pair.prog.device_totals()?;
+            let flows = pair.prog.flows()?;
+            let kernel_devices = crate::kernel::device_totals(&flows, &pair.prog.devices()?);
             let model_devices: std::collections::BTreeMap<_, _> =
                 pair.model.devices.iter().map(|(k, v)| (*k, *v)).collect();
             if kernel_devices != model_devices {
@@ -384,7 +385,7 @@ pub fn run(n: u64, seed: u64) -> Result<Report> {
                 }
             }
             r.devices += model_devices.len() as u64;
-            r.foreign += pair.prog.flows()?.iter().map(|(_, v)| v.foreign_packets).sum::<u64>();
+            r.foreign += flows.iter().map(|(_, v)| v.foreign_packets).sum::<u64>();
             model_reasons = [0; STATS_LEN as usize];
             last_stats = now_stats;
             r.flows += pair.model.flows.len() as u64;

@@ -150,16 +150,8 @@ impl TestProg {
 
     /// Each device's frames and bytes, as the agent derives them (its DEVICES
     /// entry plus the flows it owns), keyed like DEVICES.
-    pub fn device_totals(&self) -> Result<std::collections::BTreeMap<DeviceKey, (u64, u64)>> {
-        let mut t = mdsec_agent::state::Tables::default();
-        t.merge(&self.flows()?, &self.devices()?);
-        Ok(t.devices
-            .iter()
-            .map(|(k, r)| {
-                let n = r.totals();
-                (*k, (n.packets, n.bytes))
-            })
-            .collect())
+    pub fn device_totals(&self) -> Result<DeviceTotals> {
+        Ok(device_totals(&self.flows()?, &self.devices()?))
     }
 
     /// Empties FLOWS, FLOWS4, DEVICES and FRAGS (STATS are compared as deltas instead).
@@ -183,6 +175,23 @@ impl TestProg {
         }
         Ok(())
     }
+}
+
+/// (frames, bytes) per device.
+pub type DeviceTotals = std::collections::BTreeMap<DeviceKey, (u64, u64)>;
+
+/// Each device's frames and bytes from snapshots of the flow maps and DEVICES,
+/// derived by the agent's own merge.
+pub fn device_totals(flows: &[(FlowKey, FlowValue)], devices: &[(DeviceKey, DeviceValue)]) -> DeviceTotals {
+    let mut t = mdsec_agent::state::Tables::default();
+    t.merge(flows, devices);
+    t.devices
+        .iter()
+        .map(|(k, r)| {
+            let n = r.totals();
+            (*k, (n.packets, n.bytes))
+        })
+        .collect()
 }
 
 /// The datapath loaded with the policy of these (file name, YAML) installed as a
