@@ -13,6 +13,7 @@ pub mod events;
 pub mod evidence;
 pub mod export;
 pub mod fingerprint;
+pub mod flowtable;
 pub mod learn;
 pub mod lifecycle;
 pub mod loader;

@@ -25,7 +25,7 @@ use aya::{
 use log::{info, warn};
 use mdsec_common::{
     device::{DeviceKey, DeviceValue},
-    flow::{FlowKey, FlowKey4, FlowValue},
+    flowtable::{FlowSet4, FlowSet6},
     frag::{FragKey, FragValue},
     maps as names,
     policy::{
@@ -37,6 +37,7 @@ use mdsec_common::{
 
 use crate::{
     config::{Config, Role, XdpMode},
+    flowtable::{self, Geometry},
     netlink,
 };
 
@@ -61,6 +62,8 @@ pub struct Attached {
 pub struct Datapath {
     pub ebpf: Ebpf,
     pub attached: Vec<Attached>,
+    /// The flow tables' set counts and hash seed the program was loaded with.
+    pub geometry: Geometry,
     root: PathBuf,
 }
 
@@ -68,8 +71,9 @@ pub struct Datapath {
 fn map_layout(name: &str) -> (u32, u32) {
     use std::mem::size_of;
     match name {
-        names::FLOWS => (size_of::<FlowKey>() as u32, size_of::<FlowValue>() as u32),
-        names::FLOWS4 => (size_of::<FlowKey4>() as u32, size_of::<FlowValue>() as u32),
+        names::FLOWS => (4, size_of::<FlowSet6>() as u32),
+        names::FLOWS4 => (4, size_of::<FlowSet4>() as u32),
+        names::FLOW_SEED => (4, 8),
         names::DEVICES => (size_of::<DeviceKey>() as u32, size_of::<DeviceValue>() as u32),
         names::FRAGS => (size_of::<FragKey>() as u32, size_of::<FragValue>() as u32),
         names::STATS => (4, size_of::<Counter>() as u32),
@@ -97,9 +101,11 @@ impl Datapath {
         fs::create_dir_all(&maps_dir).with_context(|| format!("create {}", maps_dir.display()))?;
         fs::create_dir_all(&links_dir).with_context(|| format!("create {}", links_dir.display()))?;
 
+        let sets = Geometry::new(cfg.maps.flows, cfg.maps.flows_ipv6, 0);
         let sizes = [
-            (names::FLOWS, cfg.maps.flows_ipv6),
-            (names::FLOWS4, cfg.maps.flows),
+            (names::FLOWS, sets.sets6),
+            (names::FLOWS4, sets.sets4),
+            (names::FLOW_SEED, 1),
             (names::DEVICES, cfg.maps.devices),
             (names::FRAGS, cfg.maps.fragments),
             (names::STATS, STATS_LEN),
@@ -114,15 +120,20 @@ impl Datapath {
         for (name, max) in sizes {
             drop_incompatible_pin(&maps_dir.join(name), name, max)?;
         }
+        let geometry = Geometry { seed: flow_seed(&maps_dir)?, ..sets };
         let pins: Vec<(&str, PathBuf)> = names::ALL.iter().map(|n| (*n, maps_dir.join(n))).collect();
         let mut loader = EbpfLoader::new();
         for (name, max) in sizes {
             loader.map_max_entries(name, max);
         }
+        geometry.configure(&mut loader);
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT).context("load the eBPF object")?;
+        let mut seed: aya::maps::Array<_, u64> =
+            aya::maps::Array::try_from(ebpf.map_mut(names::FLOW_SEED).context("FLOW_SEED missing")?)?;
+        seed.set(0, geometry.seed, 0).context("write FLOW_SEED")?;
 
         let prog: &mut Xdp =
             ebpf.program_mut(names::PROGRAM).context("program missing from object")?.try_into()?;
@@ -173,7 +184,7 @@ impl Datapath {
             let flags = if a.role == Role::Mirror { IFACE_MIRROR } else { 0 };
             ifaces.insert(a.ifindex, flags, 0).context("write IFACES")?;
         }
-        Ok(Datapath { ebpf, attached, root })
+        Ok(Datapath { ebpf, attached, geometry, root })
     }
 
     pub fn take_map(&mut self, name: &str) -> Result<Map> {
@@ -286,6 +297,28 @@ fn drop_incompatible_pin(path: &Path, name: &str, max: u32) -> Result<()> {
         Err(e) => warn!("{name}: unreadable pin {}: {e}; replacing it", path.display()),
     }
     fs::remove_file(path).with_context(|| format!("remove {}", path.display()))
+}
+
+/// The hash seed of the pinned flow tables, or a new one. Tables pinned without
+/// a readable seed are removed: their flows could not be found again.
+fn flow_seed(maps_dir: &Path) -> Result<u64> {
+    let pin = maps_dir.join(names::FLOW_SEED);
+    let pinned = aya::maps::MapData::from_pin(&pin)
+        .ok()
+        .and_then(|d| aya::maps::Array::<_, u64>::try_from(Map::Array(d)).ok())
+        .and_then(|a| a.get(&0, 0).ok())
+        .filter(|s| *s != 0);
+    if let Some(s) = pinned {
+        return Ok(s);
+    }
+    for name in [names::FLOWS, names::FLOWS4] {
+        let p = maps_dir.join(name);
+        if p.exists() {
+            warn!("{name}: pinned without a hash seed; replacing it (its counts restart)");
+            fs::remove_file(&p).with_context(|| format!("remove {}", p.display()))?;
+        }
+    }
+    flowtable::random_seed()
 }
 
 /// systemd mounts bpffs at /sys/fs/bpf; `ip netns exec` remounts /sys without it.

@@ -155,6 +155,13 @@ fn datapath(r: &R, st: &AppState) {
     ] {
         fails.with_label_values(&[m]).inc_by(t.stat(s).packets);
     }
+    r.counter(
+        "mdsec_datapath_flow_evictions_total",
+        "Flows the datapath evicted to make room in a full flow table (every one, read or not).",
+        &[],
+    )
+    .with_label_values::<&str>(&[])
+    .inc_by(t.stat(Stat::FlowEvicted).packets);
     r.int_gauge("mdsec_active_flows", "Flows in the kernel flow table at the last read.", &[])
         .with_label_values::<&str>(&[])
         .set(t.kernel_flows as i64);
@@ -163,7 +170,7 @@ fn datapath(r: &R, st: &AppState) {
     let fill = r.gauge("mdsec_map_fill_ratio", "Entries divided by capacity (0–1).", &["map"]);
     let ev = r.counter(
         "mdsec_lru_evictions_total",
-        "Kernel entries the LRU evicted before the agent aged them out (their counts are kept).",
+        "Kernel entries evicted before the agent aged them out, among those it had read (their counts are kept).",
         &["map"],
     );
     // IPv4 flows live in their own table (`maps.flows`), IPv6 in another.

@@ -1,5 +1,5 @@
-//! Owns the FLOWS, FLOWS4, DEVICES and STATS maps on the user side: reads them
-//! every poll interval, merges into [`Tables`] (IPv4 flows as IPv4-mapped
+//! Owns the FLOWS, FLOWS4 (through [`FlowTables`]), DEVICES and STATS maps on the
+//! user side: reads them every poll interval, merges into [`Tables`] (IPv4 flows as IPv4-mapped
 //! [`FlowKey`]s, so the rest of the agent sees one kind of flow), and ages idle
 //! flows out of the kernel. Drives the per-segment counters' reads ([`SegStats`])
 //! on the same clock.
@@ -14,16 +14,15 @@ use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use log::warn;
 use mdsec_common::{
     device::{DeviceKey, DeviceValue},
-    flow::{FlowKey, FlowKey4, FlowValue},
+    flow::FlowValue,
     maps as names,
     stats::{Counter, STATS_LEN},
 };
 
-use crate::{clock, loader::Datapath, segstats::SegStats, state::Tables};
+use crate::{clock, flowtable::FlowTables, loader::Datapath, segstats::SegStats, state::Tables};
 
 pub struct Poller {
-    flows: BpfHashMap<MapData, FlowKey, FlowValue>,
-    flows4: BpfHashMap<MapData, FlowKey4, FlowValue>,
+    flows: FlowTables,
     devices: BpfHashMap<MapData, DeviceKey, DeviceValue>,
     stats: PerCpuArray<MapData, Counter>,
     segstats: Arc<Mutex<SegStats>>,
@@ -35,6 +34,7 @@ impl Poller {
         Self::from_maps(
             dp.take_map(names::FLOWS)?,
             dp.take_map(names::FLOWS4)?,
+            dp.geometry.seed,
             dp.take_map(names::DEVICES)?,
             dp.take_map(names::STATS)?,
             segstats,
@@ -46,14 +46,14 @@ impl Poller {
     pub fn from_maps(
         flows: aya::maps::Map,
         flows4: aya::maps::Map,
+        seed: u64,
         devices: aya::maps::Map,
         stats: aya::maps::Map,
         segstats: Arc<Mutex<SegStats>>,
         idle: Duration,
     ) -> Result<Poller> {
         Ok(Poller {
-            flows: BpfHashMap::try_from(flows)?,
-            flows4: BpfHashMap::try_from(flows4)?,
+            flows: FlowTables::new(flows4, flows, seed)?,
             devices: BpfHashMap::try_from(devices)?,
             stats: PerCpuArray::try_from(stats)?,
             segstats,
@@ -65,8 +65,8 @@ impl Poller {
     pub fn poll(&mut self, tables: &RwLock<Tables>) -> Result<()> {
         // Counters first: the flow table read after them is at least as new.
         self.segstats.lock().unwrap().poll()?;
-        let flows = snapshot(&self.flows);
-        let flows4 = snapshot(&self.flows4);
+        let flows = self.flows.v6.snapshot();
+        let flows4 = self.flows.v4.snapshot();
         let devices = snapshot(&self.devices);
         let mut stats = Vec::with_capacity(STATS_LEN as usize);
         for i in 0..STATS_LEN {
@@ -82,27 +82,15 @@ impl Poller {
             t.set_stats(stats);
             t.idle_flows(clock::mono_ns(), self.idle.as_nanos() as u64)
         };
+        let idle_ns = self.idle.as_nanos() as u64;
         for k in idle {
-            // A packet may have arrived since the snapshot: only delete what is
-            // still idle, so no count is lost.
-            // FlowKey::v4 says which map holds the flow.
-            let k4 = k.v4();
-            let entry = match &k4 {
-                Some(k4) => self.flows4.get(k4, 0),
-                None => self.flows.get(&k, 0),
-            };
-            let still_idle = match entry {
-                Ok(v) => clock::mono_ns().saturating_sub(v.last_seen_ns) > self.idle.as_nanos() as u64,
-                Err(_) => true,
-            };
-            if !still_idle {
-                continue;
+            // A packet may have arrived since the snapshot: only remove what is
+            // still idle, so no count is lost. A flow already gone (evicted) is
+            // forgotten too.
+            let still_idle = |v: &FlowValue| clock::mono_ns().saturating_sub(v.last_seen_ns) > idle_ns;
+            if self.flows.remove_if(&k, still_idle) || self.flows.get(&k).is_none() {
+                tables.write().unwrap().forget_flow(&k);
             }
-            let _ = match &k4 {
-                Some(k4) => self.flows4.remove(k4),
-                None => self.flows.remove(&k),
-            };
-            tables.write().unwrap().forget_flow(&k);
         }
         Ok(())
     }

@@ -160,7 +160,12 @@ pub async fn run(cfg: Config) -> Result<()> {
             .collect(),
         inventory: RwLock::new(Vec::new()),
         segstats,
-        map_sizes: cfg.maps.clone(),
+        // The flow tables hold whole sets: report the slots they really have.
+        map_sizes: crate::config::MapSizes {
+            flows: crate::flowtable::capacity(cfg.maps.flows),
+            flows_ipv6: crate::flowtable::capacity(cfg.maps.flows_ipv6),
+            ..cfg.maps.clone()
+        },
         started: SystemTime::now(),
         export_stats,
         token,

@@ -10,6 +10,7 @@
 pub mod app;
 pub mod device;
 pub mod flow;
+pub mod flowtable;
 pub mod frag;
 pub mod maps;
 #[cfg(feature = "user")]

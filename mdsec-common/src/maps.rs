@@ -5,11 +5,13 @@
 pub const BASELINE_PASS: &str = "mdsec_baseline_pass";
 pub const BASELINE_DROP: &str = "mdsec_baseline_drop";
 
-/// LRU hash: [`crate::flow::FlowKey`] → [`crate::flow::FlowValue`]: flows with an
+/// Mmap-able array of [`crate::flowtable::FlowSet6`]: the table of flows with an
 /// IPv6 address.
 pub const FLOWS: &str = "FLOWS";
-/// LRU hash: [`crate::flow::FlowKey4`] → [`crate::flow::FlowValue`]: IPv4 flows.
+/// Mmap-able array of [`crate::flowtable::FlowSet4`]: the table of IPv4 flows.
 pub const FLOWS4: &str = "FLOWS4";
+/// Array[1]: the flow tables' hash seed (u64), pinned with them.
+pub const FLOW_SEED: &str = "FLOW_SEED";
 /// LRU hash: [`crate::device::DeviceKey`] → [`crate::device::DeviceValue`].
 pub const DEVICES: &str = "DEVICES";
 /// LRU hash: [`crate::frag::FragKey`] → [`crate::frag::FragValue`].
@@ -43,19 +45,22 @@ pub const EVENT_BUCKET: &str = "EVENT_BUCKET";
 
 /// All maps the agent pins, in a fixed order. The ring buffers (`EVENTS`,
 /// `SAMPLES`) and `EVENT_BUCKET` are not pinned: a new agent starts fresh ones.
-pub const ALL: [&str; 13] =
-    [FLOWS, FLOWS4, DEVICES, FRAGS, STATS, SEG_STATS, IDENT, MACS, POLICY, SEGMENTS, CONFIG, IFACES, ALLOWED];
+pub const ALL: [&str; 14] = [
+    FLOWS, FLOWS4, FLOW_SEED, DEVICES, FRAGS, STATS, SEG_STATS, IDENT, MACS, POLICY, SEGMENTS, CONFIG,
+    IFACES, ALLOWED,
+];
 
 /// Name of the XDP program in the object.
 pub const PROGRAM: &str = "mdsec_xdp";
 
 /// Bumped whenever a key or value layout changes. Pins live under a directory named
 /// after it, so an upgraded agent never reinterprets the bytes of an older map.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Compile-time sizes in the object; the agent overrides them at load time.
 /// `FLOWS4` (IPv4 flows) and `FLOWS` (IPv6): hospital device traffic is mostly
-/// IPv4, so the IPv6 table defaults to a quarter (both preallocate).
+/// IPv4, so the IPv6 table defaults to a quarter (both preallocate). Flow tables
+/// hold whole sets of `flowtable::WAYS` slots: sizes round up to a multiple.
 pub const DEFAULT_FLOWS_MAX: u32 = 262_144;
 pub const DEFAULT_FLOWS6_MAX: u32 = 65_536;
 pub const DEFAULT_DEVICES_MAX: u32 = 16_384;

@@ -96,8 +96,11 @@ stats! {
     EventsRateLimited = "events_rate_limited",
     /// A first-payload sample could not be reserved in the `SAMPLES` ring buffer.
     SamplesLost = "samples_lost",
-    /// A flow could not be inserted into `FLOWS`.
+    /// A new flow got no slot: its first set was locked by another CPU's insert
+    /// (the frame passes unaccounted to a flow, like any frame without one).
     FlowUpdateFail = "flow_update_failed",
+    /// A flow was evicted from a full flow table to make room for a new one.
+    FlowEvicted = "flow_evicted",
     /// A device could not be inserted into `DEVICES`.
     DeviceUpdateFail = "device_update_failed",
     /// A first fragment could not be remembered in `FRAGS`.

@@ -7,16 +7,18 @@
 //! for frames without a flow, a flow's first frame (to record the device and its
 //! address) and frames from another MAC (`foreign_*` on the flow).
 
-use aya_ebpf::{bindings::BPF_NOEXIST, maps::LruHashMap};
+use aya_ebpf::{bindings::BPF_NOEXIST, maps::Array};
 use mdsec_common::{
     device::{DeviceKey, DeviceValue},
     flow::{FlowKey, FlowKey4, FlowValue},
+    flowtable::{FlowSet, TableKey},
     frag::{FragKey, FragValue},
     net::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
     stats::Stat,
 };
 
 use crate::{
+    flowtable::{self, Hit, Insert},
     maps::{DEVICES, FLOWS, FLOWS4, FRAGS},
     parse::{Packet, FRAG_FIRST, FRAG_LATER, L3_ARP, L3_IPV4, L3_IPV6, L3_OTHER},
     stats::count,
@@ -26,7 +28,7 @@ use crate::atomic::{add, or};
 
 /// Accounts the frame and returns its flow entry, if it has one, for the verdict
 /// stage.
-pub fn account(p: &Packet, now: u64, len: u64) -> Option<*mut FlowValue> {
+pub fn account(p: &Packet, now: u64, len: u64) -> Option<Hit> {
     if !p.has_eth {
         return None;
     }
@@ -159,9 +161,9 @@ fn update_device(
 }
 
 /// The frame's flow (created if new), and what its sender's device entry needs.
-/// IPv4 flows live in `FLOWS4` (a shorter key, hashed in half the time).
+/// IPv4 flows live in `FLOWS4` (a shorter key: half the hashing and compares).
 #[inline(never)]
-fn flow(p: &Packet, now: u64, len: u64) -> (Option<*mut FlowValue>, Dev) {
+fn flow(p: &Packet, now: u64, len: u64) -> (Option<Hit>, Dev) {
     let (mut sport, mut dport) = (p.sport, p.dport);
     if p.frag != 0 {
         fragment(p, &mut sport, &mut dport, len);
@@ -177,7 +179,7 @@ fn flow(p: &Packet, now: u64, len: u64) -> (Option<*mut FlowValue>, Dev) {
             sport,
             dport,
         };
-        return flow_in(&FLOWS4, &key, p, now, len);
+        return flow_in(&FLOWS4, flowtable::sets4(), &key, p, now, len);
     }
     let key = FlowKey {
         ifindex: p.ifindex,
@@ -189,54 +191,66 @@ fn flow(p: &Packet, now: u64, len: u64) -> (Option<*mut FlowValue>, Dev) {
         sport,
         dport,
     };
-    flow_in(&FLOWS, &key, p, now, len)
+    flow_in(&FLOWS, flowtable::sets6(), &key, p, now, len)
 }
 
 #[inline(always)]
-fn flow_in<K>(
-    map: &LruHashMap<K, FlowValue>,
+fn flow_in<K: TableKey>(
+    table: &Array<FlowSet<K>>,
+    sets: u32,
     key: &K,
     p: &Packet,
     now: u64,
     len: u64,
-) -> (Option<*mut FlowValue>, Dev) {
-    if let Some(f) = map.get_ptr_mut(key) {
-        return (Some(f), update_flow(f, p, now, len));
-    }
-    let new = FlowValue {
-        packets: 1,
-        bytes: len,
-        foreign_packets: 0,
-        foreign_bytes: 0,
-        first_seen_ns: now,
-        last_seen_ns: now,
-        tcp_flags: p.tcp_flags as u64,
-        valid_until_ns: 0,
-        generation: 0,
-        rule: 0,
-        src_id: 0,
-        dst_id: 0,
-        segment: 0,
-        reported_generation: 0,
-        src_mac: p.src_mac,
-        _pad0: [0; 2],
-        verdict: 0,
-        app: 0,
-        required_app: 0,
-        app_confidence: 0,
-        app_done: 0,
-        _pad: [0; 3],
+) -> (Option<Hit>, Dev) {
+    let (found, new) = match flowtable::lookup(table, sets, key) {
+        Ok(f) => (f, false),
+        Err(at) => match flowtable::insert(table, key, at, len) {
+            Insert::Claimed(c) => {
+                // SAFETY: the claimed slot is ours until published.
+                unsafe {
+                    (*c.slot).value = FlowValue {
+                        packets: 1,
+                        bytes: len,
+                        foreign_packets: 0,
+                        foreign_bytes: 0,
+                        first_seen_ns: now,
+                        last_seen_ns: now,
+                        tcp_flags: p.tcp_flags as u64,
+                        valid_until_ns: 0,
+                        generation: 0,
+                        rule: 0,
+                        src_id: 0,
+                        dst_id: 0,
+                        segment: 0,
+                        reported_generation: 0,
+                        src_mac: p.src_mac,
+                        _pad0: [0; 2],
+                        verdict: 0,
+                        app: 0,
+                        required_app: 0,
+                        app_confidence: 0,
+                        app_done: 0,
+                        _pad: [0; 3],
+                    };
+                }
+                (c.publish(), true)
+            }
+            // Lost the race to another CPU's insert: add this packet to its entry.
+            Insert::Existing(f) => (f, false),
+            Insert::Failed => {
+                count(Stat::FlowUpdateFail, len);
+                return (None, Dev::Count);
+            }
+        },
     };
-    let inserted = map.insert(key, &new, BPF_NOEXIST as u64).is_ok();
-    match map.get_ptr_mut(key) {
-        // Lost the race to another CPU's insert: add this packet to its entry.
-        Some(f) if !inserted => (Some(f), update_flow(f, p, now, len)),
-        Some(f) => (Some(f), Dev::Record),
-        None => {
-            count(Stat::FlowUpdateFail, len);
-            (None, Dev::Count)
-        }
+    let Some(h) = Hit::at(table, found) else {
+        return (None, Dev::Count);
+    };
+    if new {
+        return (Some(h), Dev::Record);
     }
+    (Some(h), update_flow(h.value, p, now, len))
 }
 
 #[inline(always)]

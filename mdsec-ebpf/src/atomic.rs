@@ -35,3 +35,39 @@ pub fn or(cell: *mut u64, v: u64) {
     // SAFETY: as above.
     unsafe { AtomicU64::from_ptr(cell) }.fetch_or(v, Ordering::Relaxed);
 }
+
+/// Compare-and-swap (BPF_CMPXCHG, ISA v3); true when `cell` held `old`.
+#[cfg(target_arch = "bpf")]
+#[inline(always)]
+pub fn cas32(cell: *mut u32, old: u32, new: u32) -> bool {
+    use core::intrinsics::{atomic_cxchg, AtomicOrdering};
+    // SAFETY: `cell` points into a live map value.
+    unsafe { atomic_cxchg::<u32, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(cell, old, new).1 }
+}
+
+/// Fully ordered store (BPF_XCHG): everything written before is visible first.
+#[cfg(target_arch = "bpf")]
+#[inline(always)]
+pub fn publish32(cell: *mut u32, v: u32) {
+    use core::intrinsics::{atomic_xchg, AtomicOrdering};
+    // SAFETY: as for `cas32`.
+    unsafe { atomic_xchg::<u32, { AtomicOrdering::SeqCst }>(cell, v) };
+}
+
+#[cfg(not(target_arch = "bpf"))]
+#[inline(always)]
+pub fn cas32(cell: *mut u32, old: u32, new: u32) -> bool {
+    use core::sync::atomic::{AtomicU32, Ordering};
+    // SAFETY: `cell` points into a live, 4-byte aligned map value.
+    unsafe { AtomicU32::from_ptr(cell) }
+        .compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst)
+        .is_ok()
+}
+
+#[cfg(not(target_arch = "bpf"))]
+#[inline(always)]
+pub fn publish32(cell: *mut u32, v: u32) {
+    use core::sync::atomic::{AtomicU32, Ordering};
+    // SAFETY: as above.
+    unsafe { AtomicU32::from_ptr(cell) }.swap(v, Ordering::SeqCst);
+}

@@ -16,6 +16,7 @@
 mod account;
 mod app;
 mod atomic;
+mod flowtable;
 mod maps;
 mod parse;
 mod stats;
@@ -36,7 +37,8 @@ pub fn mdsec_xdp(ctx: XdpContext) -> u32 {
     if let Err(reason) = parse::parse(&ctx, pkt) {
         stats::count(reason, len);
     }
-    let flow = account::account(pkt, now, len);
+    let hit = account::account(pkt, now, len);
+    let flow = hit.map(|h| h.value);
     if let Some(f) = flow {
         // Only the first payload of a flow is classified: test here, so every later
         // packet skips the out-of-line call.
@@ -46,6 +48,9 @@ pub fn mdsec_xdp(ctx: XdpContext) -> u32 {
         }
     }
     let action = verdict::decide(ctx.ctx, pkt, flow, now, len);
+    if let Some(h) = hit {
+        h.recheck();
+    }
     stats::count(if action == xdp_action::XDP_DROP { Stat::Drop } else { Stat::Pass }, len);
     action
 }

@@ -4,12 +4,13 @@
 //! the same object without touching bpffs.
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use mdsec_common::{
     device::{DeviceKey, DeviceValue},
-    flow::{FlowKey, FlowKey4, FlowValue},
+    flowtable::{sets_for, FlowSet4, FlowSet6},
     frag::{FragKey, FragValue},
     maps::{
         DEFAULT_ALLOWED_MAX, DEFAULT_DEVICES_MAX, DEFAULT_FLOWS6_MAX, DEFAULT_FLOWS_MAX, DEFAULT_FRAGS_MAX,
@@ -20,11 +21,18 @@ use mdsec_common::{
     stats::{Counter, STATS_LEN},
 };
 
+// Flow tables managed by the datapath (see `crate::flowtable`); mmap-able so the
+// agent reads and ages flows without a syscall per entry.
 #[map(name = "FLOWS")]
-pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_FLOWS6_MAX, 0);
+pub static FLOWS: Array<FlowSet6> = Array::with_max_entries(sets_for(DEFAULT_FLOWS6_MAX), BPF_F_MMAPABLE);
 
 #[map(name = "FLOWS4")]
-pub static FLOWS4: LruHashMap<FlowKey4, FlowValue> = LruHashMap::with_max_entries(DEFAULT_FLOWS_MAX, 0);
+pub static FLOWS4: Array<FlowSet4> = Array::with_max_entries(sets_for(DEFAULT_FLOWS_MAX), BPF_F_MMAPABLE);
+
+/// The flow tables' hash seed, kept with them; the datapath reads its copy from
+/// read-only data (`FLOW_HASH_SEED` in `crate::flowtable`), this map is for the next agent.
+#[map(name = "FLOW_SEED")]
+pub static FLOW_SEED: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map(name = "DEVICES")]
 pub static DEVICES: LruHashMap<DeviceKey, DeviceValue> = LruHashMap::with_max_entries(DEFAULT_DEVICES_MAX, 0);

@@ -7,10 +7,13 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
     programs::{ProgramError, TestRun, TestRunOptions, Xdp},
 };
-use mdsec_agent::loader::EBPF_OBJECT;
+use mdsec_agent::{
+    flowtable::{FlowTables, Geometry, reopen},
+    loader::EBPF_OBJECT,
+};
 use mdsec_common::{
     device::{DeviceKey, DeviceValue},
-    flow::{FlowKey, FlowKey4, FlowValue},
+    flow::{FlowKey, FlowValue},
     maps as names,
     stats::{Counter, STATS_LEN, Stat},
 };
@@ -21,7 +24,11 @@ pub const XDP_DROP: u32 = 1;
 pub struct TestProg {
     ebpf: Ebpf,
     program: &'static str,
+    flows: FlowTables,
 }
+
+/// A fixed hash seed: tests exercise the seeded path and stay reproducible.
+pub const TEST_SEED: u64 = 0x5eed_f10e_0dd5_eed5;
 
 impl TestProg {
     pub fn load() -> Result<TestProg> {
@@ -29,13 +36,25 @@ impl TestProg {
     }
 
     /// Loads `program` of the object (the datapath or a benchmark baseline) with
-    /// map sizes overridden by `sizes`.
+    /// map sizes overridden by `sizes` (flow tables in slots, as configured).
     pub fn load_with(program: &'static str, sizes: &[(&str, u32)]) -> Result<TestProg> {
+        let size = |name: &str, default: u32| sizes.iter().find(|(n, _)| *n == name).map_or(default, |s| s.1);
+        let geometry = Geometry::new(
+            size(names::FLOWS4, names::DEFAULT_FLOWS_MAX),
+            size(names::FLOWS, names::DEFAULT_FLOWS6_MAX),
+            TEST_SEED,
+        );
         let mut loader = EbpfLoader::new();
         for (name, max) in sizes {
             loader.map_max_entries(name, *max);
         }
+        geometry.configure(&mut loader);
         let mut ebpf = loader.load(EBPF_OBJECT).context("load object")?;
+        let flows = FlowTables::new(
+            reopen(ebpf.map(names::FLOWS4).context("no FLOWS4")?)?,
+            reopen(ebpf.map(names::FLOWS).context("no FLOWS")?)?,
+            TEST_SEED,
+        )?;
         let prog: &mut Xdp = ebpf.program_mut(program).context("no program")?.try_into()?;
         prog.load().map_err(|e| match e {
             ProgramError::LoadError { verifier_log, .. } => {
@@ -43,7 +62,7 @@ impl TestProg {
             }
             e => e.into(),
         })?;
-        Ok(TestProg { ebpf, program })
+        Ok(TestProg { ebpf, program, flows })
     }
 
     /// The kernel's id of the loaded program (for `bpftool prog run`).
@@ -102,36 +121,19 @@ impl TestProg {
         Ok(self.stats()?[s as usize].packets)
     }
 
-    /// Both flow maps, IPv4 flows as IPv4-mapped keys (as the agent reads them).
+    /// Both flow tables, IPv4 flows as IPv4-mapped keys (as the agent reads them).
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
-        let m: BpfHashMap<&MapData, FlowKey, FlowValue> =
-            BpfHashMap::try_from(self.ebpf.map(names::FLOWS).unwrap())?;
-        let m4: BpfHashMap<&MapData, FlowKey4, FlowValue> =
-            BpfHashMap::try_from(self.ebpf.map(names::FLOWS4).unwrap())?;
-        let mut v: Vec<_> = m.iter().filter_map(Result::ok).collect();
-        v.extend(m4.iter().filter_map(Result::ok).map(|(k, v)| (FlowKey::from(k), v)));
-        Ok(v)
+        Ok(self.flows.snapshot())
     }
 
-    /// One flow entry, from the map that holds its key.
+    /// One flow entry, from the table that holds its key.
     pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>> {
-        let got = match key.v4() {
-            Some(k4) => {
-                let m: BpfHashMap<&MapData, FlowKey4, FlowValue> =
-                    BpfHashMap::try_from(self.ebpf.map(names::FLOWS4).unwrap())?;
-                m.get(&k4, 0)
-            }
-            None => {
-                let m: BpfHashMap<&MapData, FlowKey, FlowValue> =
-                    BpfHashMap::try_from(self.ebpf.map(names::FLOWS).unwrap())?;
-                m.get(key, 0)
-            }
-        };
-        match got {
-            Ok(v) => Ok(Some(v)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        Ok(self.flows.get(key))
+    }
+
+    /// The flow tables themselves (shared mappings).
+    pub fn flow_tables(&self) -> &FlowTables {
+        &self.flows
     }
 
     pub fn devices(&self) -> Result<Vec<(DeviceKey, DeviceValue)>> {
@@ -154,7 +156,7 @@ impl TestProg {
         Ok(device_totals(&self.flows()?, &self.devices()?))
     }
 
-    /// Empties FLOWS, FLOWS4, DEVICES and FRAGS (STATS are compared as deltas instead).
+    /// Empties the flow tables, DEVICES and FRAGS (STATS are compared as deltas instead).
     pub fn clear(&mut self) -> Result<()> {
         macro_rules! clear {
             ($name:expr, $k:ty, $v:ty) => {{
@@ -166,8 +168,7 @@ impl TestProg {
                 }
             }};
         }
-        clear!(names::FLOWS, FlowKey, FlowValue);
-        clear!(names::FLOWS4, FlowKey4, FlowValue);
+        self.flows.clear();
         clear!(names::DEVICES, DeviceKey, DeviceValue);
         clear!(names::FRAGS, mdsec_common::frag::FragKey, mdsec_common::frag::FragValue);
         if self.ebpf.map(names::ALLOWED).is_some() {
@@ -201,6 +202,15 @@ pub fn with_policy(
     files: &[(&str, &str)],
     event_rate: u32,
 ) -> Result<(TestProg, mdsec_agent::policy::maps::PolicyMaps, mdsec_agent::policy::compile::Compiled, u32)> {
+    with_policy_sized(files, event_rate, &[])
+}
+
+/// [`with_policy`] with map sizes overridden as in [`TestProg::load_with`].
+pub fn with_policy_sized(
+    files: &[(&str, &str)],
+    event_rate: u32,
+    sizes: &[(&str, u32)],
+) -> Result<(TestProg, mdsec_agent::policy::maps::PolicyMaps, mdsec_agent::policy::compile::Compiled, u32)> {
     use mdsec_agent::policy::{compile, maps::PolicyMaps, model::load_dir};
     let dir = std::env::temp_dir().join(format!("{}-policy", crate::netns::unique_id()));
     std::fs::create_dir_all(&dir)?;
@@ -210,7 +220,7 @@ pub fn with_policy(
     let (p, diags) = load_dir(&dir, std::time::SystemTime::now());
     let _ = std::fs::remove_dir_all(&dir);
     let p = p.with_context(|| format!("{diags:?}"))?;
-    let mut prog = TestProg::load()?;
+    let mut prog = TestProg::load_with(names::PROGRAM, sizes)?;
     let mut maps = PolicyMaps::new(|n| prog.take_map(n))?;
     let c = compile::compile(&p, &mdsec_agent::clock::Anchor::now(), maps.limits())
         .map_err(anyhow::Error::msg)?;

@@ -15,7 +15,7 @@ use mdsec_common::{
     flow::{FlowKey4, FlowValue},
     maps as names,
 };
-use mdsec_tests::kernel::TestProg;
+use mdsec_tests::kernel::{TEST_SEED, TestProg};
 
 pub const FLOWS: u32 = 1_000_000;
 pub const DEVICES: u32 = 10_000;
@@ -39,17 +39,14 @@ fn cpu_time() -> Duration {
 }
 
 pub fn run() -> Result<()> {
-    let mut prog = TestProg::load_with(
-        names::PROGRAM,
-        &[(names::FLOWS4, FLOWS + FLOWS / 10), (names::DEVICES, DEVICES * 2)],
-    )?;
+    let mut prog =
+        TestProg::load_with(names::PROGRAM, &[(names::FLOWS4, FLOWS * 2), (names::DEVICES, DEVICES * 2)])?;
     let now = mdsec_agent::clock::mono_ns();
     let fill = Instant::now();
     {
         let flows6_map = prog.take_map(names::FLOWS)?;
-        let mut flows_map = prog.take_map(names::FLOWS4)?;
+        let flows_map = prog.take_map(names::FLOWS4)?;
         let mut devices_map = prog.take_map(names::DEVICES)?;
-        let mut flows: BpfHashMap<_, FlowKey4, FlowValue> = BpfHashMap::try_from(&mut flows_map)?;
         for i in 0..FLOWS {
             let k = FlowKey4 {
                 ifindex: 1,
@@ -71,7 +68,7 @@ pub fn run() -> Result<()> {
                 src_mac: [0x02, 0, 0, (d >> 16) as u8, (d >> 8) as u8, d as u8],
                 ..Default::default()
             };
-            flows.insert(k, v, 0)?;
+            prog.flow_tables().v4.insert(&k, &v)?;
         }
         let mut devices: BpfHashMap<_, DeviceKey, DeviceValue> = BpfHashMap::try_from(&mut devices_map)?;
         for i in 0..DEVICES {
@@ -95,6 +92,7 @@ pub fn run() -> Result<()> {
         let mut poller = Poller::from_maps(
             flows6_map,
             flows_map,
+            TEST_SEED,
             devices_map,
             prog.take_map(names::STATS)?,
             segstats,

@@ -1,0 +1,305 @@
+//! The datapath half of the flow tables (see `mdsec_common::flowtable` for the
+//! layout and the concurrency rules): lookup, slot claim with eviction, and the
+//! after-use check of a slot that may have changed hands.
+
+use aya_ebpf::maps::Array;
+use mdsec_common::{
+    flow::FlowValue,
+    flowtable::{
+        claim, place, published, FlowSet, Place, TableKey, EMPTY, MATCH_MASK, STATUS_MASK, VALID, WAYS,
+    },
+    stats::Stat,
+};
+
+use crate::{
+    atomic::{cas32, publish32},
+    stats::count,
+};
+
+/// Set by the agent at load time (read-only data: the verifier sees constants).
+/// The seed belongs to the pinned tables; the set counts to their sizes.
+#[no_mangle]
+static FLOW_HASH_SEED: u64 = 0;
+#[no_mangle]
+static FLOW4_SETS: u32 = 1;
+#[no_mangle]
+static FLOW6_SETS: u32 = 1;
+
+#[inline(always)]
+pub fn seed() -> u64 {
+    // SAFETY: a plain read of a global the loader patched.
+    unsafe { core::ptr::read_volatile(&FLOW_HASH_SEED) }
+}
+
+#[inline(always)]
+pub fn sets4() -> u32 {
+    // SAFETY: as for `seed`.
+    unsafe { core::ptr::read_volatile(&FLOW4_SETS) }
+}
+
+#[inline(always)]
+pub fn sets6() -> u32 {
+    // SAFETY: as for `seed`.
+    unsafe { core::ptr::read_volatile(&FLOW6_SETS) }
+}
+
+/// A flow in use by this frame: its value, and its slot's state word as it was
+/// when the frame found (or created) it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Hit {
+    pub value: *mut FlowValue,
+    state: *mut u32,
+    /// A full word: stack slots holding it are never partly written.
+    seen: u64,
+}
+
+impl Hit {
+    /// Called after the frame is done with the flow: if the slot was emptied or
+    /// reused meanwhile, what this frame cached there (verdict, app) may belong to
+    /// another flow, so the cache is invalidated and the next frame re-evaluates.
+    #[inline(always)]
+    pub fn recheck(&self) {
+        // SAFETY: `state` and `value` point into the same live map value.
+        unsafe {
+            if core::ptr::read_volatile(self.state) as u64 != self.seen {
+                (*self.value).generation = 0;
+                (*self.value).app_done = 0;
+                (*self.value).app = 0;
+            }
+        }
+    }
+}
+
+/// A slot found or claimed, named by scalars only: every outcome of lookup and
+/// insert becomes a [`Hit`] at one place ([`Hit::at`]), so the verifier sees one
+/// pointer shape afterwards and verifies the later stages once, not once per
+/// path that produced the slot.
+#[derive(Clone, Copy)]
+pub struct Found {
+    pub set: u32,
+    /// Read back from `Slot::index`: unknown to the verifier, within 0..WAYS.
+    pub slot: usize,
+    pub seen: u32,
+}
+
+impl Hit {
+    #[inline(always)]
+    pub fn at<K>(table: &Array<FlowSet<K>>, f: Found) -> Option<Hit> {
+        Some(Hit::in_set(table.get_ptr_mut(f.set)?, f.slot, f.seen))
+    }
+
+    #[inline(always)]
+    fn in_set<K>(set: *mut FlowSet<K>, slot: usize, seen: u32) -> Hit {
+        let i = slot & (WAYS - 1);
+        // SAFETY: live map value; i < WAYS.
+        unsafe {
+            Hit { value: &raw mut (*set).slots[i].value, state: &raw mut (*set).state[i], seen: seen as u64 }
+        }
+    }
+}
+
+/// Index and state word of the key's slot in `set`.
+#[inline(always)]
+fn find<K: TableKey>(set: *mut FlowSet<K>, key: &K, want: u32) -> Option<(usize, u32)> {
+    let mut i = 0;
+    while i < WAYS {
+        // SAFETY: `set` is a live map value; i < WAYS.
+        unsafe {
+            let st = &raw const (*set).state[i];
+            let s = core::ptr::read_volatile(st);
+            // The second read: the key was not rewritten while compared.
+            if s & MATCH_MASK == want && key.same(&(*set).slots[i].key) && core::ptr::read_volatile(st) == s {
+                return Some((laundered(set, i), s));
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Slot `i` of `set` through its stored index (see `Slot::index`).
+#[inline(always)]
+fn laundered<K>(set: *mut FlowSet<K>, i: usize) -> usize {
+    // SAFETY: live map value; i < WAYS.
+    (unsafe { core::ptr::read_volatile(&raw const (*set).slots[i].index) } as usize) & (WAYS - 1)
+}
+
+#[inline(always)]
+fn find_in<K: TableKey>(table: &Array<FlowSet<K>>, n: u32, key: &K, want: u32) -> Option<Found> {
+    let set = table.get_ptr_mut(n)?;
+    find(set, key, want).map(|(slot, seen)| Found { set: n, slot, seen })
+}
+
+/// The key's flow, or where it would go.
+#[inline(always)]
+pub fn lookup<K: TableKey>(table: &Array<FlowSet<K>>, sets: u32, key: &K) -> Result<Found, Place> {
+    let at = place(key.hash(seed()), sets);
+    if let Some(f) = find_in(table, at.first, key, at.want) {
+        return Ok(f);
+    }
+    if at.second != at.first {
+        if let Some(f) = find_in(table, at.second, key, at.want) {
+            return Ok(f);
+        }
+    }
+    Err(at)
+}
+
+/// A claimed slot, key written: the caller writes the flow through `slot`, then
+/// [`Claimed::publish`]es it.
+pub struct Claimed<K> {
+    lock: *mut u32,
+    state: *mut u32,
+    claimed: u32,
+    want: u32,
+    found: Found,
+    pub slot: *mut mdsec_common::flowtable::Slot<K>,
+}
+
+impl<K> Claimed<K> {
+    /// Makes the flow visible and releases the insert lock.
+    #[inline(always)]
+    pub fn publish(self) -> Found {
+        let s = published(self.claimed, self.want);
+        publish32(self.state, s);
+        publish32(self.lock, 0);
+        Found { seen: s, ..self.found }
+    }
+}
+
+pub enum Insert<K> {
+    /// A free (or evicted) slot, key written, locked until published.
+    Claimed(Claimed<K>),
+    /// Another CPU inserted the key first.
+    Existing(Found),
+    /// The first set's lock was busy, or no slot could be claimed.
+    Failed,
+}
+
+/// Empty slots of `set`, counted without a branch per slot: with branches the
+/// verifier tracks every count as its own state and the program grows past its
+/// limit.
+#[inline(always)]
+fn free_slots<K>(set: *mut FlowSet<K>) -> u32 {
+    let mut n = 0;
+    let mut i = 0;
+    while i < WAYS {
+        // SAFETY: live map value.
+        let status = unsafe { core::ptr::read_volatile(&raw const (*set).state[i]) } & STATUS_MASK;
+        // 1 for EMPTY (0), 0 for any other status (1..=3).
+        n += 1 - ((status + 3) >> 2);
+        i += 1;
+    }
+    n
+}
+
+/// Claims the first slot of `set` whose state is `EMPTY`, by compare-and-swap:
+/// (index, claiming state word).
+#[inline(always)]
+fn claim_empty<K>(set: *mut FlowSet<K>) -> Option<(usize, u32)> {
+    let mut i = 0;
+    while i < WAYS {
+        // SAFETY: live map value.
+        unsafe {
+            let st = &raw mut (*set).state[i];
+            let s = core::ptr::read_volatile(st);
+            if s & STATUS_MASK == EMPTY && cas32(st, s, claim(s)) {
+                // Ours now: record its index, and continue with the read-back copy.
+                (*set).slots[i].index = i as u32;
+                return Some((laundered(set, i), claim(s)));
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The least recently seen valid slot of `set`: (index, state, last seen).
+#[inline(always)]
+fn oldest<K>(set: *mut FlowSet<K>) -> Option<(usize, u32, u64)> {
+    // Plain sentinels, not an Option: LLVM would compare against an undefined
+    // "none" payload, which the verifier rejects as an uninitialised register.
+    let (mut best_i, mut best_s, mut best_seen) = (WAYS, 0u32, u64::MAX);
+    let mut i = 0;
+    while i < WAYS {
+        // SAFETY: live map value.
+        unsafe {
+            let s = core::ptr::read_volatile(&raw const (*set).state[i]);
+            if s & STATUS_MASK == VALID {
+                let seen = (*set).slots[i].value.last_seen_ns;
+                if best_i == WAYS || seen < best_seen {
+                    (best_i, best_s, best_seen) = (laundered(set, i), s, seen);
+                }
+            }
+        }
+        i += 1;
+    }
+    (best_i < WAYS).then_some((best_i, best_s, best_seen))
+}
+
+/// Claims a slot for `key`, whose lookup missed at `at`. Takes the first set's
+/// lock (released by `publish`, or here on any other outcome). Sets are named by
+/// index and looked up again where used, for the reason given at [`Found`].
+#[inline(always)]
+pub fn insert<K: TableKey>(table: &Array<FlowSet<K>>, key: &K, at: Place, len: u64) -> Insert<K> {
+    let (Some(a), Some(b)) = (table.get_ptr_mut(at.first), table.get_ptr_mut(at.second)) else {
+        return Insert::Failed;
+    };
+    // SAFETY: `a` is a live map value.
+    let lock = unsafe { &raw mut (*a).lock };
+    if !cas32(lock, 0, 1) {
+        return Insert::Failed;
+    }
+    // The lock holder of the key's first set may have inserted it meanwhile.
+    if let Some(f) =
+        find_in(table, at.first, key, at.want).or_else(|| find_in(table, at.second, key, at.want))
+    {
+        publish32(lock, 0);
+        return Insert::Existing(f);
+    }
+    let (near, far) =
+        if free_slots(b) > free_slots(a) { (at.second, at.first) } else { (at.first, at.second) };
+    let mut got = table.get_ptr_mut(near).and_then(claim_empty).map(|(i, c)| (near, i, c));
+    if got.is_none() {
+        got = table.get_ptr_mut(far).and_then(claim_empty).map(|(i, c)| (far, i, c));
+    }
+    if got.is_none() {
+        // Both sets full: evict the least recently seen flow of the two.
+        let victim = match (oldest(a), oldest(b)) {
+            (Some(x), Some(y)) if y.2 < x.2 => Some((at.second, y)),
+            (Some(x), _) => Some((at.first, x)),
+            (None, Some(y)) => Some((at.second, y)),
+            (None, None) => None,
+        };
+        if let Some((n, (i, s, _))) = victim {
+            if let Some(set) = table.get_ptr_mut(n) {
+                // SAFETY: live map value; i < WAYS.
+                let st = unsafe { &raw mut (*set).state[i & (WAYS - 1)] };
+                if cas32(st, s, claim(s)) {
+                    count(Stat::FlowEvicted, len);
+                    got = Some((n, i, claim(s)));
+                }
+            }
+        }
+    }
+    let Some((n, i, claimed, set)) = got.and_then(|(n, i, c)| table.get_ptr_mut(n).map(|set| (n, i, c, set)))
+    else {
+        publish32(lock, 0);
+        return Insert::Failed;
+    };
+    let i = i & (WAYS - 1);
+    // SAFETY: we own slot i of `set` (state BUSY by our claim); i < WAYS.
+    unsafe {
+        let slot = &raw mut (*set).slots[i];
+        (*slot).key = *key;
+        Insert::Claimed(Claimed {
+            lock,
+            state: &raw mut (*set).state[i],
+            claimed,
+            want: at.want,
+            found: Found { set: n, slot: i, seen: 0 },
+            slot,
+        })
+    }
+}

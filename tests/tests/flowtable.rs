@@ -1,0 +1,112 @@
+//! The datapath-managed flow tables (`mdsec_common::flowtable`) under
+//! BPF_PROG_TEST_RUN: the kernel inserts, the agent's mapping finds and removes,
+//! a full table evicts and counts it, and the policy verdict of a flow that
+//! comes back after eviction or removal is decided again.
+
+use std::net::Ipv4Addr;
+
+use mdsec_common::{flow::FlowKey, maps as names, net::v4_mapped, stats::Stat};
+use mdsec_tests::{
+    frames::{self, V4},
+    kernel::{TestProg, XDP_DROP, XDP_PASS, with_policy_sized},
+};
+
+const DST: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const SRC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const A: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
+const B: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 2);
+/// BPF_PROG_TEST_RUN runs XDP as if received on loopback.
+const IFINDEX: u32 = 1;
+
+fn udp(sport: u16, dport: u16) -> Vec<u8> {
+    frames::eth(DST, SRC, &[], 0x0800, &V4::new(A, B, 17).build(&frames::udp(sport, dport, &[1, 2, 3])))
+}
+
+fn key(sport: u16, dport: u16) -> FlowKey {
+    FlowKey {
+        ifindex: IFINDEX,
+        vlan: 0,
+        proto: 17,
+        _pad: 0,
+        src: v4_mapped(A.octets()),
+        dst: v4_mapped(B.octets()),
+        sport,
+        dport,
+    }
+}
+
+#[test]
+fn a_full_table_evicts_one_flow_per_new_flow_and_counts_it() {
+    // One set of eight slots: the ninth flow on must evict.
+    let mut p = TestProg::load_with(names::PROGRAM, &[(names::FLOWS4, 8)]).unwrap();
+    assert_eq!(p.flow_tables().v4.capacity(), 8);
+    for port in 0..20u16 {
+        assert_eq!(p.run(&udp(1000 + port, 53)).unwrap(), XDP_PASS);
+    }
+    assert_eq!(p.stat(Stat::FlowEvicted).unwrap(), 12);
+    assert_eq!(p.stat(Stat::FlowUpdateFail).unwrap(), 0);
+    let flows = p.flows().unwrap();
+    assert_eq!(flows.len(), 8, "the table stays full");
+    assert!(flows.iter().all(|(_, v)| v.packets == 1));
+    // Every frame still counted for the device: flows that were evicted took
+    // their frames with them, the ones left hold theirs.
+    assert_eq!(p.stat(Stat::Frames).unwrap(), 20);
+    // A frame of a flow still there is found, not inserted again.
+    let (k, v) = flows[0];
+    p.run(&udp(k.sport, k.dport)).unwrap();
+    assert_eq!(p.flow(&k).unwrap().unwrap().packets, v.packets + 1);
+    assert_eq!(p.stat(Stat::FlowEvicted).unwrap(), 12);
+}
+
+#[test]
+fn flows_spread_over_two_sets_fill_the_table_before_evicting() {
+    // 4,096 slots: two choices per key keep sets from overflowing early, so at
+    // three quarters full nothing has been evicted.
+    let mut p = TestProg::load_with(names::PROGRAM, &[(names::FLOWS4, 4096)]).unwrap();
+    for i in 0..3072u16 {
+        p.run(&udp(10_000 + i, 53)).unwrap();
+    }
+    assert_eq!(p.stat(Stat::FlowEvicted).unwrap(), 0);
+    assert_eq!(p.flows().unwrap().len(), 3072);
+    for i in (0..3072u16).step_by(97) {
+        assert_eq!(p.flow(&key(10_000 + i, 53)).unwrap().unwrap().packets, 1, "flow {i}");
+    }
+}
+
+const PUMPS: &[(&str, &str)] = &[(
+    "s.yaml",
+    "segment: pumps\nfunction: infusion-pump\nmode: enforce\ndefault: deny\nmembers:\n  - cidr: 10.1.0.0/24\n",
+)];
+
+fn pump(dport: u16) -> Vec<u8> {
+    let ip = V4::new(Ipv4Addr::new(10, 1, 0, 7), Ipv4Addr::new(10, 9, 0, 1), 17)
+        .build(&frames::udp(5000, dport, &[0; 8]));
+    frames::eth(DST, SRC, &[], 0x0800, &ip)
+}
+
+#[test]
+fn a_denied_flow_stays_denied_through_eviction_and_removal() {
+    let (mut p, _maps, _, _) = with_policy_sized(PUMPS, 1000, &[(names::FLOWS4, 8)]).unwrap();
+    // 30 denied flows through 8 slots, each twice: every frame dropped, whether
+    // its flow was found, created or created again after an eviction.
+    for round in 0..2 {
+        for port in 1..=30 {
+            assert_eq!(p.run(&pump(port)).unwrap(), XDP_DROP, "round {round} port {port}");
+        }
+    }
+    assert_eq!(p.stat(Stat::PolicyDrop).unwrap(), 60);
+    // Round one evicts 22; how many of round two's flows are still there depends
+    // on which flows tie on the coarse clock's last-seen tick.
+    assert!(p.stat(Stat::FlowEvicted).unwrap() >= 22);
+    assert_eq!(p.flows().unwrap().len(), 8);
+
+    // The agent removes an idle flow; its next frame creates it again, judged anew.
+    let k = p.flows().unwrap()[0].0;
+    assert!(!p.flow_tables().remove_if(&k, |_| false), "not idle: stays");
+    assert!(p.flow(&k).unwrap().is_some());
+    assert!(p.flow_tables().remove_if(&k, |_| true));
+    assert!(p.flow(&k).unwrap().is_none());
+    assert!(!p.flow_tables().remove_if(&k, |_| true), "already gone");
+    assert_eq!(p.run(&pump(k.dport)).unwrap(), XDP_DROP);
+    assert_eq!(p.flow(&k).unwrap().unwrap().packets, 1, "a new flow, not the removed one");
+}
