@@ -102,7 +102,8 @@ impl<K: TableKey> FlowTable<K> {
             size_of::<FlowSet<K>>()
         );
         let sets = info.max_entries();
-        let page = 4096;
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
         let len = (sets as usize * size_of::<FlowSet<K>>()).div_ceil(page) * page;
         // SAFETY: mapping an mmap-able BPF array of this size at offset 0 is what
         // the kernel offers; the result is checked.

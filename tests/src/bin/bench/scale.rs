@@ -21,11 +21,14 @@ pub const FLOWS: u32 = 1_000_000;
 pub const DEVICES: u32 = 10_000;
 const POLLS: usize = 5;
 
+/// The process's own (anonymous) resident memory. Not VmRSS: that also counts
+/// the pages of the kernel's flow tables the process has mapped and read, which
+/// are the datapath's memory (see ARCHITECTURE.md, Memory), not the agent's.
 fn rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse::<f64>().ok()
+            s.lines().find(|l| l.starts_with("RssAnon:"))?.split_whitespace().nth(1)?.parse::<f64>().ok()
         })
         .map_or(0.0, |kb| kb / 1024.0)
 }
@@ -130,10 +133,12 @@ pub fn run() -> Result<()> {
         let section = format!(
             "## Agent scale\n\nCommand: `cargo xtask bench scale`. {FLOWS} IPv4 flows (spread over the devices, \
              whose totals the merge derives from them) and {DEVICES} devices are written into the real \
-             FLOWS4/DEVICES maps of a loaded (unattached) datapath ({:.1} s to fill from userspace), \
+             FLOWS4 table (2,000,000 slots) and DEVICES map of a loaded (unattached) datapath ({:.1} s to fill from userspace), \
              then the agent's poller reads both maps and merges them into its tables {POLLS} times (release \
-             build; batched map reads, as the agent does every `poll_interval_ms`). RSS is the whole \
-             benchmark process after the polls. Machine: {}.\n\n{table}\nWith 1,000,000 flows a poll takes \
+             build; the flow tables read through their shared mapping, DEVICES with batched reads, as the \
+             agent does every `poll_interval_ms`). RSS is the whole benchmark process's anonymous memory \
+             after the polls (RssAnon: the mapped flow table is the kernel's memory, not counted). \
+             Machine: {}.\n\n{table}\nWith 1,000,000 flows a poll takes \
              about this long: keep `poll_interval_ms` above it (the poller runs on its own thread; the API \
              serves the last merged tables meanwhile). The 10,000-rule policy compile + swap is below.",
             fill_t.as_secs_f64(),
