@@ -7,7 +7,7 @@ use std::{
     io::Read,
     marker::PhantomData,
     os::fd::{AsFd, AsRawFd},
-    sync::atomic::{AtomicU32, Ordering, fence},
+    sync::atomic::{AtomicU32, AtomicU64, Ordering, fence},
 };
 
 use anyhow::{Context, Result, bail, ensure};
@@ -150,13 +150,30 @@ impl<K: TableKey> FlowTable<K> {
                 return None;
             }
             // SAFETY: in the mapping; volatile because the datapath writes it.
-            let (k, v) = unsafe {
+            let (k, mut v) = unsafe {
                 let slot = &raw const (*set).slots[i];
                 (
                     std::ptr::read_volatile(&raw const (*slot).key),
                     std::ptr::read_volatile(&raw const (*slot).value),
                 )
             };
+            // The counters again, in an order a plain copy does not promise:
+            // totals before foreign counts, so a torn read under-states the
+            // owner's share, never over-states it (the datapath adds foreign
+            // counts first).
+            // SAFETY: aligned u64s of the mapping, written atomically or by
+            // single aligned stores.
+            unsafe {
+                let vp = &raw mut (*set).slots[i].value;
+                let load = |p: *mut u64| AtomicU64::from_ptr(p).load(Ordering::Acquire);
+                v.packets = load(&raw mut (*vp).packets);
+                v.bytes = load(&raw mut (*vp).bytes);
+                v.remote_packets = load(&raw mut (*vp).remote_packets);
+                v.remote_bytes = load(&raw mut (*vp).remote_bytes);
+                v.foreign_packets = load(&raw mut (*vp).foreign_packets);
+                v.foreign_bytes = load(&raw mut (*vp).foreign_bytes);
+            }
+            let v = v.folded();
             fence(Ordering::Acquire);
             if self.state(set, i).load(Ordering::Relaxed) == s {
                 return Some((s, k, v));
@@ -200,6 +217,13 @@ impl<K: TableKey> FlowTable<K> {
 
     pub fn get(&self, key: &K) -> Option<FlowValue> {
         self.find(key).map(|(_, _, _, v)| v)
+    }
+
+    /// The flow as the datapath holds it, home and remote counts apart (tests).
+    pub fn get_unfolded(&self, key: &K) -> Option<FlowValue> {
+        let (set, i, _, _) = self.find(key)?;
+        // SAFETY: in the mapping.
+        Some(unsafe { std::ptr::read_volatile(&raw const (*set).slots[i].value) })
     }
 
     /// Removes `key`'s flow if `idle` holds for it, as read now. The removal is a
@@ -284,6 +308,13 @@ impl FlowTables {
         match k.v4() {
             Some(k4) => self.v4.get(&k4),
             None => self.v6.get(k),
+        }
+    }
+
+    pub fn get_unfolded(&self, k: &FlowKey) -> Option<FlowValue> {
+        match k.v4() {
+            Some(k4) => self.v4.get_unfolded(&k4),
+            None => self.v6.get_unfolded(k),
         }
     }
 

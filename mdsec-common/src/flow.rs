@@ -81,15 +81,25 @@ impl From<FlowKey4> for FlowKey {
     }
 }
 
-/// Value of the `FLOWS` and `FLOWS4` LRU hashes. Timestamps are `CLOCK_MONOTONIC_COARSE` nanoseconds.
+/// A flow in the `FLOWS` and `FLOWS4` tables. Timestamps are `CLOCK_MONOTONIC_COARSE` nanoseconds.
+///
+/// Counts are split by writer: the flow's home CPU (the one that created it,
+/// where RSS keeps steering it) adds to `packets`/`bytes` with plain adds, as
+/// the only writer of those words (XDP never nests on a CPU); any other CPU adds
+/// to `remote_*` atomically. The flow's frames are the sum; the agent's reads
+/// fold `remote_*` in (`mdsec_agent::flowtable`), so userspace sees totals in
+/// `packets`/`bytes` and zeros here. Read order matters for torn reads: the
+/// totals come before the foreign counts in memory (see [`FlowValue::owned`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
     pub packets: u64,
     /// Frame bytes, Ethernet header and VLAN tags included.
     pub bytes: u64,
+    pub remote_packets: u64,
+    pub remote_bytes: u64,
     /// Frames (and their bytes) of this flow sent by a MAC other than `src_mac`
-    /// (included in `packets`/`bytes`).
+    /// (included in the totals).
     pub foreign_packets: u64,
     pub foreign_bytes: u64,
     pub first_seen_ns: u64,
@@ -114,7 +124,8 @@ pub struct FlowValue {
     pub reported_generation: u32,
     /// Source MAC of the frame that created the flow: the device that owns it.
     pub src_mac: [u8; 6],
-    pub _pad0: [u8; 2],
+    /// The CPU that writes `packets`/`bytes` ([`NO_HOME_CPU`]: none).
+    pub home_cpu: u16,
     /// [`crate::policy::Verdict`] as u8.
     pub verdict: u8,
     /// Application identified from the first payload ([`crate::app::App`]).
@@ -128,15 +139,30 @@ pub struct FlowValue {
     pub _pad: [u8; 3],
 }
 
+/// `FlowValue::home_cpu` of a flow no CPU counts with plain adds (CPU numbers
+/// beyond a u16).
+pub const NO_HOME_CPU: u16 = u16::MAX;
+
 impl FlowValue {
+    /// Both writers' counts as totals in `packets`/`bytes` (what userspace works
+    /// with).
+    pub fn folded(mut self) -> FlowValue {
+        self.packets = self.packets.wrapping_add(self.remote_packets);
+        self.bytes = self.bytes.wrapping_add(self.remote_bytes);
+        self.remote_packets = 0;
+        self.remote_bytes = 0;
+        self
+    }
+
     /// The device the flow's own frames count for.
     pub fn owner(&self, k: &FlowKey) -> DeviceKey {
         DeviceKey { ifindex: k.ifindex, vlan: k.vlan, mac: self.src_mac }
     }
 
-    /// (frames, bytes) the flow counts for its owner. A copy taken while the
-    /// datapath updates the entry may say too few (the datapath adds the foreign
-    /// counts first), never too many.
+    /// (frames, bytes) the flow counts for its owner, of a [`FlowValue::folded`]
+    /// copy. A copy taken while the datapath updates the entry may say too few
+    /// (the datapath adds the foreign counts first, readers read them last),
+    /// never too many.
     pub fn owned(&self) -> (u64, u64) {
         (self.packets.saturating_sub(self.foreign_packets), self.bytes.saturating_sub(self.foreign_bytes))
     }
@@ -161,6 +187,6 @@ mod user {
 
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 44);
 const _: () = assert!(core::mem::size_of::<FlowKey4>() == 20);
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 104);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 120);
 // The datapath compares `src_mac` as one u32 and one u16 load.
 const _: () = assert!(core::mem::offset_of!(FlowValue, src_mac) % 8 == 0);

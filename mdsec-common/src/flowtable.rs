@@ -199,11 +199,11 @@ mod user {
     unsafe impl aya::Pod for FlowSet6 {}
 }
 
-const _: () = assert!(core::mem::size_of::<Slot<FlowKey4>>() == 128);
-const _: () = assert!(core::mem::size_of::<Slot<FlowKey>>() == 152);
+const _: () = assert!(core::mem::size_of::<Slot<FlowKey4>>() == 144);
+const _: () = assert!(core::mem::size_of::<Slot<FlowKey>>() == 168);
 const _: () = assert!(core::mem::offset_of!(FlowSet4, slots) == 40);
-const _: () = assert!(core::mem::size_of::<FlowSet4>() == 40 + 8 * 128);
-const _: () = assert!(core::mem::size_of::<FlowSet6>() == 40 + 8 * 152);
+const _: () = assert!(core::mem::size_of::<FlowSet4>() == 40 + 8 * 144);
+const _: () = assert!(core::mem::size_of::<FlowSet6>() == 40 + 8 * 168);
 
 #[cfg(test)]
 mod tests {

@@ -10,7 +10,7 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, maps::Array};
 use mdsec_common::{
     device::{DeviceKey, DeviceValue},
-    flow::{FlowKey, FlowKey4, FlowValue},
+    flow::{FlowKey, FlowKey4, FlowValue, NO_HOME_CPU},
     flowtable::{FlowSet, TableKey},
     frag::{FragKey, FragValue},
     net::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
@@ -212,6 +212,8 @@ fn flow_in<K: TableKey>(
                     (*c.slot).value = FlowValue {
                         packets: 1,
                         bytes: len,
+                        remote_packets: 0,
+                        remote_bytes: 0,
                         foreign_packets: 0,
                         foreign_bytes: 0,
                         first_seen_ns: now,
@@ -225,7 +227,7 @@ fn flow_in<K: TableKey>(
                         segment: 0,
                         reported_generation: 0,
                         src_mac: p.src_mac,
-                        _pad0: [0; 2],
+                        home_cpu: home_cpu(),
                         verdict: 0,
                         app: 0,
                         required_app: 0,
@@ -264,8 +266,15 @@ fn update_flow(f: *mut FlowValue, p: &Packet, now: u64, len: u64) -> Dev {
             add(&mut (*f).foreign_packets, 1);
             add(&mut (*f).foreign_bytes, len);
         }
-        add(&mut (*f).packets, 1);
-        add(&mut (*f).bytes, len);
+        let cpu = home_cpu();
+        if cpu != NO_HOME_CPU && (*f).home_cpu == cpu {
+            // The only writer of these words: no lock needed (see FlowValue).
+            (*f).packets += 1;
+            (*f).bytes += len;
+        } else {
+            add(&mut (*f).remote_packets, 1);
+            add(&mut (*f).remote_bytes, len);
+        }
         (*f).last_seen_ns = now;
         let flags = p.tcp_flags as u64;
         // Read first: most segments add no new flag, and a plain load is cheaper.
@@ -277,6 +286,19 @@ fn update_flow(f: *mut FlowValue, p: &Packet, now: u64, len: u64) -> Dev {
         } else {
             Dev::Count
         }
+    }
+}
+
+/// This CPU as a `FlowValue::home_cpu` (the verifier inlines the helper into
+/// one per-CPU load).
+#[inline(always)]
+fn home_cpu() -> u16 {
+    // SAFETY: a helper without arguments.
+    let cpu = unsafe { aya_ebpf::helpers::bpf_get_smp_processor_id() };
+    if cpu < NO_HOME_CPU as u32 {
+        cpu as u16
+    } else {
+        NO_HOME_CPU
     }
 }
 

@@ -110,3 +110,40 @@ fn a_denied_flow_stays_denied_through_eviction_and_removal() {
     assert_eq!(p.run(&pump(k.dport)).unwrap(), XDP_DROP);
     assert_eq!(p.flow(&k).unwrap().unwrap().packets, 1, "a new flow, not the removed one");
 }
+
+/// Runs `f` on the calling thread pinned to `cpu` (BPF_PROG_TEST_RUN runs the
+/// program on the caller's CPU).
+fn on_cpu<T>(cpu: usize, f: impl FnOnce() -> T) -> T {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set), 0, "pin to CPU {cpu}");
+    }
+    f()
+}
+
+#[test]
+fn frames_on_another_cpu_than_the_flows_home_count_exactly() {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("skipped: needs two CPUs");
+        return;
+    }
+    let mut p = TestProg::load().unwrap();
+    let k = key(7000, 53);
+    let f = udp(7000, 53);
+    let len = f.len() as u64;
+    // Created on CPU 0: its home. CPU 1 adds atomically to the remote counts.
+    on_cpu(0, || p.run(&f).unwrap());
+    on_cpu(1, || {
+        p.run(&f).unwrap();
+        p.run(&f).unwrap();
+    });
+    on_cpu(0, || p.run(&f).unwrap());
+    let raw = p.flow_tables().get_unfolded(&k).unwrap();
+    assert_eq!(raw.home_cpu, 0);
+    assert_eq!((raw.packets, raw.bytes), (2, 2 * len), "home CPU's plain adds");
+    assert_eq!((raw.remote_packets, raw.remote_bytes), (2, 2 * len), "other CPU's atomic adds");
+    let v = p.flow(&k).unwrap().unwrap();
+    assert_eq!((v.packets, v.bytes, v.remote_packets), (4, 4 * len, 0), "the agent reads totals");
+}
