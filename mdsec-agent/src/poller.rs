@@ -79,6 +79,7 @@ impl Poller {
         let idle = {
             let mut t = tables.write().unwrap();
             t.merge_maps(&flows, &flows4, &devices);
+            mdsec_common::stats::derive_frames(&mut stats);
             t.set_stats(stats);
             t.idle_flows(clock::mono_ns(), self.idle.as_nanos() as u64)
         };

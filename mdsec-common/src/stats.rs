@@ -1,5 +1,5 @@
-//! Per-CPU counters by reason. Every frame increments `Frames` and exactly one
-//! verdict (`Pass`/`Drop`); every early return of the parser increments exactly one
+//! Per-CPU counters by reason. Every frame increments exactly one verdict
+//! (`Pass`/`Drop`; `Frames` is their sum); every early return of the parser increments exactly one
 //! malformed/truncated reason, so nothing leaves the program uncounted.
 
 /// One counter cell of the `STATS` per-CPU array.
@@ -28,7 +28,9 @@ macro_rules! stats {
 }
 
 stats! {
-    /// Every frame the program saw.
+    /// Every frame the program saw: `Pass` + `Drop`, which every frame moves
+    /// exactly once. Derived on the user side ([`derive_frames`]), so the
+    /// datapath writes one counter less per frame; the kernel's cell stays 0.
     Frames = "frames",
     Pass = "pass",
     Drop = "drop",
@@ -135,3 +137,10 @@ impl Stat {
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Counter {}
+
+/// Fills `Frames` in per-CPU sums indexed like [`Stat::ALL`] read from `STATS`.
+pub fn derive_frames(sums: &mut [Counter]) {
+    let (p, d) = (sums[Stat::Pass as usize], sums[Stat::Drop as usize]);
+    sums[Stat::Frames as usize] =
+        Counter { packets: p.packets.wrapping_add(d.packets), bytes: p.bytes.wrapping_add(d.bytes) };
+}

@@ -11,7 +11,7 @@ use aya_ebpf::{bindings::BPF_NOEXIST, maps::Array};
 use mdsec_common::{
     device::{DeviceKey, DeviceValue},
     flow::{FlowKey, FlowKey4, FlowValue, NO_HOME_CPU},
-    flowtable::{FlowSet, TableKey},
+    flowtable::{Aligned, FlowSet, TableKey},
     frag::{FragKey, FragValue},
     net::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
     stats::Stat,
@@ -169,7 +169,7 @@ fn flow(p: &Packet, now: u64, len: u64) -> (Option<Hit>, Dev) {
         fragment(p, &mut sport, &mut dport, len);
     }
     if p.l3 == L3_IPV4 || (mapped(&p.src) && mapped(&p.dst)) {
-        let key = FlowKey4 {
+        let key = Aligned(FlowKey4 {
             ifindex: p.ifindex,
             vlan: p.vlan,
             proto: p.proto,
@@ -178,10 +178,10 @@ fn flow(p: &Packet, now: u64, len: u64) -> (Option<Hit>, Dev) {
             dst: [p.dst[12], p.dst[13], p.dst[14], p.dst[15]],
             sport,
             dport,
-        };
+        });
         return flow_in(&FLOWS4, flowtable::sets4(), &key, p, now, len);
     }
-    let key = FlowKey {
+    let key = Aligned(FlowKey {
         ifindex: p.ifindex,
         vlan: p.vlan,
         proto: p.proto,
@@ -190,7 +190,7 @@ fn flow(p: &Packet, now: u64, len: u64) -> (Option<Hit>, Dev) {
         dst: p.dst,
         sport,
         dport,
-    };
+    });
     flow_in(&FLOWS, flowtable::sets6(), &key, p, now, len)
 }
 
@@ -198,7 +198,7 @@ fn flow(p: &Packet, now: u64, len: u64) -> (Option<Hit>, Dev) {
 fn flow_in<K: TableKey>(
     table: &Array<FlowSet<K>>,
     sets: u32,
-    key: &K,
+    key: &Aligned<K>,
     p: &Packet,
     now: u64,
     len: u64,

@@ -6,7 +6,8 @@ use aya_ebpf::maps::Array;
 use mdsec_common::{
     flow::FlowValue,
     flowtable::{
-        claim, place, published, FlowSet, Place, TableKey, EMPTY, MATCH_MASK, STATUS_MASK, VALID, WAYS,
+        claim, place, published, Aligned, FlowSet, Place, TableKey, EMPTY, MATCH_MASK, STATUS_MASK, VALID,
+        WAYS,
     },
     stats::Stat,
 };
@@ -101,7 +102,7 @@ impl Hit {
 
 /// Index and state word of the key's slot in `set`.
 #[inline(always)]
-fn find<K: TableKey>(set: *mut FlowSet<K>, key: &K, want: u32) -> Option<(usize, u32)> {
+fn find<K: TableKey>(set: *mut FlowSet<K>, key: &Aligned<K>, want: u32) -> Option<(usize, u32)> {
     let mut i = 0;
     while i < WAYS {
         // SAFETY: `set` is a live map value; i < WAYS.
@@ -109,7 +110,10 @@ fn find<K: TableKey>(set: *mut FlowSet<K>, key: &K, want: u32) -> Option<(usize,
             let st = &raw const (*set).state[i];
             let s = core::ptr::read_volatile(st);
             // The second read: the key was not rewritten while compared.
-            if s & MATCH_MASK == want && key.same(&(*set).slots[i].key) && core::ptr::read_volatile(st) == s {
+            if s & MATCH_MASK == want
+                && key.0.same_aligned(&(*set).slots[i].key)
+                && core::ptr::read_volatile(st) == s
+            {
                 return Some((laundered(set, i), s));
             }
         }
@@ -126,15 +130,16 @@ fn laundered<K>(set: *mut FlowSet<K>, i: usize) -> usize {
 }
 
 #[inline(always)]
-fn find_in<K: TableKey>(table: &Array<FlowSet<K>>, n: u32, key: &K, want: u32) -> Option<Found> {
+fn find_in<K: TableKey>(table: &Array<FlowSet<K>>, n: u32, key: &Aligned<K>, want: u32) -> Option<Found> {
     let set = table.get_ptr_mut(n)?;
     find(set, key, want).map(|(slot, seen)| Found { set: n, slot, seen })
 }
 
 /// The key's flow, or where it would go.
 #[inline(always)]
-pub fn lookup<K: TableKey>(table: &Array<FlowSet<K>>, sets: u32, key: &K) -> Result<Found, Place> {
-    let at = place(key.hash(seed()), sets);
+pub fn lookup<K: TableKey>(table: &Array<FlowSet<K>>, sets: u32, key: &Aligned<K>) -> Result<Found, Place> {
+    // SAFETY: `Aligned`.
+    let at = place(unsafe { key.0.hash_aligned(seed()) }, sets);
     if let Some(f) = find_in(table, at.first, key, at.want) {
         return Ok(f);
     }
@@ -242,7 +247,7 @@ fn oldest<K>(set: *mut FlowSet<K>) -> Option<(usize, u32, u64)> {
 /// lock (released by `publish`, or here on any other outcome). Sets are named by
 /// index and looked up again where used, for the reason given at [`Found`].
 #[inline(always)]
-pub fn insert<K: TableKey>(table: &Array<FlowSet<K>>, key: &K, at: Place, len: u64) -> Insert<K> {
+pub fn insert<K: TableKey>(table: &Array<FlowSet<K>>, key: &Aligned<K>, at: Place, len: u64) -> Insert<K> {
     let (Some(a), Some(b)) = (table.get_ptr_mut(at.first), table.get_ptr_mut(at.second)) else {
         return Insert::Failed;
     };
@@ -292,7 +297,7 @@ pub fn insert<K: TableKey>(table: &Array<FlowSet<K>>, key: &K, at: Place, len: u
     // SAFETY: we own slot i of `set` (state BUSY by our claim); i < WAYS.
     unsafe {
         let slot = &raw mut (*set).slots[i];
-        (*slot).key = *key;
+        (*slot).key = key.0;
         Insert::Claimed(Claimed {
             lock,
             state: &raw mut (*set).state[i],

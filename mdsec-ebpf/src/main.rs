@@ -28,7 +28,6 @@ use mdsec_common::stats::Stat;
 #[xdp]
 pub fn mdsec_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    stats::count(Stat::Frames, len);
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
 

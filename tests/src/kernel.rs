@@ -106,7 +106,7 @@ impl TestProg {
     /// STATS summed over CPUs, indexed like [`Stat::ALL`].
     pub fn stats(&self) -> Result<Vec<Counter>> {
         let m: PerCpuArray<&MapData, Counter> = PerCpuArray::try_from(self.ebpf.map(names::STATS).unwrap())?;
-        (0..STATS_LEN)
+        let mut sums = (0..STATS_LEN)
             .map(|i| {
                 let v = m.get(&i, 0)?;
                 Ok(v.iter().fold(Counter::default(), |a, c| Counter {
@@ -114,7 +114,9 @@ impl TestProg {
                     bytes: a.bytes + c.bytes,
                 }))
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        mdsec_common::stats::derive_frames(&mut sums);
+        Ok(sums)
     }
 
     pub fn stat(&self, s: Stat) -> Result<u64> {
