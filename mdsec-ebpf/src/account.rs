@@ -34,13 +34,14 @@ pub fn account(p: &Packet, now: u64, len: u64) -> Option<Hit> {
     }
     categories(p, len);
     if p.has_addrs && (p.has_l4 || p.frag == FRAG_LATER) {
-        let (f, dev) = flow(p, now, len);
+        let mut f = Hit::NONE;
+        let dev = flow(p, now, len, &mut f);
         match dev {
             Dev::Untouched => {}
             Dev::Record => device(p, now, 0, 0),
             Dev::Count => device(p, now, 1, len),
         }
-        return f;
+        return f.some();
     }
     device(p, now, 1, len);
     None
@@ -162,8 +163,11 @@ fn update_device(
 
 /// The frame's flow (created if new), and what its sender's device entry needs.
 /// IPv4 flows live in `FLOWS4` (a shorter key: half the hashing and compares).
+/// The flow goes out through `out` (`Hit::NONE` if none), not the return value:
+/// returning a struct, LLVM may hand back the caller's stack address, which the
+/// verifier refuses.
 #[inline(never)]
-fn flow(p: &Packet, now: u64, len: u64) -> (Option<Hit>, Dev) {
+fn flow(p: &Packet, now: u64, len: u64, out: &mut Hit) -> Dev {
     let (mut sport, mut dport) = (p.sport, p.dport);
     if p.frag != 0 {
         fragment(p, &mut sport, &mut dport, len);
@@ -179,7 +183,9 @@ fn flow(p: &Packet, now: u64, len: u64) -> (Option<Hit>, Dev) {
             sport,
             dport,
         });
-        return flow_in(&FLOWS4, flowtable::sets4(), &key, p, now, len);
+        let (f, dev) = flow_in(&FLOWS4, flowtable::sets4(), &key, p, now, len);
+        *out = f.unwrap_or(Hit::NONE);
+        return dev;
     }
     let key = Aligned(FlowKey {
         ifindex: p.ifindex,
@@ -191,7 +197,9 @@ fn flow(p: &Packet, now: u64, len: u64) -> (Option<Hit>, Dev) {
         sport,
         dport,
     });
-    flow_in(&FLOWS, flowtable::sets6(), &key, p, now, len)
+    let (f, dev) = flow_in(&FLOWS, flowtable::sets6(), &key, p, now, len);
+    *out = f.unwrap_or(Hit::NONE);
+    dev
 }
 
 #[inline(always)]
@@ -203,48 +211,49 @@ fn flow_in<K: TableKey>(
     now: u64,
     len: u64,
 ) -> (Option<Hit>, Dev) {
-    let (found, new) = match flowtable::lookup(table, sets, key) {
-        Ok(f) => (f, false),
-        Err(at) => match flowtable::insert(table, key, at, len) {
-            Insert::Claimed(c) => {
-                // SAFETY: the claimed slot is ours until published.
-                unsafe {
-                    (*c.slot).value = FlowValue {
-                        packets: 1,
-                        bytes: len,
-                        remote_packets: 0,
-                        remote_bytes: 0,
-                        foreign_packets: 0,
-                        foreign_bytes: 0,
-                        first_seen_ns: now,
-                        last_seen_ns: now,
-                        tcp_flags: p.tcp_flags as u64,
-                        valid_until_ns: 0,
-                        generation: 0,
-                        rule: 0,
-                        src_id: 0,
-                        dst_id: 0,
-                        segment: 0,
-                        reported_generation: 0,
-                        src_mac: p.src_mac,
-                        home_cpu: home_cpu(),
-                        verdict: 0,
-                        app: 0,
-                        required_app: 0,
-                        app_confidence: 0,
-                        app_done: 0,
-                        _pad: [0; 3],
-                    };
-                }
-                (c.publish(), true)
+    let at = match flowtable::lookup(table, sets, key) {
+        Ok(h) => return (Some(h), update_flow(h.value, p, now, len)),
+        Err(at) => at,
+    };
+    let (found, new) = match flowtable::insert(table, key, at, len) {
+        Insert::Claimed(c) => {
+            // SAFETY: the claimed slot is ours until published.
+            unsafe {
+                (*c.slot).value = FlowValue {
+                    packets: 1,
+                    bytes: len,
+                    remote_packets: 0,
+                    remote_bytes: 0,
+                    foreign_packets: 0,
+                    foreign_bytes: 0,
+                    first_seen_ns: now,
+                    last_seen_ns: now,
+                    tcp_flags: p.tcp_flags as u64,
+                    valid_until_ns: 0,
+                    generation: 0,
+                    rule: 0,
+                    src_id: 0,
+                    dst_id: 0,
+                    segment: 0,
+                    reported_generation: 0,
+                    src_mac: p.src_mac,
+                    home_cpu: home_cpu(),
+                    verdict: 0,
+                    app: 0,
+                    required_app: 0,
+                    app_confidence: 0,
+                    app_done: 0,
+                    _pad: [0; 3],
+                };
             }
-            // Lost the race to another CPU's insert: add this packet to its entry.
-            Insert::Existing(f) => (f, false),
-            Insert::Failed => {
-                count(Stat::FlowUpdateFail, len);
-                return (None, Dev::Count);
-            }
-        },
+            (c.publish(), true)
+        }
+        // Lost the race to another CPU's insert: add this packet to its entry.
+        Insert::Existing(f) => (f, false),
+        Insert::Failed => {
+            count(Stat::FlowUpdateFail, len);
+            return (None, Dev::Count);
+        }
     };
     let Some(h) = Hit::at(table, found) else {
         return (None, Dev::Count);
