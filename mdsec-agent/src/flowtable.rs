@@ -271,6 +271,14 @@ impl<K: TableKey> FlowTable<K> {
         bail!("both sets of the flow are full")
     }
 
+    /// Takes (`true`) or releases (`false`) the insert lock of `key`'s first set,
+    /// as a datapath CPU in the middle of an insert would hold it (tests).
+    pub fn set_insert_lock(&self, key: &K, held: bool) {
+        let set = self.set(place(key.hash(self.seed), self.sets).first);
+        // SAFETY: an aligned u32 of the mapping, only ever used atomically.
+        unsafe { AtomicU32::from_ptr(&raw mut (*set).lock) }.store(held as u32, Ordering::Release);
+    }
+
     /// Empties every slot (tests, between cases; nothing may run the datapath).
     pub fn clear(&self) {
         for n in 0..self.sets {

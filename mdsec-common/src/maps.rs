@@ -42,6 +42,9 @@ pub const SAMPLES_BYTES: u32 = 512 * 1024;
 pub const SEG_STATS: &str = "SEG_STATS";
 /// Per-CPU array[1]: event rate-limit bucket (tokens, last refill ns).
 pub const EVENT_BUCKET: &str = "EVENT_BUCKET";
+/// Per-CPU array[1]: the stand-in flow of a frame whose flow got no slot, so it
+/// is still judged (kernel-private, not pinned).
+pub const FLOW_SCRATCH: &str = "FLOW_SCRATCH";
 
 /// All maps the agent pins, in a fixed order. The ring buffers (`EVENTS`,
 /// `SAMPLES`) and `EVENT_BUCKET` are not pinned: a new agent starts fresh ones.

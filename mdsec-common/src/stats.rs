@@ -98,8 +98,9 @@ stats! {
     EventsRateLimited = "events_rate_limited",
     /// A first-payload sample could not be reserved in the `SAMPLES` ring buffer.
     SamplesLost = "samples_lost",
-    /// A new flow got no slot: its first set was locked by another CPU's insert
-    /// (the frame passes unaccounted to a flow, like any frame without one).
+    /// A new flow got no slot: its first set was locked by another CPU's insert.
+    /// The frame is still judged (through a per-CPU stand-in flow) and counted
+    /// for its device; its flow is created by its next frame.
     FlowUpdateFail = "flow_update_failed",
     /// A flow was evicted from a full flow table to make room for a new one.
     FlowEvicted = "flow_evicted",

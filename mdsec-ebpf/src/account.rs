@@ -218,41 +218,20 @@ fn flow_in<K: TableKey>(
     let (found, new) = match flowtable::insert(table, key, at, len) {
         Insert::Claimed(c) => {
             // SAFETY: the claimed slot is ours until published.
-            unsafe {
-                (*c.slot).value = FlowValue {
-                    packets: 1,
-                    bytes: len,
-                    remote_packets: 0,
-                    remote_bytes: 0,
-                    foreign_packets: 0,
-                    foreign_bytes: 0,
-                    first_seen_ns: now,
-                    last_seen_ns: now,
-                    tcp_flags: p.tcp_flags as u64,
-                    valid_until_ns: 0,
-                    generation: 0,
-                    rule: 0,
-                    src_id: 0,
-                    dst_id: 0,
-                    segment: 0,
-                    reported_generation: 0,
-                    src_mac: p.src_mac,
-                    home_cpu: home_cpu(),
-                    verdict: 0,
-                    app: 0,
-                    required_app: 0,
-                    app_confidence: 0,
-                    app_done: 0,
-                    _pad: [0; 3],
-                };
-            }
+            unsafe { init_flow(&raw mut (*c.slot).value, p, now, len) };
             (c.publish(), true)
         }
         // Lost the race to another CPU's insert: add this packet to its entry.
         Insert::Existing(f) => (f, false),
         Insert::Failed => {
             count(Stat::FlowUpdateFail, len);
-            return (None, Dev::Count);
+            // Judged through a stand-in flow; counted for its device directly.
+            let h = flowtable::scratch();
+            if let Some(h) = h {
+                // SAFETY: this CPU's scratch value.
+                unsafe { init_flow(h.value, p, now, len) };
+            }
+            return (h, Dev::Count);
         }
     };
     let Some(h) = Hit::at(table, found) else {
@@ -262,6 +241,43 @@ fn flow_in<K: TableKey>(
         return (Some(h), Dev::Record);
     }
     (Some(h), update_flow(h.value, p, now, len))
+}
+
+/// Writes a new flow's first frame into `v`.
+///
+/// # Safety
+/// `v` is a live map value nobody else writes meanwhile.
+#[inline(always)]
+unsafe fn init_flow(v: *mut FlowValue, p: &Packet, now: u64, len: u64) {
+    // SAFETY: per the contract.
+    unsafe {
+        *v = FlowValue {
+            packets: 1,
+            bytes: len,
+            remote_packets: 0,
+            remote_bytes: 0,
+            foreign_packets: 0,
+            foreign_bytes: 0,
+            first_seen_ns: now,
+            last_seen_ns: now,
+            tcp_flags: p.tcp_flags as u64,
+            valid_until_ns: 0,
+            generation: 0,
+            rule: 0,
+            src_id: 0,
+            dst_id: 0,
+            segment: 0,
+            reported_generation: 0,
+            src_mac: p.src_mac,
+            home_cpu: home_cpu(),
+            verdict: 0,
+            app: 0,
+            required_app: 0,
+            app_confidence: 0,
+            app_done: 0,
+            _pad: [0; 3],
+        };
+    }
 }
 
 #[inline(always)]

@@ -107,6 +107,25 @@ impl Hit {
     }
 }
 
+/// A stand-in flow: a state word nobody changes and a value.
+#[repr(C)]
+pub struct Scratch {
+    state: u32,
+    _pad: u32,
+    pub value: FlowValue,
+}
+
+/// This CPU's stand-in flow for a frame whose own flow got no slot (its first
+/// set's lock was busy): the frame is still judged, not passed unjudged. The
+/// caller initialises the value as a new flow (generation 0: evaluated, and
+/// never found again, so never cached).
+#[inline(always)]
+pub fn scratch() -> Option<Hit> {
+    let s = crate::maps::FLOW_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's cell of a live per-CPU map value.
+    unsafe { Some(Hit { value: &raw mut (*s).value, state: &raw mut (*s).state, seen: (*s).state as u64 }) }
+}
+
 /// Index and state word of the key's slot in `set`.
 #[inline(always)]
 fn find<K: TableKey>(set: *mut FlowSet<K>, key: &Aligned<K>, want: u32) -> Option<(usize, u32)> {

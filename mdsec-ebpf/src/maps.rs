@@ -76,6 +76,10 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 #[map(name = "SAMPLES")]
 pub static SAMPLES: RingBuf = RingBuf::with_byte_size(SAMPLES_BYTES, 0);
 
+/// A frame's stand-in flow when its own got no slot (see `flowtable::scratch`).
+#[map(name = "FLOW_SCRATCH")]
+pub static FLOW_SCRATCH: PerCpuArray<crate::flowtable::Scratch> = PerCpuArray::with_max_entries(1, 0);
+
 /// (tokens left in this second, start of the second in ns), per CPU.
 #[map(name = "EVENT_BUCKET")]
 pub static EVENT_BUCKET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);

@@ -147,3 +147,29 @@ fn frames_on_another_cpu_than_the_flows_home_count_exactly() {
     let v = p.flow(&k).unwrap().unwrap();
     assert_eq!((v.packets, v.bytes, v.remote_packets), (4, 4 * len, 0), "the agent reads totals");
 }
+
+#[test]
+fn a_frame_whose_flow_gets_no_slot_is_still_judged() {
+    let (mut p, _maps, _, _) = with_policy_sized(PUMPS, 1000, &[]).unwrap();
+    let k = FlowKey {
+        src: v4_mapped([10, 1, 0, 7]),
+        dst: v4_mapped([10, 9, 0, 1]),
+        sport: 5000,
+        dport: 9,
+        ..key(0, 0)
+    };
+    // Another CPU is inserting into this flow's first set: no slot for it now.
+    p.flow_tables().v4.set_insert_lock(&k.v4().unwrap(), true);
+    assert_eq!(p.run(&pump(9)).unwrap(), XDP_DROP, "denied without a flow entry too");
+    assert_eq!(p.stat(Stat::FlowUpdateFail).unwrap(), 1);
+    assert_eq!(p.stat(Stat::PolicyDrop).unwrap(), 1);
+    assert!(p.flow(&k).unwrap().is_none());
+    let dev = p.devices().unwrap();
+    assert_eq!(dev.len(), 1);
+    assert_eq!(dev[0].1.packets, 1, "counted for its device");
+    // Lock released: the next frame creates the flow, judged the same way.
+    p.flow_tables().v4.set_insert_lock(&k.v4().unwrap(), false);
+    assert_eq!(p.run(&pump(9)).unwrap(), XDP_DROP);
+    assert_eq!(p.flow(&k).unwrap().unwrap().packets, 1);
+    assert_eq!(p.stat(Stat::FlowUpdateFail).unwrap(), 1);
+}
