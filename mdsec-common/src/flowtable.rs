@@ -17,8 +17,8 @@
 //!   incarnation, so a reader that sees the same state word before and after it
 //!   read the key (or the whole slot) read one flow, not a mix.
 //! - Inserts of a key serialise on its first set's `lock` (no duplicate keys).
-//!   Only the datapath takes locks, and never waits: a busy lock is counted as a
-//!   failed insert.
+//!   Only the datapath takes locks, and never waits: on a busy lock the insert
+//!   fails (counted), and the frame is judged through a per-CPU stand-in flow.
 //! - The agent removes an idle flow with one compare-and-swap of its state word,
 //!   so it can never remove a flow that replaced the one it judged idle.
 //! - A frame may race its flow's eviction; the datapath re-checks the state word

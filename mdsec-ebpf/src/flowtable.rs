@@ -70,21 +70,8 @@ impl Hit {
             }
         }
     }
-}
 
-/// A slot found or claimed, named by scalars only: every outcome of lookup and
-/// insert becomes a [`Hit`] at one place ([`Hit::at`]), so the verifier sees one
-/// pointer shape afterwards and verifies the later stages once, not once per
-/// path that produced the slot.
-#[derive(Clone, Copy)]
-pub struct Found {
-    pub set: u32,
-    /// Read back from `Slot::index`: unknown to the verifier, within 0..WAYS.
-    pub slot: usize,
-    pub seen: u32,
-}
-
-impl Hit {
+    /// No flow (the out-of-line flow stage hands hits back through memory).
     pub const NONE: Hit = Hit { value: core::ptr::null_mut(), state: core::ptr::null_mut(), seen: 0 };
 
     #[inline(always)]
@@ -105,6 +92,18 @@ impl Hit {
             Hit { value: &raw mut (*set).slots[i].value, state: &raw mut (*set).state[i], seen: seen as u64 }
         }
     }
+}
+
+/// A slot found or claimed by an insert, named by scalars only: every outcome
+/// of an insert becomes a [`Hit`] at one place ([`Hit::at`]), so the verifier
+/// sees one more pointer shape afterwards, not one per path that produced the
+/// slot. (Lookup hits are made pointers in [`lookup`] itself.)
+#[derive(Clone, Copy)]
+pub struct Found {
+    pub set: u32,
+    /// Read back from `Slot::index`: unknown to the verifier, within 0..WAYS.
+    pub slot: usize,
+    pub seen: u32,
 }
 
 /// A stand-in flow: a state word nobody changes and a value.

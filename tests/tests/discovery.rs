@@ -55,9 +55,13 @@ fn devices_carry_vendor_apps_and_peers() {
             Duration::from_secs(10),
             |a| a.devices(),
             |d| {
-                let pump_ready = d
-                    .iter()
-                    .any(|d| d.mac == "58:46:e1:00:00:07" && d.fingerprints.contains_key("dhcp.hostname"));
+                // The fingerprint comes through the SAMPLES ring at once, the app
+                // with the next flow poll: wait for both.
+                let pump_ready = d.iter().any(|d| {
+                    d.mac == "58:46:e1:00:00:07"
+                        && d.fingerprints.contains_key("dhcp.hostname")
+                        && d.apps_client.contains(&"dhcp".to_string())
+                });
                 let server_ready = d.iter().any(|d| d.apps_server.contains(&"hl7".to_string()));
                 (pump_ready && server_ready).then(|| d.clone())
             },
