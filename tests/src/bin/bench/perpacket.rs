@@ -226,6 +226,14 @@ pub fn run() -> Result<()> {
     let xf = XdpFilter::start()?;
     let dir = std::env::temp_dir().join(format!("mdsec-bench-frames-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    // Removed on every way out, errors included.
+    struct Cleanup<'a>(&'a Path);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(self.0);
+        }
+    }
+    let _cleanup = Cleanup(&dir);
     let mut rows = Vec::new();
     let (mut sum_m, mut sum_e, mut sum_x) = (0.0, 0.0, 0.0);
     for (name, frame) in mix() {
@@ -257,7 +265,6 @@ pub fn run() -> Result<()> {
         ));
     }
     let cross = cross_cpu_mix(&dir)?;
-    let _ = std::fs::remove_dir_all(&dir);
     let n = rows.len() as f64;
     let (m, e, x) = (sum_m / n, sum_e / n, sum_x / n);
     rows.push(format!(
