@@ -10,7 +10,7 @@
 
 use crate::{device::DeviceKey, net::is_v4_mapped};
 
-/// Key of the `FLOWS` LRU hash. Addresses are IPv6 or IPv4-mapped IPv6; ports are
+/// Key of the `FLOWS` table. Addresses are IPv6 or IPv4-mapped IPv6; ports are
 /// host byte order. For ICMP/ICMPv6, `sport` is the type and `dport` the code (the
 /// Zeek convention). For protocols without ports both are 0.
 #[repr(C)]
@@ -27,11 +27,10 @@ pub struct FlowKey {
     pub dport: u16,
 }
 
-/// Key of the `FLOWS4` LRU hash: flows whose two addresses are IPv4 (IPv4 frames,
-/// and IPv6 frames carrying IPv4-mapped addresses). The kernel hashes the whole
-/// key on every lookup: 20 bytes hash in about half the time of [`FlowKey`]'s 44.
-/// Userspace sees every flow as a [`FlowKey`]; [`FlowKey::v4`] says which map
-/// holds it.
+/// Key of the `FLOWS4` table: flows whose two addresses are IPv4 (IPv4 frames,
+/// and IPv6 frames carrying IPv4-mapped addresses). 20 bytes hash and compare
+/// in half the words of [`FlowKey`]'s 44. Userspace sees every flow as a
+/// [`FlowKey`]; [`FlowKey::v4`] says which table holds it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey4 {
@@ -45,24 +44,47 @@ pub struct FlowKey4 {
     pub dport: u16,
 }
 
+impl FlowKey4 {
+    /// The key of a flow whose addresses `src`/`dst` are IPv4-mapped (the
+    /// caller has checked): the one place both sides build it, the datapath
+    /// from its packet, userspace in [`FlowKey::v4`].
+    #[inline(always)]
+    pub fn from_mapped(
+        ifindex: u32,
+        vlan: u16,
+        proto: u8,
+        src: &[u8; 16],
+        dst: &[u8; 16],
+        ports: (u16, u16),
+    ) -> FlowKey4 {
+        FlowKey4 {
+            ifindex,
+            vlan,
+            proto,
+            _pad: 0,
+            src: [src[12], src[13], src[14], src[15]],
+            dst: [dst[12], dst[13], dst[14], dst[15]],
+            sport: ports.0,
+            dport: ports.1,
+        }
+    }
+}
+
 impl FlowKey {
     /// The `FLOWS4` key of this flow, if both addresses are IPv4-mapped (then
-    /// that is the map that holds it, never `FLOWS`).
+    /// that is the table that holds it, never `FLOWS`).
     pub fn v4(&self) -> Option<FlowKey4> {
         if !is_v4_mapped(&self.src) || !is_v4_mapped(&self.dst) {
             return None;
         }
-        let (s, d) = (&self.src, &self.dst);
-        Some(FlowKey4 {
-            ifindex: self.ifindex,
-            vlan: self.vlan,
-            proto: self.proto,
-            _pad: 0,
-            src: [s[12], s[13], s[14], s[15]],
-            dst: [d[12], d[13], d[14], d[15]],
-            sport: self.sport,
-            dport: self.dport,
-        })
+        Some(FlowKey4::from_mapped(
+            self.ifindex,
+            self.vlan,
+            self.proto,
+            &self.src,
+            &self.dst,
+            (self.sport, self.dport),
+        ))
     }
 }
 

@@ -6,7 +6,8 @@
 //! verdict, app and packet count. Where the two disagree, one of them is wrong.
 //!
 //! Not modelled: the per-CPU event rate limit and ring buffers (they never change
-//! a verdict), LRU eviction (the test clears both sides together), and mirror ports.
+//! a verdict), flow-table eviction and insert contention (the test clears both
+//! sides together, and runs on one CPU), and mirror ports.
 
 use std::collections::{HashMap, HashSet};
 use std::vec::Vec;
@@ -320,7 +321,8 @@ impl Model {
         Model { tables, ..Default::default() }
     }
 
-    /// Forgets flows, fragments and reply tuples (the kernel's LRU maps cleared).
+    /// Forgets flows, devices, fragments and reply tuples (the kernel's tables
+    /// cleared).
     pub fn clear(&mut self) {
         self.flows.clear();
         self.devices.clear();

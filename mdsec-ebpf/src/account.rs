@@ -172,32 +172,22 @@ fn flow(p: &Packet, now: u64, len: u64, out: &mut Hit) -> Dev {
     if p.frag != 0 {
         fragment(p, &mut sport, &mut dport, len);
     }
-    if p.l3 == L3_IPV4 || (mapped(&p.src) && mapped(&p.dst)) {
-        let key = Aligned(FlowKey4 {
+    let (f, dev) = if p.l3 == L3_IPV4 || (mapped(&p.src) && mapped(&p.dst)) {
+        let key = Aligned(FlowKey4::from_mapped(p.ifindex, p.vlan, p.proto, &p.src, &p.dst, (sport, dport)));
+        flow_in(&FLOWS4, flowtable::sets4(), &key, p, now, len)
+    } else {
+        let key = Aligned(FlowKey {
             ifindex: p.ifindex,
             vlan: p.vlan,
             proto: p.proto,
             _pad: 0,
-            src: [p.src[12], p.src[13], p.src[14], p.src[15]],
-            dst: [p.dst[12], p.dst[13], p.dst[14], p.dst[15]],
+            src: p.src,
+            dst: p.dst,
             sport,
             dport,
         });
-        let (f, dev) = flow_in(&FLOWS4, flowtable::sets4(), &key, p, now, len);
-        *out = f.unwrap_or(Hit::NONE);
-        return dev;
-    }
-    let key = Aligned(FlowKey {
-        ifindex: p.ifindex,
-        vlan: p.vlan,
-        proto: p.proto,
-        _pad: 0,
-        src: p.src,
-        dst: p.dst,
-        sport,
-        dport,
-    });
-    let (f, dev) = flow_in(&FLOWS, flowtable::sets6(), &key, p, now, len);
+        flow_in(&FLOWS, flowtable::sets6(), &key, p, now, len)
+    };
     *out = f.unwrap_or(Hit::NONE);
     dev
 }
@@ -235,7 +225,9 @@ fn flow_in<K: TableKey>(
         }
     };
     let Some(h) = Hit::at(table, found) else {
-        return (None, Dev::Count);
+        // Not reached (the set index came from a lookup); a published new flow
+        // holds this frame already.
+        return (None, if new { Dev::Record } else { Dev::Count });
     };
     if new {
         return (Some(h), Dev::Record);

@@ -213,6 +213,9 @@ pub enum Insert<K> {
     Failed,
 }
 
+// `free_slots` counts on these values.
+const _: () = assert!(EMPTY == 0 && STATUS_MASK == 3);
+
 /// Empty slots of `set`, counted without a branch per slot: with branches the
 /// verifier tracks every count as its own state and the program grows past its
 /// limit.
