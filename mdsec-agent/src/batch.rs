@@ -1,6 +1,7 @@
 //! Whole-map reads with `BPF_MAP_LOOKUP_BATCH`: one syscall per chunk of entries,
-//! where aya's iterator makes two per entry (get-next-key, then lookup). At
-//! 1,000,000 flows that is most of a poll.
+//! where aya's iterator makes two per entry (get-next-key, then lookup). The
+//! poller reads `DEVICES` this way (the flow tables are read through their
+//! mapping, `flowtable.rs`).
 
 use std::{
     io,

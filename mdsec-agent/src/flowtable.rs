@@ -228,11 +228,17 @@ impl<K: TableKey> FlowTable<K> {
 
     /// Removes `key`'s flow if `idle` holds for it, as read now. The removal is a
     /// compare-and-swap of the state word seen with that read, so a flow that
-    /// replaced it in the slot meanwhile is never removed. True if removed.
-    pub fn remove_if(&self, key: &K, idle: impl Fn(&FlowValue) -> bool) -> bool {
-        let Some((set, i, s, v)) = self.find(key) else { return false };
-        idle(&v)
-            && self.state(set, i).compare_exchange(s, emptied(s), Ordering::AcqRel, Ordering::Relaxed).is_ok()
+    /// replaced it in the slot meanwhile is never removed. `None` if the flow is
+    /// not in the table, else whether it was removed.
+    pub fn remove_if(&self, key: &K, idle: impl Fn(&FlowValue) -> bool) -> Option<bool> {
+        let (set, i, s, v) = self.find(key)?;
+        Some(
+            idle(&v)
+                && self
+                    .state(set, i)
+                    .compare_exchange(s, emptied(s), Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok(),
+        )
     }
 
     /// Writes a flow as the datapath would create it (benchmarks and tests fill
@@ -326,17 +332,10 @@ impl FlowTables {
         }
     }
 
-    pub fn remove_if(&self, k: &FlowKey, idle: impl Fn(&FlowValue) -> bool) -> bool {
+    pub fn remove_if(&self, k: &FlowKey, idle: impl Fn(&FlowValue) -> bool) -> Option<bool> {
         match k.v4() {
             Some(k4) => self.v4.remove_if(&k4, idle),
             None => self.v6.remove_if(k, idle),
-        }
-    }
-
-    pub fn insert(&self, k: &FlowKey, v: &FlowValue) -> Result<()> {
-        match k.v4() {
-            Some(k4) => self.v4.insert(&k4, v),
-            None => self.v6.insert(k, v),
         }
     }
 

@@ -5,6 +5,7 @@
 //! on the same clock.
 
 use std::{
+    borrow::Borrow,
     sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
@@ -68,18 +69,10 @@ impl Poller {
         let flows = self.flows.v6.snapshot();
         let flows4 = self.flows.v4.snapshot();
         let devices = snapshot(&self.devices);
-        let mut stats = Vec::with_capacity(STATS_LEN as usize);
-        for i in 0..STATS_LEN {
-            let per_cpu = self.stats.get(&i, 0).context("read STATS")?;
-            stats.push(per_cpu.iter().fold(Counter::default(), |a, c| Counter {
-                packets: a.packets + c.packets,
-                bytes: a.bytes + c.bytes,
-            }));
-        }
+        let stats = stat_sums(&self.stats)?;
         let idle = {
             let mut t = tables.write().unwrap();
             t.merge_maps(&flows, &flows4, &devices);
-            mdsec_common::stats::derive_frames(&mut stats);
             t.set_stats(stats);
             t.idle_flows(clock::mono_ns(), self.idle.as_nanos() as u64)
         };
@@ -89,7 +82,7 @@ impl Poller {
             // still idle, so no count is lost. A flow already gone (evicted) is
             // forgotten too.
             let still_idle = |v: &FlowValue| clock::mono_ns().saturating_sub(v.last_seen_ns) > idle_ns;
-            if self.flows.remove_if(&k, still_idle) || self.flows.get(&k).is_none() {
+            if self.flows.remove_if(&k, still_idle) != Some(false) {
                 tables.write().unwrap().forget_flow(&k);
             }
         }
@@ -110,6 +103,23 @@ impl Poller {
             })
             .expect("spawn poller thread")
     }
+}
+
+/// `STATS` summed over CPUs, indexed like [`Stat::ALL`](mdsec_common::stats::Stat::ALL),
+/// with the counters the datapath leaves to userspace filled in
+/// ([`derive_frames`](mdsec_common::stats::derive_frames)).
+pub fn stat_sums<T: Borrow<MapData>>(m: &PerCpuArray<T, Counter>) -> Result<Vec<Counter>> {
+    let mut sums = (0..STATS_LEN)
+        .map(|i| {
+            let per_cpu = m.get(&i, 0).context("read STATS")?;
+            Ok(per_cpu.iter().fold(Counter::default(), |a, c| Counter {
+                packets: a.packets + c.packets,
+                bytes: a.bytes + c.bytes,
+            }))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    mdsec_common::stats::derive_frames(&mut sums);
+    Ok(sums)
 }
 
 /// Every entry of a kernel hash map: batched, or entry by entry if the kernel

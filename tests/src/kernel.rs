@@ -15,7 +15,7 @@ use mdsec_common::{
     device::{DeviceKey, DeviceValue},
     flow::{FlowKey, FlowValue},
     maps as names,
-    stats::{Counter, STATS_LEN, Stat},
+    stats::{Counter, Stat},
 };
 
 pub const XDP_PASS: u32 = 2;
@@ -45,7 +45,8 @@ impl TestProg {
             TEST_SEED,
         );
         let mut loader = EbpfLoader::new();
-        for (name, max) in sizes {
+        // Flow tables are sized in sets, by the geometry.
+        for (name, max) in sizes.iter().filter(|(n, _)| ![names::FLOWS, names::FLOWS4].contains(n)) {
             loader.map_max_entries(name, *max);
         }
         geometry.configure(&mut loader);
@@ -106,17 +107,7 @@ impl TestProg {
     /// STATS summed over CPUs, indexed like [`Stat::ALL`].
     pub fn stats(&self) -> Result<Vec<Counter>> {
         let m: PerCpuArray<&MapData, Counter> = PerCpuArray::try_from(self.ebpf.map(names::STATS).unwrap())?;
-        let mut sums = (0..STATS_LEN)
-            .map(|i| {
-                let v = m.get(&i, 0)?;
-                Ok(v.iter().fold(Counter::default(), |a, c| Counter {
-                    packets: a.packets + c.packets,
-                    bytes: a.bytes + c.bytes,
-                }))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        mdsec_common::stats::derive_frames(&mut sums);
-        Ok(sums)
+        mdsec_agent::poller::stat_sums(&m)
     }
 
     pub fn stat(&self, s: Stat) -> Result<u64> {

@@ -102,11 +102,11 @@ fn a_denied_flow_stays_denied_through_eviction_and_removal() {
 
     // The agent removes an idle flow; its next frame creates it again, judged anew.
     let k = p.flows().unwrap()[0].0;
-    assert!(!p.flow_tables().remove_if(&k, |_| false), "not idle: stays");
+    assert_eq!(p.flow_tables().remove_if(&k, |_| false), Some(false), "not idle: stays");
     assert!(p.flow(&k).unwrap().is_some());
-    assert!(p.flow_tables().remove_if(&k, |_| true));
+    assert_eq!(p.flow_tables().remove_if(&k, |_| true), Some(true));
     assert!(p.flow(&k).unwrap().is_none());
-    assert!(!p.flow_tables().remove_if(&k, |_| true), "already gone");
+    assert_eq!(p.flow_tables().remove_if(&k, |_| true), None, "already gone");
     assert_eq!(p.run(&pump(k.dport)).unwrap(), XDP_DROP);
     assert_eq!(p.flow(&k).unwrap().unwrap().packets, 1, "a new flow, not the removed one");
 }
