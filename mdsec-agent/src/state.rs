@@ -1,6 +1,6 @@
 //! The agent's view of flows and devices, merged from kernel map snapshots.
 //!
-//! Kernel entries can disappear (LRU eviction, idle ageing) and reappear with
+//! Kernel entries can disappear (eviction, idle ageing) and reappear with
 //! counters starting from zero. Each record therefore keeps a `base` of everything
 //! counted by earlier kernel incarnations, so reported counters never go backwards.
 //!
@@ -206,8 +206,9 @@ pub struct Tables {
     pub kernel_flows: usize,
     pub kernel_flows4: usize,
     pub kernel_devices: usize,
-    /// Kernel entries that disappeared without the agent removing them: the LRU
-    /// evicted them (idle flows the agent ages out are not counted).
+    /// Kernel entries that disappeared without the agent removing them: evicted
+    /// (flows by the datapath, devices by the LRU; idle flows the agent ages out
+    /// are not counted).
     pub flow_evictions: u64,
     /// FLOWS4's share of `flow_evictions`.
     pub flow4_evictions: u64,
@@ -289,8 +290,9 @@ impl Tables {
         let now = self.merges;
         let (mut n, mut n4) = (0, 0);
         for (k, v) in snapshot {
+            let v4 = k.is_v4() as u64;
             n += 1;
-            n4 += k.v4().is_some() as usize;
+            n4 += v4 as usize;
             let r = self.flows.entry(k).or_insert_with(|| FlowRecord {
                 counts: Monotonic::default(),
                 first_seen_ns: v.first_seen_ns,
@@ -311,7 +313,7 @@ impl Tables {
             let replaced = r.counts.observe(v.first_seen_ns, v.packets, v.bytes);
             let evicted = replaced as u64;
             self.flow_evictions += evicted;
-            self.flow4_evictions += evicted * k.v4().is_some() as u64;
+            self.flow4_evictions += evicted * v4;
             if r.owner != v.owner(&k) {
                 // Recreated by another MAC: what the old owner sent stays its own.
                 keep_for_device(&mut self.devices, r);
@@ -333,7 +335,7 @@ impl Tables {
             if r.seen != now {
                 let evicted = r.counts.vanished() as u64;
                 self.flow_evictions += evicted;
-                self.flow4_evictions += evicted * k.v4().is_some() as u64;
+                self.flow4_evictions += evicted * k.is_v4() as u64;
                 r.owned.vanished();
             }
         }

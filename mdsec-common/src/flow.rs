@@ -71,10 +71,16 @@ impl FlowKey4 {
 }
 
 impl FlowKey {
+    /// Whether `FLOWS4` holds this flow (both addresses IPv4-mapped), without
+    /// building its key.
+    pub fn is_v4(&self) -> bool {
+        is_v4_mapped(&self.src) && is_v4_mapped(&self.dst)
+    }
+
     /// The `FLOWS4` key of this flow, if both addresses are IPv4-mapped (then
     /// that is the table that holds it, never `FLOWS`).
     pub fn v4(&self) -> Option<FlowKey4> {
-        if !is_v4_mapped(&self.src) || !is_v4_mapped(&self.dst) {
+        if !self.is_v4() {
             return None;
         }
         Some(FlowKey4::from_mapped(
