@@ -4,7 +4,7 @@
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
-    path::Path,
+    path::{Path, PathBuf},
     process::Command,
 };
 
@@ -191,21 +191,15 @@ fn pin(cpu: usize) -> Result<()> {
 
 /// The mix through a fresh datapath whose flows were created on CPU 1 and
 /// measured on CPU 0: every count goes to the flow's remote (atomic) counters.
-fn cross_cpu_mix(dir: &Path) -> Result<f64> {
+fn cross_cpu_mix(files: &[PathBuf]) -> Result<f64> {
     let (mdsec, _maps) = datapath_with_policy()?;
-    let mut files = Vec::new();
-    for (name, frame) in mix() {
-        let file = dir.join(format!("cross-{name}.bin"));
-        std::fs::write(&file, &frame)?;
-        files.push(file);
-    }
     pin(1)?;
-    for f in &files {
+    for f in files {
         bpftool_run(mdsec.id()?, f, 2)?;
     }
     pin(0)?;
     let mut sum = 0.0;
-    for f in &files {
+    for f in files {
         let mut m = Vec::new();
         for _ in 0..ROUNDS {
             m.push(bpftool_run(mdsec.id()?, f, REPEAT)?.1);
@@ -236,9 +230,11 @@ pub fn run() -> Result<()> {
     let _cleanup = Cleanup(&dir);
     let mut rows = Vec::new();
     let (mut sum_m, mut sum_e, mut sum_x) = (0.0, 0.0, 0.0);
+    let mut files = Vec::new();
     for (name, frame) in mix() {
         let file = dir.join(format!("{name}.bin"));
         std::fs::write(&file, &frame)?;
+        files.push(file.clone());
         let (mut m, mut e, mut x) = (Vec::new(), Vec::new(), Vec::new());
         let (mut ret_m, mut ret_x) = (0, 0);
         for _ in 0..ROUNDS {
@@ -264,7 +260,7 @@ pub fn run() -> Result<()> {
             m - e
         ));
     }
-    let cross = cross_cpu_mix(&dir)?;
+    let cross = cross_cpu_mix(&files)?;
     let n = rows.len() as f64;
     let (m, e, x) = (sum_m / n, sum_e / n, sum_x / n);
     rows.push(format!(
