@@ -29,10 +29,20 @@ pub fn get_json<T: DeserializeOwned>(addr: SocketAddr, path: &str, token: Option
 }
 
 pub fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> Result<Vec<u8>> {
+    Ok(get_page(addr, path, token)?.0)
+}
+
+/// A GET of a list endpoint: the body and the next page's cursor
+/// (`X-Next-Cursor`), if the server says more may follow.
+pub fn get_page(addr: SocketAddr, path: &str, token: Option<&str>) -> Result<(Vec<u8>, Option<String>)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .with_context(|| format!("connect to the agent at {addr} (is `mdsec-agent run` up?)"))?;
-    let (status, body) = exchange(&mut s, addr, "GET", path, token)?;
-    ok(path, status, body)
+    let (status, head, body) = exchange_head(&mut s, addr, "GET", path, token, None)?;
+    let next = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case("x-next-cursor").then(|| v.trim().to_string())
+    });
+    Ok((ok(path, status, body)?, next))
 }
 
 /// Sends one GET on an already connected stream (the tests connect from inside a
@@ -81,6 +91,19 @@ pub fn exchange_body(
     token: Option<&str>,
     body: Option<&[u8]>,
 ) -> Result<(u16, Vec<u8>)> {
+    let (status, _, body) = exchange_head(s, addr, method, path, token, body)?;
+    Ok((status, body))
+}
+
+/// Like [`exchange_body`], also returning the response head (status line and headers).
+pub fn exchange_head(
+    s: &mut TcpStream,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&[u8]>,
+) -> Result<(u16, String, Vec<u8>)> {
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     let content = body
@@ -100,5 +123,6 @@ pub fn exchange_body(
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|c| c.parse().ok())
         .context("malformed HTTP status line")?;
-    Ok((status, raw[split + 4..].to_vec()))
+    let head = head.into_owned();
+    Ok((status, head, raw[split + 4..].to_vec()))
 }

@@ -178,7 +178,7 @@ pub(crate) fn client_side(tables: &Tables, keys: &[FlowKey]) -> Vec<FlowKey> {
     // (src, dst, proto, sport, dport) → earliest start on any interface.
     type Tuple = ([u8; 16], [u8; 16], u8, u16, u16);
     let mut started: HashMap<Tuple, u64> = HashMap::new();
-    for (k, r) in &tables.flows {
+    for (k, r) in tables.flows.iter() {
         let e = started.entry((k.src, k.dst, k.proto, k.sport, k.dport)).or_insert(u64::MAX);
         *e = (*e).min(r.first_seen_ns);
     }
@@ -203,7 +203,8 @@ pub struct Detector {
     cfg: DetectionConfig,
     ifnames: HashMap<u32, String>,
     resolvers: Vec<IpNet>,
-    seen: HashSet<FlowKey>,
+    /// The highest flow record id examined so far.
+    checked: u64,
     scans: HashMap<IpAddr, ScanState>,
     last_emitted: HashMap<(String, IpAddr, IpAddr, u16), SystemTime>,
     /// Flows that raised (or had suppressed) a detection: no novelty for them.
@@ -231,7 +232,7 @@ impl Detector {
             ifnames,
             resolvers: cfg.resolvers(),
             cfg,
-            seen: HashSet::new(),
+            checked: 0,
             scans: HashMap::new(),
             last_emitted: HashMap::new(),
             flagged: HashSet::new(),
@@ -255,10 +256,11 @@ impl Detector {
         let mut suppressed: HashMap<String, u64> = HashMap::new();
 
         // New client-side flows, oldest first so windows advance in order.
-        let fresh: Vec<FlowKey> = tables.flows.keys().filter(|k| !self.seen.contains(*k)).copied().collect();
-        self.seen.retain(|k| tables.flows.contains_key(k));
+        // Record ids only grow, so "not seen before" is "above the last id
+        // checked" (no set of a million keys).
+        let fresh: Vec<FlowKey> = tables.flows.after(self.checked).map(|(k, _)| k).collect();
+        self.checked = tables.flows.after(self.checked).map(|(_, r)| r.id).last().unwrap_or(self.checked);
         self.flagged.retain(|k| tables.flows.contains_key(k));
-        self.seen.extend(fresh.iter().copied());
         let clients = client_side(tables, &fresh);
         let mut new: Vec<(FlowKey, FlowRecord)> = clients
             .iter()

@@ -185,15 +185,21 @@ impl<K: TableKey> FlowTable<K> {
     /// Every flow in the table.
     pub fn snapshot(&self) -> Vec<(K, FlowValue)> {
         let mut out = Vec::new();
+        self.for_each(|k, v| out.push((k, *v)));
+        out
+    }
+
+    /// Calls `f` with every flow in the table, each read consistently (the
+    /// poller merges this way, with no copy of the table).
+    pub fn for_each(&self, mut f: impl FnMut(K, &FlowValue)) {
         for n in 0..self.sets {
             let set = self.set(n);
             for i in 0..WAYS {
                 if let Some((_, k, v)) = self.read(set, i) {
-                    out.push((k, v));
+                    f(k, &v);
                 }
             }
         }
-        out
     }
 
     /// (set, slot, state) holding `key`.

@@ -110,7 +110,7 @@ pub fn label(policy: &Policy, peer: IpAddr, peer_segment: &str) -> Peer {
 
 /// The app text an observation records for a flow.
 fn app_text(r: &FlowRecord) -> String {
-    if !r.app_done {
+    if !r.app_done() {
         String::new()
     } else if r.app_confidence == Confidence::High as u8 {
         App::from_u8(r.app).name().into()
@@ -204,7 +204,7 @@ impl Learner {
             let Some(r) = tables.flows.get(&key) else { continue };
             let started = anchor.wall(r.first_seen_ns);
             if key.proto == IPPROTO_TCP
-                && !r.app_done
+                && !r.app_done()
                 && now.duration_since(started).unwrap_or_default() < SETTLE
             {
                 self.pending.insert(key);

@@ -7,8 +7,10 @@ use mdsec_agent::{
     config::{self, Config},
     loader, model,
     policy::model::Mode,
-    table::{human, render},
+    table::render,
 };
+
+mod cli_lists;
 
 #[derive(Parser)]
 #[command(name = "mdsec-agent", version, about = "Network-layer security for medical devices (XDP)")]
@@ -29,10 +31,12 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// List flows seen by a running agent.
-    Flows(Query),
+    /// List flows seen by a running agent (filters and paging as the API's).
+    Flows(cli_lists::ListArgs),
     /// List devices seen by a running agent.
-    Devices(Query),
+    Devices(cli_lists::ListArgs),
+    /// List recent events of a running agent, oldest first.
+    Events(cli_lists::ListArgs),
     /// Show datapath counters by reason.
     Stats(Query),
     /// Write the JSON Schemas of the policy files (for editors) and of events to a directory.
@@ -124,13 +128,13 @@ enum RegisterCmd {
 }
 
 #[derive(clap::Args)]
-struct Query {
+pub(crate) struct Query {
     /// API address of the agent.
     #[arg(long, default_value = config::DEFAULT_LISTEN)]
-    api: String,
+    pub(crate) api: String,
     /// Print JSON instead of a table.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// File with the API bearer token (the agent's `api.token_file`); the
     /// MDSEC_API_TOKEN environment variable works too.
     #[arg(long)]
@@ -138,7 +142,7 @@ struct Query {
 }
 
 impl Query {
-    fn token(&self) -> Result<Option<String>> {
+    pub(crate) fn token(&self) -> Result<Option<String>> {
         if let Some(f) = &self.token_file {
             let text = std::fs::read_to_string(f)
                 .map_err(|e| anyhow::anyhow!("read token file {}: {e}", f.display()))?;
@@ -403,78 +407,9 @@ fn real_main() -> Result<ExitCode> {
             loader::remove_pins(&loader::layout_dir(&cfg.pin_dir))?;
             println!("removed pins under {}", cfg.pin_dir.display());
         }
-        Cmd::Flows(q) => {
-            let flows: Vec<model::Flow> = q.get("/api/v1/flows")?;
-            if q.json {
-                println!("{}", serde_json::to_string_pretty(&flows)?);
-            } else {
-                let rows: Vec<Vec<String>> = flows
-                    .iter()
-                    .map(|f| {
-                        vec![
-                            f.iface.clone(),
-                            f.vlan.to_string(),
-                            f.proto.clone(),
-                            f.app.clone(),
-                            format!("{}:{}", f.src, f.sport),
-                            format!("{}:{}", f.dst, f.dport),
-                            human(f.packets),
-                            human(f.bytes),
-                            f.verdict.clone(),
-                        ]
-                    })
-                    .collect();
-                print!(
-                    "{}",
-                    render(
-                        &["IFACE", "VLAN", "PROTO", "APP", "SRC", "DST", "PKTS", "BYTES", "VERDICT"],
-                        &rows
-                    )
-                );
-            }
-        }
-        Cmd::Devices(q) => {
-            let devices: Vec<model::Device> = q.get("/api/v1/devices")?;
-            if q.json {
-                println!("{}", serde_json::to_string_pretty(&devices)?);
-            } else {
-                let rows: Vec<Vec<String>> = devices
-                    .iter()
-                    .map(|d| {
-                        vec![
-                            d.iface.clone(),
-                            d.vlan.to_string(),
-                            d.mac.clone(),
-                            d.vendor.clone().unwrap_or_default().chars().take(24).collect(),
-                            d.class.clone(),
-                            d.ips.join(","),
-                            d.apps_client.iter().chain(&d.apps_server).cloned().collect::<Vec<_>>().join(","),
-                            human(d.packets),
-                            human(d.bytes),
-                            d.last_seen.clone(),
-                        ]
-                    })
-                    .collect();
-                print!(
-                    "{}",
-                    render(
-                        &[
-                            "IFACE",
-                            "VLAN",
-                            "MAC",
-                            "VENDOR",
-                            "CLASS",
-                            "IPS",
-                            "APPS",
-                            "PKTS",
-                            "BYTES",
-                            "LAST SEEN"
-                        ],
-                        &rows
-                    )
-                );
-            }
-        }
+        Cmd::Flows(a) => cli_lists::flows(&a)?,
+        Cmd::Devices(a) => cli_lists::devices(&a)?,
+        Cmd::Events(a) => cli_lists::events(&a)?,
         Cmd::Stats(q) => {
             let stats: model::Stats = q.get("/api/v1/stats")?;
             if q.json {

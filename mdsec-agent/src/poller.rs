@@ -62,17 +62,22 @@ impl Poller {
         })
     }
 
-    /// One poll: snapshot the maps outside the lock, merge under it, then age.
+    /// One poll: DEVICES and STATS read outside the lock, the flow tables
+    /// merged under it, then idle flows aged out.
     pub fn poll(&mut self, tables: &RwLock<Tables>) -> Result<()> {
         // Counters first: the flow table read after them is at least as new.
         self.segstats.lock().unwrap().poll()?;
-        let flows = self.flows.v6.snapshot();
-        let flows4 = self.flows.v4.snapshot();
         let devices = snapshot(&self.devices);
         let stats = stat_sums(&self.stats)?;
         let idle = {
+            // The flow tables are read under the lock, straight into the
+            // records: they are mapped memory (no syscalls), and a copy of a
+            // million flows would cost 120 MiB for the length of a poll.
             let mut t = tables.write().unwrap();
-            t.merge_maps(&flows, &flows4, &devices);
+            let mut m = t.begin_merge();
+            self.flows.v6.for_each(|k, v| m.flow(k, v));
+            self.flows.v4.for_each(|k, v| m.flow4(k, v));
+            m.finish(&devices);
             t.set_stats(stats);
             t.idle_flows(clock::mono_ns(), self.idle.as_nanos() as u64)
         };

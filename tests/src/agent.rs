@@ -46,6 +46,9 @@ fn output(cmd: &mut Command) -> CliOutput {
     )
 }
 
+/// A list page: status, the items (or the error body) and the next cursor.
+pub type Page<T> = (u16, Result<Vec<T>, String>, Option<String>);
+
 pub struct Agent {
     child: Child,
     pub gw: String,
@@ -171,12 +174,41 @@ impl Agent {
         Ok(serde_json::from_slice(&self.raw_get(path)?)?)
     }
 
+    /// Every flow: the API's NDJSON export (pages hold at most 10,000).
     pub fn flows(&self) -> Result<Vec<model::Flow>> {
-        self.get("/api/v1/flows")
+        self.ndjson("/api/v1/flows?format=ndjson")
     }
 
     pub fn devices(&self) -> Result<Vec<model::Device>> {
-        self.get("/api/v1/devices")
+        self.ndjson("/api/v1/devices?format=ndjson")
+    }
+
+    /// A list endpoint's NDJSON answer, line by line.
+    pub fn ndjson<T: DeserializeOwned>(&self, path: &str) -> Result<Vec<T>> {
+        let body = self.raw_get(path)?;
+        body.split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| Ok(serde_json::from_slice(l)?))
+            .collect()
+    }
+
+    /// One page of a list endpoint: the items, status and next cursor
+    /// (`X-Next-Cursor`), whatever the status (the body of an error is in `Err`).
+    pub fn page<T: DeserializeOwned>(&self, path: &str) -> Result<Page<T>> {
+        let addr = self.addr;
+        let mut s: TcpStream =
+            in_netns(&self.gw, move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)))??;
+        let (status, head, body) = client::exchange_head(&mut s, addr, "GET", path, None, None)?;
+        let next = head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case("x-next-cursor").then(|| v.trim().to_string())
+        });
+        let items = if status == 200 {
+            Ok(serde_json::from_slice(&body)?)
+        } else {
+            Err(String::from_utf8_lossy(&body).into_owned())
+        };
+        Ok((status, items, next))
     }
 
     pub fn stats(&self) -> Result<model::Stats> {
@@ -196,7 +228,7 @@ impl Agent {
     }
 
     pub fn events(&self) -> Result<Vec<model::Event>> {
-        self.get("/api/v1/events")
+        self.ndjson("/api/v1/events?format=ndjson")
     }
 
     /// Sends SIGHUP and waits for the next reload attempt to finish; returns the

@@ -181,9 +181,9 @@ pub fn device_totals(flows: &[(FlowKey, FlowValue)], devices: &[(DeviceKey, Devi
     t.merge(flows, devices);
     t.devices
         .iter()
-        .map(|(k, r)| {
+        .map(|(_, k, r)| {
             let n = r.totals();
-            (*k, (n.packets, n.bytes))
+            (k, (n.packets, n.bytes))
         })
         .collect()
 }

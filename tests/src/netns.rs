@@ -118,6 +118,7 @@ impl Topology {
         let gw = format!("{id}-gw");
         let mut t = Topology { id: id.clone(), gw: gw.clone(), hosts: Vec::new(), namespaces: Vec::new() };
         t.add_ns(&gw)?;
+        no_dad(&gw)?;
         ip(&["-n", &gw, "link", "set", "lo", "up"])?;
         for (k, v) in [("net.ipv4.ip_forward", "1"), ("net.ipv6.conf.all.forwarding", "1")] {
             ip(&["netns", "exec", &gw, "sysctl", "-qw", &format!("{k}={v}")])?;
@@ -125,20 +126,15 @@ impl Topology {
         for i in 1..=n {
             let ns = format!("{id}-h{i}");
             t.add_ns(&ns)?;
+            // Before the veth exists: a device takes `default.*` when it is
+            // created, so set later it would still run DAD on its link-local.
+            no_dad(&ns)?;
             let gw_if = format!("gw{i}");
             ip(&[
                 "link", "add", "name", &gw_if, "netns", &gw, "type", "veth", "peer", "name", "eth0", "netns",
                 &ns,
             ])?;
             let h = Host { ns: ns.clone(), index: i, gw_if: gw_if.clone() };
-            // Quiet hosts: no router solicitations or DAD chatter in the counts.
-            for k in [
-                "net.ipv6.conf.all.accept_dad=0",
-                "net.ipv6.conf.default.accept_dad=0",
-                "net.ipv6.conf.default.router_solicitations=0",
-            ] {
-                ip(&["netns", "exec", &ns, "sysctl", "-qw", k])?;
-            }
             ip(&["-n", &ns, "addr", "add", &format!("{}/24", h.v4()), "dev", "eth0"])?;
             ip(&["-n", &ns, "addr", "add", &format!("{}/64", h.v6()), "dev", "eth0", "nodad"])?;
             ip(&["-n", &gw, "addr", "add", &format!("{}/24", h.gw_v4()), "dev", &gw_if])?;
@@ -149,6 +145,9 @@ impl Topology {
             ip(&["-n", &ns, "route", "add", "default", "via", &h.gw_v4().to_string()])?;
             ip(&["-n", &ns, "-6", "route", "add", "default", "via", &h.gw_v6().to_string()])?;
             t.hosts.push(h);
+        }
+        for ns in &t.namespaces {
+            wait_untentative(ns)?;
         }
         Ok(t)
     }
@@ -176,6 +175,38 @@ impl Topology {
             h.exec(&["ping", "-6", "-c", "1", "-W", "2", &h.gw_v6().to_string()])?;
         }
         Ok(())
+    }
+}
+
+/// Quiet IPv6 in a new namespace: no duplicate-address detection (an address
+/// held tentative cannot be pinged, which made warm-ups flaky) and no router
+/// solicitations in the counts.
+fn no_dad(ns: &str) -> Result<()> {
+    for k in [
+        "net.ipv6.conf.all.accept_dad=0",
+        "net.ipv6.conf.default.accept_dad=0",
+        "net.ipv6.conf.default.router_solicitations=0",
+    ] {
+        ip(&["netns", "exec", ns, "sysctl", "-qw", k])?;
+    }
+    Ok(())
+}
+
+/// Waits until no IPv6 address in `ns` is tentative. With DAD off this holds at
+/// once; the check makes that an assertion instead of an assumption.
+pub fn wait_untentative(ns: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let out = Command::new("ip").args(["-n", ns, "-6", "addr", "show", "tentative"]).output()?;
+        if out.status.success() && out.stdout.iter().all(u8::is_ascii_whitespace) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{ns}: IPv6 addresses still tentative after 5 s:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 

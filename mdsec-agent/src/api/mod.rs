@@ -22,15 +22,21 @@ use axum::{
 };
 use mdsec_common::{
     app::{App, Confidence},
-    policy::Verdict,
     stats::Stat,
 };
+
+mod flows;
+mod lists;
+pub mod query;
+
+pub use flows::{FlowMatch, FlowView};
+pub use lists::{devices_page, events_page, flows_page};
 
 use crate::{
     clock::{Anchor, rfc3339},
     events::EventStore,
     loader::Attached,
-    model::{self, mac_string, proto_name, tcp_flag_names},
+    model::{self, mac_string},
     oui::Oui,
     policy::runtime::PolicyState,
     state::Tables,
@@ -66,6 +72,39 @@ pub struct AppState {
     pub evidence: RwLock<crate::evidence::EvidenceStatus>,
     /// Where the state database lives (lifecycle changes open their own connection).
     pub state_dir: std::path::PathBuf,
+}
+
+impl AppState {
+    /// A state serving `tables` with nothing else configured: no interfaces,
+    /// policy or database (the scale benchmark serves its tables with it).
+    pub fn bare(
+        tables: Arc<RwLock<Tables>>,
+        segstats: Arc<Mutex<crate::segstats::SegStats>>,
+        state_dir: std::path::PathBuf,
+    ) -> AppState {
+        AppState {
+            tables,
+            attached: Vec::new(),
+            policy: Default::default(),
+            events: Default::default(),
+            policy_configured: false,
+            oui: Arc::new(Oui::embedded()),
+            fingerprints: Default::default(),
+            overrides: HashMap::new(),
+            history: Default::default(),
+            inventory: Default::default(),
+            segstats,
+            map_sizes: crate::config::MapSizes::default(),
+            started: SystemTime::now(),
+            export_stats: Default::default(),
+            token: None,
+            limiter: Mutex::new(Limiter::new(1_000_000, 1_000_000)),
+            baseline: Default::default(),
+            lifecycle: Default::default(),
+            evidence: Default::default(),
+            state_dir,
+        }
+    }
 }
 
 /// Token bucket per client address. The table is bounded: when full, clients
@@ -165,6 +204,11 @@ async fn auth(axum::extract::State(st): S, req: Request, next: Next) -> Response
 }
 
 impl AppState {
+    /// (name, ifindex) of every attached interface.
+    pub fn ifaces(&self) -> Vec<(String, u32)> {
+        self.attached.iter().map(|a| (a.name.clone(), a.ifindex)).collect()
+    }
+
     fn ifname(&self, ifindex: u32) -> String {
         self.attached
             .iter()
@@ -176,11 +220,11 @@ impl AppState {
 
 pub fn router(state: Arc<AppState>) -> Router {
     let api = Router::new()
-        .route("/api/v1/flows", get(flows))
-        .route("/api/v1/devices", get(devices))
+        .route("/api/v1/flows", get(lists::flows))
+        .route("/api/v1/devices", get(lists::devices))
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/interfaces", get(interfaces))
-        .route("/api/v1/events", get(events))
+        .route("/api/v1/events", get(lists::events))
         .route("/api/v1/policy", get(policy_status))
         .route("/api/v1/baseline", get(baseline))
         .route("/api/v1/devices/{mac}/state", axum::routing::post(set_state))
@@ -211,56 +255,6 @@ async fn metrics(axum::extract::State(st): S) -> Response {
 
 type S = axum::extract::State<Arc<AppState>>;
 
-pub fn flows_json(st: &AppState) -> Vec<model::Flow> {
-    let anchor = Anchor::now();
-    let policy = st.policy.read().unwrap();
-    let t = st.tables.read().unwrap();
-    let mut names: HashMap<u32, String> = HashMap::new();
-    let mut out: Vec<_> = t
-        .flows
-        .iter()
-        .map(|(k, r)| {
-            let tot = r.totals();
-            model::Flow {
-                iface: names.entry(k.ifindex).or_insert_with(|| st.ifname(k.ifindex)).clone(),
-                vlan: k.vlan,
-                src: k.src_ip().to_string(),
-                dst: k.dst_ip().to_string(),
-                proto: proto_name(k.proto),
-                proto_num: k.proto,
-                sport: k.sport,
-                dport: k.dport,
-                packets: tot.packets,
-                bytes: tot.bytes,
-                first_seen: rfc3339(anchor.wall(r.first_seen_ns)),
-                last_seen: rfc3339(anchor.wall(r.last_seen_ns)),
-                tcp_flags: tcp_flag_names(r.tcp_flags),
-                verdict: Verdict::from_u8(r.verdict).name().into(),
-                rule: describe_rule(&policy, r.generation, r.rule),
-                segment: policy
-                    .generation(r.generation)
-                    .and_then(|i| i.policy.segments.get((r.segment as usize).wrapping_sub(1)))
-                    .map(|s| s.name.clone())
-                    .unwrap_or_default(),
-                app: App::from_u8(r.app).name().into(),
-                app_confidence: Confidence::from_u8(r.app_confidence).name().into(),
-            }
-        })
-        .collect();
-    out.sort_by(|a, b| {
-        (&a.iface, a.vlan, &a.src, &a.dst, a.proto_num, a.sport, a.dport).cmp(&(
-            &b.iface,
-            b.vlan,
-            &b.src,
-            &b.dst,
-            b.proto_num,
-            b.sport,
-            b.dport,
-        ))
-    });
-    out
-}
-
 /// Peers listed per device.
 const MAX_PEERS: usize = 32;
 
@@ -278,7 +272,7 @@ pub fn devices_json(st: &AppState) -> Vec<model::Device> {
     let mut client: Vec<BTreeSet<String>> = vec![BTreeSet::new(); keys.len()];
     let mut server: Vec<BTreeSet<String>> = vec![BTreeSet::new(); keys.len()];
     let mut peers: Vec<BTreeSet<IpAddr>> = vec![BTreeSet::new(); keys.len()];
-    for (fk, r) in &t.flows {
+    for (fk, r) in t.flows.iter() {
         // Client → server direction: services listen on the lower port (ephemeral
         // ports are high), so a flow from the lower port is a server's answer.
         let (src, dst) = if fk.sport < fk.dport && matches!(fk.proto, 6 | 17) {
@@ -387,14 +381,6 @@ fn merge_history(out: &mut Vec<model::Device>, history: &HashMap<(String, u16, S
     out.extend(history.iter().filter(|(k, _)| !seen.contains(*k)).map(|(_, d)| d.clone()));
 }
 
-async fn flows(axum::extract::State(st): S) -> Json<Vec<model::Flow>> {
-    Json(flows_json(&st))
-}
-
-async fn devices(axum::extract::State(st): S) -> Json<Vec<model::Device>> {
-    Json(devices_json(&st))
-}
-
 async fn stats(axum::extract::State(st): S) -> Json<model::Stats> {
     let t = st.tables.read().unwrap();
     Json(
@@ -423,7 +409,7 @@ async fn interfaces(axum::extract::State(st): S) -> Json<Vec<model::Interface>> 
     )
 }
 
-fn describe_rule(p: &PolicyState, generation: u32, rule: u32) -> String {
+pub(crate) fn describe_rule(p: &PolicyState, generation: u32, rule: u32) -> String {
     if rule == 0 {
         return "default".into();
     }
@@ -431,22 +417,6 @@ fn describe_rule(p: &PolicyState, generation: u32, rule: u32) -> String {
         .and_then(|i| i.policy.rules.iter().find(|r| r.id == rule))
         .map(|r| r.origin())
         .unwrap_or_else(|| format!("rule {rule} of generation {generation}"))
-}
-
-#[derive(serde::Deserialize)]
-struct Since {
-    #[serde(default)]
-    since: u64,
-}
-
-async fn events(
-    axum::extract::State(st): S,
-    q: Result<axum::extract::Query<Since>, axum::extract::rejection::QueryRejection>,
-) -> axum::response::Response {
-    match q {
-        Ok(q) => Json(st.events.read().unwrap().since(q.since)).into_response(),
-        Err(e) => error(StatusCode::BAD_REQUEST, format!("bad query: {e}")),
-    }
 }
 
 async fn policy_status(axum::extract::State(st): S) -> Json<crate::policy::runtime::Status> {

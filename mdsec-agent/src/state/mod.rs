@@ -9,10 +9,14 @@
 //! flow record's counts move into its device's `flow_base` when the record is
 //! forgotten or changes owner.
 
+mod flows;
+
 use std::{
     collections::{BTreeSet, HashMap},
     net::IpAddr,
 };
+
+pub use flows::{FlowRecord, FlowStore, Flows};
 
 use mdsec_common::{
     device::{DeviceKey, DeviceValue},
@@ -93,61 +97,6 @@ impl Monotonic {
     }
 }
 
-/// A flow's counts for its owner across kernel incarnations. Incarnations are
-/// told apart by the flow's own counters ([`Monotonic`]): owned counts read from
-/// a changing entry can dip for a moment (see `FlowValue::owned`), so within one
-/// incarnation the highest read stands.
-#[derive(Debug, Clone, Default)]
-struct Owned {
-    base: Totals,
-    now: Totals,
-}
-
-impl Owned {
-    fn observe(&mut self, new_incarnation: bool, (packets, bytes): (u64, u64)) {
-        if new_incarnation {
-            self.vanished();
-        }
-        self.now = Totals::new(self.now.packets.max(packets), self.now.bytes.max(bytes));
-    }
-
-    fn vanished(&mut self) {
-        self.base += std::mem::take(&mut self.now);
-    }
-
-    fn totals(&self) -> Totals {
-        self.base + self.now
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct FlowRecord {
-    counts: Monotonic,
-    pub first_seen_ns: u64,
-    pub last_seen_ns: u64,
-    pub tcp_flags: u8,
-    /// Policy fields of the latest kernel snapshot.
-    pub verdict: u8,
-    pub rule: u32,
-    pub segment: u32,
-    pub generation: u32,
-    pub app: u8,
-    pub app_confidence: u8,
-    /// The first payload has been classified (`app`/`app_confidence` are final).
-    pub app_done: bool,
-    /// The device the flow's own frames count for, and those counts.
-    owner: DeviceKey,
-    owned: Owned,
-    /// The last merge whose snapshot had this flow (see `Tables::merges`).
-    seen: u64,
-}
-
-impl FlowRecord {
-    pub fn totals(&self) -> Totals {
-        self.counts.totals()
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct DeviceRecord {
     /// Its `DEVICES` entry: frames no flow it owns counts.
@@ -197,10 +146,77 @@ impl DeviceRecord {
     }
 }
 
+/// Device records, each with a stable index (flows name their owner by it).
+/// Devices are never removed while the agent runs.
+#[derive(Debug, Default)]
+pub struct Devices {
+    keys: Vec<DeviceKey>,
+    recs: Vec<DeviceRecord>,
+    index: HashMap<DeviceKey, u32>,
+}
+
+impl Devices {
+    pub fn get(&self, k: &DeviceKey) -> Option<&DeviceRecord> {
+        self.index.get(k).map(|&i| &self.recs[i as usize])
+    }
+
+    pub fn index_of(&self, k: &DeviceKey) -> Option<u32> {
+        self.index.get(k).copied()
+    }
+
+    pub fn key(&self, i: u32) -> DeviceKey {
+        self.keys[i as usize]
+    }
+
+    pub fn contains_key(&self, k: &DeviceKey) -> bool {
+        self.index.contains_key(k)
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &DeviceKey> {
+        self.keys.iter()
+    }
+
+    /// Every device with its index, in the order first seen.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, DeviceKey, &DeviceRecord)> {
+        self.keys.iter().zip(&self.recs).enumerate().map(|(i, (k, r))| (i as u32, *k, r))
+    }
+
+    /// `k`'s index, creating its record with `new` if it has none.
+    fn index_or_insert(&mut self, k: DeviceKey, new: impl FnOnce() -> DeviceRecord) -> u32 {
+        if let Some(&i) = self.index.get(&k) {
+            return i;
+        }
+        let i = self.keys.len() as u32;
+        self.keys.push(k);
+        self.recs.push(new());
+        self.index.insert(k, i);
+        i
+    }
+
+    fn at_mut(&mut self, i: u32) -> &mut DeviceRecord {
+        &mut self.recs[i as usize]
+    }
+}
+
+impl std::ops::Index<&DeviceKey> for Devices {
+    type Output = DeviceRecord;
+    fn index(&self, k: &DeviceKey) -> &DeviceRecord {
+        self.get(k).expect("no such device")
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Tables {
-    pub flows: HashMap<FlowKey, FlowRecord>,
-    pub devices: HashMap<DeviceKey, DeviceRecord>,
+    pub flows: Flows,
+    pub devices: Devices,
     /// Entries in the kernel maps at the last read (`kernel_flows`: both flow
     /// maps; `kernel_flows4`: FLOWS4's share).
     pub kernel_flows: usize,
@@ -218,42 +234,135 @@ pub struct Tables {
     /// Snapshots merged so far: records stamped with an older number were not in
     /// the latest one (cheaper than a set of the snapshot's keys at 1M flows).
     merges: u64,
+    /// The next flow record's id (ids start at 1: 0 is "before every flow").
+    next_id: u64,
     /// Totals an earlier run stored for devices this run has not merged yet, and
     /// when (datapath clock) this run took them over.
     stored: HashMap<DeviceKey, Totals>,
     stored_at_ns: u64,
 }
 
+/// One merge in progress: flows are fed one by one as the poller reads the
+/// kernel tables (no copy of a million flows), then [`Merge::finish`] merges
+/// the devices and derives their totals.
+pub struct Merge<'a> {
+    t: &'a mut Tables,
+    n: usize,
+    n4: usize,
+    capacity: usize,
+}
+
+impl Merge<'_> {
+    pub fn flow4(&mut self, k: FlowKey4, v: &FlowValue) {
+        self.n4 += 1;
+        let t = &mut *self.t;
+        let i = match t.flows.v4.position(&k) {
+            Some(i) => i,
+            None => {
+                let r = t.new_record(&k.into(), v);
+                t.flows.v4.push(k, r)
+            }
+        };
+        let r = t.flows.v4.at_mut(i);
+        let evicted = merge_flow(&mut t.devices, t.merges, r, &k.into(), v) as u64;
+        t.flow_evictions += evicted;
+        t.flow4_evictions += evicted;
+    }
+
+    pub fn flow(&mut self, k: FlowKey, v: &FlowValue) {
+        if let Some(k4) = k.v4() {
+            return self.flow4(k4, v);
+        }
+        let t = &mut *self.t;
+        let i = match t.flows.v6.position(&k) {
+            Some(i) => i,
+            None => {
+                let r = t.new_record(&k, v);
+                t.flows.v6.push(k, r)
+            }
+        };
+        let r = t.flows.v6.at_mut(i);
+        t.flow_evictions += merge_flow(&mut t.devices, t.merges, r, &k, v) as u64;
+        self.n += 1;
+    }
+
+    pub fn finish(self, devices: &[(DeviceKey, DeviceValue)]) {
+        let t = self.t;
+        t.kernel_flows = self.n + self.n4;
+        t.kernel_flows4 = self.n4;
+        t.merge_devices(devices);
+        let old = t.derive_devices();
+        t.credit_stored(old);
+        if t.flows.capacity() != self.capacity {
+            // A store grew: its old arrays were freed into the heap, where
+            // glibc keeps them resident (about 10% of the tables at 1M
+            // flows). Give them back; this happens once per doubling.
+            #[cfg(target_env = "gnu")]
+            // SAFETY: malloc_trim only releases free heap memory.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+    }
+}
+
+/// Updates `r` from its kernel entry `v`; true if the entry replaced one the
+/// record saw (an eviction).
+fn merge_flow(devices: &mut Devices, merge: u64, r: &mut FlowRecord, k: &FlowKey, v: &FlowValue) -> bool {
+    r.seen = merge as u8;
+    let replaced = r.observe(v.first_seen_ns, v.packets, v.bytes);
+    let owner = v.owner(k);
+    if devices.key(r.owner) != owner {
+        // Recreated by another MAC: what the old owner sent stays its own.
+        devices.at_mut(r.owner).flow_base += r.take_owned();
+        r.owner = devices.index_or_insert(owner, || device_of_flow(k, v));
+    }
+    r.observe_owned(replaced, v.owned());
+    r.first_seen_ns = r.first_seen_ns.min(v.first_seen_ns);
+    r.last_seen_ns = r.last_seen_ns.max(v.last_seen_ns);
+    r.tcp_flags |= v.tcp_flags as u8;
+    r.verdict = v.verdict;
+    r.rule = v.rule;
+    r.segment = v.segment;
+    r.generation = v.generation;
+    r.app = v.app;
+    r.app_confidence = v.app_confidence;
+    r.set_app_done(v.app_done != 0);
+    replaced
+}
+
+/// A device first known from one of its flows (its `DEVICES` entry was never
+/// read: evicted, or the map was full): the flow's source is its address.
+fn device_of_flow(k: &FlowKey, v: &FlowValue) -> DeviceRecord {
+    let mut d = DeviceRecord::new(v.first_seen_ns, v.last_seen_ns);
+    d.remember_ip(k.src_ip());
+    d
+}
+
 impl Tables {
     /// Merges one poll's snapshots of both maps.
     pub fn merge(&mut self, flows: &[(FlowKey, FlowValue)], devices: &[(DeviceKey, DeviceValue)]) {
-        self.merge_iter(flows.iter().copied(), devices);
+        let mut m = self.begin_merge();
+        for (k, v) in flows {
+            m.flow(*k, v);
+        }
+        m.finish(devices);
     }
 
-    /// Merges the snapshots as the poller reads them, FLOWS and FLOWS4 apart (no
-    /// combined copy of a million flows).
-    pub fn merge_maps(
-        &mut self,
-        flows: &[(FlowKey, FlowValue)],
-        flows4: &[(FlowKey4, FlowValue)],
-        devices: &[(DeviceKey, DeviceValue)],
-    ) {
-        self.merge_iter(
-            flows.iter().copied().chain(flows4.iter().map(|(k, v)| (FlowKey::from(*k), *v))),
-            devices,
-        );
-    }
-
-    fn merge_iter(
-        &mut self,
-        flows: impl Iterator<Item = (FlowKey, FlowValue)>,
-        devices: &[(DeviceKey, DeviceValue)],
-    ) {
+    /// Starts a merge: feed it every flow of the snapshot, then `finish` it.
+    pub fn begin_merge(&mut self) -> Merge<'_> {
         self.merges += 1;
-        self.merge_flows(flows);
-        self.merge_devices(devices);
-        let old = self.derive_devices();
-        self.credit_stored(old);
+        let capacity = self.flows.capacity();
+        Merge { t: self, n: 0, n4: 0, capacity }
+    }
+
+    fn new_record(&mut self, k: &FlowKey, v: &FlowValue) -> FlowRecord {
+        self.next_id = self.next_id.max(1);
+        let id = self.next_id;
+        self.next_id += 1;
+        let owner = self.devices.index_or_insert(v.owner(k), || device_of_flow(k, v));
+        // Stamped with an older merge, so `merge_flow` sees a fresh record.
+        FlowRecord::new(id, owner, v.first_seen_ns, v.last_seen_ns, self.merges.wrapping_sub(1) as u8)
     }
 
     /// Totals the previous run stored (the state database), applied to each device
@@ -274,7 +383,8 @@ impl Tables {
     fn credit_stored(&mut self, mut old: HashMap<DeviceKey, Totals>) {
         let (devices, at) = (&mut self.devices, self.stored_at_ns);
         self.stored.retain(|k, s| {
-            let Some(d) = devices.get_mut(k) else { return true };
+            let Some(i) = devices.index_of(k) else { return true };
+            let d = devices.at_mut(i);
             let mut old = old.remove(k).unwrap_or_default();
             if let Some((first_seen, p, b)) = d.counts.kernel
                 && first_seen < at
@@ -286,68 +396,11 @@ impl Tables {
         });
     }
 
-    fn merge_flows(&mut self, snapshot: impl Iterator<Item = (FlowKey, FlowValue)>) {
-        let now = self.merges;
-        let (mut n, mut n4) = (0, 0);
-        for (k, v) in snapshot {
-            let v4 = k.is_v4() as u64;
-            n += 1;
-            n4 += v4 as usize;
-            let r = self.flows.entry(k).or_insert_with(|| FlowRecord {
-                counts: Monotonic::default(),
-                first_seen_ns: v.first_seen_ns,
-                last_seen_ns: v.last_seen_ns,
-                tcp_flags: 0,
-                verdict: 0,
-                rule: 0,
-                segment: 0,
-                generation: 0,
-                app: 0,
-                app_confidence: 0,
-                app_done: false,
-                owner: v.owner(&k),
-                owned: Owned::default(),
-                seen: now,
-            });
-            r.seen = now;
-            let replaced = r.counts.observe(v.first_seen_ns, v.packets, v.bytes);
-            let evicted = replaced as u64;
-            self.flow_evictions += evicted;
-            self.flow4_evictions += evicted * v4;
-            if r.owner != v.owner(&k) {
-                // Recreated by another MAC: what the old owner sent stays its own.
-                keep_for_device(&mut self.devices, r);
-                r.owner = v.owner(&k);
-            }
-            r.owned.observe(replaced, v.owned());
-            r.first_seen_ns = r.first_seen_ns.min(v.first_seen_ns);
-            r.last_seen_ns = r.last_seen_ns.max(v.last_seen_ns);
-            r.tcp_flags |= v.tcp_flags as u8;
-            r.verdict = v.verdict;
-            r.rule = v.rule;
-            r.segment = v.segment;
-            r.generation = v.generation;
-            r.app = v.app;
-            r.app_confidence = v.app_confidence;
-            r.app_done = v.app_done != 0;
-        }
-        for (k, r) in self.flows.iter_mut() {
-            if r.seen != now {
-                let evicted = r.counts.vanished() as u64;
-                self.flow_evictions += evicted;
-                self.flow4_evictions += evicted * k.is_v4() as u64;
-                r.owned.vanished();
-            }
-        }
-        self.kernel_flows = n;
-        self.kernel_flows4 = n4;
-    }
-
     fn merge_devices(&mut self, snapshot: &[(DeviceKey, DeviceValue)]) {
         let now = self.merges;
         for (k, v) in snapshot {
-            let r =
-                self.devices.entry(*k).or_insert_with(|| DeviceRecord::new(v.first_seen_ns, v.last_seen_ns));
+            let i = self.devices.index_or_insert(*k, || DeviceRecord::new(v.first_seen_ns, v.last_seen_ns));
+            let r = self.devices.at_mut(i);
             r.seen = now;
             self.device_evictions += r.counts.observe(v.first_seen_ns, v.packets, v.bytes) as u64;
             r.first_seen_ns = r.first_seen_ns.min(v.first_seen_ns);
@@ -359,7 +412,7 @@ impl Tables {
                 r.remember_ip(ip_from_key(v.ipv6));
             }
         }
-        for r in self.devices.values_mut() {
+        for r in &mut self.devices.recs {
             if r.seen != now {
                 self.device_evictions += r.counts.vanished() as u64;
             }
@@ -367,31 +420,56 @@ impl Tables {
         self.kernel_devices = snapshot.len();
     }
 
-    /// Sums each device's flow records into it. A flow whose device has no
-    /// record (its `DEVICES` entry was never read: evicted, or the map was full)
-    /// creates one, with the flow's source address. Returns, for devices whose
-    /// stored totals are not credited yet, the part from flows older than the
-    /// takeover (see `credit_stored`).
+    /// One pass over the flow records: those the snapshot lacked keep their
+    /// counts (`vanished`), and every record's owned counts are summed into its
+    /// device. Returns, for devices whose stored totals are not credited yet,
+    /// the part from flows older than the takeover (see `credit_stored`).
     fn derive_devices(&mut self) -> HashMap<DeviceKey, Totals> {
-        for d in self.devices.values_mut() {
+        for d in &mut self.devices.recs {
             d.flow_live = Totals::default();
         }
+        let now = self.merges as u8;
         let mut old: HashMap<DeviceKey, Totals> = HashMap::new();
-        for (k, f) in &self.flows {
-            let d = self.devices.entry(f.owner).or_insert_with(|| {
-                let mut d = DeviceRecord::new(f.first_seen_ns, f.last_seen_ns);
-                d.remember_ip(k.src_ip());
-                d
-            });
-            let t = f.owned.totals();
-            d.flow_live += t;
-            if f.first_seen_ns < self.stored_at_ns && self.stored.contains_key(&f.owner) {
-                *old.entry(f.owner).or_default() += t;
+        let (devices, stored, at) = (&mut self.devices, &self.stored, self.stored_at_ns);
+        let mut evicted = (0, 0);
+        let mut visit = |r: &mut FlowRecord, v4: bool| {
+            if r.seen != now {
+                let e = r.vanished() as u64;
+                evicted.0 += e;
+                evicted.1 += e * v4 as u64;
+                r.owned_vanished();
             }
-            d.first_seen_ns = d.first_seen_ns.min(f.first_seen_ns);
-            d.last_seen_ns = d.last_seen_ns.max(f.last_seen_ns);
+            let t = r.owned();
+            let d = &mut devices.recs[r.owner as usize];
+            d.flow_live += t;
+            d.first_seen_ns = d.first_seen_ns.min(r.first_seen_ns);
+            d.last_seen_ns = d.last_seen_ns.max(r.last_seen_ns);
+            if r.first_seen_ns < at && !stored.is_empty() {
+                let k = devices.keys[r.owner as usize];
+                if stored.contains_key(&k) {
+                    *old.entry(k).or_default() += t;
+                }
+            }
+        };
+        for (_, r) in self.flows.v4.iter_mut() {
+            visit(r, true);
         }
+        for (_, r) in self.flows.v6.iter_mut() {
+            visit(r, false);
+        }
+        self.flow_evictions += evicted.0;
+        self.flow4_evictions += evicted.1;
         old
+    }
+
+    /// The device key a flow's frames count for.
+    pub fn owner(&self, r: &FlowRecord) -> DeviceKey {
+        self.devices.key(r.owner)
+    }
+
+    /// The index of the device a flow's frames count for.
+    pub fn owner_index(&self, r: &FlowRecord) -> u32 {
+        r.owner
     }
 
     pub fn set_stats(&mut self, per_cpu_sums: Vec<Counter>) {
@@ -407,27 +485,19 @@ impl Tables {
         self.flows
             .iter()
             .filter(|(_, r)| now_ns.saturating_sub(r.last_seen_ns) > idle_ns)
-            .map(|(k, _)| *k)
+            .map(|(k, _)| k)
             .collect()
     }
 
     /// Drops an aged-out flow record; its counts stay with its device.
     pub fn forget_flow(&mut self, k: &FlowKey) {
         if let Some(mut r) = self.flows.remove(k) {
-            let t = keep_for_device(&mut self.devices, &mut r);
-            let d = self.devices.get_mut(&r.owner).expect("kept above");
+            let t = r.take_owned();
+            let d = self.devices.at_mut(r.owner);
+            d.flow_base += t;
             d.flow_live = d.flow_live.saturating_sub(t);
         }
     }
-}
-
-/// Moves a flow record's owned counts into its device's base (creating the
-/// device if it has no record) and returns them.
-fn keep_for_device(devices: &mut HashMap<DeviceKey, DeviceRecord>, r: &mut FlowRecord) -> Totals {
-    let t = std::mem::take(&mut r.owned).totals();
-    devices.entry(r.owner).or_insert_with(|| DeviceRecord::new(r.first_seen_ns, r.last_seen_ns)).flow_base +=
-        t;
-    t
 }
 
 #[cfg(test)]

@@ -1,0 +1,339 @@
+//! The list endpoints: `/api/v1/flows`, `/devices`, `/events`. Each parses its
+//! query in one step ([`query::parse`]), then answers a page (a JSON array;
+//! `X-Next-Cursor` and a `Link: rel="next"` header when more may follow) or,
+//! with `format=ndjson`, one JSON object per line. Work that scans tables runs
+//! on a blocking thread.
+
+use std::{sync::Arc, time::SystemTime};
+
+use axum::{
+    Json,
+    body::Body,
+    extract::{Query as RawQuery, State, rejection::QueryRejection},
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use bytes::Bytes;
+
+use super::{
+    AppState, error,
+    flows::{self, FlowMatch, FlowView},
+    query::{self, BadParam, Cursor, Endpoint, Query},
+};
+use crate::{clock::Anchor, model};
+
+type Pairs = Result<RawQuery<Vec<(String, String)>>, QueryRejection>;
+
+/// One page of a list and the cursor of the next, if more may follow.
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<String>,
+}
+
+/// Records looked at per lock hold while streaming (the poller's merge waits
+/// for at most one such step).
+const STREAM_STEP: usize = 65_536;
+/// Flows per encoded chunk (about 1.3 MiB of NDJSON).
+const STREAM_CHUNK: usize = 4096;
+/// Encoded chunks in flight to a slow client: memory stays bounded.
+const STREAM_QUEUE: usize = 4;
+
+/// The query, or the 400 message naming what is wrong with it.
+fn parsed(ep: Endpoint, pairs: Pairs) -> Result<(Query, Vec<(String, String)>), String> {
+    let RawQuery(pairs) = pairs.map_err(|e| format!("bad query string: {e}"))?;
+    match query::parse(ep, &pairs, SystemTime::now()) {
+        Ok(q) => Ok((q, pairs)),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn bad_param(e: BadParam) -> Response {
+    error(StatusCode::BAD_REQUEST, e.to_string())
+}
+
+/// The page as a JSON array, with the next cursor in `X-Next-Cursor` and
+/// `Link` (the same query with the cursor replaced).
+fn page_response<T: serde::Serialize>(
+    path: &str,
+    pairs: &[(String, String)],
+    cursor: &str,
+    p: Page<T>,
+) -> Response {
+    let mut r = Json(p.items).into_response();
+    if let Some(next) = p.next {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in pairs.iter().filter(|(k, v)| k != cursor && !(k == "since" && v.parse::<u64>().is_ok()))
+        {
+            q.append_pair(k, v);
+        }
+        q.append_pair(cursor, &next);
+        let link = format!("<{path}?{}>; rel=\"next\"", q.finish());
+        if let (Ok(n), Ok(l)) = (HeaderValue::from_str(&next), HeaderValue::from_str(&link)) {
+            r.headers_mut().insert("x-next-cursor", n);
+            r.headers_mut().insert(header::LINK, l);
+        }
+    }
+    r
+}
+
+fn ndjson_lines<T: serde::Serialize>(items: &[T]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in items {
+        // Serializing our own types into a Vec cannot fail.
+        serde_json::to_writer(&mut out, i).expect("serialize");
+        out.push(b'\n');
+    }
+    out
+}
+
+fn ndjson(body: Body) -> Response {
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Response> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("request failed: {e}")))
+}
+
+/// One page of flows, in the order the agent first saw them.
+pub fn flows_page(st: &AppState, q: &Query) -> Result<Page<model::Flow>, BadParam> {
+    let anchor = Anchor::now();
+    let ifaces = st.ifaces();
+    let policy = st.policy.read().unwrap();
+    let t = st.tables.read().unwrap();
+    let m = FlowMatch::new(&q.filter, &t, &policy, &ifaces, &anchor)?;
+    let view =
+        FlowView { anchor, policy: &policy, ifnames: ifaces.iter().map(|(n, i)| (*i, n.clone())).collect() };
+    let limit = q.limit.unwrap_or(query::MAX_LIMIT);
+    let (items, more) = flows::page(&t, &m, &view, q.cursor.id(), limit);
+    let next = more.then(|| items.last().map(|(id, _)| id.to_string())).flatten();
+    Ok(Page { next, items: items.into_iter().map(|(_, f)| f).collect() })
+}
+
+pub(super) async fn flows(State(st): State<Arc<AppState>>, pairs: Pairs) -> Response {
+    let (q, pairs) = match parsed(Endpoint::Flows, pairs) {
+        Ok(x) => x,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    if q.ndjson {
+        return stream_flows(st, q).await;
+    }
+    let st2 = st.clone();
+    match blocking(move || flows_page(&st2, &q)).await {
+        Ok(Ok(p)) => page_response("/api/v1/flows", &pairs, "cursor", p),
+        Ok(Err(e)) => bad_param(e),
+        Err(r) => r,
+    }
+}
+
+/// Streams every matching flow as NDJSON: a blocking thread walks the records
+/// in steps (one lock hold each) and hands encoded chunks to a bounded queue,
+/// so memory does not grow with the table and the poller is never held up for
+/// long. A flow that exists for the whole export is sent exactly once.
+async fn stream_flows(st: Arc<AppState>, q: Query) -> Response {
+    // Resolve the filter first, so a bad name is a 400 before any body is sent.
+    let check = {
+        let st = st.clone();
+        let f = q.filter.clone();
+        blocking(move || {
+            let policy = st.policy.read().unwrap();
+            let t = st.tables.read().unwrap();
+            FlowMatch::new(&f, &t, &policy, &st.ifaces(), &Anchor::now()).map(|_| ())
+        })
+        .await
+    };
+    match check {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return bad_param(e),
+        Err(r) => return r,
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(STREAM_QUEUE);
+    tokio::task::spawn_blocking(move || {
+        let ifaces = st.ifaces();
+        let ifnames: std::collections::HashMap<u32, String> =
+            ifaces.iter().map(|(n, i)| (*i, n.clone())).collect();
+        let (mut after, mut left) = (q.cursor.id(), q.limit.unwrap_or(usize::MAX));
+        let mut chunk = Vec::new();
+        loop {
+            let s = {
+                let anchor = Anchor::now();
+                let policy = st.policy.read().unwrap();
+                let t = st.tables.read().unwrap();
+                let Ok(m) = FlowMatch::new(&q.filter, &t, &policy, &ifaces, &anchor) else { return };
+                let view = FlowView { anchor, policy: &policy, ifnames: ifnames.clone() };
+                // Encoded as found: no list of flows is built.
+                flows::step(&t, &m, &view, after, left.min(STREAM_CHUNK), STREAM_STEP, |f| {
+                    serde_json::to_writer(&mut chunk, &f).expect("serialize");
+                    chunk.push(b'\n');
+                })
+            };
+            left -= s.found;
+            after = s.last;
+            if !chunk.is_empty() && tx.blocking_send(Bytes::from(std::mem::take(&mut chunk))).is_err() {
+                return; // The client went away.
+            }
+            if s.end || left == 0 {
+                return;
+            }
+        }
+    });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    });
+    ndjson(Body::from_stream(body))
+}
+
+/// `iface/vlan/mac`: a device's place in the list's order.
+fn device_cursor(d: &model::Device) -> String {
+    format!("{}/{}/{}", d.iface, d.vlan, d.mac)
+}
+
+fn device_key(d: &model::Device) -> (&str, u16, &str) {
+    (&d.iface, d.vlan, &d.mac)
+}
+
+/// One page of devices, ordered by interface, VLAN and MAC.
+pub fn devices_page(st: &AppState, q: &Query) -> Result<Page<model::Device>, BadParam> {
+    let f = &q.filter;
+    if let Some(n) = &f.iface {
+        flows::ifindex(n, &st.ifaces())?;
+    }
+    if let Some(n) = &f.segment {
+        flows::check_segment(n, &st.policy.read().unwrap())?;
+    }
+    let after = match &q.cursor {
+        Cursor::Key(c) => {
+            let mut it = c.splitn(3, '/');
+            match (it.next(), it.next().and_then(|v| v.parse::<u16>().ok()), it.next()) {
+                (Some(i), Some(v), Some(m)) => Some((i.to_string(), v, m.to_string())),
+                _ => {
+                    return Err(BadParam {
+                        param: "cursor".into(),
+                        message: format!("`{c}` is not a cursor this endpoint gave"),
+                    });
+                }
+            }
+        }
+        _ => None,
+    };
+    let mac = f.mac.map(model::mac_string);
+    let ip = f.ip.map(|i| i.to_string());
+    let app = f.app.map(|a| a.name());
+    let since = f.since.map(crate::clock::rfc3339);
+    let all = super::devices_json(st);
+    let limit = q.limit.unwrap_or(usize::MAX);
+    let mut items = Vec::new();
+    let mut more = false;
+    for d in all {
+        if let Some((i, v, m)) = &after
+            && device_key(&d) <= (i.as_str(), *v, m.as_str())
+        {
+            continue;
+        }
+        let keep = mac.as_ref().is_none_or(|m| d.mac == *m)
+            && ip.as_ref().is_none_or(|ip| d.ips.contains(ip))
+            && f.segment.as_ref().is_none_or(|s| d.segment.as_ref() == Some(s))
+            && f.iface.as_ref().is_none_or(|i| d.iface == *i)
+            && app.is_none_or(|a| d.apps_client.iter().chain(&d.apps_server).any(|x| x == a))
+            // Both are this agent's RFC 3339 spelling, so they order as text.
+            && since.as_ref().is_none_or(|s| d.last_seen >= *s);
+        if !keep {
+            continue;
+        }
+        if items.len() == limit {
+            more = true;
+            break;
+        }
+        items.push(d);
+    }
+    Ok(Page { next: more.then(|| items.last().map(device_cursor)).flatten(), items })
+}
+
+pub(super) async fn devices(State(st): State<Arc<AppState>>, pairs: Pairs) -> Response {
+    let (q, pairs) = match parsed(Endpoint::Devices, pairs) {
+        Ok(x) => x,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    let ndjson_out = q.ndjson;
+    let st2 = st.clone();
+    match blocking(move || devices_page(&st2, &q)).await {
+        Ok(Ok(p)) if ndjson_out => ndjson(Body::from(ndjson_lines(&p.items))),
+        Ok(Ok(p)) => page_response("/api/v1/devices", &pairs, "cursor", p),
+        Ok(Err(e)) => bad_param(e),
+        Err(r) => r,
+    }
+}
+
+/// One page of events, oldest first, after the `since` sequence number.
+pub fn events_page(st: &AppState, q: &Query) -> Result<Page<model::Event>, BadParam> {
+    let f = &q.filter;
+    if let Some(n) = &f.iface {
+        flows::ifindex(n, &st.ifaces())?;
+    }
+    if let Some(n) = &f.segment {
+        flows::check_segment(n, &st.policy.read().unwrap())?;
+    }
+    // `mac=`: the device's own events, and policy events to or from its addresses.
+    let (mac, mac_ips) = match f.mac {
+        Some(m) => {
+            let t = st.tables.read().unwrap();
+            let ips: Vec<String> = t
+                .devices
+                .iter()
+                .filter(|(_, k, _)| k.mac == m)
+                .flat_map(|(_, _, d)| d.ips.iter().map(|i| i.to_string()))
+                .collect();
+            (Some(model::mac_string(m)), ips)
+        }
+        None => (None, Vec::new()),
+    };
+    let kind = f.kind.clone();
+    let verdict_kind = f.verdict.map(|v| match v {
+        mdsec_common::policy::Verdict::Drop => "policy_drop",
+        mdsec_common::policy::Verdict::WouldDrop => "policy_would_drop",
+        _ => "",
+    });
+    let ip = f.ip.map(|i| i.to_string());
+    let app = f.app.map(|a| a.name());
+    let since = f.since.map(crate::clock::rfc3339);
+    let limit = q.limit.unwrap_or(usize::MAX);
+    let store = st.events.read().unwrap();
+    let mut items = Vec::new();
+    let mut more = false;
+    for e in store.events.iter().filter(|e| e.seq > q.cursor.id()) {
+        let keep = mac.as_ref().is_none_or(|m| {
+            e.mac.as_ref() == Some(m) || mac_ips.iter().any(|ip| *ip == e.src || *ip == e.dst)
+        }) && ip.as_ref().is_none_or(|ip| e.src == *ip || e.dst == *ip)
+            && f.segment.as_ref().is_none_or(|s| e.segment == *s)
+            && f.iface.as_ref().is_none_or(|i| e.iface == *i)
+            && app.is_none_or(|a| e.app == a)
+            && kind.as_ref().is_none_or(|k| e.kind == *k)
+            && verdict_kind.is_none_or(|k| e.kind == k)
+            && since.as_ref().is_none_or(|s| e.time >= *s);
+        if !keep {
+            continue;
+        }
+        if items.len() == limit {
+            more = true;
+            break;
+        }
+        items.push(e.clone());
+    }
+    Ok(Page { next: more.then(|| items.last().map(|e: &model::Event| e.seq.to_string())).flatten(), items })
+}
+
+pub(super) async fn events(State(st): State<Arc<AppState>>, pairs: Pairs) -> Response {
+    let (q, pairs) = match parsed(Endpoint::Events, pairs) {
+        Ok(x) => x,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    let ndjson_out = q.ndjson;
+    let st2 = st.clone();
+    match blocking(move || events_page(&st2, &q)).await {
+        Ok(Ok(p)) if ndjson_out => ndjson(Body::from(ndjson_lines(&p.items))),
+        Ok(Ok(p)) => page_response("/api/v1/events", &pairs, "since", p),
+        Ok(Err(e)) => bad_param(e),
+        Err(r) => r,
+    }
+}
