@@ -49,6 +49,23 @@ fn flows_and_devices_commands_print_tables_and_json() {
     assert!(devices.iter().any(|d| d.mac == mac && d.ips.contains(&"10.0.1.2".to_string())));
     assert!(cli(&topo, &["devices"]).lines().any(|l| l.contains(&mac) && l.contains("10.0.1.2")));
     assert!(cli(&topo, &["stats"]).lines().any(|l| l.starts_with("udp ")));
+
+    // The API's filters: the device's flows only, paging, and a bad value refused
+    // with the parameter named.
+    let mine: Vec<Flow> =
+        serde_json::from_str(&cli(&topo, &["flows", "--json", "--device", &mac, "--all"])).unwrap();
+    assert!(mine.iter().any(|f| f.sport == sport));
+    assert!(mine.iter().all(|f| f.src == "10.0.1.2" || f.dst == "10.0.1.2"), "{mine:?}");
+    let one: Vec<Flow> = serde_json::from_str(&cli(&topo, &["flows", "--json", "--limit", "1"])).unwrap();
+    assert_eq!(one.len(), 1);
+    let out = Command::new("ip")
+        .args(["netns", "exec", &topo.gw])
+        .arg(agent_bin())
+        .args(["flows", "--verdict", "dropped"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("400") && err.contains("verdict: `dropped`"), "{err}");
 }
 
 #[test]
