@@ -258,8 +258,11 @@ impl Detector {
         // New client-side flows, oldest first so windows advance in order.
         // Record ids only grow, so "not seen before" is "above the last id
         // checked" (no set of a million keys).
-        let fresh: Vec<FlowKey> = tables.flows.after(self.checked).map(|(k, _)| k).collect();
-        self.checked = tables.flows.after(self.checked).map(|(_, r)| r.id).last().unwrap_or(self.checked);
+        let mut fresh: Vec<FlowKey> = Vec::new();
+        for (k, r) in tables.flows.after(self.checked) {
+            fresh.push(k);
+            self.checked = r.id;
+        }
         self.flagged.retain(|k| tables.flows.contains_key(k));
         let clients = client_side(tables, &fresh);
         let mut new: Vec<(FlowKey, FlowRecord)> = clients

@@ -78,7 +78,7 @@ pub fn describe(
     anchor: &Anchor,
 ) -> model::Event {
     let installed = policy.generation(ev.generation);
-    let seg = installed.and_then(|i| i.policy.segments.get((ev.segment as usize).wrapping_sub(1)));
+    let seg = policy.segment(ev.generation, ev.segment);
     let rule = match installed.and_then(|i| i.policy.rules.iter().find(|r| r.id == ev.rule)) {
         Some(r) => r.origin(),
         None => "default".to_string(),
@@ -89,7 +89,7 @@ pub fn describe(
     model::Event {
         version: model::EVENT_SCHEMA_VERSION,
         seq: 0,
-        kind: if drop { "policy_drop" } else { "policy_would_drop" }.into(),
+        kind: model::verdict_event(Verdict::from_u8(ev.verdict)).unwrap_or("policy_would_drop").into(),
         severity: if drop { "medium" } else { "low" }.into(),
         time: rfc3339(anchor.wall(ev.ts_ns)),
         iface: ifnames.get(&ev.ifindex).cloned().unwrap_or_else(|| format!("if{}", ev.ifindex)),

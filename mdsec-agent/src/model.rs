@@ -55,6 +55,16 @@ pub const EVENT_TYPES: &[&str] = &[
     "decommissioned_device",
 ];
 
+/// The event type a policy verdict raises: only denials do.
+pub fn verdict_event(v: mdsec_common::policy::Verdict) -> Option<&'static str> {
+    use mdsec_common::policy::Verdict;
+    match v {
+        Verdict::Drop => Some("policy_drop"),
+        Verdict::WouldDrop => Some("policy_would_drop"),
+        _ => None,
+    }
+}
+
 /// An event: `GET /api/v1/events`, the JSON-lines log and syslog carry the same
 /// object. Documented field by field in docs/OPERATIONS.md.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]

@@ -34,17 +34,8 @@ pub enum Column {
 
 /// Every column the kernel writes, with its meaning.
 pub fn columns() -> impl Iterator<Item = (u32, Column)> {
-    let verdicts = [
-        Verdict::Unevaluated,
-        Verdict::Exempt,
-        Verdict::Allow,
-        Verdict::Reply,
-        Verdict::AppPending,
-        Verdict::WouldDrop,
-        Verdict::Drop,
-    ]
-    .into_iter()
-    .map(|v| {
+    // No column for `None`: a frame is counted under its evaluated verdict.
+    let verdicts = Verdict::ALL.into_iter().filter(|v| *v != Verdict::None).map(|v| {
         let reason = matches!(v, Verdict::Drop | Verdict::WouldDrop).then_some("default_deny");
         (v as u32, Column::Verdict { verdict: v, reason })
     });

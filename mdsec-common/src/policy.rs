@@ -211,6 +211,18 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// Every verdict, in discriminant order.
+    pub const ALL: [Verdict; 8] = [
+        Verdict::None,
+        Verdict::Unevaluated,
+        Verdict::Exempt,
+        Verdict::Allow,
+        Verdict::Reply,
+        Verdict::AppPending,
+        Verdict::WouldDrop,
+        Verdict::Drop,
+    ];
+
     pub const fn from_u8(v: u8) -> Verdict {
         match v {
             1 => Verdict::Unevaluated,

@@ -2,42 +2,61 @@
 //! NDJSON export. Both walk the flow records in id order under the tables'
 //! read lock, on a blocking thread, never on the async workers.
 
-use std::{collections::HashMap, net::IpAddr};
-
 use mdsec_common::{
     app::{App, Confidence},
     flow::{FlowKey, FlowKey4},
+    net::{ip_to_key, is_v4_mapped},
     policy::Verdict,
 };
 
 use super::query::{BadParam, Filter};
 use crate::{
     clock::{Anchor, rfc3339},
+    loader::Attached,
     model::{self, proto_name, tcp_flag_names},
     policy::runtime::PolicyState,
     state::{FlowRecord, Tables},
 };
+
+/// Addresses a filter compares with flow keys, in both key forms (IPv4 flows
+/// are compared on their own 4-byte addresses).
+#[derive(Default)]
+struct Addrs {
+    any: Vec<[u8; 16]>,
+    v4: Vec<[u8; 4]>,
+}
+
+impl Addrs {
+    fn push(&mut self, ip: std::net::IpAddr) {
+        let k = ip_to_key(ip);
+        if is_v4_mapped(&k) {
+            self.v4.push([k[12], k[13], k[14], k[15]]);
+        }
+        self.any.push(k);
+    }
+
+    fn either(&self, k: &FlowKey) -> bool {
+        self.any.iter().any(|ip| k.src == *ip || k.dst == *ip)
+    }
+
+    fn either4(&self, k: &FlowKey4) -> bool {
+        self.v4.iter().any(|ip| k.src == *ip || k.dst == *ip)
+    }
+}
 
 /// A filter resolved against the tables and the policy: names become the
 /// indexes and numbers the records hold.
 pub struct FlowMatch {
     /// `mac=`: the device records of that MAC (a flow they own is the
     /// device's) and their addresses (flows to or from them).
-    device: Option<(Vec<u32>, Vec<[u8; 16]>)>,
-    ip: Option<[u8; 16]>,
+    device: Option<(Vec<u32>, Addrs)>,
+    ip: Option<Addrs>,
     ifindex: Option<u32>,
     /// (generation, segment index) pairs that name the segment asked for.
     segment: Option<Vec<(u32, u32)>>,
     verdict: Option<u8>,
     app: Option<App>,
     since_ns: Option<u64>,
-}
-
-pub fn mapped(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
-    }
 }
 
 /// The datapath clock at a wall-clock time (for `since`).
@@ -49,9 +68,9 @@ pub fn mono_at(anchor: &Anchor, t: std::time::SystemTime) -> u64 {
 }
 
 /// `iface=NAME` → its ifindex, or a 400 naming the attached ones.
-pub fn ifindex(name: &str, ifaces: &[(String, u32)]) -> Result<u32, BadParam> {
-    ifaces.iter().find(|(n, _)| n == name).map(|(_, i)| *i).ok_or_else(|| {
-        let all: Vec<&str> = ifaces.iter().map(|(n, _)| n.as_str()).collect();
+pub fn ifindex(name: &str, attached: &[Attached]) -> Result<u32, BadParam> {
+    attached.iter().find(|a| a.name == name).map(|a| a.ifindex).ok_or_else(|| {
+        let all: Vec<&str> = attached.iter().map(|a| a.name.as_str()).collect();
         BadParam {
             param: "iface".into(),
             message: format!("no interface `{name}` is attached ({})", all.join(", ")),
@@ -85,22 +104,26 @@ impl FlowMatch {
         f: &Filter,
         t: &Tables,
         policy: &PolicyState,
-        ifaces: &[(String, u32)],
+        attached: &[Attached],
         anchor: &Anchor,
     ) -> Result<FlowMatch, BadParam> {
         let device = f.mac.map(|mac| {
-            let (mut owners, mut ips) = (Vec::new(), Vec::new());
+            let (mut owners, mut ips) = (Vec::new(), Addrs::default());
             // One MAC may have records on several interfaces or VLANs.
             for (i, _, d) in t.devices.iter().filter(|(_, k, _)| k.mac == mac) {
                 owners.push(i);
-                ips.extend(d.ips.iter().map(|ip| mapped(*ip)));
+                d.ips.iter().for_each(|ip| ips.push(*ip));
             }
             (owners, ips)
         });
         Ok(FlowMatch {
             device,
-            ip: f.ip.map(mapped),
-            ifindex: f.iface.as_deref().map(|n| ifindex(n, ifaces)).transpose()?,
+            ip: f.ip.map(|ip| {
+                let mut a = Addrs::default();
+                a.push(ip);
+                a
+            }),
+            ifindex: f.iface.as_deref().map(|n| ifindex(n, attached)).transpose()?,
             segment: f.segment.as_deref().map(|n| check_segment(n, policy)).transpose()?,
             verdict: f.verdict.map(|v| v as u8),
             app: f.app,
@@ -119,37 +142,27 @@ impl FlowMatch {
             && self.segment.as_ref().is_none_or(|seg| seg.contains(&(r.generation, r.segment)))
     }
 
-    pub fn matches(&self, t: &Tables, k: &FlowKey, r: &FlowRecord) -> bool {
+    pub fn matches(&self, k: &FlowKey, r: &FlowRecord) -> bool {
         self.record_matches(k.ifindex, r)
-            && self.ip.is_none_or(|ip| k.src == ip || k.dst == ip)
-            && self.device.as_ref().is_none_or(|(owners, ips)| {
-                owners.contains(&t.owner_index(r)) || ips.iter().any(|ip| k.src == *ip || k.dst == *ip)
-            })
+            && self.ip.as_ref().is_none_or(|ip| ip.either(k))
+            && self.device.as_ref().is_none_or(|(owners, ips)| owners.contains(&r.owner()) || ips.either(k))
     }
 
     /// [`FlowMatch::matches`] on an IPv4 flow's own key (a device's flows
     /// are found by a scan of every record: this keeps it to 4-byte compares).
-    pub fn matches4(&self, t: &Tables, k: &FlowKey4, r: &FlowRecord) -> bool {
-        let v4 = |ip: &[u8; 16]| -> Option<[u8; 4]> {
-            ip[..12].eq(&V4_MAPPED).then(|| [ip[12], ip[13], ip[14], ip[15]])
-        };
+    pub fn matches4(&self, k: &FlowKey4, r: &FlowRecord) -> bool {
         self.record_matches(k.ifindex, r)
-            && self.ip.is_none_or(|ip| v4(&ip).is_some_and(|ip| k.src == ip || k.dst == ip))
-            && self.device.as_ref().is_none_or(|(owners, ips)| {
-                owners.contains(&t.owner_index(r))
-                    || ips.iter().filter_map(v4).any(|ip| k.src == ip || k.dst == ip)
-            })
+            && self.ip.as_ref().is_none_or(|ip| ip.either4(k))
+            && self.device.as_ref().is_none_or(|(owners, ips)| owners.contains(&r.owner()) || ips.either4(k))
     }
 }
-
-const V4_MAPPED: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
 
 /// What turns a record into its JSON shape (interface names, rule origins,
 /// segment names, wall-clock times).
 pub struct FlowView<'a> {
     pub anchor: Anchor,
     pub policy: &'a PolicyState,
-    pub ifnames: HashMap<u32, String>,
+    pub attached: &'a [Attached],
 }
 
 impl FlowView<'_> {
@@ -157,7 +170,7 @@ impl FlowView<'_> {
         let tot = r.totals();
         let policy = self.policy;
         model::Flow {
-            iface: self.ifnames.get(&k.ifindex).cloned().unwrap_or_else(|| format!("if{}", k.ifindex)),
+            iface: super::ifname(self.attached, k.ifindex),
             vlan: k.vlan,
             src: k.src_ip().to_string(),
             dst: k.dst_ip().to_string(),
@@ -172,11 +185,7 @@ impl FlowView<'_> {
             tcp_flags: tcp_flag_names(r.tcp_flags),
             verdict: Verdict::from_u8(r.verdict).name().into(),
             rule: super::describe_rule(policy, r.generation, r.rule),
-            segment: policy
-                .generation(r.generation)
-                .and_then(|i| i.policy.segments.get((r.segment as usize).wrapping_sub(1)))
-                .map(|s| s.name.clone())
-                .unwrap_or_default(),
+            segment: policy.segment(r.generation, r.segment).map(|s| s.name.clone()).unwrap_or_default(),
             app: App::from_u8(r.app).name().into(),
             app_confidence: Confidence::from_u8(r.app_confidence).name().into(),
         }
@@ -208,7 +217,7 @@ pub fn step(
             break;
         }
         s.last = r.id;
-        if m.matches(t, &k, r) {
+        if m.matches(&k, r) {
             s.found += 1;
             emit(view.flow(&k, r));
         }
@@ -227,28 +236,14 @@ pub fn page(
     after: u64,
     limit: usize,
 ) -> (Vec<(u64, model::Flow)>, bool) {
-    let mut v4: Vec<(u64, model::Flow)> = Vec::new();
-    for (k, r) in t.flows.v4().after(after) {
-        if m.matches4(t, &k, r) {
-            v4.push((r.id, view.flow(&k.into(), r)));
-            if v4.len() > limit {
-                break;
-            }
-        }
-    }
-    let mut v6: Vec<(u64, model::Flow)> = Vec::new();
-    for (k, r) in t.flows.v6().after(after) {
-        if m.matches(t, &k, r) {
-            v6.push((r.id, view.flow(&k, r)));
-            if v6.len() > limit {
-                break;
-            }
-        }
-    }
-    let mut all = v4;
-    all.extend(v6);
-    all.sort_by_key(|(id, _)| *id);
+    let v4 = t.flows.v4().after(after).filter(|(k, r)| m.matches4(k, r)).map(|(k, r)| (k.into(), r));
+    let v6 = t.flows.v6().after(after).filter(|(k, r)| m.matches(k, r));
+    // One more than a page from each: whether more follow. Only the page's
+    // own flows are turned into their JSON shape.
+    let mut all: Vec<(FlowKey, &FlowRecord)> = v4.take(limit + 1).chain(v6.take(limit + 1)).collect();
+    all.sort_by_key(|(_, r)| r.id);
     let more = all.len() > limit;
     all.truncate(limit);
+    let all = all.into_iter().map(|(k, r)| (r.id, view.flow(&k, r))).collect();
     (all, more)
 }

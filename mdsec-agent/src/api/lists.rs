@@ -20,7 +20,7 @@ use super::{
     flows::{self, FlowMatch, FlowView},
     query::{self, BadParam, Cursor, Endpoint, Query},
 };
-use crate::{clock::Anchor, model};
+use crate::{clock::Anchor, model, state::Tables};
 
 type Pairs = Result<RawQuery<Vec<(String, String)>>, QueryRejection>;
 
@@ -76,14 +76,11 @@ fn page_response<T: serde::Serialize>(
     r
 }
 
-fn ndjson_lines<T: serde::Serialize>(items: &[T]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for i in items {
-        // Serializing our own types into a Vec cannot fail.
-        serde_json::to_writer(&mut out, i).expect("serialize");
-        out.push(b'\n');
-    }
-    out
+/// Appends `item` as one NDJSON line.
+fn push_line<T: serde::Serialize>(out: &mut Vec<u8>, item: &T) {
+    // Serializing our own types into a Vec cannot fail.
+    serde_json::to_writer(&mut *out, item).expect("serialize");
+    out.push(b'\n');
 }
 
 fn ndjson(body: Body) -> Response {
@@ -96,34 +93,82 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("request failed: {e}")))
 }
 
-/// One page of flows, in the order the agent first saw them.
-pub fn flows_page(st: &AppState, q: &Query) -> Result<Page<model::Flow>, BadParam> {
+/// A list endpoint's answer to a parsed query: the page, built on a blocking
+/// thread, as JSON, or (with `format=ndjson`) every item as NDJSON.
+async fn answer<T: serde::Serialize + Send + 'static>(
+    st: Arc<AppState>,
+    ep: Endpoint,
+    cursor_param: &str,
+    (q, pairs): (Query, Vec<(String, String)>),
+    page: fn(&AppState, &Query) -> Result<Page<T>, BadParam>,
+) -> Response {
+    let as_ndjson = q.ndjson;
+    match blocking(move || page(&st, &q)).await {
+        Ok(Ok(p)) if as_ndjson => {
+            let mut out = Vec::new();
+            p.items.iter().for_each(|i| push_line(&mut out, i));
+            ndjson(Body::from(out))
+        }
+        Ok(Ok(p)) => page_response(ep.path(), &pairs, cursor_param, p),
+        Ok(Err(e)) => bad_param(e),
+        Err(r) => r,
+    }
+}
+
+/// The first `limit` of `items` (all without a limit), and the cursor of the
+/// last when more follow.
+fn take_page<T>(
+    items: impl Iterator<Item = T>,
+    limit: Option<usize>,
+    cursor: impl Fn(&T) -> String,
+) -> Page<T> {
+    let limit = limit.unwrap_or(usize::MAX);
+    let mut items = items.peekable();
+    let page: Vec<T> = items.by_ref().take(limit).collect();
+    let next = items.peek().is_some().then(|| page.last().map(cursor)).flatten();
+    Page { items: page, next }
+}
+
+/// `iface=` and `segment=` must name an attached interface and a segment of
+/// the policy, whatever the list.
+fn check_names(st: &AppState, f: &query::Filter) -> Result<(), BadParam> {
+    if let Some(n) = &f.iface {
+        flows::ifindex(n, &st.attached)?;
+    }
+    if let Some(n) = &f.segment {
+        flows::check_segment(n, &st.policy.read().unwrap())?;
+    }
+    Ok(())
+}
+
+/// Runs `f` over the flow records with `filter` resolved, under the policy and
+/// tables read locks (taken in that order, as everywhere).
+fn with_flows<R>(
+    st: &AppState,
+    filter: &query::Filter,
+    f: impl FnOnce(&Tables, &FlowMatch, &FlowView) -> R,
+) -> Result<R, BadParam> {
     let anchor = Anchor::now();
-    let ifaces = st.ifaces();
     let policy = st.policy.read().unwrap();
     let t = st.tables.read().unwrap();
-    let m = FlowMatch::new(&q.filter, &t, &policy, &ifaces, &anchor)?;
-    let view =
-        FlowView { anchor, policy: &policy, ifnames: ifaces.iter().map(|(n, i)| (*i, n.clone())).collect() };
+    let m = FlowMatch::new(filter, &t, &policy, &st.attached, &anchor)?;
+    Ok(f(&t, &m, &FlowView { anchor, policy: &policy, attached: &st.attached }))
+}
+
+/// One page of flows, in the order the agent first saw them.
+pub fn flows_page(st: &AppState, q: &Query) -> Result<Page<model::Flow>, BadParam> {
     let limit = q.limit.unwrap_or(query::MAX_LIMIT);
-    let (items, more) = flows::page(&t, &m, &view, q.cursor.id(), limit);
+    let (items, more) =
+        with_flows(st, &q.filter, |t, m, view| flows::page(t, m, view, q.cursor.id(), limit))?;
     let next = more.then(|| items.last().map(|(id, _)| id.to_string())).flatten();
     Ok(Page { next, items: items.into_iter().map(|(_, f)| f).collect() })
 }
 
 pub(super) async fn flows(State(st): State<Arc<AppState>>, pairs: Pairs) -> Response {
-    let (q, pairs) = match parsed(Endpoint::Flows, pairs) {
-        Ok(x) => x,
-        Err(m) => return error(StatusCode::BAD_REQUEST, m),
-    };
-    if q.ndjson {
-        return stream_flows(st, q).await;
-    }
-    let st2 = st.clone();
-    match blocking(move || flows_page(&st2, &q)).await {
-        Ok(Ok(p)) => page_response("/api/v1/flows", &pairs, "cursor", p),
-        Ok(Err(e)) => bad_param(e),
-        Err(r) => r,
+    match parsed(Endpoint::Flows, pairs) {
+        Ok((q, _)) if q.ndjson => stream_flows(st, q).await,
+        Ok(q) => answer(st, Endpoint::Flows, "cursor", q, flows_page).await,
+        Err(m) => error(StatusCode::BAD_REQUEST, m),
     }
 }
 
@@ -134,14 +179,8 @@ pub(super) async fn flows(State(st): State<Arc<AppState>>, pairs: Pairs) -> Resp
 async fn stream_flows(st: Arc<AppState>, q: Query) -> Response {
     // Resolve the filter first, so a bad name is a 400 before any body is sent.
     let check = {
-        let st = st.clone();
-        let f = q.filter.clone();
-        blocking(move || {
-            let policy = st.policy.read().unwrap();
-            let t = st.tables.read().unwrap();
-            FlowMatch::new(&f, &t, &policy, &st.ifaces(), &Anchor::now()).map(|_| ())
-        })
-        .await
+        let (st, f) = (st.clone(), q.filter.clone());
+        blocking(move || with_flows(&st, &f, |_, _, _| ())).await
     };
     match check {
         Ok(Ok(())) => {}
@@ -150,24 +189,16 @@ async fn stream_flows(st: Arc<AppState>, q: Query) -> Response {
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(STREAM_QUEUE);
     tokio::task::spawn_blocking(move || {
-        let ifaces = st.ifaces();
-        let ifnames: std::collections::HashMap<u32, String> =
-            ifaces.iter().map(|(n, i)| (*i, n.clone())).collect();
         let (mut after, mut left) = (q.cursor.id(), q.limit.unwrap_or(usize::MAX));
         let mut chunk = Vec::new();
         loop {
-            let s = {
-                let anchor = Anchor::now();
-                let policy = st.policy.read().unwrap();
-                let t = st.tables.read().unwrap();
-                let Ok(m) = FlowMatch::new(&q.filter, &t, &policy, &ifaces, &anchor) else { return };
-                let view = FlowView { anchor, policy: &policy, ifnames: ifnames.clone() };
-                // Encoded as found: no list of flows is built.
-                flows::step(&t, &m, &view, after, left.min(STREAM_CHUNK), STREAM_STEP, |f| {
-                    serde_json::to_writer(&mut chunk, &f).expect("serialize");
-                    chunk.push(b'\n');
+            // Encoded as found: no list of flows is built.
+            let step = with_flows(&st, &q.filter, |t, m, view| {
+                flows::step(t, m, view, after, left.min(STREAM_CHUNK), STREAM_STEP, |f| {
+                    push_line(&mut chunk, &f)
                 })
-            };
+            });
+            let Ok(s) = step else { return };
             left -= s.found;
             after = s.last;
             if !chunk.is_empty() && tx.blocking_send(Bytes::from(std::mem::take(&mut chunk))).is_err() {
@@ -189,19 +220,10 @@ fn device_cursor(d: &model::Device) -> String {
     format!("{}/{}/{}", d.iface, d.vlan, d.mac)
 }
 
-fn device_key(d: &model::Device) -> (&str, u16, &str) {
-    (&d.iface, d.vlan, &d.mac)
-}
-
 /// One page of devices, ordered by interface, VLAN and MAC.
 pub fn devices_page(st: &AppState, q: &Query) -> Result<Page<model::Device>, BadParam> {
     let f = &q.filter;
-    if let Some(n) = &f.iface {
-        flows::ifindex(n, &st.ifaces())?;
-    }
-    if let Some(n) = &f.segment {
-        flows::check_segment(n, &st.policy.read().unwrap())?;
-    }
+    check_names(st, f)?;
     let after = match &q.cursor {
         Cursor::Key(c) => {
             let mut it = c.splitn(3, '/');
@@ -221,59 +243,30 @@ pub fn devices_page(st: &AppState, q: &Query) -> Result<Page<model::Device>, Bad
     let ip = f.ip.map(|i| i.to_string());
     let app = f.app.map(|a| a.name());
     let since = f.since.map(crate::clock::rfc3339);
-    let all = super::devices_json(st);
-    let limit = q.limit.unwrap_or(usize::MAX);
-    let mut items = Vec::new();
-    let mut more = false;
-    for d in all {
-        if let Some((i, v, m)) = &after
-            && device_key(&d) <= (i.as_str(), *v, m.as_str())
-        {
-            continue;
-        }
-        let keep = mac.as_ref().is_none_or(|m| d.mac == *m)
+    let keep = |d: &model::Device| {
+        after.as_ref().is_none_or(|(i, v, m)| (d.iface.as_str(), d.vlan, d.mac.as_str()) > (i.as_str(), *v, m.as_str()))
+            && mac.as_ref().is_none_or(|m| d.mac == *m)
             && ip.as_ref().is_none_or(|ip| d.ips.contains(ip))
             && f.segment.as_ref().is_none_or(|s| d.segment.as_ref() == Some(s))
             && f.iface.as_ref().is_none_or(|i| d.iface == *i)
             && app.is_none_or(|a| d.apps_client.iter().chain(&d.apps_server).any(|x| x == a))
             // Both are this agent's RFC 3339 spelling, so they order as text.
-            && since.as_ref().is_none_or(|s| d.last_seen >= *s);
-        if !keep {
-            continue;
-        }
-        if items.len() == limit {
-            more = true;
-            break;
-        }
-        items.push(d);
-    }
-    Ok(Page { next: more.then(|| items.last().map(device_cursor)).flatten(), items })
+            && since.as_ref().is_none_or(|s| d.last_seen >= *s)
+    };
+    Ok(take_page(super::devices_json(st).into_iter().filter(keep), q.limit, device_cursor))
 }
 
 pub(super) async fn devices(State(st): State<Arc<AppState>>, pairs: Pairs) -> Response {
-    let (q, pairs) = match parsed(Endpoint::Devices, pairs) {
-        Ok(x) => x,
-        Err(m) => return error(StatusCode::BAD_REQUEST, m),
-    };
-    let ndjson_out = q.ndjson;
-    let st2 = st.clone();
-    match blocking(move || devices_page(&st2, &q)).await {
-        Ok(Ok(p)) if ndjson_out => ndjson(Body::from(ndjson_lines(&p.items))),
-        Ok(Ok(p)) => page_response("/api/v1/devices", &pairs, "cursor", p),
-        Ok(Err(e)) => bad_param(e),
-        Err(r) => r,
+    match parsed(Endpoint::Devices, pairs) {
+        Ok(q) => answer(st, Endpoint::Devices, "cursor", q, devices_page).await,
+        Err(m) => error(StatusCode::BAD_REQUEST, m),
     }
 }
 
 /// One page of events, oldest first, after the `since` sequence number.
 pub fn events_page(st: &AppState, q: &Query) -> Result<Page<model::Event>, BadParam> {
     let f = &q.filter;
-    if let Some(n) = &f.iface {
-        flows::ifindex(n, &st.ifaces())?;
-    }
-    if let Some(n) = &f.segment {
-        flows::check_segment(n, &st.policy.read().unwrap())?;
-    }
+    check_names(st, f)?;
     // `mac=`: the device's own events, and policy events to or from its addresses.
     let (mac, mac_ips) = match f.mac {
         Some(m) => {
@@ -288,52 +281,32 @@ pub fn events_page(st: &AppState, q: &Query) -> Result<Page<model::Event>, BadPa
         }
         None => (None, Vec::new()),
     };
-    let kind = f.kind.clone();
-    let verdict_kind = f.verdict.map(|v| match v {
-        mdsec_common::policy::Verdict::Drop => "policy_drop",
-        mdsec_common::policy::Verdict::WouldDrop => "policy_would_drop",
-        _ => "",
-    });
+    // Only drops and would-drops raise events; another verdict matches none.
+    let verdict_kind = f.verdict.map(|v| model::verdict_event(v).unwrap_or(""));
     let ip = f.ip.map(|i| i.to_string());
     let app = f.app.map(|a| a.name());
     let since = f.since.map(crate::clock::rfc3339);
-    let limit = q.limit.unwrap_or(usize::MAX);
-    let store = st.events.read().unwrap();
-    let mut items = Vec::new();
-    let mut more = false;
-    for e in store.events.iter().filter(|e| e.seq > q.cursor.id()) {
-        let keep = mac.as_ref().is_none_or(|m| {
-            e.mac.as_ref() == Some(m) || mac_ips.iter().any(|ip| *ip == e.src || *ip == e.dst)
-        }) && ip.as_ref().is_none_or(|ip| e.src == *ip || e.dst == *ip)
+    let keep = |e: &&model::Event| {
+        e.seq > q.cursor.id()
+            && mac.as_ref().is_none_or(|m| {
+                e.mac.as_ref() == Some(m) || mac_ips.iter().any(|ip| *ip == e.src || *ip == e.dst)
+            })
+            && ip.as_ref().is_none_or(|ip| e.src == *ip || e.dst == *ip)
             && f.segment.as_ref().is_none_or(|s| e.segment == *s)
             && f.iface.as_ref().is_none_or(|i| e.iface == *i)
             && app.is_none_or(|a| e.app == a)
-            && kind.as_ref().is_none_or(|k| e.kind == *k)
+            && f.kind.as_ref().is_none_or(|k| e.kind == *k)
             && verdict_kind.is_none_or(|k| e.kind == k)
-            && since.as_ref().is_none_or(|s| e.time >= *s);
-        if !keep {
-            continue;
-        }
-        if items.len() == limit {
-            more = true;
-            break;
-        }
-        items.push(e.clone());
-    }
-    Ok(Page { next: more.then(|| items.last().map(|e: &model::Event| e.seq.to_string())).flatten(), items })
+            && since.as_ref().is_none_or(|s| e.time >= *s)
+    };
+    let store = st.events.read().unwrap();
+    let page = take_page(store.events.iter().filter(keep), q.limit, |e| e.seq.to_string());
+    Ok(Page { items: page.items.into_iter().cloned().collect(), next: page.next })
 }
 
 pub(super) async fn events(State(st): State<Arc<AppState>>, pairs: Pairs) -> Response {
-    let (q, pairs) = match parsed(Endpoint::Events, pairs) {
-        Ok(x) => x,
-        Err(m) => return error(StatusCode::BAD_REQUEST, m),
-    };
-    let ndjson_out = q.ndjson;
-    let st2 = st.clone();
-    match blocking(move || events_page(&st2, &q)).await {
-        Ok(Ok(p)) if ndjson_out => ndjson(Body::from(ndjson_lines(&p.items))),
-        Ok(Ok(p)) => page_response("/api/v1/events", &pairs, "since", p),
-        Ok(Err(e)) => bad_param(e),
-        Err(r) => r,
+    match parsed(Endpoint::Events, pairs) {
+        Ok(q) => answer(st, Endpoint::Events, "since", q, events_page).await,
+        Err(m) => error(StatusCode::BAD_REQUEST, m),
     }
 }

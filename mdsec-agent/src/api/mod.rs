@@ -204,18 +204,18 @@ async fn auth(axum::extract::State(st): S, req: Request, next: Next) -> Response
 }
 
 impl AppState {
-    /// (name, ifindex) of every attached interface.
-    pub fn ifaces(&self) -> Vec<(String, u32)> {
-        self.attached.iter().map(|a| (a.name.clone(), a.ifindex)).collect()
-    }
-
     fn ifname(&self, ifindex: u32) -> String {
-        self.attached
-            .iter()
-            .find(|a| a.ifindex == ifindex)
-            .map(|a| a.name.clone())
-            .unwrap_or_else(|| format!("if{ifindex}"))
+        ifname(&self.attached, ifindex)
     }
+}
+
+/// An interface's name, or `if<index>` for one not attached (any more).
+fn ifname(attached: &[Attached], ifindex: u32) -> String {
+    attached
+        .iter()
+        .find(|a| a.ifindex == ifindex)
+        .map(|a| a.name.clone())
+        .unwrap_or_else(|| format!("if{ifindex}"))
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -261,17 +261,17 @@ const MAX_PEERS: usize = 32;
 pub fn devices_json(st: &AppState) -> Vec<model::Device> {
     let anchor = Anchor::now();
     let t = st.tables.read().unwrap();
-    // Which device owns an address (on its interface and VLAN).
-    let keys: Vec<_> = t.devices.keys().copied().collect();
+    // Which device owns an address (on its interface and VLAN), by device index.
     let mut by_ip: HashMap<IpAddr, Vec<usize>> = HashMap::new();
-    for (i, k) in keys.iter().enumerate() {
-        for ip in &t.devices[k].ips {
-            by_ip.entry(*ip).or_default().push(i);
+    for (i, _, d) in t.devices.iter() {
+        for ip in &d.ips {
+            by_ip.entry(*ip).or_default().push(i as usize);
         }
     }
-    let mut client: Vec<BTreeSet<String>> = vec![BTreeSet::new(); keys.len()];
-    let mut server: Vec<BTreeSet<String>> = vec![BTreeSet::new(); keys.len()];
-    let mut peers: Vec<BTreeSet<IpAddr>> = vec![BTreeSet::new(); keys.len()];
+    let n = t.devices.len();
+    let mut client: Vec<BTreeSet<String>> = vec![BTreeSet::new(); n];
+    let mut server: Vec<BTreeSet<String>> = vec![BTreeSet::new(); n];
+    let mut peers: Vec<BTreeSet<IpAddr>> = vec![BTreeSet::new(); n];
     for (fk, r) in t.flows.iter() {
         // Client → server direction: services listen on the lower port (ephemeral
         // ports are high), so a flow from the lower port is a server's answer.
@@ -285,7 +285,8 @@ pub fn devices_json(st: &AppState) -> Vec<model::Device> {
         let sender = src == fk.src_ip();
         for &i in by_ip.get(&src).into_iter().flatten() {
             // The sender is on the flow's interface; the other end may be anywhere.
-            if !sender || (keys[i].ifindex == fk.ifindex && keys[i].vlan == fk.vlan) {
+            let k = t.devices.key(i as u32);
+            if !sender || (k.ifindex == fk.ifindex && k.vlan == fk.vlan) {
                 if let Some(a) = app {
                     client[i].insert(a.to_string());
                 }
@@ -304,11 +305,11 @@ pub fn devices_json(st: &AppState) -> Vec<model::Device> {
         }
     }
     let fps = st.fingerprints.read().unwrap();
-    let mut out: Vec<_> = keys
+    let mut out: Vec<_> = t
+        .devices
         .iter()
-        .enumerate()
-        .map(|(i, k)| {
-            let r = &t.devices[k];
+        .map(|(i, k, r)| {
+            let i = i as usize;
             let tot = r.totals();
             model::Device {
                 iface: st.ifname(k.ifindex),

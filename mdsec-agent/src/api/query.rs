@@ -38,7 +38,7 @@ impl Endpoint {
         }
     }
 
-    fn path(self) -> &'static str {
+    pub(super) fn path(self) -> &'static str {
         match self {
             Endpoint::Flows => "/api/v1/flows",
             Endpoint::Devices => "/api/v1/devices",
@@ -216,23 +216,12 @@ fn nonempty<'a>(name: &str, v: &'a str) -> Result<&'a str, BadParam> {
     if v.is_empty() { Err(bad(name, "must not be empty")) } else { Ok(v) }
 }
 
-const VERDICTS: [Verdict; 8] = [
-    Verdict::None,
-    Verdict::Unevaluated,
-    Verdict::Exempt,
-    Verdict::Allow,
-    Verdict::Reply,
-    Verdict::AppPending,
-    Verdict::WouldDrop,
-    Verdict::Drop,
-];
-
 fn verdict(v: &str) -> Option<Verdict> {
-    VERDICTS.into_iter().find(|x| x.name() == v)
+    Verdict::ALL.into_iter().find(|x| x.name() == v)
 }
 
 fn verdict_help(v: &str) -> String {
-    let all: Vec<&str> = VERDICTS.iter().map(|x| x.name()).collect();
+    let all: Vec<&str> = Verdict::ALL.iter().map(|x| x.name()).collect();
     format!("`{v}` is not a verdict ({})", all.join(", "))
 }
 

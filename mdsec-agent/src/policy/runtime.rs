@@ -59,6 +59,12 @@ impl PolicyState {
     pub fn generation(&self, g: u32) -> Option<&Arc<Installed>> {
         [&self.current, &self.previous].into_iter().flatten().find(|i| i.generation == g)
     }
+
+    /// The segment a datapath segment index (1-based; 0 is none) means in
+    /// generation `g`.
+    pub fn segment(&self, g: u32, index: u32) -> Option<&crate::policy::model::Segment> {
+        self.generation(g)?.policy.segments.get((index as usize).checked_sub(1)?)
+    }
 }
 
 pub enum Trigger {

@@ -18,7 +18,7 @@ use std::hash::{BuildHasher, Hash};
 use hashbrown::{DefaultHashBuilder, HashTable};
 use mdsec_common::flow::{FlowKey, FlowKey4};
 
-use super::Totals;
+use super::{Monotonic, Owned, Totals};
 
 /// What the agent keeps of one flow (its key is kept next to it).
 #[derive(Debug, Clone, Default)]
@@ -26,18 +26,12 @@ pub struct FlowRecord {
     /// Agent-wide and increasing: the order flows were first seen, and the
     /// API's paging cursor. A flow forgotten and seen again gets a new id.
     pub id: u64,
-    /// Counts of earlier kernel incarnations of this flow.
-    base: Totals,
-    /// The current kernel entry's counts and first sighting (valid with `KERNEL`).
-    kernel: Totals,
-    kernel_first_ns: u64,
+    /// Its frames across kernel incarnations.
+    pub(super) counts: Monotonic,
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,
-    /// Owned counts (see `FlowValue::owned`): earlier incarnations, and the
-    /// highest read of the current one (a torn read may dip; it never rises
-    /// falsely).
-    owned_base: Totals,
-    owned_now: Totals,
+    /// The frames it counts for its owner (see `FlowValue::owned`).
+    pub(super) owned: Owned,
     /// Policy fields of the latest kernel snapshot.
     pub rule: u32,
     pub segment: u32,
@@ -55,9 +49,8 @@ pub struct FlowRecord {
     flags: u8,
 }
 
-const KERNEL: u8 = 1;
-const APP_DONE: u8 = 2;
-const DEAD: u8 = 4;
+const APP_DONE: u8 = 1;
+const DEAD: u8 = 2;
 
 impl FlowRecord {
     pub(super) fn new(id: u64, owner: u32, first_seen_ns: u64, last_seen_ns: u64, seen: u8) -> FlowRecord {
@@ -66,7 +59,12 @@ impl FlowRecord {
 
     /// Every frame of the flow, across kernel incarnations.
     pub fn totals(&self) -> Totals {
-        self.base + if self.flags & KERNEL != 0 { self.kernel } else { Totals::default() }
+        self.counts.totals()
+    }
+
+    /// The index (in `Tables::devices`) of the device its frames count for.
+    pub fn owner(&self) -> u32 {
+        self.owner
     }
 
     /// The first payload has been classified (`app`/`app_confidence` are final).
@@ -76,53 +74,6 @@ impl FlowRecord {
 
     pub(super) fn set_app_done(&mut self, done: bool) {
         self.flags = (self.flags & !APP_DONE) | if done { APP_DONE } else { 0 };
-    }
-
-    /// Records the kernel entry's counters. True when this is a new kernel
-    /// entry replacing one this record saw (evicted and recreated between reads).
-    pub(super) fn observe(&mut self, first_seen_ns: u64, packets: u64, bytes: u64) -> bool {
-        let replaced = self.flags & KERNEL != 0
-            && (self.kernel_first_ns != first_seen_ns || packets < self.kernel.packets);
-        if replaced {
-            self.base += self.kernel;
-        }
-        self.kernel = Totals { packets, bytes };
-        self.kernel_first_ns = first_seen_ns;
-        self.flags |= KERNEL;
-        replaced
-    }
-
-    /// The kernel entry is gone; keep its counts. True if there was one.
-    pub(super) fn vanished(&mut self) -> bool {
-        if self.flags & KERNEL == 0 {
-            return false;
-        }
-        self.base += std::mem::take(&mut self.kernel);
-        self.flags &= !KERNEL;
-        true
-    }
-
-    pub(super) fn observe_owned(&mut self, new_incarnation: bool, (packets, bytes): (u64, u64)) {
-        if new_incarnation {
-            self.owned_vanished();
-        }
-        let now = &mut self.owned_now;
-        *now = Totals { packets: now.packets.max(packets), bytes: now.bytes.max(bytes) };
-    }
-
-    pub(super) fn owned_vanished(&mut self) {
-        self.owned_base += std::mem::take(&mut self.owned_now);
-    }
-
-    pub(super) fn owned(&self) -> Totals {
-        self.owned_base + self.owned_now
-    }
-
-    /// Takes the owned counts out (they move to the device).
-    pub(super) fn take_owned(&mut self) -> Totals {
-        let t = self.owned();
-        (self.owned_base, self.owned_now) = (Totals::default(), Totals::default());
-        t
     }
 
     fn dead(&self) -> bool {
@@ -166,7 +117,7 @@ impl<K: StoreKey> FlowStore<K> {
         self.hasher.hash_one(k)
     }
 
-    pub fn position(&self, k: &K) -> Option<usize> {
+    pub(super) fn position(&self, k: &K) -> Option<usize> {
         let h = self.hash(k);
         self.index.find(h, |&i| self.keys[i as usize] == *k).map(|&i| i as usize)
     }
@@ -185,12 +136,16 @@ impl<K: StoreKey> FlowStore<K> {
         debug_assert!(self.recs.last().is_none_or(|l| l.id < r.id));
         let i = self.keys.len();
         assert!(i < u32::MAX as usize, "flow store full");
-        let h = self.hash(&k);
         self.keys.push(k);
         self.recs.push(r);
-        let (keys, hasher) = (&self.keys, &self.hasher);
-        self.index.insert_unique(h, i as u32, |&j| hasher.hash_one(keys[j as usize]));
+        self.index_push(i);
         i
+    }
+
+    /// Enters position `i` (of a key already in `keys`) in the index.
+    fn index_push(&mut self, i: usize) {
+        let (keys, hasher) = (&self.keys, &self.hasher);
+        self.index.insert_unique(hasher.hash_one(keys[i]), i as u32, |&j| hasher.hash_one(keys[j as usize]));
     }
 
     /// Removes `k`'s record (marks it dead; compacts now and then).
@@ -224,12 +179,9 @@ impl<K: StoreKey> FlowStore<K> {
         self.keys.shrink_to(w + w / 4);
         self.recs.shrink_to(w + w / 4);
         self.dead = 0;
-        self.index.clear();
-        self.index.reserve(w, |_| 0);
-        for (i, k) in self.keys.iter().enumerate() {
-            let h = self.hasher.hash_one(k);
-            let (keys, hasher) = (&self.keys, &self.hasher);
-            self.index.insert_unique(h, i as u32, |&j| hasher.hash_one(keys[j as usize]));
+        self.index = HashTable::with_capacity(w);
+        for i in 0..w {
+            self.index_push(i);
         }
     }
 
@@ -246,7 +198,7 @@ impl<K: StoreKey> FlowStore<K> {
         self.len() == 0
     }
 
-    /// Live records with their position, in id order.
+    /// Live records, in id order.
     pub fn iter(&self) -> impl Iterator<Item = (K, &FlowRecord)> {
         self.keys.iter().zip(&self.recs).filter(|(_, r)| !r.dead()).map(|(k, r)| (*k, r))
     }
@@ -302,10 +254,6 @@ impl Flows {
     /// Every flow, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (FlowKey, &FlowRecord)> {
         self.v6.iter().chain(self.v4.iter().map(|(k, r)| (k.into(), r)))
-    }
-
-    pub fn keys(&self) -> impl Iterator<Item = FlowKey> + '_ {
-        self.iter().map(|(k, _)| k)
     }
 
     /// Flows with an id above `after`, in id order (both stores merged).

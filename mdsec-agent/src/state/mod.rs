@@ -57,43 +57,84 @@ impl std::ops::AddAssign for Totals {
     }
 }
 
-/// Counters of one key across kernel incarnations.
-#[derive(Debug, Clone, Default)]
+/// Counters of one key across kernel incarnations (flows and devices).
+/// 40 bytes, no tag: `kernel_first_ns == NO_ENTRY` means no current entry
+/// (no clock reaches it), which keeps a flow record at 120 bytes.
+#[derive(Debug, Clone)]
 struct Monotonic {
     base: Totals,
-    /// (first_seen_ns, packets, bytes) of the current kernel entry.
-    kernel: Option<(u64, u64, u64)>,
+    /// The current kernel entry's counts and first sighting.
+    kernel: Totals,
+    kernel_first_ns: u64,
+}
+
+const NO_ENTRY: u64 = u64::MAX;
+
+impl Default for Monotonic {
+    fn default() -> Self {
+        Monotonic { base: Totals::default(), kernel: Totals::default(), kernel_first_ns: NO_ENTRY }
+    }
 }
 
 impl Monotonic {
     /// Returns true when this is a new kernel entry replacing one this record saw
     /// (it was evicted and recreated between two reads).
     fn observe(&mut self, first_seen_ns: u64, packets: u64, bytes: u64) -> bool {
-        let mut replaced = false;
         // A new kernel entry: the previous one's counts are final.
-        if let Some((f, p, b)) = self.kernel
-            && (f != first_seen_ns || packets < p)
-        {
-            self.base += Totals::new(p, b);
-            replaced = true;
+        let replaced = self.kernel_first_ns != NO_ENTRY
+            && (self.kernel_first_ns != first_seen_ns || packets < self.kernel.packets);
+        if replaced {
+            self.base += self.kernel;
         }
-        self.kernel = Some((first_seen_ns, packets, bytes));
+        self.kernel = Totals::new(packets, bytes);
+        self.kernel_first_ns = first_seen_ns;
         replaced
     }
 
     /// The kernel entry is gone; keep its counts. Returns true if there was one.
     fn vanished(&mut self) -> bool {
-        match self.kernel.take() {
-            Some((_, p, b)) => {
-                self.base += Totals::new(p, b);
-                true
-            }
-            None => false,
+        if self.kernel_first_ns == NO_ENTRY {
+            return false;
         }
+        self.base += std::mem::take(&mut self.kernel);
+        self.kernel_first_ns = NO_ENTRY;
+        true
+    }
+
+    /// The current kernel entry's first sighting and counts, if there is one.
+    fn kernel(&self) -> Option<(u64, Totals)> {
+        (self.kernel_first_ns != NO_ENTRY).then_some((self.kernel_first_ns, self.kernel))
     }
 
     fn totals(&self) -> Totals {
-        self.base + self.kernel.map_or(Totals::default(), |(_, p, b)| Totals::new(p, b))
+        self.base + self.kernel().map_or(Totals::default(), |(_, t)| t)
+    }
+}
+
+/// A flow's counts for its owner across kernel incarnations. Incarnations are
+/// told apart by the flow's own counters ([`Monotonic`]): owned counts read from
+/// a changing entry can dip for a moment (see `FlowValue::owned`), so within one
+/// incarnation the highest read stands.
+#[derive(Debug, Clone, Default)]
+struct Owned {
+    base: Totals,
+    now: Totals,
+}
+
+impl Owned {
+    fn observe(&mut self, new_incarnation: bool, (packets, bytes): (u64, u64)) {
+        if new_incarnation {
+            self.vanished();
+        }
+        self.now = Totals::new(self.now.packets.max(packets), self.now.bytes.max(bytes));
+    }
+
+    fn vanished(&mut self) {
+        self.base += std::mem::take(&mut self.now);
+    }
+
+    fn totals(&self) -> Totals {
+        self.base + self.now
     }
 }
 
@@ -166,10 +207,6 @@ impl Devices {
 
     pub fn key(&self, i: u32) -> DeviceKey {
         self.keys[i as usize]
-    }
-
-    pub fn contains_key(&self, k: &DeviceKey) -> bool {
-        self.index.contains_key(k)
     }
 
     pub fn len(&self) -> usize {
@@ -310,14 +347,14 @@ impl Merge<'_> {
 /// record saw (an eviction).
 fn merge_flow(devices: &mut Devices, merge: u64, r: &mut FlowRecord, k: &FlowKey, v: &FlowValue) -> bool {
     r.seen = merge as u8;
-    let replaced = r.observe(v.first_seen_ns, v.packets, v.bytes);
+    let replaced = r.counts.observe(v.first_seen_ns, v.packets, v.bytes);
     let owner = v.owner(k);
     if devices.key(r.owner) != owner {
         // Recreated by another MAC: what the old owner sent stays its own.
-        devices.at_mut(r.owner).flow_base += r.take_owned();
+        devices.at_mut(r.owner).flow_base += std::mem::take(&mut r.owned).totals();
         r.owner = devices.index_or_insert(owner, || device_of_flow(k, v));
     }
-    r.observe_owned(replaced, v.owned());
+    r.owned.observe(replaced, v.owned());
     r.first_seen_ns = r.first_seen_ns.min(v.first_seen_ns);
     r.last_seen_ns = r.last_seen_ns.max(v.last_seen_ns);
     r.tcp_flags |= v.tcp_flags as u8;
@@ -386,10 +423,10 @@ impl Tables {
             let Some(i) = devices.index_of(k) else { return true };
             let d = devices.at_mut(i);
             let mut old = old.remove(k).unwrap_or_default();
-            if let Some((first_seen, p, b)) = d.counts.kernel
+            if let Some((first_seen, t)) = d.counts.kernel()
                 && first_seen < at
             {
-                old += Totals::new(p, b);
+                old += t;
             }
             d.flow_base += s.saturating_sub(old);
             false
@@ -434,12 +471,12 @@ impl Tables {
         let mut evicted = (0, 0);
         let mut visit = |r: &mut FlowRecord, v4: bool| {
             if r.seen != now {
-                let e = r.vanished() as u64;
+                let e = r.counts.vanished() as u64;
                 evicted.0 += e;
                 evicted.1 += e * v4 as u64;
-                r.owned_vanished();
+                r.owned.vanished();
             }
-            let t = r.owned();
+            let t = r.owned.totals();
             let d = &mut devices.recs[r.owner as usize];
             d.flow_live += t;
             d.first_seen_ns = d.first_seen_ns.min(r.first_seen_ns);
@@ -462,16 +499,6 @@ impl Tables {
         old
     }
 
-    /// The device key a flow's frames count for.
-    pub fn owner(&self, r: &FlowRecord) -> DeviceKey {
-        self.devices.key(r.owner)
-    }
-
-    /// The index of the device a flow's frames count for.
-    pub fn owner_index(&self, r: &FlowRecord) -> u32 {
-        r.owner
-    }
-
     pub fn set_stats(&mut self, per_cpu_sums: Vec<Counter>) {
         self.stats = per_cpu_sums;
     }
@@ -492,7 +519,7 @@ impl Tables {
     /// Drops an aged-out flow record; its counts stay with its device.
     pub fn forget_flow(&mut self, k: &FlowKey) {
         if let Some(mut r) = self.flows.remove(k) {
-            let t = r.take_owned();
+            let t = std::mem::take(&mut r.owned).totals();
             let d = self.devices.at_mut(r.owner);
             d.flow_base += t;
             d.flow_live = d.flow_live.saturating_sub(t);
