@@ -138,106 +138,91 @@ impl ListArgs {
     }
 }
 
-fn more(next: Option<String>) {
+/// Fetches the list and prints it: JSON (in the API's order), or one table
+/// (`head`, a row per item, in `order` if given), then where the next page
+/// starts.
+fn show<T: serde::Serialize + serde::de::DeserializeOwned>(
+    a: &ListArgs,
+    list: List,
+    head: &[&str],
+    order: Option<fn(&T, &T) -> std::cmp::Ordering>,
+    row: impl Fn(&T) -> Vec<String>,
+) -> Result<()> {
+    let (mut items, next): (Vec<T>, _) = a.fetch(list)?;
+    if a.q.json {
+        println!("{}", serde_json::to_string_pretty(&items)?);
+    } else {
+        if let Some(order) = order {
+            items.sort_by(order);
+        }
+        print!("{}", render(head, &items.iter().map(row).collect::<Vec<_>>()));
+    }
     if let Some(c) = next {
         eprintln!("(more may follow: --cursor {c}, or --all)");
     }
+    Ok(())
 }
 
 pub fn flows(a: &ListArgs) -> Result<()> {
-    let (mut flows, next): (Vec<model::Flow>, _) = a.fetch(List::Flows)?;
-    if a.q.json {
-        println!("{}", serde_json::to_string_pretty(&flows)?);
-    } else {
-        flows.sort_by(|x, y| {
-            (&x.iface, x.vlan, &x.src, &x.dst, x.proto_num, x.sport, x.dport).cmp(&(
-                &y.iface,
-                y.vlan,
-                &y.src,
-                &y.dst,
-                y.proto_num,
-                y.sport,
-                y.dport,
-            ))
-        });
-        let rows: Vec<Vec<String>> = flows
-            .iter()
-            .map(|f| {
-                vec![
-                    f.iface.clone(),
-                    f.vlan.to_string(),
-                    f.proto.clone(),
-                    f.app.clone(),
-                    format!("{}:{}", f.src, f.sport),
-                    format!("{}:{}", f.dst, f.dport),
-                    human(f.packets),
-                    human(f.bytes),
-                    f.verdict.clone(),
-                ]
-            })
-            .collect();
-        print!(
-            "{}",
-            render(&["IFACE", "VLAN", "PROTO", "APP", "SRC", "DST", "PKTS", "BYTES", "VERDICT"], &rows)
-        );
-    }
-    more(next);
-    Ok(())
+    let head = ["IFACE", "VLAN", "PROTO", "APP", "SRC", "DST", "PKTS", "BYTES", "VERDICT"];
+    // The table reads by interface and endpoints; the API pages in first-seen order.
+    let by_key = |x: &model::Flow, y: &model::Flow| {
+        (&x.iface, x.vlan, &x.src, &x.dst, x.proto_num, x.sport, x.dport).cmp(&(
+            &y.iface,
+            y.vlan,
+            &y.src,
+            &y.dst,
+            y.proto_num,
+            y.sport,
+            y.dport,
+        ))
+    };
+    show(a, List::Flows, &head, Some(by_key), |f: &model::Flow| {
+        vec![
+            f.iface.clone(),
+            f.vlan.to_string(),
+            f.proto.clone(),
+            f.app.clone(),
+            format!("{}:{}", f.src, f.sport),
+            format!("{}:{}", f.dst, f.dport),
+            human(f.packets),
+            human(f.bytes),
+            f.verdict.clone(),
+        ]
+    })
 }
 
 pub fn devices(a: &ListArgs) -> Result<()> {
-    let (devices, next): (Vec<model::Device>, _) = a.fetch(List::Devices)?;
-    if a.q.json {
-        println!("{}", serde_json::to_string_pretty(&devices)?);
-    } else {
-        let rows: Vec<Vec<String>> = devices
-            .iter()
-            .map(|d| {
-                vec![
-                    d.iface.clone(),
-                    d.vlan.to_string(),
-                    d.mac.clone(),
-                    d.vendor.clone().unwrap_or_default().chars().take(24).collect(),
-                    d.class.clone(),
-                    d.ips.join(","),
-                    d.apps_client.iter().chain(&d.apps_server).cloned().collect::<Vec<_>>().join(","),
-                    human(d.packets),
-                    human(d.bytes),
-                    d.last_seen.clone(),
-                ]
-            })
-            .collect();
-        let head = ["IFACE", "VLAN", "MAC", "VENDOR", "CLASS", "IPS", "APPS", "PKTS", "BYTES", "LAST SEEN"];
-        print!("{}", render(&head, &rows));
-    }
-    more(next);
-    Ok(())
+    let head = ["IFACE", "VLAN", "MAC", "VENDOR", "CLASS", "IPS", "APPS", "PKTS", "BYTES", "LAST SEEN"];
+    show(a, List::Devices, &head, None, |d: &model::Device| {
+        vec![
+            d.iface.clone(),
+            d.vlan.to_string(),
+            d.mac.clone(),
+            d.vendor.clone().unwrap_or_default().chars().take(24).collect(),
+            d.class.clone(),
+            d.ips.join(","),
+            d.apps_client.iter().chain(&d.apps_server).cloned().collect::<Vec<_>>().join(","),
+            human(d.packets),
+            human(d.bytes),
+            d.last_seen.clone(),
+        ]
+    })
 }
 
 pub fn events(a: &ListArgs) -> Result<()> {
-    let (events, next): (Vec<model::Event>, _) = a.fetch(List::Events)?;
-    if a.q.json {
-        println!("{}", serde_json::to_string_pretty(&events)?);
-    } else {
-        let rows: Vec<Vec<String>> = events
-            .iter()
-            .map(|e| {
-                vec![
-                    e.seq.to_string(),
-                    e.time.clone(),
-                    e.kind.clone(),
-                    e.severity.clone(),
-                    format!("{}:{}", e.src, e.sport),
-                    format!("{}:{}", e.dst, e.dport),
-                    e.app.clone(),
-                    e.segment.clone(),
-                    e.clinical_impact.clone(),
-                ]
-            })
-            .collect();
-        let head = ["SEQ", "TIME", "TYPE", "SEVERITY", "SRC", "DST", "APP", "SEGMENT", "IMPACT"];
-        print!("{}", render(&head, &rows));
-    }
-    more(next);
-    Ok(())
+    let head = ["SEQ", "TIME", "TYPE", "SEVERITY", "SRC", "DST", "APP", "SEGMENT", "IMPACT"];
+    show(a, List::Events, &head, None, |e: &model::Event| {
+        vec![
+            e.seq.to_string(),
+            e.time.clone(),
+            e.kind.clone(),
+            e.severity.clone(),
+            format!("{}:{}", e.src, e.sport),
+            format!("{}:{}", e.dst, e.dport),
+            e.app.clone(),
+            e.segment.clone(),
+            e.clinical_impact.clone(),
+        ]
+    })
 }

@@ -38,11 +38,15 @@ pub fn get_page(addr: SocketAddr, path: &str, token: Option<&str>) -> Result<(Ve
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .with_context(|| format!("connect to the agent at {addr} (is `mdsec-agent run` up?)"))?;
     let (status, head, body) = exchange_head(&mut s, addr, "GET", path, token, None)?;
-    let next = head.lines().find_map(|l| {
+    Ok((ok(path, status, body)?, next_cursor(&head)))
+}
+
+/// The next page's cursor a list answer's head carries (`X-Next-Cursor`).
+pub fn next_cursor(head: &str) -> Option<String> {
+    head.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
         k.trim().eq_ignore_ascii_case("x-next-cursor").then(|| v.trim().to_string())
-    });
-    Ok((ok(path, status, body)?, next))
+    })
 }
 
 /// Sends one GET on an already connected stream (the tests connect from inside a
@@ -68,7 +72,9 @@ pub fn post_json(
 ) -> Result<(u16, Vec<u8>)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .with_context(|| format!("connect to the agent at {addr} (is `mdsec-agent run` up?)"))?;
-    exchange_body(&mut s, addr, "POST", path, token, Some(&serde_json::to_vec(body)?))
+    let (status, _, body) =
+        exchange_head(&mut s, addr, "POST", path, token, Some(&serde_json::to_vec(body)?))?;
+    Ok((status, body))
 }
 
 /// One request with an optional bearer token; returns the status and the body.
@@ -79,23 +85,12 @@ pub fn exchange(
     path: &str,
     token: Option<&str>,
 ) -> Result<(u16, Vec<u8>)> {
-    exchange_body(s, addr, method, path, token, None)
-}
-
-/// Like [`exchange`], with an optional JSON request body.
-pub fn exchange_body(
-    s: &mut TcpStream,
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&[u8]>,
-) -> Result<(u16, Vec<u8>)> {
-    let (status, _, body) = exchange_head(s, addr, method, path, token, body)?;
+    let (status, _, body) = exchange_head(s, addr, method, path, token, None)?;
     Ok((status, body))
 }
 
-/// Like [`exchange_body`], also returning the response head (status line and headers).
+/// One request with an optional bearer token and JSON body; returns the
+/// status, the response head (status line and headers) and the body.
 pub fn exchange_head(
     s: &mut TcpStream,
     addr: SocketAddr,

@@ -199,10 +199,7 @@ impl Agent {
         let mut s: TcpStream =
             in_netns(&self.gw, move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)))??;
         let (status, head, body) = client::exchange_head(&mut s, addr, "GET", path, None, None)?;
-        let next = head.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case("x-next-cursor").then(|| v.trim().to_string())
-        });
+        let next = client::next_cursor(&head);
         let items = if status == 200 {
             Ok(serde_json::from_slice(&body)?)
         } else {
