@@ -3,14 +3,19 @@
 
 use std::{
     collections::HashSet,
-    fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use mdsec_common::maps;
 use serde::{Deserialize, Serialize};
+
+use crate::base::diag::{Step, Tree, line_col, saphyr_message};
+pub use crate::{
+    base::diag::Diagnostic,
+    datapath::settings::{Interface, MapSizes, Role, XdpMode},
+    surfaces::export::{EventsConfig, SyslogConfig, SyslogTarget, facility_code},
+};
 
 /// Largest config file accepted; a config is a few kilobytes.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
@@ -52,7 +57,7 @@ pub struct Config {
     pub event_rate: u32,
     /// Operator statements about devices: pin a MAC to a class, name, model.
     #[serde(default)]
-    pub devices: Vec<crate::clinical::Override>,
+    pub devices: Vec<crate::inventory::clinical::Override>,
     /// Access to `/api/*`: bearer token and request limits.
     #[serde(default)]
     pub api: ApiConfig,
@@ -63,10 +68,10 @@ pub struct Config {
     /// escalation path. Every event carries the impact and escalation of its
     /// segment's function.
     #[serde(default)]
-    pub triage: crate::triage::TriageConfig,
+    pub triage: crate::detection::triage::TriageConfig,
     /// Anomaly detection thresholds (scan, DNS resolvers, deduplication).
     #[serde(default)]
-    pub detection: crate::detect::DetectionConfig,
+    pub detection: crate::detection::detect::DetectionConfig,
     /// The vulnerability register (YAML; see docs/EVIDENCE.md). Relative to this file.
     #[serde(default)]
     pub register: Option<PathBuf>,
@@ -104,117 +109,8 @@ fn default_burst() -> u32 {
     100
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct EventsConfig {
-    /// Every event as one JSON line: an absolute file path (appended to, reopened on
-    /// SIGHUP for log rotation) or `-` for standard output.
-    #[serde(default)]
-    pub log: Option<String>,
-    /// RFC 5424 syslog messages (the event's JSON as message).
-    #[serde(default)]
-    pub syslog: Option<SyslogConfig>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct SyslogConfig {
-    /// `udp://HOST:PORT`, `tcp://HOST:PORT` (RFC 6587 octet counting) or
-    /// `unix:///PATH` (a datagram socket such as /dev/log).
-    pub target: String,
-    /// Syslog facility name (`local0`…`local7`, `daemon`, `auth`, …).
-    #[serde(default = "default_facility")]
-    pub facility: String,
-    #[serde(default = "default_app_name")]
-    pub app_name: String,
-}
-
-fn default_facility() -> String {
-    "local0".into()
-}
-fn default_app_name() -> String {
-    "mdsec".into()
-}
-
-/// Syslog facility codes (RFC 5424 table 1) by name.
-pub fn facility_code(name: &str) -> Option<u8> {
-    const NAMES: [&str; 24] = [
-        "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron", "authpriv", "ftp",
-        "ntp", "audit", "alert", "clock", "local0", "local1", "local2", "local3", "local4", "local5",
-        "local6", "local7",
-    ];
-    NAMES.iter().position(|n| *n == name).map(|i| i as u8)
-}
-
-/// A parsed syslog target.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SyslogTarget {
-    Udp(String),
-    Tcp(String),
-    Unix(PathBuf),
-}
-
-impl SyslogTarget {
-    pub fn parse(s: &str) -> Result<SyslogTarget, String> {
-        let host_port = |rest: &str| match rest.rsplit_once(':') {
-            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0) => Ok(rest.to_string()),
-            _ => Err(format!("`{s}`: expected HOST:PORT after the scheme")),
-        };
-        if let Some(rest) = s.strip_prefix("udp://") {
-            return host_port(rest).map(SyslogTarget::Udp);
-        }
-        if let Some(rest) = s.strip_prefix("tcp://") {
-            return host_port(rest).map(SyslogTarget::Tcp);
-        }
-        if let Some(rest) = s.strip_prefix("unix://") {
-            if rest.starts_with('/') {
-                return Ok(SyslogTarget::Unix(rest.into()));
-            }
-            return Err(format!("`{s}`: expected an absolute path after unix://"));
-        }
-        Err(format!("`{s}`: the target must start with udp://, tcp:// or unix://"))
-    }
-}
-
 fn default_event_rate() -> u32 {
     1000
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Interface {
-    pub name: String,
-    pub role: Role,
-    /// Required: the operator decides between native and generic XDP. There is no
-    /// silent fallback from one to the other.
-    pub xdp_mode: XdpMode,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Traffic crosses this interface: the datapath may enforce here.
-    Inline,
-    /// A SPAN/mirror port: frames are copies, mdsec only observes.
-    Mirror,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum XdpMode {
-    /// Native XDP in the driver.
-    Driver,
-    /// Generic XDP in the stack (works on every interface, slower).
-    Skb,
-}
-
-impl fmt::Display for XdpMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            XdpMode::Driver => "driver",
-            XdpMode::Skb => "skb",
-        })
-    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -228,44 +124,6 @@ pub enum OnExit {
     Keep,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct MapSizes {
-    /// IPv4 flows (`FLOWS4`).
-    #[serde(default = "default_flows")]
-    pub flows: u32,
-    /// Flows with an IPv6 address (`FLOWS`): a separate table with a longer key.
-    #[serde(default = "default_flows_ipv6")]
-    pub flows_ipv6: u32,
-    #[serde(default = "default_devices")]
-    pub devices: u32,
-    #[serde(default = "default_fragments")]
-    pub fragments: u32,
-}
-
-impl Default for MapSizes {
-    fn default() -> Self {
-        MapSizes {
-            flows: default_flows(),
-            flows_ipv6: default_flows_ipv6(),
-            devices: default_devices(),
-            fragments: default_fragments(),
-        }
-    }
-}
-
-fn default_flows() -> u32 {
-    maps::DEFAULT_FLOWS_MAX
-}
-fn default_flows_ipv6() -> u32 {
-    maps::DEFAULT_FLOWS6_MAX
-}
-fn default_devices() -> u32 {
-    maps::DEFAULT_DEVICES_MAX
-}
-fn default_fragments() -> u32 {
-    maps::DEFAULT_FRAGS_MAX
-}
 fn default_state_dir() -> PathBuf {
     DEFAULT_STATE_DIR.into()
 }
@@ -282,23 +140,6 @@ fn default_idle_secs() -> u64 {
     300
 }
 
-/// A configuration error located in a file.
-#[derive(Debug)]
-pub struct ConfigError {
-    pub file: PathBuf,
-    pub line: usize,
-    pub col: usize,
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.col, self.message)
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
 impl Config {
     pub fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.poll_interval_ms)
@@ -313,12 +154,12 @@ impl Config {
         self.devices
             .iter()
             .filter(|o| o.decommissioned)
-            .filter_map(|o| crate::model::parse_mac(&o.mac).map(crate::model::mac_string))
+            .filter_map(|o| crate::base::net::parse_mac(&o.mac).map(crate::base::net::mac_string))
             .collect()
     }
 
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let at = |line, col, message: String| ConfigError { file: path.to_owned(), line, col, message };
+    pub fn load(path: &Path) -> Result<Config, Diagnostic> {
+        let at = |line, col, message: String| Diagnostic::error(path, (line, col), message);
         let meta = std::fs::metadata(path).map_err(|e| at(0, 0, format!("cannot read: {e}")))?;
         if meta.len() > MAX_CONFIG_BYTES {
             return Err(at(1, 1, format!("file is {} bytes; the limit is {MAX_CONFIG_BYTES}", meta.len())));
@@ -345,32 +186,32 @@ impl Config {
     }
 
     /// Parses and validates YAML text; errors carry an empty file name.
-    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+    pub fn parse(text: &str) -> Result<Config, Diagnostic> {
         let cfg: Config = serde_saphyr::from_str(text).map_err(|e| {
-            let (line, col) =
-                e.location().map(|l| (l.line() as usize, l.column() as usize)).unwrap_or((1, 1));
-            ConfigError { file: PathBuf::new(), line, col, message: saphyr_message(&e.to_string()) }
+            let at = e.location().map(|l| (l.line(), l.column())).unwrap_or((1, 1));
+            Diagnostic::error(PathBuf::new(), at, saphyr_message(&e.to_string()))
         })?;
-        cfg.validate(text)?;
+        cfg.validate(Tree::parse(text).as_ref())?;
         Ok(cfg)
     }
 
-    fn validate(&self, text: &str) -> Result<(), ConfigError> {
-        // Semantic errors point at the line that names the offending value.
-        let at = |needle: &str, message: String| {
-            let (line, col) = find(text, needle);
-            ConfigError { file: PathBuf::new(), line, col, message }
+    /// Semantic checks; each error points where the parser saw the value (or,
+    /// for a default, the section it belongs to).
+    fn validate(&self, tree: Option<&Tree>) -> Result<(), Diagnostic> {
+        let at = |path: &[Step], message: String| {
+            Diagnostic::error(PathBuf::new(), tree.map_or((1, 1), |t| t.locate(path)), message)
         };
         if self.interfaces.is_empty() {
-            return Err(at("interfaces", "`interfaces` must name at least one interface".into()));
+            return Err(at(&["interfaces".into()], "`interfaces` must name at least one interface".into()));
         }
         let mut seen = HashSet::new();
-        for i in &self.interfaces {
+        for (n, i) in self.interfaces.iter().enumerate() {
+            let here = [Step::Key("interfaces"), n.into(), "name".into()];
             if i.name.is_empty() || i.name.len() >= libc::IFNAMSIZ || i.name.contains('/') {
-                return Err(at(&i.name, format!("`{}` is not a valid interface name", i.name)));
+                return Err(at(&here, format!("`{}` is not a valid interface name", i.name)));
             }
             if !seen.insert(&i.name) {
-                return Err(at(&i.name, format!("interface `{}` is listed twice", i.name)));
+                return Err(at(&here, format!("interface `{}` is listed twice", i.name)));
             }
         }
         for (name, v) in [
@@ -380,52 +221,80 @@ impl Config {
             ("fragments", self.maps.fragments),
         ] {
             if !(16..=1 << 26).contains(&v) {
-                return Err(at(name, format!("maps.{name} = {v} is outside 16..=67108864")));
+                return Err(at(
+                    &["maps".into(), name.into()],
+                    format!("maps.{name} = {v} is outside 16..=67108864"),
+                ));
             }
         }
         if !(10..=60_000).contains(&self.poll_interval_ms) {
-            return Err(at("poll_interval_ms", "poll_interval_ms must be within 10..=60000".into()));
+            return Err(at(
+                &["poll_interval_ms".into()],
+                "poll_interval_ms must be within 10..=60000".into(),
+            ));
         }
         if self.flow_idle_timeout_secs == 0 {
-            return Err(at("flow_idle_timeout_secs", "flow_idle_timeout_secs must be positive".into()));
+            return Err(at(
+                &["flow_idle_timeout_secs".into()],
+                "flow_idle_timeout_secs must be positive".into(),
+            ));
         }
-        for d in &self.devices {
-            if crate::model::parse_mac(&d.mac).is_none() {
-                return Err(at(&d.mac, format!("`{}` is not a MAC address (aa:bb:cc:dd:ee:ff)", d.mac)));
+        for (n, d) in self.devices.iter().enumerate() {
+            if crate::base::net::parse_mac(&d.mac).is_none() {
+                let here = [Step::Key("devices"), n.into(), "mac".into()];
+                return Err(at(&here, format!("`{}` is not a MAC address (aa:bb:cc:dd:ee:ff)", d.mac)));
             }
         }
         if self.event_rate == 0 {
-            return Err(at("event_rate", "event_rate must be positive".into()));
+            return Err(at(&["event_rate".into()], "event_rate must be positive".into()));
         }
-        if !self.pin_dir.is_absolute() || !self.state_dir.is_absolute() {
-            return Err(at("_dir", "pin_dir and state_dir must be absolute paths".into()));
+        for (key, dir) in [("pin_dir", &self.pin_dir), ("state_dir", &self.state_dir)] {
+            if !dir.is_absolute() {
+                return Err(at(&[key.into()], format!("{key} must be an absolute path")));
+            }
         }
-        if self.api.rate_limit_per_sec == 0 || self.api.rate_limit_burst == 0 {
-            return Err(at(
-                "rate_limit",
-                "api.rate_limit_per_sec and api.rate_limit_burst must be positive".into(),
-            ));
+        for (key, v) in [
+            ("rate_limit_per_sec", self.api.rate_limit_per_sec),
+            ("rate_limit_burst", self.api.rate_limit_burst),
+        ] {
+            if v == 0 {
+                return Err(at(&["api".into(), key.into()], format!("api.{key} must be positive")));
+            }
         }
         if let Some(t) = &self.api.token_file
             && !t.is_absolute()
         {
-            return Err(at("token_file", "api.token_file must be an absolute path".into()));
+            return Err(at(
+                &["api".into(), "token_file".into()],
+                "api.token_file must be an absolute path".into(),
+            ));
         }
         if let Some(l) = &self.events.log
             && l != "-"
             && !Path::new(l).is_absolute()
         {
-            return Err(at(l, format!("events.log `{l}` must be an absolute path or `-` (stdout)")));
+            return Err(at(
+                &["events".into(), "log".into()],
+                format!("events.log `{l}` must be an absolute path or `-` (stdout)"),
+            ));
         }
-        self.detection.validate().map_err(|(needle, m)| at(needle, m))?;
-        if self.evidence.snapshot_secs == 0 || self.evidence.retention_days == 0 {
-            return Err(at("evidence", "evidence.snapshot_secs and retention_days must be positive".into()));
+        self.detection.validate().map_err(|(path, m)| {
+            let full: Vec<Step> = std::iter::once(Step::Key("detection")).chain(path).collect();
+            at(&full, m)
+        })?;
+        for (key, v) in
+            [("snapshot_secs", self.evidence.snapshot_secs), ("retention_days", self.evidence.retention_days)]
+        {
+            if v == 0 {
+                return Err(at(&["evidence".into(), key.into()], format!("evidence.{key} must be positive")));
+            }
         }
         if let Some(sl) = &self.events.syslog {
+            let here = |key: &'static str| [Step::Key("events"), "syslog".into(), key.into()];
             SyslogTarget::parse(&sl.target)
-                .map_err(|e| at(&sl.target, format!("events.syslog.target {e}")))?;
+                .map_err(|e| at(&here("target"), format!("events.syslog.target {e}")))?;
             if facility_code(&sl.facility).is_none() {
-                return Err(at(&sl.facility, format!("`{}` is not a syslog facility", sl.facility)));
+                return Err(at(&here("facility"), format!("`{}` is not a syslog facility", sl.facility)));
             }
             // RFC 5424 APP-NAME: 1–48 printable ASCII characters, no spaces.
             if sl.app_name.is_empty()
@@ -433,36 +302,13 @@ impl Config {
                 || !sl.app_name.bytes().all(|b| (33..=126).contains(&b))
             {
                 return Err(at(
-                    "app_name",
+                    &here("app_name"),
                     "events.syslog.app_name must be 1–48 printable ASCII characters".into(),
                 ));
             }
         }
         Ok(())
     }
-}
-
-/// serde-saphyr renders "error: line L column C: message" plus a snippet; keep the
-/// message only, the location is printed in `file:line:col` form.
-pub(crate) fn saphyr_message(rendered: &str) -> String {
-    let first = rendered.lines().next().unwrap_or(rendered);
-    let first = first.strip_prefix("error: ").unwrap_or(first);
-    match first.split_once(": ") {
-        Some((loc, msg)) if loc.starts_with("line ") => msg.to_string(),
-        _ => first.to_string(),
-    }
-}
-
-/// 1-based line and column of the first occurrence of `needle`, or 1:1.
-fn find(text: &str, needle: &str) -> (usize, usize) {
-    text.find(needle).map(|off| line_col(text.as_bytes(), off)).unwrap_or((1, 1))
-}
-
-fn line_col(bytes: &[u8], off: usize) -> (usize, usize) {
-    let before = &bytes[..off.min(bytes.len())];
-    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-    let col = off - before.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1) + 1;
-    (line, col)
 }
 
 #[cfg(test)]
@@ -476,8 +322,8 @@ mod tests {
         let c = Config::parse(GOOD).unwrap();
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert!(c.listen.ip().is_loopback());
-        assert_eq!(c.maps.flows, maps::DEFAULT_FLOWS_MAX);
-        assert_eq!(c.maps.flows_ipv6, maps::DEFAULT_FLOWS6_MAX);
+        assert_eq!(c.maps.flows, mdsec_common::maps::DEFAULT_FLOWS_MAX);
+        assert_eq!(c.maps.flows_ipv6, mdsec_common::maps::DEFAULT_FLOWS6_MAX);
         assert_eq!(c.on_exit, OnExit::Detach);
         assert_eq!(c.interfaces[0].xdp_mode, XdpMode::Driver);
     }

@@ -20,23 +20,23 @@ use aya::maps::RingBuf;
 use mdsec_common::maps as names;
 
 use crate::{
-    api::{self, AppState},
-    clock::rfc3339,
+    base::clock::rfc3339,
     config::{Config, OnExit},
-    devwatch,
-    events::{self, EventStore},
-    learn::{self, Learner},
-    loader::Datapath,
-    oui::Oui,
+    datapath::loader::Datapath,
+    datapath::poller::Poller,
+    datapath::segstats::SegStats,
+    datapath::state::Tables,
+    detection::devwatch,
+    detection::learn::{self, Learner},
+    evidence::store::Store,
+    inventory::oui::Oui,
     policy::{
         maps::PolicyMaps,
         model::Policy,
         runtime::{Installed, PolicyState, Reloader, Trigger},
     },
-    poller::Poller,
-    segstats::SegStats,
-    state::Tables,
-    store::Store,
+    surfaces::events::{self, EventStore},
+    surfaces::{api, limiter::Limiter, state::AppState},
 };
 
 pub async fn run(cfg: Config) -> Result<()> {
@@ -51,18 +51,17 @@ pub async fn run(cfg: Config) -> Result<()> {
         Some(path) => Some(read_token(path)?),
         None => None,
     };
-    let export_stats = Arc::new(crate::export::ExportStats::default());
-    let exporter = crate::export::spawn(&cfg.events, export_stats.clone())?;
+    let export_stats = Arc::new(crate::surfaces::export::ExportStats::default());
+    let exporter = crate::surfaces::export::spawn(&cfg.events, export_stats.clone())?;
 
     let oui = Oui::load();
     info!("vendor names: {} OUIs from {}", oui.len(), oui.source);
-    let mut dp = Datapath::load(&cfg)?;
+    let mut dp = Datapath::load(&cfg.pin_dir, &cfg.maps, &cfg.interfaces)?;
     let segstats = Arc::new(Mutex::new(SegStats::new(dp.take_map(names::SEG_STATS)?)?));
     let mut poller = Poller::new(&mut dp, segstats.clone(), cfg.flow_idle_timeout())?;
     let tables = Arc::new(RwLock::new(Tables::default()));
     let db = Store::open(&cfg.state_dir)?;
-    let history: HashMap<_, _> =
-        db.load_devices()?.into_iter().map(|d| ((d.iface.clone(), d.vlan, d.mac.clone()), d)).collect();
+    let history: crate::inventory::History = db.load_devices()?.into_iter().map(|d| (d.id(), d)).collect();
     // Devices' totals carry on from what this database stored (see Tables::expect_stored).
     let ifindex: HashMap<String, u32> = dp.ifnames().into_iter().map(|(i, n)| (n, i)).collect();
     tables.write().unwrap().expect_stored(
@@ -70,11 +69,11 @@ pub async fn run(cfg: Config) -> Result<()> {
             let key = mdsec_common::device::DeviceKey {
                 ifindex: *ifindex.get(&d.iface)?,
                 vlan: d.vlan,
-                mac: crate::model::parse_mac(&d.mac)?,
+                mac: d.mac.0,
             };
-            Some((key, crate::state::Totals { packets: d.packets, bytes: d.bytes }))
+            Some((key, crate::datapath::state::Totals { packets: d.packets, bytes: d.bytes }))
         }),
-        crate::clock::mono_ns(),
+        crate::base::clock::mono_ns(),
     );
     poller.poll(&tables)?;
     poller.spawn(tables.clone(), cfg.poll_interval());
@@ -87,8 +86,8 @@ pub async fn run(cfg: Config) -> Result<()> {
     }));
     let ring = RingBuf::try_from(dp.take_map(names::EVENTS)?)?;
     events::spawn(ring, store.clone(), policy.clone(), dp.ifnames());
-    let fingerprints = crate::samples::Fingerprints::default();
-    crate::samples::spawn(RingBuf::try_from(dp.take_map(names::SAMPLES)?)?, fingerprints.clone());
+    let fingerprints = crate::inventory::samples::Fingerprints::default();
+    crate::inventory::samples::spawn(RingBuf::try_from(dp.take_map(names::SAMPLES)?)?, fingerprints.clone());
     let (reload_tx, reload_rx) = std::sync::mpsc::channel();
     let mut policy_maps = PolicyMaps::new(|n| dp.take_map(n))?;
     let pinned_generation = policy_maps.config()?.generation;
@@ -127,7 +126,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         observations.len()
     );
     let mut pass = StorePass {
-        detector: crate::detect::Detector::new(
+        detector: crate::detection::detect::Detector::new(
             cfg.detection.clone(),
             dp.ifnames(),
             Learner::new(observations),
@@ -152,29 +151,28 @@ pub async fn run(cfg: Config) -> Result<()> {
         oui: Arc::new(oui),
         history: RwLock::new(history),
         fingerprints,
-        // Keyed like the API spells MACs (validation guarantees they parse).
-        overrides: cfg
-            .devices
-            .iter()
-            .filter_map(|o| Some((crate::model::mac_string(crate::model::parse_mac(&o.mac)?), o.clone())))
-            .collect(),
-        inventory: RwLock::new(Vec::new()),
+        // Validation guarantees the MACs parse.
+        overrides: cfg.devices.iter().filter_map(|o| Some((o.mac.parse().ok()?, o.clone()))).collect(),
+        inventory: RwLock::new(Default::default()),
+        inventory_build: Mutex::new(()),
         segstats,
         // The flow tables hold whole sets: report the slots they really have.
-        map_sizes: crate::config::MapSizes {
-            flows: crate::flowtable::capacity(cfg.maps.flows),
-            flows_ipv6: crate::flowtable::capacity(cfg.maps.flows_ipv6),
+        map_sizes: crate::datapath::settings::MapSizes {
+            flows: crate::datapath::flowtable::capacity(cfg.maps.flows),
+            flows_ipv6: crate::datapath::flowtable::capacity(cfg.maps.flows_ipv6),
             ..cfg.maps.clone()
         },
         started: SystemTime::now(),
         export_stats,
         token,
-        limiter: Mutex::new(api::Limiter::new(cfg.api.rate_limit_per_sec, cfg.api.rate_limit_burst)),
+        limiter: Mutex::new(Limiter::new(cfg.api.rate_limit_per_sec, cfg.api.rate_limit_burst)),
         baseline: RwLock::new(Default::default()),
         lifecycle: RwLock::new(pass.db.lifecycle().unwrap_or_default()),
         evidence: RwLock::new(Default::default()),
         state_dir: cfg.state_dir.clone(),
     });
+    // The first poll has landed: the API starts with an inventory.
+    state.rebuild_inventory();
     let (flush_tx, flush_rx) = std::sync::mpsc::channel::<()>();
     let flusher = {
         let state = state.clone();
@@ -230,7 +228,7 @@ pub async fn run(cfg: Config) -> Result<()> {
 /// and baselines, evidence, and the state database.
 struct StorePass {
     db: Store,
-    detector: crate::detect::Detector,
+    detector: crate::detection::detect::Detector,
     evidence: EvidencePass,
     config_decommissioned: std::collections::BTreeSet<String>,
 }
@@ -241,28 +239,28 @@ impl StorePass {
             Ok(l) => *state.lifecycle.write().unwrap() = l,
             Err(e) => warn!("reading lifecycle states failed: {e:#}"),
         }
-        let devices = api::devices_json(state);
+        let snap = state.rebuild_inventory();
+        let devices = &snap.devices;
         if let Some(installed) = state.policy.read().unwrap().current.clone() {
             let now = SystemTime::now();
             let starts = self.learning_starts(&installed.policy, now);
-            self.report_new_devices(state, &installed.policy, &devices, &starts, now);
-            self.detector.decommissioned = crate::lifecycle::decommissioned_since(
+            self.report_new_devices(state, &installed.policy, devices, &starts, now);
+            self.detector.decommissioned = crate::inventory::lifecycle::decommissioned_since(
                 &state.lifecycle.read().unwrap(),
                 &self.config_decommissioned,
             );
-            self.detect(state, &installed, &devices, &starts, now);
+            self.detect(state, &installed, devices, &starts, now);
         }
-        self.evidence.pass(state, &mut self.db, &devices, stop);
-        match self.db.save_devices(&devices) {
+        self.evidence.pass(state, &mut self.db, devices, stop);
+        match self.db.save_devices(devices) {
             Ok(()) => {
                 let mut h = state.history.write().unwrap();
-                for d in &devices {
-                    h.insert((d.iface.clone(), d.vlan, d.mac.clone()), d.clone());
+                for d in devices {
+                    h.insert(d.id(), d.clone());
                 }
             }
             Err(e) => warn!("saving devices failed: {e:#}"),
         }
-        *state.inventory.write().unwrap() = devices;
     }
 
     /// When each segment's learning period started: the first time a policy
@@ -274,7 +272,7 @@ impl StorePass {
             .iter()
             .map(|s| {
                 let start = match self.db.learning_started(&s.name, &now_text) {
-                    Ok(t) => devwatch::parse_time(&t).unwrap_or(now),
+                    Ok(t) => crate::base::clock::parse_rfc3339(&t).unwrap_or(now),
                     Err(e) => {
                         warn!("recording the learning start of {}: {e:#}", s.name);
                         now
@@ -290,17 +288,13 @@ impl StorePass {
         &self,
         state: &AppState,
         policy: &Policy,
-        devices: &[crate::model::Device],
+        devices: &[crate::inventory::Device],
         starts: &HashMap<String, SystemTime>,
         now: SystemTime,
     ) {
         let new: Vec<_> = {
             let h = state.history.read().unwrap();
-            devices
-                .iter()
-                .filter(|d| !h.contains_key(&(d.iface.clone(), d.vlan, d.mac.clone())))
-                .cloned()
-                .collect()
+            devices.iter().filter(|d| !h.contains_key(&d.id())).cloned().collect()
         };
         let events = devwatch::check(&new, policy, |segment| starts.get(segment).copied(), now);
         let mut store = state.events.write().unwrap();
@@ -323,7 +317,7 @@ impl StorePass {
         &mut self,
         state: &AppState,
         installed: &Installed,
-        devices: &[crate::model::Device],
+        devices: &[crate::inventory::Device],
         starts: &HashMap<String, SystemTime>,
         now: SystemTime,
     ) {
@@ -337,7 +331,7 @@ impl StorePass {
                 learn::SegmentStatus { learning: now < ends, learning_ends: rfc3339(ends), observations: 0 },
             );
         }
-        let view = crate::detect::PolicyView {
+        let view = crate::detection::detect::PolicyView {
             policy: &installed.policy,
             generation: installed.generation,
             learning_ends: &learning_ends,
@@ -390,7 +384,7 @@ fn read_token(path: &std::path::Path) -> Result<String> {
 struct RegisterFile {
     path: Option<std::path::PathBuf>,
     modified: Option<SystemTime>,
-    current: crate::register::Register,
+    current: crate::evidence::register::Register,
     ok: bool,
 }
 
@@ -406,7 +400,7 @@ impl RegisterFile {
             return;
         }
         self.modified = modified;
-        match crate::register::Register::load(path) {
+        match crate::evidence::register::Register::load(path) {
             Ok(r) => {
                 info!("vulnerability register {}: {} entries", path.display(), r.entries.len());
                 self.current = r;
@@ -434,7 +428,7 @@ struct EvidencePass {
 }
 
 impl EvidencePass {
-    fn pass(&mut self, state: &AppState, db: &mut Store, devices: &[crate::model::Device], stop: bool) {
+    fn pass(&mut self, state: &AppState, db: &mut Store, devices: &[crate::inventory::Device], stop: bool) {
         let now = SystemTime::now();
         // Events reach the database on this thread, never from the hot paths.
         let unsaved = std::mem::take(&mut state.events.write().unwrap().unsaved);
@@ -448,11 +442,9 @@ impl EvidencePass {
         }
         self.register.refresh();
         let findings = crate::evidence::assess(&self.register.current, devices, now);
-        // devices_json filled in each device's effective lifecycle state.
-        let states: HashMap<String, crate::lifecycle::State> = devices
-            .iter()
-            .map(|d| (d.mac.clone(), crate::lifecycle::State::from_name(&d.lifecycle).unwrap_or_default()))
-            .collect();
+        // The inventory gave each device its effective lifecycle state.
+        let states: HashMap<String, crate::inventory::lifecycle::State> =
+            devices.iter().map(|d| (d.mac.to_string(), d.lifecycle)).collect();
         let installed = state.policy.read().unwrap().current.clone();
         if stop || self.snapshotter.due(now, self.every) {
             let totals = crate::evidence::summarize(state.segstats.lock().unwrap().totals());

@@ -109,6 +109,9 @@ impl From<FlowKey4> for FlowKey {
     }
 }
 
+/// Where [`FlowValue::tcp_flags`] keeps the creating segment's flags.
+pub const OPEN_FLAGS_SHIFT: u32 = 8;
+
 /// A flow in the `FLOWS` and `FLOWS4` tables. Timestamps are `CLOCK_MONOTONIC_COARSE` nanoseconds.
 ///
 /// Counts are split by writer: the flow's home CPU (the one that created it,
@@ -132,8 +135,10 @@ pub struct FlowValue {
     pub foreign_bytes: u64,
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,
-    /// Union of the TCP flags byte of every segment (low 8 bits). A full word so the
-    /// kernel can OR into it atomically (BPF atomics are 32/64-bit only).
+    /// Union of the TCP flags byte of every segment (bits 0–7), and the flags of
+    /// the segment that created the entry (bits 8–15, [`OPEN_FLAGS_SHIFT`]): a
+    /// SYN without ACK there means this direction opened the connection. A full
+    /// word so the kernel can OR into it atomically (BPF atomics are 32/64-bit only).
     pub tcp_flags: u64,
     /// Policy cache: the verdict below holds until this `CLOCK_MONOTONIC_COARSE` ns (an
     /// exception's expiry), u64::MAX otherwise.

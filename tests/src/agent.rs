@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use mdsec_agent::{client, model};
+use mdsec_agent::{surfaces::client, surfaces::model};
 use serde::de::DeserializeOwned;
 
 use crate::netns::{Topology, in_netns};

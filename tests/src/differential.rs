@@ -308,7 +308,7 @@ pub fn run(n: u64, seed: u64) -> Result<Report> {
         if f.len() < 14 {
             f.resize(14, 0);
         }
-        let now = mdsec_agent::clock::mono_ns();
+        let now = mdsec_agent::base::clock::mono_ns();
         let want = pair.model.run(&f, 1, now);
         let got = pair.prog.run(&f)?;
         r.packets += 1;

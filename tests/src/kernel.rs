@@ -8,8 +8,8 @@ use aya::{
     programs::{ProgramError, TestRun, TestRunOptions, Xdp},
 };
 use mdsec_agent::{
-    flowtable::{FlowTables, Geometry, reopen},
-    loader::EBPF_OBJECT,
+    datapath::flowtable::{FlowTables, Geometry, reopen},
+    datapath::loader::EBPF_OBJECT,
 };
 use mdsec_common::{
     device::{DeviceKey, DeviceValue},
@@ -107,7 +107,7 @@ impl TestProg {
     /// STATS summed over CPUs, indexed like [`Stat::ALL`].
     pub fn stats(&self) -> Result<Vec<Counter>> {
         let m: PerCpuArray<&MapData, Counter> = PerCpuArray::try_from(self.ebpf.map(names::STATS).unwrap())?;
-        mdsec_agent::poller::stat_sums(&m)
+        mdsec_agent::datapath::poller::stat_sums(&m)
     }
 
     pub fn stat(&self, s: Stat) -> Result<u64> {
@@ -177,7 +177,7 @@ pub type DeviceTotals = std::collections::BTreeMap<DeviceKey, (u64, u64)>;
 /// Each device's frames and bytes from snapshots of the flow maps and DEVICES,
 /// derived by the agent's own merge.
 pub fn device_totals(flows: &[(FlowKey, FlowValue)], devices: &[(DeviceKey, DeviceValue)]) -> DeviceTotals {
-    let mut t = mdsec_agent::state::Tables::default();
+    let mut t = mdsec_agent::datapath::state::Tables::default();
     t.merge(flows, devices);
     t.devices
         .iter()
@@ -215,7 +215,7 @@ pub fn with_policy_sized(
     let p = p.with_context(|| format!("{diags:?}"))?;
     let mut prog = TestProg::load_with(names::PROGRAM, sizes)?;
     let mut maps = PolicyMaps::new(|n| prog.take_map(n))?;
-    let c = compile::compile(&p, &mdsec_agent::clock::Anchor::now(), maps.limits())
+    let c = compile::compile(&p, &mdsec_agent::base::clock::Anchor::now(), maps.limits())
         .map_err(anyhow::Error::msg)?;
     let generation = maps.apply(&c, event_rate)?;
     Ok((prog, maps, c, generation))

@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use mdsec_agent::model::Flow;
+use mdsec_agent::surfaces::model::Flow;
 use mdsec_tests::{
     agent::{Agent, AgentOptions},
     frames::{self, RawSender, TPID_8021Q, V4},
@@ -88,7 +88,7 @@ fn udp_flow_exact(v6: bool) {
     assert!(f.first_seen <= f.last_seen && f.first_seen.ends_with('Z'), "{f:?}");
     // The sender shows up as a device with its address.
     let devices = agent.devices().unwrap();
-    let mac = mdsec_agent::model::mac_string(h1.mac().unwrap());
+    let mac = mdsec_agent::base::net::mac_string(h1.mac().unwrap());
     let d = devices.iter().find(|d| d.mac == mac && d.iface == h1.gw_if).expect("sender device");
     assert!(d.ips.contains(&h1.ip(v6).to_string()), "{d:?}");
     assert!(d.packets >= 1000 && d.bytes >= f.bytes, "{d:?}");

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mdsec_agent::model::{Device, Event, Flow};
+use mdsec_agent::surfaces::model::{Device, Event, Flow};
 use mdsec_tests::{
     agent::{Agent, AgentOptions},
     frames::{self, RawSender, V4},
@@ -121,7 +121,7 @@ fn pages_filters_and_the_export_hold_at_100k_flows() {
             })
             .unwrap()
             .unwrap();
-            let body = mdsec_agent::client::request(&mut s, addr, "/healthz").unwrap();
+            let body = mdsec_agent::surfaces::client::request(&mut s, addr, "/healthz").unwrap();
             assert_eq!(body, b"ok\n");
             worst = worst.max(t.elapsed());
             std::thread::sleep(Duration::from_millis(20));

@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, process::Command, time::Duration};
 
-use mdsec_agent::model::{Device, Flow};
+use mdsec_agent::surfaces::model::{Device, Flow};
 use mdsec_tests::{
     agent::{Agent, AgentOptions, agent_bin},
     netns::Topology,
@@ -44,7 +44,7 @@ fn flows_and_devices_commands_print_tables_and_json() {
     let row = table.lines().find(|l| l.contains(&format!("10.0.1.2:{sport}"))).expect("flow row");
     assert!(row.contains("10.0.2.2:9400") && row.contains("udp"), "{row}");
 
-    let mac = mdsec_agent::model::mac_string(h1.mac().unwrap());
+    let mac = mdsec_agent::base::net::mac_string(h1.mac().unwrap());
     let devices: Vec<Device> = serde_json::from_str(&cli(&topo, &["devices", "--json"])).unwrap();
     assert!(devices.iter().any(|d| d.mac == mac && d.ips.contains(&"10.0.1.2".to_string())));
     assert!(cli(&topo, &["devices"]).lines().any(|l| l.contains(&mac) && l.contains("10.0.1.2")));

@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use mdsec_agent::model::Event;
+use mdsec_agent::surfaces::model::Event;
 use mdsec_tests::{
     agent::{Agent, AgentOptions},
     frames::{self, RawSender, V4},

@@ -21,7 +21,7 @@ fn devices_carry_vendor_apps_and_peers() {
     ip(&["-n", &h1.ns, "link", "set", "dev", "eth0", "address", "58:46:e1:00:00:07"]).unwrap();
     topo.warm_up().unwrap();
     // The operator says what h2 is.
-    let h2_mac = mdsec_agent::model::mac_string(h2.mac().unwrap());
+    let h2_mac = mdsec_agent::base::net::mac_string(h2.mac().unwrap());
     let overrides = format!(
         "devices:\n  - mac: \"{h2_mac}\"\n    class: server\n    name: Pharmacy IS\n    model: PIS 7\n"
     );

@@ -11,7 +11,7 @@
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
-use mdsec_agent::report::Report;
+use mdsec_agent::evidence::report::Report;
 use mdsec_tests::{
     agent::{Agent, AgentOptions, cli, cli_in},
     fixtures,
@@ -145,7 +145,7 @@ fn register_lifecycle_and_report_match_the_traffic() {
     assert!(!ok && err.contains("`retired` is not a lifecycle state"), "{err}");
     let (ok, out, _) = cli_in(&agent.gw, &["device", "audit", "--mac", OLD_PUMP, "--json"]);
     assert!(ok);
-    let audit: Vec<mdsec_agent::lifecycle::AuditRow> = serde_json::from_str(&out).unwrap();
+    let audit: Vec<mdsec_agent::inventory::lifecycle::AuditRow> = serde_json::from_str(&out).unwrap();
     assert_eq!(
         audit.iter().map(|a| (a.from.as_str(), a.to.as_str(), a.actor.as_str())).collect::<Vec<_>>(),
         vec![("onboarding", "active", "biomed:ana"), ("active", "decommissioned", "biomed:ana")]
@@ -155,7 +155,7 @@ fn register_lifecycle_and_report_match_the_traffic() {
 
     // The decommissioned pump sends again, twice: exactly one event.
     tcp_exchange(&topo, 5, 2, 2575, &fixtures::load("hl7-mllp"));
-    let decom = |e: &Vec<mdsec_agent::model::Event>| {
+    let decom = |e: &Vec<mdsec_agent::surfaces::model::Event>| {
         e.iter().filter(|e| e.kind == "decommissioned_device").cloned().collect::<Vec<_>>()
     };
     agent
@@ -182,7 +182,7 @@ fn register_lifecycle_and_report_match_the_traffic() {
     agent
         .wait_for(
             Duration::from_secs(10),
-            move |_| mdsec_agent::store::Store::open(&state2)?.snapshots_between("0", "9"),
+            move |_| mdsec_agent::evidence::store::Store::open(&state2)?.snapshots_between("0", "9"),
             |docs| {
                 let total = |seg: &str, f: fn(&mdsec_agent::evidence::SegmentCounts) -> u64| -> u64 {
                     docs.iter()
@@ -228,11 +228,11 @@ fn register_lifecycle_and_report_match_the_traffic() {
         ("CHG-20412", "vendor remote maintenance", true)
     );
     assert_eq!(pumps.clinical_impact, "life-critical");
-    let devs: BTreeMap<&str, &mdsec_agent::report::DeviceReport> =
+    let devs: BTreeMap<&str, &mdsec_agent::evidence::report::DeviceReport> =
         r.vulnerable_devices.iter().map(|d| (d.mac.as_str(), d)).collect();
     assert_eq!(devs.keys().copied().collect::<Vec<_>>(), vec![MODALITY, PUMP]);
     let pump = devs[PUMP];
-    let status = |d: &mdsec_agent::report::DeviceReport| {
+    let status = |d: &mdsec_agent::evidence::report::DeviceReport| {
         d.findings
             .iter()
             .map(|f| (f.cve.clone(), serde_json::to_value(f.status).unwrap()))
@@ -353,7 +353,7 @@ fn register_lifecycle_and_report_match_the_traffic() {
     };
     let img = (buf[..info.buffer_size()].to_vec(), px);
     assert_eq!((info.width, info.height), (1200, 1600));
-    use mdsec_agent::report_render::{COLOR_DROPPED, COLOR_LAG, COLOR_WOULD_DROP};
+    use mdsec_agent::evidence::report_render::{COLOR_DROPPED, COLOR_LAG, COLOR_WOULD_DROP};
     // Each legend square is 144 pixels; the bars (31 and 20 packets) are thousands,
     // the one-day lag point a disc of about 110.
     for (name, color, min) in [

@@ -182,7 +182,7 @@ fn a_devices_totals_survive_a_restart_after_its_flows_aged_out() {
         ..Default::default()
     };
     let h1 = topo.host(1);
-    let mac = mdsec_agent::model::mac_string(h1.mac().unwrap());
+    let mac = mdsec_agent::base::net::mac_string(h1.mac().unwrap());
     let device = |a: &Agent| -> anyhow::Result<Option<u64>> {
         Ok(a.devices()?.into_iter().find(|d| d.mac == mac && d.iface == h1.gw_if).map(|d| d.packets))
     };

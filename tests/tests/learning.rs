@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use mdsec_agent::{learn::Status, model::Event};
+use mdsec_agent::{detection::learn::Status, surfaces::model::Event};
 use mdsec_tests::{
     agent::{Agent, AgentOptions, cli},
     fixtures,

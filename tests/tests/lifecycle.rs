@@ -21,7 +21,7 @@ fn clean_stop_detaches_xdp() {
     let agent = Agent::start(&topo, AgentOptions::default()).unwrap();
     let gw_if = &topo.host(1).gw_if;
     assert!(xdp_attached(&topo.gw, gw_if));
-    let ifaces: Vec<mdsec_agent::model::Interface> = agent.get("/api/v1/interfaces").unwrap();
+    let ifaces: Vec<mdsec_agent::surfaces::model::Interface> = agent.get("/api/v1/interfaces").unwrap();
     assert_eq!(ifaces.len(), 1);
     assert_eq!((ifaces[0].requested_mode.as_str(), ifaces[0].effective_mode.as_str()), ("driver", "driver"));
     assert!(agent.stop().unwrap().success());
@@ -32,7 +32,7 @@ fn clean_stop_detaches_xdp() {
 fn generic_mode_is_attached_as_asked() {
     let topo = Topology::new(1).unwrap();
     let agent = Agent::start(&topo, AgentOptions { xdp_mode: "skb", ..Default::default() }).unwrap();
-    let ifaces: Vec<mdsec_agent::model::Interface> = agent.get("/api/v1/interfaces").unwrap();
+    let ifaces: Vec<mdsec_agent::surfaces::model::Interface> = agent.get("/api/v1/interfaces").unwrap();
     assert_eq!(ifaces[0].effective_mode, "skb");
     assert!(agent.log().contains("effective mode skb"), "{}", agent.log());
 }
@@ -181,5 +181,7 @@ fn a_pinned_policy_survives_a_keep_restart_and_goes_when_policy_dir_is_removed()
     assert_eq!(probe(), 5);
     assert!(second.log().contains("turning off policy generation 1"), "{}", second.log());
     drop(second);
-    let _ = mdsec_agent::loader::remove_pins(&mdsec_agent::loader::layout_dir(&fs.0.join("mdsec")));
+    let _ = mdsec_agent::datapath::loader::remove_pins(&mdsec_agent::datapath::loader::layout_dir(
+        &fs.0.join("mdsec"),
+    ));
 }

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mdsec_agent::model::Event;
+use mdsec_agent::surfaces::model::Event;
 use mdsec_tests::{
     agent::{Agent, AgentOptions},
     frames::{self, RawSender, V4},
@@ -229,7 +229,7 @@ impl Prometheus {
     fn get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
         let addr = self.addr;
         let mut s = in_netns(&self.gw, move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)))??;
-        let (status, body) = mdsec_agent::client::exchange(&mut s, addr, "GET", path, None)?;
+        let (status, body) = mdsec_agent::surfaces::client::exchange(&mut s, addr, "GET", path, None)?;
         anyhow::ensure!(status == 200, "{path}: HTTP {status}");
         Ok(serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null))
     }

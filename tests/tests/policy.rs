@@ -196,7 +196,7 @@ fn vlan_scoped_segment_applies_only_on_its_vlan() {
 #[test]
 fn mac_membership_puts_a_device_in_a_segment() {
     let topo = Topology::new(3).unwrap();
-    let mac = mdsec_agent::model::mac_string(topo.host(3).mac().unwrap());
+    let mac = mdsec_agent::base::net::mac_string(topo.host(3).mac().unwrap());
     let seg = (
         "monitors.yaml".to_string(),
         format!(
@@ -214,7 +214,7 @@ fn mac_membership_puts_a_device_in_a_segment() {
 fn exception_allows_until_it_expires_then_drops() {
     let topo = Topology::new(3).unwrap();
     let expires = std::time::SystemTime::now() + Duration::from_secs(4);
-    let stamp = mdsec_agent::clock::rfc3339(expires);
+    let stamp = mdsec_agent::base::clock::rfc3339(expires);
     let rules = format!(
         "exceptions:\n  - to: pharmacy\n    proto: udp\n    ports: [9300]\n    expires: {stamp}\n    reason: vendor maintenance\n    ticket: CHG-42\n"
     );

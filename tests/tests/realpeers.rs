@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use mdsec_agent::model::{Device, Flow};
+use mdsec_agent::surfaces::model::{Device, Flow};
 use mdsec_tests::{
     agent::{Agent, AgentOptions},
     netns::{Topology, in_netns, ip},
@@ -224,7 +224,7 @@ fn a_real_dhcp_exchange_leaves_hostname_and_option_55() {
     let log = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(log.contains("DHCPACK"), "no lease: {log}");
     let _ = run(&h1.ns, &["dhclient", "-x", "-pf", dir.join("dhclient.pid").to_str().unwrap()]);
-    let mac = mdsec_agent::model::mac_string(h1.mac().unwrap());
+    let mac = mdsec_agent::base::net::mac_string(h1.mac().unwrap());
     let devices = agent
         .wait_for(
             Duration::from_secs(10),

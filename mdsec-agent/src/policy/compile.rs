@@ -24,7 +24,7 @@ use mdsec_common::{
 };
 
 use super::model::{DefaultVerdict, Direction, Member, Mode, Peer, Policy};
-use crate::clock::Anchor;
+use crate::base::clock::Anchor;
 
 /// An IDENT entry without its generation byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -215,7 +215,7 @@ pub fn compile(p: &Policy, anchor: &Anchor, limits: Limits) -> Result<Compiled, 
                 let id = c.ids.len() as u32;
                 let mut info = IdInfo {
                     segment: Some(i),
-                    description: crate::model::mac_string(*mac),
+                    description: crate::base::net::mac_string(*mac),
                     ..Default::default()
                 };
                 info.names.insert(Peer::Name(s.name.clone()));

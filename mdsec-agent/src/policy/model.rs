@@ -39,21 +39,7 @@ pub const MAX_FILES: usize = 1024;
 
 pub const ZONES_FILE: &str = "zones.yaml";
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Diagnostic {
-    pub file: PathBuf,
-    pub line: u64,
-    pub col: u64,
-    pub message: String,
-    pub warning: bool,
-}
-
-impl fmt::Display for Diagnostic {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = if self.warning { "warning: " } else { "" };
-        write!(f, "{}:{}:{}: {kind}{}", self.file.display(), self.line, self.col, self.message)
-    }
-}
+pub use crate::base::diag::Diagnostic;
 
 // ---- YAML shapes -----------------------------------------------------------------
 
@@ -431,7 +417,7 @@ fn parse<T: serde::de::DeserializeOwned>(cx: &mut Ctx, f: &Path, text: &str) -> 
         Ok(v) => Some(v),
         Err(e) => {
             let (line, col) = e.location().map(|l| (l.line(), l.column())).unwrap_or((1, 1));
-            cx.err(f, line, col, crate::config::saphyr_message(&e.to_string()));
+            cx.err(f, line, col, crate::base::diag::saphyr_message(&e.to_string()));
             None
         }
     }
@@ -458,7 +444,7 @@ fn parse_net(cx: &mut Ctx, f: &Path, s: &Spanned<String>) -> Option<IpNet> {
 }
 
 fn parse_mac(cx: &mut Ctx, f: &Path, s: &Spanned<String>) -> Option<[u8; 6]> {
-    let mac = crate::model::parse_mac(&s.value);
+    let mac = crate::base::net::parse_mac(&s.value);
     if mac.is_none() {
         cx.err_at(f, s, format!("`{}` is not a MAC address (aa:bb:cc:dd:ee:ff)", s.value));
     }
@@ -687,7 +673,7 @@ fn member_text(m: &Member) -> String {
         Member::Net { net, vlan: Some(v) } => format!("{net} (vlan {v})"),
         Member::Net { net, vlan: None } => net.to_string(),
         Member::Mac { mac, vlan } => {
-            let s = crate::model::mac_string(*mac);
+            let s = crate::base::net::mac_string(*mac);
             vlan.map_or(s.clone(), |v| format!("{s} (vlan {v})"))
         }
     }
@@ -824,19 +810,6 @@ mod tests {
         assert_eq!(parse_period("0s"), Some(std::time::Duration::ZERO));
         for bad in ["", "7", "d", "7w", "-1h", "1.5h"] {
             assert_eq!(parse_period(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn committed_schemas_are_current() {
-        for (name, text) in crate::model::schemas() {
-            let path = root().join("deploy/schema").join(name);
-            let committed = std::fs::read_to_string(&path).unwrap_or_default();
-            assert!(
-                committed == text,
-                "{} is stale: run `mdsec-agent schema --out deploy/schema`",
-                path.display()
-            );
         }
     }
 

@@ -17,8 +17,8 @@ use super::{
     model::{self, Policy},
 };
 use crate::{
-    clock::{Anchor, rfc3339},
-    segstats::SegStats,
+    base::clock::{Anchor, rfc3339},
+    datapath::segstats::SegStats,
 };
 
 /// A generation as installed, kept so flows and events can be described.

@@ -13,7 +13,7 @@ use std::{
 use anyhow::Result;
 use ipnet::IpNet;
 use mdsec_agent::{
-    clock::Anchor,
+    base::clock::Anchor,
     policy::{
         compile,
         maps::PolicyMaps,

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::Result;
 use aya::maps::HashMap as BpfHashMap;
-use mdsec_agent::{poller::Poller, segstats::SegStats, state::Tables};
+use mdsec_agent::{datapath::poller::Poller, datapath::segstats::SegStats, datapath::state::Tables};
 use mdsec_common::{
     device::{DeviceKey, DeviceValue},
     flow::{FlowKey4, FlowValue},
@@ -44,7 +44,7 @@ fn cpu_time() -> Duration {
 pub fn run() -> Result<()> {
     let mut prog =
         TestProg::load_with(names::PROGRAM, &[(names::FLOWS4, FLOWS * 2), (names::DEVICES, DEVICES * 2)])?;
-    let now = mdsec_agent::clock::mono_ns();
+    let now = mdsec_agent::base::clock::mono_ns();
     let fill = Instant::now();
     {
         let flows6_map = prog.take_map(names::FLOWS)?;
@@ -211,12 +211,13 @@ fn serve_and_measure(tables: Arc<RwLock<Tables>>, segstats: Arc<Mutex<SegStats>>
         net::TcpStream,
         sync::atomic::{AtomicBool, Ordering},
     };
-    let state = Arc::new(mdsec_agent::api::AppState::bare(tables, segstats, std::env::temp_dir()));
+    let state =
+        Arc::new(mdsec_agent::surfaces::state::AppState::bare(tables, segstats, std::env::temp_dir()));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let addr = listener.local_addr()?;
-    rt.spawn(mdsec_agent::api::serve(listener, state));
-    let get = |path: &str| mdsec_agent::client::get(addr, path, None);
+    rt.spawn(mdsec_agent::surfaces::api::serve(listener, state));
+    let get = |path: &str| mdsec_agent::surfaces::client::get(addr, path, None);
     // One device's flows: device 17 owns every 10,000th flow.
     let mut ms = Vec::new();
     for _ in 0..5 {
@@ -247,7 +248,7 @@ fn serve_and_measure(tables: Arc<RwLock<Tables>>, segstats: Arc<Mutex<SegStats>>
             let (mut worst, mut n) = (Duration::ZERO, 0);
             while !done.load(Ordering::Relaxed) {
                 let t0 = Instant::now();
-                if mdsec_agent::client::get(addr, "/healthz", None).is_ok() {
+                if mdsec_agent::surfaces::client::get(addr, "/healthz", None).is_ok() {
                     worst = worst.max(t0.elapsed());
                     n += 1;
                 }

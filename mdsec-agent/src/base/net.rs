@@ -1,0 +1,80 @@
+//! MAC addresses and protocol names as the agent spells them.
+
+pub fn proto_name(p: u8) -> String {
+    match p {
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        58 => "icmpv6".into(),
+        n => n.to_string(),
+    }
+}
+
+pub fn tcp_flag_names(f: u8) -> Vec<String> {
+    const NAMES: [&str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
+    (0..8).filter(|b| f & (1 << b) != 0).map(|b| NAMES[b].to_string()).collect()
+}
+
+/// `aa:bb:cc:dd:ee:ff` (or `-` separated), exactly six two-digit hex groups.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut n = 0;
+    for part in s.trim().split([':', '-']) {
+        if n == 6 || part.len() != 2 {
+            return None;
+        }
+        mac[n] = u8::from_str_radix(part, 16).ok()?;
+        n += 1;
+    }
+    (n == 6).then_some(mac)
+}
+
+pub fn mac_string(m: [u8; 6]) -> String {
+    Mac(m).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_parse_strictly_and_round_trip() {
+        let m = parse_mac("58:46:E1:00:00:07").unwrap();
+        assert_eq!(mac_string(m), "58:46:e1:00:00:07");
+        assert_eq!(parse_mac("58-46-e1-00-00-07"), Some(m));
+        for bad in [
+            "",
+            "58:46:e1:00:00",
+            "58:46:e1:00:00:07:08",
+            "58:46:zz:00:00:07",
+            "5:46:e1:00:00:07",
+            "58:46:e1::00:07",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
+    }
+}
+
+/// A MAC address; shown as `aa:bb:cc:dd:ee:ff`.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Mac(pub [u8; 6]);
+
+impl std::fmt::Display for Mac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    }
+}
+
+impl std::fmt::Debug for Mac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::str::FromStr for Mac {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mac, String> {
+        parse_mac(s).map(Mac).ok_or_else(|| format!("`{s}` is not a MAC address (aa:bb:cc:dd:ee:ff)"))
+    }
+}

@@ -1,0 +1,243 @@
+//! The command line: [`main`] → [`run`] → one function per command, in one
+//! module per command group (`agent`: run/check/detach; `lists`: flows,
+//! devices, events, stats; `device`: lifecycle; `evidence`: report, register;
+//! `policy`: suggest, schema). Every table goes through [`table::print`].
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::{
+    config::{self, Config},
+    surfaces::client,
+};
+
+mod agent;
+mod device;
+mod evidence;
+mod lists;
+mod policy;
+pub mod table;
+
+pub use policy::schemas;
+
+#[derive(Parser)]
+#[command(name = "mdsec-agent", version, about = "Network-layer security for medical devices (XDP)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Attach the datapath to the configured interfaces and serve the API.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file; prints `file:line:col: message` and exits 1 on error.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// List flows seen by a running agent (filters and paging as the API's).
+    Flows(lists::ListArgs),
+    /// List devices seen by a running agent.
+    Devices(lists::ListArgs),
+    /// List recent events of a running agent, oldest first.
+    Events(lists::ListArgs),
+    /// Show datapath counters by reason.
+    Stats(Query),
+    /// Write the JSON Schemas of the policy files (for editors) and of events to a directory.
+    Schema {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print an allow-list for a segment from its learned baseline (a complete
+    /// segment file that `check` accepts; review it, then replace the segment's file).
+    Suggest {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The segment (its file must be in policy_dir).
+        #[arg(long)]
+        segment: String,
+        /// Mode of the suggested file (default: the segment's current mode).
+        #[arg(long, value_parser = ["monitor", "enforce"])]
+        mode: Option<String>,
+        /// Also use communication first seen after the learning period.
+        #[arg(long)]
+        all: bool,
+        /// Write to this file (atomically) instead of standard output.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// Compensating-controls evidence for a period, from the state database, the
+    /// policy and the vulnerability register (works with the agent stopped too).
+    Report {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Start, `YYYY-MM-DD` (UTC) or RFC 3339; default 30 days before `--to`.
+        #[arg(long)]
+        from: Option<String>,
+        /// End (exclusive); default now.
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, value_parser = ["html", "md", "json"], default_value = "html")]
+        format: String,
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+    /// Device lifecycle (through the running agent's API).
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// The vulnerability register.
+    #[command(subcommand)]
+    Register(RegisterCmd),
+    /// Detach the datapath and remove its pins (after a crash, or an `on_exit: keep` stop).
+    Detach {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// Change a device's lifecycle state (onboarding, active, exception,
+    /// decommissioned); audited with the reason and actor.
+    SetState {
+        mac: String,
+        state: String,
+        #[arg(long)]
+        reason: String,
+        /// Who makes the change (default: $SUDO_USER or $USER).
+        #[arg(long)]
+        actor: Option<String>,
+        #[command(flatten)]
+        q: Query,
+    },
+    /// The lifecycle audit trail (of one device, or all).
+    Audit {
+        #[arg(long)]
+        mac: Option<String>,
+        #[command(flatten)]
+        q: Query,
+    },
+}
+
+#[derive(Subcommand)]
+enum RegisterCmd {
+    /// Convert a CSV export (vendor,model,firmware,cve,disclosed,patch[,title]) to register YAML.
+    Import {
+        #[arg(long)]
+        csv: PathBuf,
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+pub(crate) struct Query {
+    /// API address of the agent.
+    #[arg(long, default_value = config::DEFAULT_LISTEN)]
+    pub(crate) api: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// File with the API bearer token (the agent's `api.token_file`); the
+    /// MDSEC_API_TOKEN environment variable works too.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+impl Query {
+    pub(crate) fn token(&self) -> Result<Option<String>> {
+        if let Some(f) = &self.token_file {
+            let text = std::fs::read_to_string(f)
+                .map_err(|e| anyhow::anyhow!("read token file {}: {e}", f.display()))?;
+            return Ok(Some(text.lines().next().unwrap_or("").trim().to_string()));
+        }
+        Ok(std::env::var("MDSEC_API_TOKEN").ok().filter(|t| !t.is_empty()))
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
+        client::get_json(client::parse_api(&self.api)?, path, self.token()?.as_deref())
+    }
+}
+
+pub fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run(Cli::parse().cmd) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cmd: Cmd) -> Result<ExitCode> {
+    match cmd {
+        Cmd::Run { config } => agent::run(&config),
+        Cmd::Check { config } => agent::check(&config),
+        Cmd::Detach { config } => agent::detach(&config),
+        Cmd::Flows(a) => lists::flows(&a),
+        Cmd::Devices(a) => lists::devices(&a),
+        Cmd::Events(a) => lists::events(&a),
+        Cmd::Stats(q) => lists::stats(&q),
+        Cmd::Device(DeviceCmd::SetState { mac, state, reason, actor, q }) => {
+            device::set_state(&mac, &state, &reason, actor, &q)
+        }
+        Cmd::Device(DeviceCmd::Audit { mac, q }) => device::audit(mac.as_deref(), &q),
+        Cmd::Report { config, from, to, format, out } => evidence::report(&evidence::ReportArgs {
+            config: &config,
+            from: from.as_deref(),
+            to: to.as_deref(),
+            format: &format,
+            out: out.as_deref(),
+        }),
+        Cmd::Register(RegisterCmd::Import { csv, out }) => evidence::import(&csv, out.as_deref()),
+        Cmd::Suggest { config, segment, mode, all, out } => {
+            policy::suggest(&config, &segment, mode.as_deref(), all, out.as_ref())
+        }
+        Cmd::Schema { out } => policy::schema(&out),
+    }
+}
+
+fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// Prints every diagnostic; the exit code a command ends with when there were any.
+fn print_diags(diags: impl IntoIterator<Item = impl std::fmt::Display>) -> ExitCode {
+    for d in diags {
+        eprintln!("{d}");
+    }
+    ExitCode::FAILURE
+}
+
+/// The policy directory loaded now, or its diagnostics printed.
+fn load_policy(dir: &std::path::Path) -> Result<crate::policy::model::Policy, ExitCode> {
+    let (p, diags) = crate::policy::model::load_dir(dir, std::time::SystemTime::now());
+    p.ok_or_else(|| print_diags(diags))
+}
+
+/// The vulnerability register, or its diagnostics printed.
+fn load_register(path: &std::path::Path) -> Result<crate::evidence::register::Register, ExitCode> {
+    crate::evidence::register::Register::load(path).map_err(print_diags)
+}
+
+/// `text` to the file `out`, or to standard output.
+fn write_out(out: Option<&std::path::Path>, text: &str) -> Result<()> {
+    match out {
+        Some(p) => std::fs::write(p, text).map_err(|e| anyhow::anyhow!("write {}: {e}", p.display())),
+        None => {
+            print!("{text}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! `suggest` and `schema`: writing policy files.
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::Result;
+
+use super::{load_config, load_policy};
+use crate::{
+    detection::suggest::{self, Options},
+    evidence::store::Store,
+    policy::model::Mode,
+};
+
+/// An allow-list for `segment` from its learned baseline.
+pub fn suggest(
+    config: &Path,
+    segment: &str,
+    mode: Option<&str>,
+    all: bool,
+    out: Option<&PathBuf>,
+) -> Result<ExitCode> {
+    let cfg = match load_config(config) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let Some(dir) = &cfg.policy_dir else {
+        anyhow::bail!("{}: no policy_dir: suggest needs the segment's file", config.display());
+    };
+    let policy = match load_policy(dir) {
+        Ok(p) => p,
+        Err(code) => return Ok(code),
+    };
+    let rows = Store::open_existing(&cfg.state_dir)?.load_observations(Some(segment))?;
+    let mode = mode.map(|m| if m == "enforce" { Mode::Enforce } else { Mode::Monitor });
+    let now = crate::base::clock::rfc3339(std::time::SystemTime::now());
+    let text = suggest::suggest(&policy, &rows, &Options { segment, mode, all, now })?;
+    match out {
+        None => print!("{text}"),
+        Some(path) => {
+            // Write beside the target, then rename: the agent's file watcher
+            // must never read half a file.
+            let tmp = path.with_extension("yaml.tmp~");
+            std::fs::write(&tmp, &text).map_err(|e| anyhow::anyhow!("write {}: {e}", tmp.display()))?;
+            std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("rename to {}: {e}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes every published JSON Schema into `out`.
+pub fn schema(out: &Path) -> Result<ExitCode> {
+    std::fs::create_dir_all(out)?;
+    for (name, text) in schemas() {
+        std::fs::write(out.join(name), text)?;
+        println!("{}", out.join(name).display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Every published JSON Schema (`deploy/schema/`): the policy files, events,
+/// the register and the report.
+pub fn schemas() -> Vec<(&'static str, String)> {
+    let mut all = crate::policy::model::schemas();
+    let s = schemars::schema_for!(crate::base::event::Event);
+    all.push(("event.schema.json", serde_json::to_string_pretty(&s).unwrap() + "\n"));
+    all.push(("register.schema.json", crate::evidence::register::schema()));
+    all.push(("report.schema.json", crate::evidence::report::schema()));
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn committed_schemas_are_current() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for (name, text) in super::schemas() {
+            let path = root.join("deploy/schema").join(name);
+            let committed = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                committed == text,
+                "{} is stale: run `mdsec-agent schema --out deploy/schema`",
+                path.display()
+            );
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! Owns the eBPF object, the XDP program and its links: load, pin, attach, detach.
+//!
+//! Pin layout under `pin_dir` (default `/sys/fs/bpf/mdsec`):
+//! `v<LAYOUT_VERSION>/maps/<MAP>` and `v<LAYOUT_VERSION>/links/<ifname>`.
+//! A restart finds both: maps are reused (counts continue) and the program inside
+//! each pinned link is replaced atomically (no moment without the datapath).
+
+use std::{
+    collections::HashMap,
+    ffi::CString,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Map, MapInfo},
+    programs::{
+        Xdp,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
+};
+use log::{info, warn};
+use mdsec_common::{
+    device::{DeviceKey, DeviceValue},
+    flowtable::{FlowSet4, FlowSet6},
+    frag::{FragKey, FragValue},
+    maps as names,
+    policy::{
+        IFACE_MIRROR, IdentData, MAX_IDS, MacKey, PolicyConfig, PolicyData, PolicyValue, SegmentInfo,
+        TupleKey,
+    },
+    stats::{Counter, STATS_LEN},
+};
+
+use crate::{
+    datapath::flowtable::{self, Geometry},
+    datapath::netlink,
+    datapath::settings::{Interface, MapSizes, Role, XdpMode},
+};
+
+/// The eBPF object built by build.rs from `mdsec-ebpf`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mdsec.bpf.o"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// An interface the datapath is attached to.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Attached {
+    pub name: String,
+    pub ifindex: u32,
+    pub role: Role,
+    pub requested_mode: XdpMode,
+    /// What the kernel reports after attaching (netlink IFLA_XDP_ATTACHED).
+    pub effective_mode: String,
+    /// True when a pinned link from an earlier run was reused.
+    pub replaced: bool,
+}
+
+pub struct Datapath {
+    pub ebpf: Ebpf,
+    pub attached: Vec<Attached>,
+    /// The flow tables' set counts and hash seed the program was loaded with.
+    pub geometry: Geometry,
+    root: PathBuf,
+}
+
+/// Expected (key size, value size) of each map, to detect pins from another layout.
+fn map_layout(name: &str) -> (u32, u32) {
+    use std::mem::size_of;
+    match name {
+        names::FLOWS => (4, size_of::<FlowSet6>() as u32),
+        names::FLOWS4 => (4, size_of::<FlowSet4>() as u32),
+        names::FLOW_SEED => (4, 8),
+        names::DEVICES => (size_of::<DeviceKey>() as u32, size_of::<DeviceValue>() as u32),
+        names::FRAGS => (size_of::<FragKey>() as u32, size_of::<FragValue>() as u32),
+        names::STATS => (4, size_of::<Counter>() as u32),
+        names::IDENT => (4 + size_of::<IdentData>() as u32, 4),
+        names::MACS => (size_of::<MacKey>() as u32, 4),
+        names::POLICY => (4 + size_of::<PolicyData>() as u32, size_of::<PolicyValue>() as u32),
+        names::SEGMENTS => (4, size_of::<SegmentInfo>() as u32),
+        names::CONFIG => (4, size_of::<PolicyConfig>() as u32),
+        names::IFACES => (4, 4),
+        names::ALLOWED => (size_of::<TupleKey>() as u32, 1),
+        _ => unreachable!("unknown map {name}"),
+    }
+}
+
+pub fn layout_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(format!("v{}", names::LAYOUT_VERSION))
+}
+
+impl Datapath {
+    pub fn load(pin_dir: &std::path::Path, maps: &MapSizes, interfaces: &[Interface]) -> Result<Datapath> {
+        ensure_bpffs(pin_dir)?;
+        let root = layout_dir(pin_dir);
+        let maps_dir = root.join("maps");
+        let links_dir = root.join("links");
+        fs::create_dir_all(&maps_dir).with_context(|| format!("create {}", maps_dir.display()))?;
+        fs::create_dir_all(&links_dir).with_context(|| format!("create {}", links_dir.display()))?;
+
+        let sets = Geometry::new(maps.flows, maps.flows_ipv6, 0);
+        let sizes = [
+            (names::FLOWS, sets.sets6),
+            (names::FLOWS4, sets.sets4),
+            (names::FLOW_SEED, 1),
+            (names::DEVICES, maps.devices),
+            (names::FRAGS, maps.fragments),
+            (names::STATS, STATS_LEN),
+            (names::IDENT, names::DEFAULT_IDENT_MAX),
+            (names::MACS, names::DEFAULT_MACS_MAX),
+            (names::POLICY, names::DEFAULT_POLICY_MAX),
+            (names::SEGMENTS, 2 * MAX_IDS),
+            (names::CONFIG, 1),
+            (names::IFACES, names::IFACES_MAX),
+            (names::ALLOWED, names::DEFAULT_ALLOWED_MAX),
+        ];
+        for (name, max) in sizes {
+            drop_incompatible_pin(&maps_dir.join(name), name, max)?;
+        }
+        let geometry = Geometry { seed: flow_seed(&maps_dir)?, ..sets };
+        let pins: Vec<(&str, PathBuf)> = names::ALL.iter().map(|n| (*n, maps_dir.join(n))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, max) in sizes {
+            loader.map_max_entries(name, max);
+        }
+        geometry.configure(&mut loader);
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).context("load the eBPF object")?;
+        let mut seed: aya::maps::Array<_, u64> =
+            aya::maps::Array::try_from(ebpf.map_mut(names::FLOW_SEED).context("FLOW_SEED missing")?)?;
+        seed.set(0, geometry.seed, 0).context("write FLOW_SEED")?;
+
+        let prog: &mut Xdp =
+            ebpf.program_mut(names::PROGRAM).context("program missing from object")?.try_into()?;
+        prog.load().map_err(verifier_tail)?;
+
+        let mut attached = Vec::new();
+        for iface in interfaces {
+            let a = attach(prog, &links_dir, iface.name.as_str(), iface.xdp_mode)
+                .with_context(|| format!("attach XDP to {}", iface.name))?;
+            let effective = netlink::xdp_attached_mode(a.0)
+                .map(|m| m.to_string())
+                .unwrap_or_else(|e| format!("unknown ({e})"));
+            info!(
+                "{}: XDP attached (ifindex {}, requested mode {}, effective mode {}{})",
+                iface.name,
+                a.0,
+                iface.xdp_mode,
+                effective,
+                if a.1 { ", replaced the program of a pinned link" } else { "" }
+            );
+            if iface.xdp_mode == XdpMode::Skb {
+                // Generic XDP runs on socket buffers after GRO (and, on veth, before GSO
+                // segmentation): a merged TCP burst is one packet with all its bytes.
+                info!(
+                    "{}: generic (skb) XDP counts merged GRO/GSO packets as one; bytes stay exact. \
+                     For per-frame packet counts use driver mode or `ethtool -K {} gro off`",
+                    iface.name, iface.name
+                );
+            }
+            if effective != iface.xdp_mode.to_string() {
+                warn!(
+                    "{}: effective XDP mode {} differs from the requested {}",
+                    iface.name, effective, iface.xdp_mode
+                );
+            }
+            attached.push(Attached {
+                name: iface.name.clone(),
+                ifindex: a.0,
+                role: iface.role,
+                requested_mode: iface.xdp_mode,
+                effective_mode: effective,
+                replaced: a.1,
+            });
+        }
+        let mut ifaces: aya::maps::HashMap<_, u32, u32> =
+            aya::maps::HashMap::try_from(ebpf.map_mut(names::IFACES).context("IFACES missing")?)?;
+        for a in &attached {
+            let flags = if a.role == Role::Mirror { IFACE_MIRROR } else { 0 };
+            ifaces.insert(a.ifindex, flags, 0).context("write IFACES")?;
+        }
+        Ok(Datapath { ebpf, attached, geometry, root })
+    }
+
+    pub fn take_map(&mut self, name: &str) -> Result<Map> {
+        self.ebpf.take_map(name).with_context(|| format!("map {name} missing from object"))
+    }
+
+    pub fn ifnames(&self) -> HashMap<u32, String> {
+        self.attached.iter().map(|a| (a.ifindex, a.name.clone())).collect()
+    }
+
+    /// Detach from every interface and remove all pins of this layout.
+    pub fn detach_and_unpin(self) -> Result<()> {
+        let root = self.root.clone();
+        drop(self);
+        remove_pins(&root)
+    }
+}
+
+/// Removes pinned links (which detaches XDP once nothing else holds them) and maps.
+pub fn remove_pins(root: &Path) -> Result<()> {
+    for sub in ["links", "maps"] {
+        let dir = root.join(sub);
+        let Ok(rd) = fs::read_dir(&dir) else { continue };
+        for e in rd.flatten() {
+            fs::remove_file(e.path()).with_context(|| format!("unpin {}", e.path().display()))?;
+        }
+        let _ = fs::remove_dir(&dir);
+    }
+    let _ = fs::remove_dir(root);
+    if let Some(parent) = root.parent() {
+        // Only succeeds when empty, i.e. no other layout version is pinned.
+        let _ = fs::remove_dir(parent);
+    }
+    Ok(())
+}
+
+/// Attaches `prog` to `ifname`, reusing a pinned link when there is one.
+/// Returns (ifindex, replaced).
+fn attach(prog: &mut Xdp, links_dir: &Path, ifname: &str, mode: XdpMode) -> Result<(u32, bool)> {
+    let c = CString::new(ifname)?;
+    // SAFETY: a valid NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if ifindex == 0 {
+        bail!("no interface named {ifname}");
+    }
+    let pin = links_dir.join(ifname);
+    if pin.exists() {
+        match PinnedLink::from_pin(&pin) {
+            Ok(pinned) => {
+                let link = XdpLink::try_from(FdLink::from(pinned))?;
+                match prog.attach_to_link(link) {
+                    Ok(_) => return Ok((ifindex, true)),
+                    Err(e) => warn!(
+                        "{ifname}: cannot replace the program in {}: {e}; attaching anew",
+                        pin.display()
+                    ),
+                }
+            }
+            Err(e) => warn!("{ifname}: stale link pin {}: {e}", pin.display()),
+        }
+        fs::remove_file(&pin).with_context(|| format!("remove {}", pin.display()))?;
+    }
+    let aya_mode = match mode {
+        XdpMode::Driver => aya::programs::XdpMode::Driver,
+        XdpMode::Skb => aya::programs::XdpMode::Skb,
+    };
+    let id = prog.attach_to_if_index(ifindex, aya_mode)?;
+    let link = prog.take_link(id)?;
+    let fd_link = FdLink::try_from(link).context(
+        "the kernel attached XDP through netlink, not a bpf_link; mdsec needs bpf_link (Linux ≥ 5.9)",
+    )?;
+    fd_link.pin(&pin).with_context(|| format!("pin link at {}", pin.display()))?;
+    Ok((ifindex, false))
+}
+
+/// The full verifier log can be thousands of lines; its end says why.
+fn verifier_tail(e: aya::programs::ProgramError) -> anyhow::Error {
+    match e {
+        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+            let log = verifier_log.to_string();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+            anyhow::anyhow!(
+                "the kernel verifier rejected the XDP program ({io_error}); end of its log:\n{tail}"
+            )
+        }
+        e => anyhow::Error::new(e).context("load the XDP program"),
+    }
+}
+
+/// A pinned map whose shape differs from what this agent needs would be silently
+/// misread (different layout) or wrongly sized: unpin it so a fresh one is created.
+fn drop_incompatible_pin(path: &Path, name: &str, max: u32) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let (ks, vs) = map_layout(name);
+    match MapInfo::from_pin(path) {
+        Ok(info) if info.key_size() == ks && info.value_size() == vs && info.max_entries() == max => {
+            info!("{name}: reusing pinned map {}", path.display());
+            return Ok(());
+        }
+        Ok(info) => warn!(
+            "{name}: pinned map {} has key/value/max {}/{}/{}, need {ks}/{vs}/{max}; replacing it (its counts restart)",
+            path.display(),
+            info.key_size(),
+            info.value_size(),
+            info.max_entries()
+        ),
+        Err(e) => warn!("{name}: unreadable pin {}: {e}; replacing it", path.display()),
+    }
+    fs::remove_file(path).with_context(|| format!("remove {}", path.display()))
+}
+
+/// The hash seed of the pinned flow tables, or a new one. Tables pinned without
+/// a readable seed are removed: their flows could not be found again.
+fn flow_seed(maps_dir: &Path) -> Result<u64> {
+    let pin = maps_dir.join(names::FLOW_SEED);
+    let pinned = aya::maps::MapData::from_pin(&pin)
+        .ok()
+        .and_then(|d| aya::maps::Array::<_, u64>::try_from(Map::Array(d)).ok())
+        .and_then(|a| a.get(&0, 0).ok())
+        .filter(|s| *s != 0);
+    if let Some(s) = pinned {
+        return Ok(s);
+    }
+    for name in [names::FLOWS, names::FLOWS4] {
+        let p = maps_dir.join(name);
+        if p.exists() {
+            warn!("{name}: pinned without a hash seed; replacing it (its counts restart)");
+            fs::remove_file(&p).with_context(|| format!("remove {}", p.display()))?;
+        }
+    }
+    flowtable::random_seed()
+}
+
+/// systemd mounts bpffs at /sys/fs/bpf; `ip netns exec` remounts /sys without it.
+/// Mount it when the pin directory's bpffs is missing.
+fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
+    let mount_point = Path::new("/sys/fs/bpf");
+    if !pin_dir.starts_with(mount_point) || is_bpffs(mount_point) {
+        return Ok(());
+    }
+    let src = CString::new("bpf")?;
+    let dst = CString::new("/sys/fs/bpf")?;
+    // SAFETY: valid C strings; no data argument.
+    let rc = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        bail!("mount bpffs at /sys/fs/bpf: {}", std::io::Error::last_os_error());
+    }
+    info!("mounted bpffs at /sys/fs/bpf");
+    Ok(())
+}
+
+fn is_bpffs(p: &Path) -> bool {
+    let Ok(c) = CString::new(p.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct.
+    unsafe {
+        let mut s: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type as i64 == BPF_FS_MAGIC
+    }
+}

@@ -1,0 +1,444 @@
+//! The agent's flow records: compact, in two dense stores (IPv4 flows under
+//! their 20-byte key, the rest under the full key), indexed by a hash table of
+//! positions.
+//!
+//! Why not a `HashMap<FlowKey, FlowRecord>`: at a million flows its buckets
+//! (key and record inline, a power of two of them) held about 390 MiB. Here a
+//! flow is its key plus a 120-byte record in two vectors that grow with the
+//! flows, and the index costs 5 bytes per bucket.
+//!
+//! Records are kept in the order the agent first saw them (`id` ascending):
+//! removal only marks a record dead, and compaction keeps the order. So a
+//! cursor (the last id a reader got) stays meaningful across merges, removals
+//! and compactions: paging returns every flow that existed throughout exactly
+//! once.
+
+use std::hash::{BuildHasher, Hash};
+
+use hashbrown::{DefaultHashBuilder, HashTable};
+use mdsec_common::flow::{FlowKey, FlowKey4};
+
+use super::role::{Role, Side, decide};
+
+use super::{Monotonic, Owned, Totals};
+
+/// What the agent keeps of one flow (its key is kept next to it).
+#[derive(Debug, Clone, Default)]
+pub struct FlowRecord {
+    /// Agent-wide and increasing: the order flows were first seen, and the
+    /// API's paging cursor. A flow forgotten and seen again gets a new id.
+    pub id: u64,
+    /// Its frames across kernel incarnations.
+    pub(super) counts: Monotonic,
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    /// The frames it counts for its owner (see `FlowValue::owned`).
+    pub(super) owned: Owned,
+    /// Policy fields of the latest kernel snapshot.
+    pub rule: u32,
+    pub segment: u32,
+    pub generation: u32,
+    /// The device the flow's own frames count for: an index into `Devices`.
+    pub(super) owner: u32,
+    /// The low bits of the last merge whose snapshot had this flow. Only
+    /// compared for equality with the current merge: a false match after 256
+    /// missed merges skips a `vanished` that already happened.
+    pub(super) seen: u8,
+    pub tcp_flags: u8,
+    pub verdict: u8,
+    pub app: u8,
+    pub app_confidence: u8,
+    /// TCP flags of the segment that created the first kernel entry the agent
+    /// saw (see `FlowValue::tcp_flags`).
+    pub(super) open_flags: u8,
+    flags: u8,
+}
+
+const APP_DONE: u8 = 1;
+const DEAD: u8 = 2;
+/// The role is final (see [`role`](super::role)); `SERVER` then says which.
+const ROLE_SETTLED: u8 = 4;
+const SERVER: u8 = 8;
+
+impl FlowRecord {
+    pub(super) fn new(id: u64, owner: u32, first_seen_ns: u64, last_seen_ns: u64, seen: u8) -> FlowRecord {
+        FlowRecord { id, owner, first_seen_ns, last_seen_ns, seen, ..Default::default() }
+    }
+
+    /// Every frame of the flow, across kernel incarnations.
+    pub fn totals(&self) -> Totals {
+        self.counts.totals()
+    }
+
+    /// The index (in `Tables::devices`) of the device its frames count for.
+    pub fn owner(&self) -> u32 {
+        self.owner
+    }
+
+    /// The first payload has been classified (`app`/`app_confidence` are final).
+    pub fn app_done(&self) -> bool {
+        self.flags & APP_DONE != 0
+    }
+
+    pub(super) fn set_app_done(&mut self, done: bool) {
+        self.flags = (self.flags & !APP_DONE) | if done { APP_DONE } else { 0 };
+    }
+
+    fn dead(&self) -> bool {
+        self.flags & DEAD != 0
+    }
+
+    /// Which end sent this direction ([`super::role`]): a flow whose role is
+    /// not settled has no reverse direction, so its sender is the client.
+    pub fn role(&self) -> Role {
+        if self.flags & (ROLE_SETTLED | SERVER) == ROLE_SETTLED | SERVER {
+            Role::Server
+        } else {
+            Role::Client
+        }
+    }
+
+    pub(super) fn role_settled(&self) -> bool {
+        self.flags & ROLE_SETTLED != 0
+    }
+
+    pub(super) fn settle_role(&mut self, r: Role) {
+        self.flags = (self.flags & !SERVER) | ROLE_SETTLED | if r == Role::Server { SERVER } else { 0 };
+    }
+
+    pub(super) fn side(&self, k: &impl StoreKey) -> Side {
+        let (proto, (_, sport), (_, dport)) = k.ends();
+        Side { proto, sport, dport, open_flags: self.open_flags, first_seen_ns: self.first_seen_ns }
+    }
+}
+
+/// A flow's protocol and its two (address, port) ends.
+pub type Ends<A> = (u8, (A, u16), (A, u16));
+
+/// A key a store can hold.
+pub trait StoreKey: Copy + Eq + Hash + Into<FlowKey> {
+    type Addr: Copy + Eq + Ord + Hash;
+    /// Protocol, source and destination (address, port) — the interface and
+    /// VLAN left out.
+    fn ends(&self) -> Ends<Self::Addr>;
+
+    /// `other` is this flow's reverse direction (on any interface or VLAN: a
+    /// routed answer enters by another port).
+    fn is_reverse_of(&self, other: &Self) -> bool {
+        let (p, a, b) = self.ends();
+        let (q, c, d) = other.ends();
+        p == q && a == d && b == c
+    }
+}
+
+impl StoreKey for FlowKey4 {
+    type Addr = [u8; 4];
+    fn ends(&self) -> Ends<[u8; 4]> {
+        (self.proto, (self.src, self.sport), (self.dst, self.dport))
+    }
+}
+
+impl StoreKey for FlowKey {
+    type Addr = [u8; 16];
+    fn ends(&self) -> Ends<[u8; 16]> {
+        (self.proto, (self.src, self.sport), (self.dst, self.dport))
+    }
+}
+
+/// The index's hash: of the conversation (both directions, every interface
+/// alike), so a flow's reverse is found in its own probe sequence.
+fn conversation_hash<K: StoreKey>(hasher: &DefaultHashBuilder, k: &K) -> u64 {
+    let (p, a, b) = k.ends();
+    hasher.hash_one(if a <= b { (p, a, b) } else { (p, b, a) })
+}
+
+/// Dead records tolerated before a compaction: a quarter of the store (and at
+/// least this many, so small stores do not compact on every removal).
+const COMPACT_MIN: usize = 4096;
+
+/// One kind of key's records, dense, in id order.
+#[derive(Debug)]
+pub struct FlowStore<K> {
+    keys: Vec<K>,
+    recs: Vec<FlowRecord>,
+    index: HashTable<u32>,
+    hasher: DefaultHashBuilder,
+    dead: usize,
+}
+
+impl<K> Default for FlowStore<K> {
+    fn default() -> Self {
+        FlowStore {
+            keys: Vec::new(),
+            recs: Vec::new(),
+            index: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
+            dead: 0,
+        }
+    }
+}
+
+impl<K: StoreKey> FlowStore<K> {
+    fn hash(&self, k: &K) -> u64 {
+        conversation_hash(&self.hasher, k)
+    }
+
+    pub(super) fn position(&self, k: &K) -> Option<usize> {
+        let h = self.hash(k);
+        self.index.find(h, |&i| self.keys[i as usize] == *k).map(|&i| i as usize)
+    }
+
+    pub fn get(&self, k: &K) -> Option<&FlowRecord> {
+        self.position(k).map(|i| &self.recs[i])
+    }
+
+    /// The position of a reverse direction of `k`, if the store holds one.
+    pub(super) fn reverse(&self, k: &K) -> Option<usize> {
+        self.index
+            .iter_hash(self.hash(k))
+            .map(|&i| i as usize)
+            .find(|&i| !self.recs[i].dead() && self.keys[i].is_reverse_of(k))
+    }
+
+    pub(super) fn at_mut(&mut self, i: usize) -> &mut FlowRecord {
+        &mut self.recs[i]
+    }
+
+    /// Positions of live records with an id above `after`.
+    pub(super) fn positions_after(&self, after: u64) -> std::ops::Range<usize> {
+        self.recs.partition_point(|r| r.id <= after)..self.recs.len()
+    }
+
+    /// Settles the role of the record at `i`, and its reverse's when that one
+    /// was still open (see [`super::role`]).
+    pub(super) fn settle(&mut self, i: usize) {
+        if self.recs[i].dead() || self.recs[i].role_settled() {
+            return;
+        }
+        let k = self.keys[i];
+        let rev = self.reverse(&k);
+        let me = self.recs[i].side(&k);
+        let other = rev.map(|j| self.recs[j].side(&self.keys[j]));
+        let (role, settled) = decide(&me, other.as_ref());
+        if settled {
+            self.recs[i].settle_role(role);
+        }
+        if let (Some(j), Some(o)) = (rev, other)
+            && !self.recs[j].role_settled()
+        {
+            let (r, s) = decide(&o, Some(&me));
+            if s {
+                self.recs[j].settle_role(r);
+            }
+        }
+    }
+
+    /// Appends a record for a key the store does not hold; its id must be
+    /// higher than every id already here (the order paging relies on).
+    pub(super) fn push(&mut self, k: K, r: FlowRecord) -> usize {
+        debug_assert!(self.recs.last().is_none_or(|l| l.id < r.id));
+        let i = self.keys.len();
+        assert!(i < u32::MAX as usize, "flow store full");
+        self.keys.push(k);
+        self.recs.push(r);
+        self.index_push(i);
+        i
+    }
+
+    /// Enters position `i` (of a key already in `keys`) in the index.
+    fn index_push(&mut self, i: usize) {
+        let (keys, hasher) = (&self.keys, &self.hasher);
+        self.index.insert_unique(conversation_hash(hasher, &keys[i]), i as u32, |&j| {
+            conversation_hash(hasher, &keys[j as usize])
+        });
+    }
+
+    /// Removes `k`'s record (marks it dead; compacts now and then).
+    pub(super) fn remove(&mut self, k: &K) -> Option<FlowRecord> {
+        let h = self.hash(k);
+        let keys = &self.keys;
+        let e = self.index.find_entry(h, |&i| keys[i as usize] == *k).ok()?;
+        let (i, _) = e.remove();
+        let r = &mut self.recs[i as usize];
+        r.flags |= DEAD;
+        let out = r.clone();
+        self.dead += 1;
+        if self.dead >= COMPACT_MIN && self.dead * 4 >= self.recs.len() {
+            self.compact();
+        }
+        Some(out)
+    }
+
+    /// Drops dead records, keeping the order, and rebuilds the index.
+    fn compact(&mut self) {
+        let mut w = 0;
+        for r in 0..self.recs.len() {
+            if !self.recs[r].dead() {
+                self.keys.swap(w, r);
+                self.recs.swap(w, r);
+                w += 1;
+            }
+        }
+        self.keys.truncate(w);
+        self.recs.truncate(w);
+        self.keys.shrink_to(w + w / 4);
+        self.recs.shrink_to(w + w / 4);
+        self.dead = 0;
+        self.index = HashTable::with_capacity(w);
+        for i in 0..w {
+            self.index_push(i);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.recs.len() - self.dead
+    }
+
+    /// Records and index slots allocated (changes when the store grows).
+    pub(super) fn capacity(&self) -> usize {
+        self.recs.capacity() + self.keys.capacity() + self.index.capacity()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Live records, in id order.
+    pub fn iter(&self) -> impl Iterator<Item = (K, &FlowRecord)> {
+        self.keys.iter().zip(&self.recs).filter(|(_, r)| !r.dead()).map(|(k, r)| (*k, r))
+    }
+
+    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (K, &mut FlowRecord)> {
+        self.keys.iter().zip(&mut self.recs).filter(|(_, r)| !r.dead()).map(|(k, r)| (*k, r))
+    }
+
+    /// Live records with an id above `after`, in id order.
+    pub fn after(&self, after: u64) -> impl Iterator<Item = (K, &FlowRecord)> {
+        let from = self.recs.partition_point(|r| r.id <= after);
+        self.keys[from..].iter().zip(&self.recs[from..]).filter(|(_, r)| !r.dead()).map(|(k, r)| (*k, r))
+    }
+}
+
+/// Every flow record: IPv4 flows (both addresses IPv4-mapped, [`FlowKey::v4`])
+/// under [`FlowKey4`], the others under [`FlowKey`]. Callers see `FlowKey`s.
+#[derive(Debug, Default)]
+pub struct Flows {
+    pub(super) v4: FlowStore<FlowKey4>,
+    pub(super) v6: FlowStore<FlowKey>,
+}
+
+impl Flows {
+    /// The IPv4 flows' store (scans that can work on its 20-byte keys).
+    pub fn v4(&self) -> &FlowStore<FlowKey4> {
+        &self.v4
+    }
+
+    pub fn v6(&self) -> &FlowStore<FlowKey> {
+        &self.v6
+    }
+
+    pub fn get(&self, k: &FlowKey) -> Option<&FlowRecord> {
+        match k.v4() {
+            Some(k4) => self.v4.get(&k4),
+            None => self.v6.get(k),
+        }
+    }
+
+    pub fn contains_key(&self, k: &FlowKey) -> bool {
+        self.get(k).is_some()
+    }
+
+    pub fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every flow, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (FlowKey, &FlowRecord)> {
+        self.v6.iter().chain(self.v4.iter().map(|(k, r)| (k.into(), r)))
+    }
+
+    /// Flows with an id above `after`, in id order (both stores merged).
+    pub fn after(&self, after: u64) -> impl Iterator<Item = (FlowKey, &FlowRecord)> {
+        let mut a = self.v4.after(after).map(|(k, r)| (FlowKey::from(k), r)).peekable();
+        let mut b = self.v6.after(after).peekable();
+        std::iter::from_fn(move || match (a.peek(), b.peek()) {
+            (Some((_, x)), Some((_, y))) => {
+                if x.id < y.id {
+                    a.next()
+                } else {
+                    b.next()
+                }
+            }
+            (Some(_), None) => a.next(),
+            (None, _) => b.next(),
+        })
+    }
+
+    pub(super) fn capacity(&self) -> usize {
+        self.v4.capacity() + self.v6.capacity()
+    }
+
+    pub(super) fn remove(&mut self, k: &FlowKey) -> Option<FlowRecord> {
+        match k.v4() {
+            Some(k4) => self.v4.remove(&k4),
+            None => self.v6.remove(k),
+        }
+    }
+}
+
+impl std::ops::Index<&FlowKey> for Flows {
+    type Output = FlowRecord;
+    fn index(&self, k: &FlowKey) -> &FlowRecord {
+        self.get(k).expect("no such flow")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u32) -> FlowKey4 {
+        FlowKey4 {
+            ifindex: 1,
+            vlan: 0,
+            proto: 17,
+            _pad: 0,
+            src: i.to_be_bytes(),
+            dst: [10, 0, 0, 1],
+            sport: 1,
+            dport: 2,
+        }
+    }
+
+    #[test]
+    fn the_record_stays_small() {
+        // The memory target (1M flows in 160 MiB with the index) rests on this.
+        assert!(size_of::<FlowRecord>() <= 120, "{}", size_of::<FlowRecord>());
+    }
+
+    #[test]
+    fn removal_and_compaction_keep_order_and_lookups() {
+        let mut s = FlowStore::<FlowKey4>::default();
+        let n = 3 * COMPACT_MIN as u32;
+        for i in 0..n {
+            s.push(key(i), FlowRecord::new(i as u64 + 1, 0, 0, 0, 0));
+        }
+        // Remove two thirds, which compacts at least once.
+        for i in (0..n).filter(|i| i % 3 != 0) {
+            assert_eq!(s.remove(&key(i)).unwrap().id, i as u64 + 1);
+        }
+        assert!(s.dead < COMPACT_MIN, "compacted");
+        assert_eq!(s.len(), n as usize / 3);
+        for i in 0..n {
+            assert_eq!(s.get(&key(i)).map(|r| r.id), (i % 3 == 0).then_some(i as u64 + 1), "{i}");
+        }
+        let ids: Vec<u64> = s.after(100).map(|(_, r)| r.id).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(ids.first(), Some(&103));
+        assert_eq!(ids.len(), s.iter().filter(|(_, r)| r.id > 100).count());
+    }
+}

@@ -1,0 +1,10 @@
+//! Detection over the inventory and the flow table: per-flow detections
+//! (scans, remote access, outside DNS, east-west, novelty), device events
+//! (new, rogue, decommissioned), the learned baseline and the suggested
+//! allow-list, and the triage matrix that gives each event its clinical impact.
+
+pub mod detect;
+pub mod devwatch;
+pub mod learn;
+pub mod suggest;
+pub mod triage;

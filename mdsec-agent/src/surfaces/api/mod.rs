@@ -1,0 +1,267 @@
+//! HTTP surface: `/api/v1/{flows,devices,stats,interfaces,events,policy}`,
+//! `/metrics`, `/healthz`, `/readyz`.
+//!
+//! Every request passes the per-client rate limit and the size limits; `/api/*`
+//! also needs the bearer token when one is configured. Every error is a JSON
+//! `{"error": …}` with a 4xx status.
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Instant};
+
+use axum::{
+    Json, Router,
+    extract::{ConnectInfo, Request},
+    http::{StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use mdsec_common::stats::Stat;
+
+mod flows;
+mod lists;
+pub mod query;
+
+pub use flows::{FlowMatch, FlowView};
+pub use lists::{devices_page, events_page, flows_page};
+
+use crate::{
+    base::{clock::rfc3339, net::Mac},
+    policy::runtime::PolicyState,
+    surfaces::{model, state::AppState},
+};
+
+/// Largest request accepted: the API takes no uploads.
+pub const MAX_REQUEST_BYTES: u64 = 16 * 1024;
+pub const MAX_URI_BYTES: usize = 4096;
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(model::ApiError { error: msg.into() })).into_response()
+}
+
+/// Rate and size limits for every request.
+async fn limits(
+    axum::extract::State(st): S,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if !st.limiter.lock().unwrap().allow(peer.ip(), Instant::now()) {
+        let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded; retry in a second");
+        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return r;
+    }
+    if req.uri().to_string().len() > MAX_URI_BYTES {
+        return error(StatusCode::URI_TOO_LONG, format!("request URI longer than {MAX_URI_BYTES} bytes"));
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_REQUEST_BYTES)
+        || req.headers().contains_key(header::TRANSFER_ENCODING)
+    {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request bodies are limited to {MAX_REQUEST_BYTES} bytes"),
+        );
+    }
+    next.run(req).await
+}
+
+/// Bearer token check for `/api/*`, in constant time.
+async fn auth(axum::extract::State(st): S, req: Request, next: Next) -> Response {
+    if let Some(token) = &st.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let same = given.len() == token.len()
+            && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        if !same {
+            let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    }
+    next.run(req).await
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let api = Router::new()
+        .route("/api/v1/flows", get(lists::flows))
+        .route("/api/v1/devices", get(lists::devices))
+        .route("/api/v1/stats", get(stats))
+        .route("/api/v1/interfaces", get(interfaces))
+        .route("/api/v1/events", get(lists::events))
+        .route("/api/v1/policy", get(policy_status))
+        .route("/api/v1/baseline", get(baseline))
+        .route("/api/v1/devices/{mac}/state", axum::routing::post(set_state))
+        .route("/api/v1/audit", get(audit))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .merge(api)
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed") })
+        .layer(middleware::from_fn_with_state(state.clone(), limits))
+        .with_state(state)
+}
+
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> std::io::Result<()> {
+    axum::serve(listener, router(state).into_make_service_with_connect_info::<SocketAddr>()).await
+}
+
+async fn metrics(axum::extract::State(st): S) -> Response {
+    let body = tokio::task::spawn_blocking(move || crate::surfaces::metrics::render(&st)).await;
+    match body {
+        Ok(b) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], b).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("rendering metrics failed: {e}")),
+    }
+}
+
+type S = axum::extract::State<Arc<AppState>>;
+
+async fn stats(axum::extract::State(st): S) -> Json<model::Stats> {
+    let t = st.tables.read().unwrap();
+    Json(
+        Stat::ALL
+            .iter()
+            .map(|s| {
+                let c = t.stat(*s);
+                (s.name().to_string(), model::Count { packets: c.packets, bytes: c.bytes })
+            })
+            .collect(),
+    )
+}
+
+async fn interfaces(axum::extract::State(st): S) -> Json<Vec<model::Interface>> {
+    Json(
+        st.attached
+            .iter()
+            .map(|a| model::Interface {
+                name: a.name.clone(),
+                ifindex: a.ifindex,
+                role: format!("{:?}", a.role).to_lowercase(),
+                requested_mode: a.requested_mode.to_string(),
+                effective_mode: a.effective_mode.clone(),
+            })
+            .collect(),
+    )
+}
+
+pub(crate) fn describe_rule(p: &PolicyState, generation: u32, rule: u32) -> String {
+    if rule == 0 {
+        return "default".into();
+    }
+    p.generation(generation)
+        .and_then(|i| i.policy.rules.iter().find(|r| r.id == rule))
+        .map(|r| r.origin())
+        .unwrap_or_else(|| format!("rule {rule} of generation {generation}"))
+}
+
+async fn policy_status(axum::extract::State(st): S) -> Json<crate::policy::runtime::Status> {
+    Json(st.policy.read().unwrap().status.clone())
+}
+
+/// `POST /api/v1/devices/{mac}/state` with `{"state", "reason", "actor"}`: one
+/// lifecycle change, audited. 400 bad input, 404 device never seen, 409 not a
+/// lifecycle transition (nothing changes).
+async fn set_state(
+    axum::extract::State(st): S,
+    axum::extract::Path(mac): axum::extract::Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let mac = match mac.parse::<Mac>() {
+        Ok(m) => m,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let change: crate::inventory::lifecycle::Change = match serde_json::from_slice(&body) {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("body: {e}")),
+    };
+    let Some(to) = crate::inventory::lifecycle::State::from_name(&change.state) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "`{}` is not a lifecycle state (onboarding, active, exception, decommissioned)",
+                change.state
+            ),
+        );
+    };
+    // Seen by the datapath in this run, or stored by an earlier one.
+    let known = st.tables.read().unwrap().devices.keys().any(|k| k.mac == mac.0)
+        || st.history.read().unwrap().keys().any(|id| id.mac == mac);
+    if !known {
+        return error(StatusCode::NOT_FOUND, format!("no device {mac} in the inventory"));
+    }
+    let dir = st.state_dir.clone();
+    let st2 = st.clone();
+    let res = tokio::task::spawn_blocking(move || {
+        let mut db = crate::evidence::store::Store::open(&dir)
+            .map_err(|e| crate::inventory::lifecycle::ChangeError::Database(format!("{e:#}")))?;
+        let now = rfc3339(std::time::SystemTime::now());
+        let actor = if change.actor.trim().is_empty() { "unknown".to_string() } else { change.actor.clone() };
+        let row = db.set_lifecycle(&mac.to_string(), to, change.reason.trim(), &actor, &now)?;
+        let records = db
+            .lifecycle()
+            .map_err(|e| crate::inventory::lifecycle::ChangeError::Database(format!("{e:#}")))?;
+        *st2.lifecycle.write().unwrap() = records;
+        // Readers see the new state now, not at the next store pass.
+        st2.rebuild_inventory();
+        Ok::<_, crate::inventory::lifecycle::ChangeError>(row)
+    })
+    .await;
+    use crate::inventory::lifecycle::ChangeError;
+    match res {
+        Ok(Ok(row)) => {
+            log::info!("lifecycle: {} {} → {} by {}: {}", row.mac, row.from, row.to, row.actor, row.reason);
+            Json(row).into_response()
+        }
+        Ok(Err(ChangeError::Invalid(m))) => error(StatusCode::CONFLICT, m),
+        Ok(Err(ChangeError::Bad(m))) => error(StatusCode::BAD_REQUEST, m),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("lifecycle change failed: {e}")),
+    }
+}
+
+/// `GET /api/v1/audit[?mac=…]`: the lifecycle audit trail, oldest first.
+async fn audit(
+    axum::extract::State(st): S,
+    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
+) -> Response {
+    let dir = st.state_dir.clone();
+    let mac = q.get("mac").map(|m| crate::base::net::parse_mac(m).map(crate::base::net::mac_string));
+    if let Some(None) = mac {
+        return error(StatusCode::BAD_REQUEST, "mac: not a MAC address");
+    }
+    let mac = mac.flatten();
+    match tokio::task::spawn_blocking(move || {
+        crate::evidence::store::Store::open(&dir)?.audit(mac.as_deref())
+    })
+    .await
+    {
+        Ok(Ok(rows)) => Json(rows).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn baseline(axum::extract::State(st): S) -> Json<crate::detection::learn::Status> {
+    Json(st.baseline.read().unwrap().clone())
+}
+
+/// Ready once the datapath is attached everywhere and the first poll has landed.
+async fn ready(axum::extract::State(st): S) -> impl IntoResponse {
+    let polled = !st.tables.read().unwrap().stats.is_empty();
+    let policy_ok = !st.policy_configured || st.policy.read().unwrap().status.generation != 0;
+    if polled && policy_ok && !st.attached.is_empty() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}

@@ -1,0 +1,360 @@
+//! Event export: every event the agent keeps is also written as one JSON line (to a
+//! file or stdout) and, if configured, sent as an RFC 5424 syslog message.
+//!
+//! Writing happens on a thread of its own so a slow disk or syslog server never
+//! holds the event store's lock; the channel is unbounded so nothing is dropped on
+//! the way. Failures are counted per sink and logged once per burst.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{LineWriter, Write},
+    net::{TcpStream, UdpSocket},
+    os::unix::net::UnixDatagram,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use log::warn;
+
+use serde::{Deserialize, Serialize};
+
+use crate::base::event::Event;
+
+pub enum Msg {
+    Event(Box<Event>),
+    /// Reopen the log file (after logrotate moved it).
+    Reopen,
+}
+
+/// Counters the metrics read.
+#[derive(Default)]
+pub struct ExportStats {
+    pub log_written: AtomicU64,
+    pub log_failed: AtomicU64,
+    pub syslog_sent: AtomicU64,
+    pub syslog_failed: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct Exporter {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl Exporter {
+    pub fn send(&self, e: &Event) {
+        let _ = self.tx.send(Msg::Event(Box::new(e.clone())));
+    }
+
+    pub fn reopen(&self) {
+        let _ = self.tx.send(Msg::Reopen);
+    }
+}
+
+enum Log {
+    Stdout,
+    File { path: PathBuf, out: LineWriter<File> },
+}
+
+fn open_log(path: &str) -> Result<Log> {
+    if path == "-" {
+        return Ok(Log::Stdout);
+    }
+    let f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("open event log {path}"))?;
+    Ok(Log::File { path: path.into(), out: LineWriter::new(f) })
+}
+
+/// Starts the exporter if any output is configured. Opening the log and resolving
+/// the syslog target happen here, so a wrong path fails the start, not later.
+pub fn spawn(cfg: &EventsConfig, stats: Arc<ExportStats>) -> Result<Option<Exporter>> {
+    if cfg.log.is_none() && cfg.syslog.is_none() {
+        return Ok(None);
+    }
+    let mut log = cfg.log.as_deref().map(open_log).transpose()?;
+    let mut syslog = match &cfg.syslog {
+        Some(s) => {
+            let target = SyslogTarget::parse(&s.target).map_err(anyhow::Error::msg)?;
+            let facility = facility_code(&s.facility).context("syslog facility")?;
+            Some(Syslog::new(target, facility, s.app_name.clone())?)
+        }
+        None => None,
+    };
+    let (tx, rx) = mpsc::channel::<Msg>();
+    std::thread::Builder::new().name("mdsec-export".into()).spawn(move || {
+        let mut last_warning = None::<Instant>;
+        let mut warn_once = |what: String| {
+            if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                warn!("{what}");
+                last_warning = Some(Instant::now());
+            }
+        };
+        for msg in rx {
+            let e = match msg {
+                Msg::Reopen => {
+                    if let Some(Log::File { path, .. }) = &log {
+                        match open_log(&path.display().to_string()) {
+                            Ok(l) => log = Some(l),
+                            Err(e) => warn_once(format!("{e:#}")),
+                        }
+                    }
+                    continue;
+                }
+                Msg::Event(e) => e,
+            };
+            let line = serde_json::to_string(&*e).expect("events serialise");
+            if let Some(l) = &mut log {
+                let r = match l {
+                    Log::Stdout => writeln!(std::io::stdout().lock(), "{line}"),
+                    Log::File { out, .. } => writeln!(out, "{line}"),
+                };
+                match r {
+                    Ok(()) => stats.log_written.fetch_add(1, Ordering::Relaxed),
+                    Err(err) => {
+                        warn_once(format!("writing the event log failed: {err}"));
+                        stats.log_failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+            if let Some(s) = &mut syslog {
+                match s.send(&e, &line) {
+                    Ok(()) => stats.syslog_sent.fetch_add(1, Ordering::Relaxed),
+                    Err(err) => {
+                        warn_once(format!("sending syslog to {:?} failed: {err:#}", s.target));
+                        stats.syslog_failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }
+    })?;
+    Ok(Some(Exporter { tx }))
+}
+
+/// Documentation enterprise number (RFC 5612) naming the structured-data element;
+/// replace with your own PEN if your SIEM requires one.
+pub const SD_ID: &str = "mdsec@32473";
+
+struct Syslog {
+    target: SyslogTarget,
+    facility: u8,
+    app_name: String,
+    hostname: String,
+    conn: Option<Conn>,
+}
+
+enum Conn {
+    Udp(UdpSocket),
+    Tcp(TcpStream),
+    Unix(UnixDatagram),
+}
+
+impl Syslog {
+    fn new(target: SyslogTarget, facility: u8, app_name: String) -> Result<Syslog> {
+        let mut s = Syslog { target, facility, app_name, hostname: hostname(), conn: None };
+        // UDP and unix targets must be valid at start; a TCP server may come later.
+        if !matches!(s.target, SyslogTarget::Tcp(_)) {
+            s.connect().with_context(|| format!("syslog target {:?}", s.target))?;
+        }
+        Ok(s)
+    }
+
+    fn connect(&mut self) -> Result<()> {
+        self.conn = Some(match &self.target {
+            SyslogTarget::Udp(addr) => {
+                let any = if addr.starts_with('[') { "[::]:0" } else { "0.0.0.0:0" };
+                let s = UdpSocket::bind(any)?;
+                s.connect(addr)?;
+                Conn::Udp(s)
+            }
+            SyslogTarget::Tcp(addr) => {
+                let s = TcpStream::connect(addr)?;
+                s.set_write_timeout(Some(Duration::from_secs(2)))?;
+                Conn::Tcp(s)
+            }
+            SyslogTarget::Unix(path) => {
+                let s = UnixDatagram::unbound()?;
+                s.connect(path)?;
+                Conn::Unix(s)
+            }
+        });
+        Ok(())
+    }
+
+    fn send(&mut self, e: &Event, json: &str) -> Result<()> {
+        let msg = format_5424(e, json, self.facility, &self.hostname, &self.app_name);
+        if self.conn.is_none() {
+            self.connect()?;
+        }
+        let r = match self.conn.as_mut().expect("connected above") {
+            Conn::Udp(s) => s.send(msg.as_bytes()).map(|_| ()),
+            // RFC 6587 octet counting: "LEN SP MSG".
+            Conn::Tcp(s) => s.write_all(format!("{} {msg}", msg.len()).as_bytes()),
+            Conn::Unix(s) => s.send(msg.as_bytes()).map(|_| ()),
+        };
+        if r.is_err() {
+            // Reconnect on the next message (TCP peer restarted, socket recreated).
+            self.conn = None;
+        }
+        Ok(r?)
+    }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
+    // within it on success.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let name = if ok {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    // RFC 5424 HOSTNAME: printable ASCII without spaces, at most 255; `-` if unknown.
+    let clean: String = name.chars().filter(|c| c.is_ascii_graphic()).take(255).collect();
+    if clean.is_empty() { "-".into() } else { clean }
+}
+
+/// Escapes a structured-data parameter value (RFC 5424 section 6.3.3).
+fn sd_escape(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        if matches!(c, '"' | '\\' | ']') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// One RFC 5424 message: the event's key fields as structured data, its JSON as
+/// the (UTF-8, BOM-prefixed) message.
+pub fn format_5424(e: &Event, json: &str, facility: u8, hostname: &str, app_name: &str) -> String {
+    let pri = facility as u32 * 8 + e.syslog_severity() as u32;
+    let mut sd = format!("[{SD_ID} seq=\"{}\" type=\"{}\" severity=\"{}\"", e.seq, e.kind, e.severity);
+    for (k, v) in [
+        ("segment", e.segment.as_str()),
+        ("src", e.src.as_str()),
+        ("dst", e.dst.as_str()),
+        ("proto", e.proto.as_str()),
+        ("app", e.app.as_str()),
+        ("reason", e.reason.as_str()),
+        ("mac", e.mac.as_deref().unwrap_or("")),
+    ] {
+        if !v.is_empty() {
+            sd.push_str(&format!(" {k}=\"{}\"", sd_escape(v)));
+        }
+    }
+    sd.push(']');
+    // MSGID: 1–32 printable ASCII; event types are short snake_case names.
+    let msgid: String = e.kind.chars().filter(|c| c.is_ascii_graphic()).take(32).collect();
+    format!(
+        "<{pri}>1 {} {hostname} {app_name} {} {} {sd} \u{feff}{json}",
+        e.time,
+        std::process::id(),
+        if msgid.is_empty() { "-" } else { &msgid }
+    )
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Every event as one JSON line: an absolute file path (appended to, reopened on
+    /// SIGHUP for log rotation) or `-` for standard output.
+    #[serde(default)]
+    pub log: Option<String>,
+    /// RFC 5424 syslog messages (the event's JSON as message).
+    #[serde(default)]
+    pub syslog: Option<SyslogConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyslogConfig {
+    /// `udp://HOST:PORT`, `tcp://HOST:PORT` (RFC 6587 octet counting) or
+    /// `unix:///PATH` (a datagram socket such as /dev/log).
+    pub target: String,
+    /// Syslog facility name (`local0`…`local7`, `daemon`, `auth`, …).
+    #[serde(default = "default_facility")]
+    pub facility: String,
+    #[serde(default = "default_app_name")]
+    pub app_name: String,
+}
+
+fn default_facility() -> String {
+    "local0".into()
+}
+fn default_app_name() -> String {
+    "mdsec".into()
+}
+
+/// Syslog facility codes (RFC 5424 table 1) by name.
+pub fn facility_code(name: &str) -> Option<u8> {
+    const NAMES: [&str; 24] = [
+        "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron", "authpriv", "ftp",
+        "ntp", "audit", "alert", "clock", "local0", "local1", "local2", "local3", "local4", "local5",
+        "local6", "local7",
+    ];
+    NAMES.iter().position(|n| *n == name).map(|i| i as u8)
+}
+
+/// A parsed syslog target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyslogTarget {
+    Udp(String),
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl SyslogTarget {
+    pub fn parse(s: &str) -> Result<SyslogTarget, String> {
+        let host_port = |rest: &str| match rest.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0) => Ok(rest.to_string()),
+            _ => Err(format!("`{s}`: expected HOST:PORT after the scheme")),
+        };
+        if let Some(rest) = s.strip_prefix("udp://") {
+            return host_port(rest).map(SyslogTarget::Udp);
+        }
+        if let Some(rest) = s.strip_prefix("tcp://") {
+            return host_port(rest).map(SyslogTarget::Tcp);
+        }
+        if let Some(rest) = s.strip_prefix("unix://") {
+            if rest.starts_with('/') {
+                return Ok(SyslogTarget::Unix(rest.into()));
+            }
+            return Err(format!("`{s}`: expected an absolute path after unix://"));
+        }
+        Err(format!("`{s}`: the target must start with udp://, tcp:// or unix://"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn structured_data_is_escaped() {
+        let e = Event {
+            version: 1,
+            seq: 7,
+            kind: "policy_drop".into(),
+            severity: "medium".into(),
+            time: "2026-11-23T10:00:00.000Z".into(),
+            reason: "a \"quoted\" ] \\ reason".into(),
+            ..Default::default()
+        };
+        let m = format_5424(&e, "{}", 16, "gw1", "mdsec");
+        // local0 (16) * 8 + warning (4) = 132.
+        assert!(m.starts_with("<132>1 2026-11-23T10:00:00.000Z gw1 mdsec "), "{m}");
+        assert!(m.contains(r#"reason="a \"quoted\" \] \\ reason""#), "{m}");
+        assert!(m.ends_with(" \u{feff}{}"), "{m}");
+    }
+}
