@@ -379,8 +379,24 @@ mod tests {
         let text = format!("{GOOD}  - name: eth1\n    role: mirror\n    xdp_mode: skb\n");
         let e = Config::parse(&text).unwrap_err();
         assert!(e.message.contains("twice"), "{e}");
+        // The second entry's name, not the first occurrence of the text.
+        assert_eq!((e.line, e.col), (5, 11), "{e}");
         let e = Config::parse(&format!("{GOOD}maps:\n  flows: 3\n")).unwrap_err();
         assert_eq!(e.line, 6, "{e}");
+    }
+
+    #[test]
+    fn positions_come_from_the_parser_not_from_the_text() {
+        // A comment and another key mention the value first; the error is
+        // where the offending value was written.
+        let text = format!(
+            "# poll_interval_ms: keep it above the poll time\n{GOOD}devices:\n  - mac: \"58:46:e1:00:00:07\"\n  - mac: 58:46:e1:00:00\npoll_interval_ms: 5\n"
+        );
+        let e = Config::parse(&text.replace("poll_interval_ms: 5\n", "")).unwrap_err();
+        assert_eq!((e.line, e.col), (8, 10), "{e}");
+        let e = Config::parse(&text.replace("  - mac: 58:46:e1:00:00\n", "")).unwrap_err();
+        assert_eq!((e.line, e.col), (8, 19), "{e}");
+        assert!(e.message.contains("poll_interval_ms"), "{e}");
     }
 
     #[test]

@@ -55,6 +55,49 @@ pub fn tcp_connect(h: &Host, to: SocketAddr) -> Result<TcpStream> {
     Ok(in_netns(&h.ns, move || TcpStream::connect_timeout(&to, Duration::from_secs(5)))??)
 }
 
+/// A TCP connection from a chosen local port of `h`'s IPv4 address (a client
+/// on a low port, which the port rule alone would take for the server).
+pub fn tcp_connect_from(h: &Host, local_port: u16, to: SocketAddr) -> Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let local = h.v4();
+    let SocketAddr::V4(to) = to else { bail!("tcp_connect_from: IPv4 only") };
+    Ok(in_netns(&h.ns, move || -> std::io::Result<TcpStream> {
+        let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: plain socket calls on a descriptor this closure owns; the
+        // addresses are valid sockaddr_in values for the stated length.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let stream = TcpStream::from_raw_fd(fd);
+            let one: libc::c_int = 1;
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                (&one as *const libc::c_int).cast(),
+                4,
+            );
+            let a = sin(local, local_port);
+            if libc::bind(fd, (&a as *const libc::sockaddr_in).cast(), len) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let b = sin(*to.ip(), to.port());
+            if libc::connect(fd, (&b as *const libc::sockaddr_in).cast(), len) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(stream)
+        }
+    })??)
+}
+
 /// Counts outgoing frames of one IPv4 5-tuple on a host interface.
 pub struct Tap {
     fd: OwnedFd,

@@ -173,3 +173,50 @@ fn undeclared_and_late_devices_raise_rogue_and_new_device_events() {
     let rogue = events.iter().find(|e| e.kind == "rogue_device").unwrap();
     assert_eq!((rogue.segment.as_str(), rogue.src.as_str()), ("pumps", "10.0.1.77"));
 }
+
+/// The client is the side that opened the connection, whatever the ports: a
+/// TLS client on local port 1000 talking to a service on 8443 speaks TLS as a
+/// client, and the service answers it as a server (the lower-port rule alone
+/// would have it the other way round).
+#[test]
+fn the_side_that_opened_the_connection_is_the_client() {
+    let topo = Topology::new(2).unwrap();
+    topo.warm_up().unwrap();
+    let (h1, h2) = (topo.host(1), topo.host(2));
+    let agent = Agent::start(&topo, AgentOptions::default()).unwrap();
+    let hello = mdsec_tests::fixtures::load("tls-client-hello-sni");
+    let listener = traffic::tcp_listener(h2, 8443).unwrap();
+    let n = hello.len();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; n];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(b"ok").unwrap();
+    });
+    let mut c = traffic::tcp_connect_from(h1, 1000, SocketAddr::new(h2.v4().into(), 8443)).unwrap();
+    c.write_all(&hello).unwrap();
+    let mut back = [0u8; 2];
+    c.read_exact(&mut back).unwrap();
+    server.join().unwrap();
+
+    let (m1, m2) = (
+        mdsec_agent::base::net::mac_string(h1.mac().unwrap()),
+        mdsec_agent::base::net::mac_string(h2.mac().unwrap()),
+    );
+    let has = |v: &[String]| v.iter().any(|a| a == "tls");
+    let devices = agent
+        .wait_for(
+            Duration::from_secs(10),
+            |a| a.devices(),
+            |d| {
+                d.iter()
+                    .any(|d| d.mac == m1 && (has(&d.apps_client) || has(&d.apps_server)))
+                    .then(|| d.to_vec())
+            },
+        )
+        .unwrap();
+    let client = devices.iter().find(|d| d.mac == m1).unwrap();
+    assert!(has(&client.apps_client) && !has(&client.apps_server), "{client:?}");
+    let service = devices.iter().find(|d| d.mac == m2).unwrap();
+    assert!(has(&service.apps_server) && !has(&service.apps_client), "{service:?}");
+}
