@@ -48,6 +48,11 @@ pub struct Config {
     /// What a clean stop (SIGINT/SIGTERM) does to the datapath.
     #[serde(default)]
     pub on_exit: OnExit,
+    /// Start even when the pins would die with the agent (a bpffs private to
+    /// its mount namespace) although a segment enforces: then a crash of the
+    /// agent detaches XDP and ends enforcement. For tests and trials only.
+    #[serde(default)]
+    pub allow_private_bpffs: bool,
     /// Directory of segment policy files (`zones.yaml` + one YAML per segment).
     /// Without it the datapath only observes.
     #[serde(default)]
@@ -78,6 +83,10 @@ pub struct Config {
     /// Snapshots for the evidence report.
     #[serde(default)]
     pub evidence: crate::evidence::EvidenceConfig,
+    /// Found by [`Config::load`]: warnings for `check`, reasons for `run` to
+    /// refuse to start (a certificate that expired or is not valid yet).
+    #[serde(skip)]
+    pub start_blockers: Vec<Diagnostic>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -94,11 +103,33 @@ pub struct ApiConfig {
     /// Requests a client may make at once before the sustained rate applies.
     #[serde(default = "default_burst")]
     pub rate_limit_burst: u32,
+    /// TLS for the API and `/metrics` (as Prometheus's web-config).
+    #[serde(default)]
+    pub tls_server_config: Option<crate::surfaces::tls::TlsServerConfig>,
+    /// User name → bcrypt hash: `/metrics` then needs HTTP basic auth of one
+    /// of them (or the bearer token, with `metrics_token`).
+    #[serde(default)]
+    pub basic_auth_users: std::collections::BTreeMap<String, String>,
+    /// `/metrics` needs the bearer token of `token_file` (or a basic-auth user).
+    #[serde(default)]
+    pub metrics_token: bool,
+    /// Accept a non-loopback `listen` with neither TLS nor a token: the API
+    /// (device lifecycle changes included) open to whoever reaches it.
+    #[serde(default)]
+    pub insecure_listen: bool,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig { token_file: None, rate_limit_per_sec: default_rate(), rate_limit_burst: default_burst() }
+        ApiConfig {
+            token_file: None,
+            rate_limit_per_sec: default_rate(),
+            rate_limit_burst: default_burst(),
+            tls_server_config: None,
+            basic_auth_users: Default::default(),
+            metrics_token: false,
+            insecure_listen: false,
+        }
     }
 }
 
@@ -180,6 +211,33 @@ impl Config {
                 && d.is_relative()
             {
                 *p = Some(base.join(&*d));
+            }
+        }
+        if let Some(tls) = &mut cfg.api.tls_server_config {
+            // As web-config: files relative to the file that names them.
+            for p in [&mut tls.cert_file, &mut tls.key_file] {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+            if let Some(ca) = &mut tls.client_ca_file
+                && ca.is_relative()
+            {
+                *ca = base.join(&*ca);
+            }
+            let tree = Tree::parse(text);
+            let located = |field: &str, message: String, warning: bool| {
+                let pos = tree
+                    .as_ref()
+                    .map_or((1, 1), |t| t.locate(&["api".into(), "tls_server_config".into(), field.into()]));
+                Diagnostic { warning, ..Diagnostic::error(path, pos, message) }
+            };
+            match crate::surfaces::tls::load(tls, std::time::SystemTime::now()) {
+                Ok(l) => {
+                    cfg.start_blockers =
+                        l.warnings.into_iter().map(|w| located(w.field, w.message, true)).collect()
+                }
+                Err(e) => return Err(located(e.field, e.message, false)),
             }
         }
         Ok(cfg)
@@ -288,6 +346,36 @@ impl Config {
             if v == 0 {
                 return Err(at(&["evidence".into(), key.into()], format!("evidence.{key} must be positive")));
             }
+        }
+        for (user, hash) in &self.api.basic_auth_users {
+            crate::surfaces::tls::check_hash(hash).map_err(|m| {
+                at(
+                    &["api".into(), "basic_auth_users".into(), user.as_str().into()],
+                    format!("user `{user}`: {m}"),
+                )
+            })?;
+        }
+        if self.api.metrics_token && self.api.token_file.is_none() {
+            return Err(at(
+                &["api".into(), "metrics_token".into()],
+                "api.metrics_token needs api.token_file (the token /metrics would accept)".into(),
+            ));
+        }
+        if !self.listen.ip().is_loopback()
+            && self.api.tls_server_config.is_none()
+            && self.api.token_file.is_none()
+            && !self.api.insecure_listen
+        {
+            return Err(at(
+                &["listen".into()],
+                format!(
+                    "listen {} is not a loopback address, and the API has neither TLS \
+                     (api.tls_server_config) nor a token (api.token_file): anyone who reaches it could \
+                     read the inventory and change device lifecycle states. Configure one of them, or \
+                     set api.insecure_listen: true to accept that",
+                    self.listen
+                ),
+            ));
         }
         if let Some(sl) = &self.events.syslog {
             let here = |key: &'static str| [Step::Key("events"), "syslog".into(), key.into()];

@@ -51,11 +51,23 @@ pub async fn run(cfg: Config) -> Result<()> {
         Some(path) => Some(read_token(path)?),
         None => None,
     };
+    // Loaded again (Config::load checked the files): what is served is what
+    // is on disk now.
+    let tls = match &cfg.api.tls_server_config {
+        Some(t) => {
+            let l = crate::surfaces::tls::load(t, SystemTime::now())
+                .map_err(|e| anyhow::anyhow!("api.tls_server_config.{}: {}", e.field, e.message))?;
+            Some(l.server)
+        }
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let export_stats = Arc::new(crate::surfaces::export::ExportStats::default());
     let exporter = crate::surfaces::export::spawn(&cfg.events, export_stats.clone())?;
 
     let oui = Oui::load();
     info!("vendor names: {} OUIs from {}", oui.len(), oui.source);
+    preflight(&cfg)?;
     let mut dp = Datapath::load(&cfg.pin_dir, &cfg.maps, &cfg.interfaces)?;
     let segstats = Arc::new(Mutex::new(SegStats::new(dp.take_map(names::SEG_STATS)?)?));
     let mut poller = Poller::new(&mut dp, segstats.clone(), cfg.flow_idle_timeout())?;
@@ -165,6 +177,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         started: SystemTime::now(),
         export_stats,
         token,
+        basic_auth: crate::surfaces::tls::BasicAuth::new(cfg.api.basic_auth_users.clone()),
+        metrics_token: cfg.api.metrics_token,
         limiter: Mutex::new(Limiter::new(cfg.api.rate_limit_per_sec, cfg.api.rate_limit_burst)),
         baseline: RwLock::new(Default::default()),
         lifecycle: RwLock::new(pass.db.lifecycle().unwrap_or_default()),
@@ -188,8 +202,8 @@ pub async fn run(cfg: Config) -> Result<()> {
             }
         })?
     };
-    info!("API on http://{}", cfg.listen);
-    let server = tokio::spawn(api::serve(listener, state));
+    info!("API on {scheme}://{}", cfg.listen);
+    let server = tokio::spawn(api::serve(listener, tls, state));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -364,6 +378,38 @@ impl StorePass {
             store.push(e);
         }
     }
+}
+
+/// The doctor's checks at start: each logged; a failure stops the start, and
+/// so do pins that would die with the agent while a segment enforces
+/// (unless `allow_private_bpffs`).
+fn preflight(cfg: &Config) -> Result<()> {
+    use crate::datapath::doctor::{self, Level};
+    let checks = doctor::run(&cfg.pin_dir, &cfg.interfaces);
+    for c in &checks {
+        match c.level {
+            Level::Ok => info!("preflight: {}", c.what),
+            _ => warn!("preflight: {c}"),
+        }
+    }
+    if let Some(c) = checks.iter().find(|c| c.level == Level::Fail) {
+        anyhow::bail!("preflight failed: {c}\n(`mdsec-agent doctor --config …` lists every check)");
+    }
+    let (_, durable) = doctor::pins_outlive_agent(&cfg.pin_dir);
+    let enforcing = cfg.policy_dir.as_deref().and_then(|d| {
+        let (p, _) = crate::policy::model::load_dir(d, SystemTime::now());
+        p?.segments.into_iter().find(|s| s.mode == crate::policy::model::Mode::Enforce).map(|s| s.name)
+    });
+    if let (false, Some(seg), false) = (durable, &enforcing, cfg.allow_private_bpffs) {
+        anyhow::bail!(
+            "segment {seg} enforces, but the pins under {} would die with this process (its bpffs is \
+             private to its mount namespace, as under `ip netns exec`): a crash of the agent would \
+             detach XDP and silently end enforcement. Run it in the host's mount namespace (the \
+             systemd unit does), or set allow_private_bpffs: true to accept that",
+            cfg.pin_dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// The API token: the file's first line, at least 16 characters.

@@ -2,6 +2,7 @@
 
 use std::{
     net::{SocketAddr, TcpStream},
+    os::unix::process::CommandExt,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -54,6 +55,9 @@ pub struct Agent {
     pub gw: String,
     pub dir: PathBuf,
     pub addr: SocketAddr,
+    /// See [`AgentOptions::https_ca`].
+    pub https_ca: Option<PathBuf>,
+    curl_args: Vec<String>,
 }
 
 pub struct AgentOptions {
@@ -63,11 +67,28 @@ pub struct AgentOptions {
     pub policy: Vec<(String, String)>,
     /// State directory to use instead of a fresh one (to test persistence).
     pub state_dir: Option<PathBuf>,
+    /// The API speaks TLS with a certificate of this CA (readiness is then
+    /// checked with curl over HTTPS).
+    pub https_ca: Option<PathBuf>,
+    /// Passed to every `curl` of [`Agent::curl`] (a client certificate).
+    pub curl_args: Vec<String>,
+    /// Write `allow_private_bpffs: true`: the tests' agents run under `ip
+    /// netns exec`, whose bpffs dies with them (most tests do not need pins
+    /// that outlive the agent; those that do use `SharedBpffs`).
+    pub allow_private_bpffs: bool,
 }
 
 impl Default for AgentOptions {
     fn default() -> Self {
-        AgentOptions { xdp_mode: "driver", extra_yaml: String::new(), policy: Vec::new(), state_dir: None }
+        AgentOptions {
+            xdp_mode: "driver",
+            extra_yaml: String::new(),
+            policy: Vec::new(),
+            state_dir: None,
+            https_ca: None,
+            curl_args: Vec::new(),
+            allow_private_bpffs: true,
+        }
     }
 }
 
@@ -85,6 +106,9 @@ impl Agent {
         let mut yaml = String::from("interfaces:\n");
         for ifname in ifs {
             yaml += &format!("  - name: {ifname}\n    role: inline\n    xdp_mode: {}\n", opts.xdp_mode);
+        }
+        if opts.allow_private_bpffs {
+            yaml += "allow_private_bpffs: true\n";
         }
         yaml += &format!(
             "state_dir: {}\npoll_interval_ms: 100\n{}",
@@ -108,28 +132,63 @@ impl Agent {
             .args(["run", "--config"])
             .arg(&cfg)
             .env("RUST_LOG", "info")
+            // Its own process group: a terminal's Ctrl-C (the lab in tmux)
+            // reaches the lab, which stops the agent in order, not the agent.
+            .process_group(0)
             .stdout(log.try_clone()?)
             .stderr(log)
             .stdin(Stdio::null())
             .spawn()
             .context("spawn mdsec-agent")?;
-        let mut a = Agent { child, gw: gw.to_string(), dir, addr: "127.0.0.1:9740".parse().unwrap() };
+        let mut a = Agent {
+            child,
+            gw: gw.to_string(),
+            dir,
+            addr: "127.0.0.1:9740".parse().unwrap(),
+            https_ca: opts.https_ca,
+            curl_args: opts.curl_args,
+        };
         a.wait_ready(Duration::from_secs(20))?;
         Ok(a)
     }
 
+    /// `curl` in the gateway namespace against `https://127.0.0.1:9740{path}`
+    /// (the test CA trusted) with `args`: the status code and body.
+    pub fn curl(&self, path: &str, args: &[&str]) -> Result<(u16, String)> {
+        let all: Vec<&str> = self.curl_args.iter().map(String::as_str).chain(args.iter().copied()).collect();
+        curl_in(&self.gw, self.https_ca.as_deref(), &format!("https://{}{path}", self.addr), &all)
+    }
+
     fn wait_ready(&mut self, limit: Duration) -> Result<()> {
         let t0 = Instant::now();
+        let mut last = String::new();
         while t0.elapsed() < limit {
             if let Some(st) = self.child.try_wait()? {
                 bail!("agent exited with {st}:\n{}", self.log());
             }
-            if self.raw_get("/readyz").is_ok() {
+            let ready = match &self.https_ca {
+                Some(_) => {
+                    self.curl("/readyz", &[]).map(|(s, b)| (s == 200).then_some(()).ok_or(format!("{s} {b}")))
+                }
+                None => self.raw_get("/readyz").map(|_| Ok(())),
+            };
+            let ready = match ready {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => {
+                    last = e;
+                    false
+                }
+                Err(e) => {
+                    last = e.to_string();
+                    false
+                }
+            };
+            if ready {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        bail!("agent not ready after {limit:?}:\n{}", self.log())
+        bail!("agent not ready after {limit:?} ({last}):\n{}", self.log())
     }
 
     pub fn log(&self) -> String {
@@ -301,4 +360,22 @@ impl Drop for Agent {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// `curl` in namespace `ns` against `url` (trusting `ca` if given) with
+/// `args`: the HTTP status and the body. Transport failures (refused, TLS)
+/// are errors carrying curl's message.
+pub fn curl_in(ns: &str, ca: Option<&std::path::Path>, url: &str, args: &[&str]) -> Result<(u16, String)> {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, "curl", "-sS", "--max-time", "10", "-w", "\n%{http_code}"]);
+    if let Some(ca) = ca {
+        c.arg("--cacert").arg(ca);
+    }
+    let o = c.args(args).arg(url).output()?;
+    if !o.status.success() {
+        bail!("curl {url}: {}", String::from_utf8_lossy(&o.stderr).trim());
+    }
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    let (body, code) = out.rsplit_once('\n').unwrap_or(("", &out));
+    Ok((code.trim().parse()?, body.to_string()))
 }

@@ -11,5 +11,6 @@ pub mod frames;
 pub mod hospital;
 pub mod kernel;
 pub mod netns;
+pub mod pki;
 pub mod prom;
 pub mod traffic;

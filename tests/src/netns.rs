@@ -28,7 +28,10 @@ pub fn unique_id() -> String {
 }
 
 pub fn run(cmd: &mut Command) -> Result<Output> {
-    let out = cmd.output().with_context(|| format!("spawn {cmd:?}"))?;
+    // Out of the terminal's process group: Ctrl-C stops the lab between
+    // steps, never a namespace set-up half done.
+    use std::os::unix::process::CommandExt;
+    let out = cmd.process_group(0).output().with_context(|| format!("spawn {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }

@@ -81,6 +81,40 @@ fn sigkill_under_traffic_keeps_enforcing_and_the_restart_adopts_the_pins() {
     let _ = std::fs::remove_dir_all(&state);
 }
 
+/// Under `ip netns exec` the agent's bpffs is private to its mount
+/// namespace: pins, and with them the XDP links, would die with the process.
+/// With an enforce segment that is refused at start (a crash would silently
+/// end enforcement), unless explicitly allowed.
+#[test]
+fn an_enforcing_agent_whose_pins_would_die_with_it_refuses_to_start() {
+    let topo = Topology::new(2).unwrap();
+    topo.warm_up().unwrap();
+    let refused = Agent::start(
+        &topo,
+        AgentOptions { policy: policy(), allow_private_bpffs: false, ..Default::default() },
+    );
+    let err = refused.err().expect("the agent must not start").to_string();
+    assert!(err.contains("segment pumps enforces, but the pins under"), "{err}");
+    assert!(err.contains("allow_private_bpffs: true"), "{err}");
+    assert!(!err.contains("XDP attached"), "nothing was attached first: {err}");
+    // Nothing was attached: traffic the policy would drop passes.
+    assert_eq!(udp(&topo, 2, 1, 7000, 20), 20);
+    // With a bpffs the parent shares, the same agent starts and enforces.
+    let fs = SharedBpffs::new(&topo.id);
+    let agent = Agent::start(
+        &topo,
+        AgentOptions {
+            policy: policy(),
+            allow_private_bpffs: false,
+            extra_yaml: format!("pin_dir: {}\n", fs.0.join("mdsec").display()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(agent.log().contains("outlive the agent"), "{}", agent.log());
+    assert_eq!(udp(&topo, 2, 1, 7000, 20), 0);
+}
+
 #[test]
 fn a_spoofed_flood_of_ten_times_the_flow_table_changes_no_verdict() {
     let topo = Topology::new(3).unwrap();

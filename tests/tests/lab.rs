@@ -23,8 +23,12 @@ impl Drop for Tmux {
     }
 }
 
+/// One lab at a time: two would share the machine's two CPUs and blur timings.
+static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn the_lab_runs_its_timeline_in_an_80x24_terminal() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
     let lab = env!("CARGO_BIN_EXE_mdsec-lab");
     let agent = mdsec_tests::agent::agent_bin();
     let dir =
@@ -46,10 +50,23 @@ fn the_lab_runs_its_timeline_in_an_80x24_terminal() {
         .status()
         .unwrap();
     assert!(st.success());
-    // The attack starts at 45 s; capture once it is under way.
-    std::thread::sleep(Duration::from_secs(50));
-    let cap = Command::new("tmux").args(["capture-pane", "-p", "-t", &session.0]).output().unwrap();
-    let view = String::from_utf8(cap.stdout).unwrap();
+    // The attack starts 45 s into the timeline (after the set-up): capture
+    // once the view shows it under way.
+    let capture = || {
+        let cap = Command::new("tmux").args(["capture-pane", "-p", "-t", &session.0]).output().unwrap();
+        String::from_utf8(cap.stdout).unwrap()
+    };
+    let t0 = std::time::Instant::now();
+    let mut view = capture();
+    while !(view.contains("phase 4/4 attack") && view.contains("EVENTS"))
+        && t0.elapsed() < Duration::from_secs(75)
+    {
+        std::thread::sleep(Duration::from_secs(1));
+        view = capture();
+    }
+    // One more second: the first frame of the phase, then its events.
+    std::thread::sleep(Duration::from_secs(2));
+    let view = capture();
     let lines: Vec<&str> = view.lines().collect();
     assert!(lines.len() <= 24, "{view}");
     assert!(lines.iter().all(|l| l.chars().count() <= 80), "{view}");
@@ -109,4 +126,65 @@ fn the_lab_runs_its_timeline_in_an_80x24_terminal() {
     assert_eq!(s["normal_flows_dropped"].as_u64(), Some(0));
     assert_eq!(s["normal_would_drops_in_monitor"].as_u64(), Some(0), "the suggestion missed normal traffic");
     assert!(s["evidence_report"].as_str().is_some_and(|p| p.ends_with("evidence.html")));
+}
+
+/// Ctrl-C at a moment of the run chosen at random: the lab prints its summary,
+/// writes the evidence report, removes every namespace and exits, with no
+/// `Error:` and no backtrace; the view used the alternate screen, so the
+/// terminal's scrollback holds the lab's own lines, not hundreds of redraws.
+#[test]
+fn ctrl_c_at_a_random_moment_stops_the_lab_cleanly() {
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = env!("CARGO_BIN_EXE_mdsec-lab");
+    let agent = mdsec_tests::agent::agent_bin();
+    let dir =
+        std::env::temp_dir().join(format!("{}{}-labstop", mdsec_tests::netns::PREFIX, std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _guard = Dir(dir.clone());
+    let (out, done) = (dir.join("summary.txt"), dir.join("done"));
+    let session = Tmux(format!("mdsec-t{}-labstop", std::process::id()));
+    let cmd = format!(
+        "RUST_BACKTRACE=1 MDSEC_AGENT_BIN={} MDSEC_LAB_OUT={} {lab} --duration 120 > {} ; echo $? > {}; sleep 120",
+        agent.display(),
+        dir.display(),
+        out.display(),
+        done.display()
+    );
+    let st = Command::new("tmux")
+        .args(["new-session", "-d", "-s", &session.0, "-x", "80", "-y", "24", &cmd])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // Once the agent is up (about 10 s of set-up) until well into the attack.
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let at = 15 + (nanos as u64 % 50);
+    eprintln!("sending Ctrl-C after {at} s");
+    std::thread::sleep(Duration::from_secs(at));
+    let st = Command::new("tmux").args(["send-keys", "-t", &session.0, "C-c"]).status().unwrap();
+    assert!(st.success());
+    let mut waited = 0;
+    while !done.exists() && waited < 90 {
+        std::thread::sleep(Duration::from_secs(1));
+        waited += 1;
+    }
+    let pane =
+        Command::new("tmux").args(["capture-pane", "-p", "-S", "-", "-t", &session.0]).output().unwrap();
+    let pane = String::from_utf8_lossy(&pane.stdout).to_string();
+    assert_eq!(std::fs::read_to_string(&done).unwrap_or_default().trim(), "0", "{pane}");
+    let summary = std::fs::read_to_string(&out).unwrap();
+    assert!(summary.contains("mdsec lab summary"), "{summary}");
+    assert!(summary.contains("evidence report:"), "{summary}");
+    assert!(dir.join("evidence.html").exists(), "no evidence report");
+    assert!(pane.contains("lab: stopping at") && pane.contains("torn down, nothing left behind"), "{pane}");
+    assert!(
+        !pane.contains("Error") && !pane.contains("panicked") && !pane.contains("stack backtrace"),
+        "{pane}"
+    );
+    // The redraws stayed on the alternate screen.
+    assert!(pane.matches("mdsec lab ").count() <= 1, "{pane}");
+    // This lab's namespaces, named in its first line: `(mdsec-lab<pid>-*)`.
+    let id = pane.split("(mdsec-lab").nth(1).and_then(|r| r.split('-').next()).expect("the lab names its id");
+    let ns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let ns = String::from_utf8_lossy(&ns.stdout).to_string();
+    assert!(!ns.contains(&format!("mdsec-lab{id}-")), "namespaces left:\n{ns}");
 }

@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask <setup|build|test|lab|bench|fuzz|cleanup>`.
+//! Project tasks: `cargo xtask <setup|build|test|lab|bench|fuzz|package|cleanup>`.
 //!
 //! Every task except `cleanup` runs `setup` first, which is idempotent: it installs
 //! only what is missing (Debian packages, the eBPF toolchain, bpf-linker).
 
+mod package;
 mod toolchain;
 
 use std::{
@@ -56,6 +57,8 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         secs: u64,
     },
+    /// Build the Debian package target/debian/mdsec_<version>_<arch>.deb and lint it.
+    Package,
     /// Remove namespaces, mounts and temp dirs that a crashed test or lab left.
     Cleanup,
 }
@@ -75,6 +78,12 @@ fn real_main() -> Result<()> {
     std::env::set_current_dir(&root)?;
     match Cli::parse().cmd {
         Cmd::Setup => setup(),
+        Cmd::Package => {
+            setup_with(PACKAGE_PACKAGES)?;
+            let deb = package::build(&root)?;
+            package::lint(&deb)?;
+            Ok(())
+        }
         Cmd::Build => {
             setup()?;
             cargo(&["build", "--release", "-p", "mdsec-agent"])?;
@@ -82,7 +91,7 @@ fn real_main() -> Result<()> {
             Ok(())
         }
         Cmd::Test { no_lint, args } => {
-            setup()?;
+            setup_with(PACKAGE_PACKAGES)?;
             require_root("the tests create network namespaces and load XDP programs")?;
             let stale = cleanup()?;
             if stale > 0 {
@@ -94,6 +103,15 @@ fn real_main() -> Result<()> {
             }
             // The integration tests run this binary inside namespaces.
             cargo(&["build", "-p", "mdsec-agent"])?;
+            // tests/tests/package.rs installs the package into a clean Debian 12.
+            let deb = package::build(&root)?;
+            package::lint(&deb)?;
+            let base = package::debian_base()?;
+            // SAFETY: single-threaded here; the test processes inherit them.
+            unsafe {
+                std::env::set_var("MDSEC_DEB", &deb);
+                std::env::set_var("MDSEC_DEBIAN_BASE", &base);
+            }
             let mut test_args = vec!["test", "--workspace"];
             test_args.extend(args.iter().map(String::as_str));
             let result = cargo_test(&test_args);
@@ -124,11 +142,19 @@ fn real_main() -> Result<()> {
                 "--bin",
                 "mdsec-lab",
             ])?;
-            let st = Command::new(root.join("target/debug/mdsec-lab"))
+            let mut lab = Command::new(root.join("target/debug/mdsec-lab"))
                 .args(&args)
                 .env("MDSEC_AGENT_BIN", root.join("target/debug/mdsec-agent"))
                 .env("MDSEC_LAB_OUT", root.join("target/lab"))
-                .status()?;
+                .spawn()?;
+            // Ctrl-C reaches the lab too (same process group): it tears down and
+            // prints its summary. Wait for that instead of returning the shell
+            // prompt while namespaces are still being removed.
+            // SAFETY: SIG_IGN for SIGINT in this process only.
+            unsafe {
+                libc::signal(libc::SIGINT, libc::SIG_IGN);
+            }
+            let st = lab.wait()?;
             if !st.success() {
                 bail!("lab failed ({st})");
             }
@@ -283,6 +309,9 @@ const TEST_PACKAGES: &[&str] = &[
     // The lab's live view is checked at 80×24 in a real terminal.
     "tmux",
 ];
+/// Building and checking the Debian package: lintian, and debootstrap for the
+/// clean Debian 12 chroot it is installed into by the tests.
+const PACKAGE_PACKAGES: &[&str] = &["lintian", "debootstrap", "binutils", "xz-utils"];
 /// The offline eBPF toolchain (see shared/toolchain.md): rustc 1.96 with its library
 /// source, and LLVM 22 for bpf-linker.
 const TOOLCHAIN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src", "llvm-22-dev"];

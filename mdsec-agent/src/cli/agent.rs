@@ -6,7 +6,7 @@ use std::{path::Path, process::ExitCode};
 use anyhow::Result;
 
 use super::{load_config, load_register, print_diags};
-use crate::datapath::loader;
+use crate::{base::diag::Diagnostic, datapath::loader};
 
 /// Attaches the datapath and serves until SIGTERM/SIGINT.
 pub fn run(config: &Path) -> Result<ExitCode> {
@@ -14,6 +14,12 @@ pub fn run(config: &Path) -> Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
+    if !cfg.start_blockers.is_empty() {
+        // Warnings for `check`; the agent does not start serving with them.
+        return Ok(print_diags(
+            cfg.start_blockers.iter().map(|d| Diagnostic { warning: false, ..d.clone() }),
+        ));
+    }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -28,6 +34,9 @@ pub fn check(config: &Path) -> Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
+    for w in &cfg.start_blockers {
+        eprintln!("{w} (`run` refuses to start with it)");
+    }
     if let Some(dir) = &cfg.policy_dir {
         match crate::policy::runtime::prepare(dir, crate::policy::compile::Limits::DATAPATH) {
             Ok((p, c, diags)) => {
@@ -53,6 +62,24 @@ pub fn check(config: &Path) -> Result<ExitCode> {
         }
     }
     println!("{}: ok", config.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints every doctor check; fails when one fails.
+pub fn doctor(config: &Path) -> Result<ExitCode> {
+    let cfg = match load_config(config) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let checks = crate::datapath::doctor::run(&cfg.pin_dir, &cfg.interfaces);
+    for c in &checks {
+        println!("{c}");
+    }
+    let failed = checks.iter().filter(|c| c.level == crate::datapath::doctor::Level::Fail).count();
+    if failed > 0 {
+        eprintln!("{failed} check(s) failed");
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -15,7 +15,7 @@ pub fn set_state(mac: &str, state: &str, reason: &str, actor: Option<String>, q:
         .unwrap_or_default();
     let body = serde_json::json!({ "state": state, "reason": reason, "actor": actor });
     let (status, answer) = client::post_json(
-        client::parse_api(&q.api)?,
+        &q.endpoint()?,
         &format!("/api/v1/devices/{mac}/state"),
         q.token()?.as_deref(),
         &body,

@@ -112,10 +112,10 @@ impl ListArgs {
 
     /// Every item asked for, and the cursor of the next page if one may follow.
     fn fetch<T: serde::de::DeserializeOwned>(&self, list: List) -> Result<(Vec<T>, Option<String>)> {
-        let addr = client::parse_api(&self.q.api)?;
+        let addr = self.q.endpoint()?;
         let token = self.q.token()?;
         if self.all && list == List::Flows {
-            let body = client::get(addr, &self.query(list, None, true), token.as_deref())?;
+            let body = client::get(&addr, &self.query(list, None, true), token.as_deref())?;
             let items = body
                 .split(|b| *b == b'\n')
                 .filter(|l| !l.is_empty())
@@ -128,7 +128,7 @@ impl ListArgs {
         let mut all = Vec::new();
         loop {
             let path = self.query(list, cursor.as_deref(), false);
-            let (body, next) = client::get_page(addr, &path, token.as_deref())?;
+            let (body, next) = client::get_page(&addr, &path, token.as_deref())?;
             let page: Vec<T> =
                 serde_json::from_slice(&body).with_context(|| format!("bad JSON from {path}"))?;
             all.extend(page);

@@ -15,6 +15,7 @@ use crate::{
 
 mod agent;
 mod device;
+mod docs;
 mod evidence;
 mod lists;
 mod policy;
@@ -33,6 +34,12 @@ struct Cli {
 enum Cmd {
     /// Attach the datapath to the configured interfaces and serve the API.
     Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check what the datapath needs from this kernel and host (features,
+    /// bpffs, pins that outlive the agent, interfaces); exits 1 on a failure.
+    Doctor {
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -95,6 +102,15 @@ enum Cmd {
     /// The vulnerability register.
     #[command(subcommand)]
     Register(RegisterCmd),
+    /// Write the man pages (one per command) into a directory.
+    #[command(hide = true)]
+    Manpages {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print a shell completion script.
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
     /// Detach the datapath and remove its pins (after a crash, or an `on_exit: keep` stop).
     Detach {
         #[arg(long, short)]
@@ -139,7 +155,7 @@ enum RegisterCmd {
 
 #[derive(clap::Args)]
 pub(crate) struct Query {
-    /// API address of the agent.
+    /// API address of the agent: HOST:PORT or http://… (plain), https://… (TLS).
     #[arg(long, default_value = config::DEFAULT_LISTEN)]
     pub(crate) api: String,
     /// Print JSON instead of a table.
@@ -149,6 +165,14 @@ pub(crate) struct Query {
     /// MDSEC_API_TOKEN environment variable works too.
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// For an `https://` API: the CA certificate (PEM) that signed the agent's.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// A client certificate (PEM), when the agent asks for one.
+    #[arg(long, requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<PathBuf>,
 }
 
 impl Query {
@@ -161,14 +185,36 @@ impl Query {
         Ok(std::env::var("MDSEC_API_TOKEN").ok().filter(|t| !t.is_empty()))
     }
 
+    /// The API's address and TLS settings.
+    pub(crate) fn endpoint(&self) -> Result<client::Endpoint> {
+        client::parse_api_tls(
+            &self.api,
+            &client::TlsFiles {
+                ca_file: self.ca_file.as_deref(),
+                client_cert: self.client_cert.as_deref(),
+                client_key: self.client_key.as_deref(),
+            },
+        )
+    }
+
     fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
-        client::get_json(client::parse_api(&self.api)?, path, self.token()?.as_deref())
+        client::get_json(&self.endpoint()?, path, self.token()?.as_deref())
     }
 }
 
 pub fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match run(Cli::parse().cmd) {
+    let cmd = Cli::parse().cmd;
+    if !matches!(cmd, Cmd::Run { .. }) {
+        // A command piped into `head` ends quietly when the pipe closes, as
+        // Unix tools do (Rust ignores SIGPIPE, which turns it into a panic).
+        // Not for `run`: the agent must see EPIPE on a closed socket instead.
+        // SAFETY: restores the default disposition before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+    match run(cmd) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -181,6 +227,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
         Cmd::Run { config } => agent::run(&config),
         Cmd::Check { config } => agent::check(&config),
+        Cmd::Doctor { config } => agent::doctor(&config),
         Cmd::Detach { config } => agent::detach(&config),
         Cmd::Flows(a) => lists::flows(&a),
         Cmd::Devices(a) => lists::devices(&a),
@@ -202,6 +249,8 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             policy::suggest(&config, &segment, mode.as_deref(), all, out.as_ref())
         }
         Cmd::Schema { out } => policy::schema(&out),
+        Cmd::Manpages { out } => docs::manpages(&out),
+        Cmd::Completions { shell } => docs::completions(shell),
     }
 }
 

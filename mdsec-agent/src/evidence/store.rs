@@ -60,7 +60,23 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, type TEXT NOT NULL, doc TEXT NOT NULL);
      CREATE INDEX events_time ON events (time);
      CREATE TABLE snapshots (time TEXT PRIMARY KEY, doc TEXT NOT NULL);",
+    // Every API write attempt (refused ones too), append-only like `audit`.
+    "CREATE TABLE api_writes (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, client TEXT NOT NULL,
+        method TEXT NOT NULL, path TEXT NOT NULL, status INTEGER NOT NULL);
+     CREATE TRIGGER api_writes_no_update BEFORE UPDATE ON api_writes BEGIN SELECT RAISE(ABORT, 'the api_writes table is append-only'); END;
+     CREATE TRIGGER api_writes_no_delete BEFORE DELETE ON api_writes BEGIN SELECT RAISE(ABORT, 'the api_writes table is append-only'); END;",
 ];
+
+/// One API write attempt: who (client address), what, and the answer's status.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ApiWrite {
+    pub id: i64,
+    pub time: String,
+    pub client: String,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+}
 
 pub struct Store {
     conn: Connection,
@@ -356,6 +372,31 @@ impl Store {
                 to: r.get(4)?,
                 reason: r.get(5)?,
                 actor: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn record_api_write(&mut self, w: &ApiWrite) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO api_writes (time, client, method, path, status) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![w.time, w.client, w.method, w.path, w.status],
+        )?;
+        Ok(())
+    }
+
+    /// API write attempts, oldest first.
+    pub fn api_writes(&self) -> Result<Vec<ApiWrite>> {
+        let mut st =
+            self.conn.prepare("SELECT id, time, client, method, path, status FROM api_writes ORDER BY id")?;
+        let rows = st.query_map([], |r| {
+            Ok(ApiWrite {
+                id: r.get(0)?,
+                time: r.get(1)?,
+                client: r.get(2)?,
+                method: r.get(3)?,
+                path: r.get(4)?,
+                status: r.get(5)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

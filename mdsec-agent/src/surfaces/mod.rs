@@ -10,3 +10,4 @@ pub mod limiter;
 pub mod metrics;
 pub mod model;
 pub mod state;
+pub mod tls;

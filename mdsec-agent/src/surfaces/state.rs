@@ -39,6 +39,10 @@ pub struct AppState {
     pub export_stats: Arc<crate::surfaces::export::ExportStats>,
     /// Bearer token `/api/*` requires, if configured.
     pub token: Option<String>,
+    /// `api.basic_auth_users` (for `/metrics`).
+    pub basic_auth: crate::surfaces::tls::BasicAuth,
+    /// `/metrics` accepts (and then needs) the bearer token.
+    pub metrics_token: bool,
     pub limiter: Mutex<Limiter>,
     /// Learning state and baseline size per segment, as of the last store pass.
     pub baseline: RwLock<crate::detection::learn::Status>,
@@ -75,6 +79,8 @@ impl AppState {
             started: SystemTime::now(),
             export_stats: Default::default(),
             token: None,
+            basic_auth: crate::surfaces::tls::BasicAuth::new(Default::default()),
+            metrics_token: false,
             limiter: Mutex::new(Limiter::new(1_000_000, 1_000_000)),
             baseline: Default::default(),
             lifecycle: Default::default(),

@@ -69,24 +69,101 @@ async fn limits(
     next.run(req).await
 }
 
-/// Bearer token check for `/api/*`, in constant time.
-async fn auth(axum::extract::State(st): S, req: Request, next: Next) -> Response {
-    if let Some(token) = &st.token {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        let same = given.len() == token.len()
-            && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-        if !same {
-            let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-            return r;
+/// The request's bearer token equals `token` (compared in constant time).
+fn bearer_is(req: &Request, token: &str) -> bool {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+fn unauthorized(msg: &str, scheme: &'static str) -> Response {
+    let mut r = error(StatusCode::UNAUTHORIZED, msg);
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static(scheme));
+    r
+}
+
+fn is_write(req: &Request) -> bool {
+    !matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD)
+}
+
+/// `/api/*`: the bearer token when one is configured; and a write from
+/// another host needs one configured at all (never an open write endpoint off
+/// loopback, whatever `insecure_listen` says).
+async fn auth(
+    axum::extract::State(st): S,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match &st.token {
+        Some(token) if !bearer_is(&req, token) => {
+            return unauthorized("missing or wrong bearer token", "Bearer");
         }
+        None if is_write(&req) && !peer.ip().is_loopback() => {
+            return error(
+                StatusCode::FORBIDDEN,
+                "writes from another host need the bearer token, and no api.token_file is configured",
+            );
+        }
+        _ => {}
     }
     next.run(req).await
+}
+
+/// `/metrics`: open, unless `basic_auth_users` or `metrics_token` ask for a
+/// basic-auth user or the bearer token.
+async fn metrics_auth(axum::extract::State(st): S, req: Request, next: Next) -> Response {
+    let token_ok = st.metrics_token && st.token.as_deref().is_some_and(|t| bearer_is(&req, t));
+    if st.basic_auth.is_empty() && !st.metrics_token {
+        return next.run(req).await;
+    }
+    let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let basic_ok = !st.basic_auth.is_empty() && header.starts_with("Basic ") && {
+        // bcrypt is slow on purpose: off the async workers.
+        let (st2, h) = (st.clone(), header.to_string());
+        tokio::task::spawn_blocking(move || st2.basic_auth.allows(&h)).await.unwrap_or(false)
+    };
+    if token_ok || basic_ok {
+        return next.run(req).await;
+    }
+    let scheme = if st.basic_auth.is_empty() { "Bearer" } else { "Basic realm=\"mdsec\"" };
+    unauthorized("/metrics needs credentials (api.basic_auth_users or the bearer token)", scheme)
+}
+
+/// Every write attempt to `/api/*`, refused ones included, is logged and
+/// kept in the state database's append-only `api_writes` table.
+async fn audit_writes(
+    axum::extract::State(st): S,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if !is_write(&req) {
+        return next.run(req).await;
+    }
+    let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+    let r = next.run(req).await;
+    let w = crate::evidence::store::ApiWrite {
+        id: 0,
+        time: rfc3339(std::time::SystemTime::now()),
+        client: peer.ip().to_string(),
+        method,
+        path,
+        status: r.status().as_u16(),
+    };
+    log::info!("api write: {} {} {} from {} → {}", w.time, w.method, w.path, w.client, w.status);
+    let dir = st.state_dir.clone();
+    let saved =
+        tokio::task::spawn_blocking(move || crate::evidence::store::Store::open(&dir)?.record_api_write(&w))
+            .await;
+    if !matches!(saved, Ok(Ok(()))) {
+        log::warn!("recording an API write in the state database failed: {saved:?}");
+    }
+    r
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -100,10 +177,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/baseline", get(baseline))
         .route("/api/v1/devices/{mac}/state", axum::routing::post(set_state))
         .route("/api/v1/audit", get(audit))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+        .route("/api/v1/writes", get(writes))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth))
+        // Outside the token check, so refused writes are audited too.
+        .route_layer(middleware::from_fn_with_state(state.clone(), audit_writes));
+    let metrics = Router::new()
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), metrics_auth));
     Router::new()
         .merge(api)
-        .route("/metrics", get(metrics))
+        .merge(metrics)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
@@ -112,8 +195,21 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> std::io::Result<()> {
-    axum::serve(listener, router(state).into_make_service_with_connect_info::<SocketAddr>()).await
+/// Serves the API on `listener`: over TLS when `tls` is given (a plain-HTTP
+/// client then fails its handshake and is dropped; others are unaffected).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    state: Arc<AppState>,
+) -> std::io::Result<()> {
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    match tls {
+        None => axum::serve(listener, app).await,
+        Some(cfg) => {
+            let config = axum_server::tls_rustls::RustlsConfig::from_config(cfg);
+            axum_server::from_tcp_rustls(listener.into_std()?, config)?.serve(app).await
+        }
+    }
 }
 
 async fn metrics(axum::extract::State(st): S) -> Response {
@@ -245,6 +341,16 @@ async fn audit(
     })
     .await
     {
+        Ok(Ok(rows)) => Json(rows).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `GET /api/v1/writes`: every API write attempt, oldest first.
+async fn writes(axum::extract::State(st): S) -> Response {
+    let dir = st.state_dir.clone();
+    match tokio::task::spawn_blocking(move || crate::evidence::store::Store::open(&dir)?.api_writes()).await {
         Ok(Ok(rows)) => Json(rows).into_response(),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),

@@ -216,8 +216,9 @@ fn serve_and_measure(tables: Arc<RwLock<Tables>>, segstats: Arc<Mutex<SegStats>>
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let addr = listener.local_addr()?;
-    rt.spawn(mdsec_agent::surfaces::api::serve(listener, state));
-    let get = |path: &str| mdsec_agent::surfaces::client::get(addr, path, None);
+    let api = mdsec_agent::surfaces::client::parse_api(&addr.to_string())?;
+    rt.spawn(mdsec_agent::surfaces::api::serve(listener, None, state));
+    let get = |path: &str| mdsec_agent::surfaces::client::get(&api, path, None);
     // One device's flows: device 17 owns every 10,000th flow.
     let mut ms = Vec::new();
     for _ in 0..5 {
@@ -248,7 +249,7 @@ fn serve_and_measure(tables: Arc<RwLock<Tables>>, segstats: Arc<Mutex<SegStats>>
             let (mut worst, mut n) = (Duration::ZERO, 0);
             while !done.load(Ordering::Relaxed) {
                 let t0 = Instant::now();
-                if mdsec_agent::surfaces::client::get(addr, "/healthz", None).is_ok() {
+                if mdsec_agent::surfaces::client::get(&api, "/healthz", None).is_ok() {
                     worst = worst.max(t0.elapsed());
                     n += 1;
                 }

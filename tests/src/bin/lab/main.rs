@@ -22,6 +22,7 @@ mod view;
 use std::{
     io::IsTerminal,
     path::PathBuf,
+    process::ExitCode,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -30,7 +31,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use clap::Parser;
 use mdsec_tests::{
     agent::agent_bin,
@@ -42,7 +43,7 @@ use services::{attack, start_services_and_traffic};
 use setup::{apply_suggestion, cleanup, start_agent};
 use summary::{evidence_report, print_summary, summarize};
 use timeline::{Log, Timeline};
-use view::{draw, metrics_forwarder};
+use view::{Screen, draw, metrics_forwarder};
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -59,29 +60,56 @@ impl Drop for WorkDir {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let args = Args::parse();
     if args.cleanup {
         let n = cleanup();
         println!("lab: removed {n} leftover namespaces");
-        return Ok(());
+        return ExitCode::SUCCESS;
     }
     // SAFETY: the handler only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    let quiet_view = !std::io::stderr().is_terminal();
+    // Every error unwinds through the guards (namespaces, agent, services),
+    // so it is reported after the teardown, as one line, never a backtrace.
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if stopping() => {
+            eprintln!("lab: stopped ({e:#}); torn down, nothing left behind");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("lab: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn stopping() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+/// Fails once Ctrl-C or SIGTERM arrived: the lab stops between set-up steps.
+fn not_stopped(step: &str) -> Result<()> {
+    if stopping() { bail!("interrupted while {step}") } else { Ok(()) }
+}
+
+fn run(args: &Args) -> Result<()> {
+    let tty = std::io::stderr().is_terminal() && std::io::stdin().is_terminal();
     let id = format!("mdsec-lab{}", std::process::id());
     let work = std::env::temp_dir().join(&id).with_extension("work");
     std::fs::create_dir_all(&work)?;
     let work_guard = WorkDir(work.clone());
     let log = Arc::new(Mutex::new(Log::default()));
-    log.lock()
-        .unwrap()
-        .say(false, format!("building the hospital: {} devices behind a gateway ({id}-*)", DEVICES.len()));
+    // Plain lines until the view starts, and all along without a terminal.
+    let say = |msg: String, view: bool| log.lock().unwrap().say(view, msg);
+    say(format!("building the hospital: {} devices behind a gateway ({id}-*)", DEVICES.len()), false);
     let hospital = Hospital::new(&id)?;
+    not_stopped("building the hospital")?;
     hospital.warm_up()?;
+    not_stopped("warming up the hospital")?;
 
     let total = args.duration.unwrap_or(120);
     let tl = Timeline::new(total);
@@ -89,17 +117,19 @@ fn main() -> Result<()> {
     let forwarder = metrics_forwarder(&agent);
     let metrics_url = forwarder.as_ref().map(|p| format!("http://127.0.0.1:{p}/metrics"));
     if let Some(u) = &metrics_url {
-        log.lock().unwrap().say(quiet_view, format!("Prometheus metrics at {u}"));
+        say(format!("Prometheus metrics at {u}"), false);
     }
 
     let running = Arc::new(AtomicBool::new(true));
     let (bg, workers) = start_services_and_traffic(&hospital, &work, running.clone())?;
+    let screen = if tty && !stopping() { Some(Screen::enter()?) } else { None };
+    let quiet = screen.is_some();
     let t0 = Instant::now();
     let mut phase = 0;
     let announce = |msg: &str| {
         let mut l = log.lock().unwrap();
         l.phase = msg.to_string();
-        l.say(quiet_view, msg.to_string());
+        l.say(quiet, msg.to_string());
     };
     announce(&format!(
         "phase 1/4 learning ({}s): segments in monitor mode, no rules; the baseline is recorded",
@@ -111,40 +141,47 @@ fn main() -> Result<()> {
     let mut attack_sent = None;
     let mut last_draw = Instant::now() - Duration::from_secs(5);
     let end = args.duration.map(Duration::from_secs);
-    while !STOP.load(Ordering::SeqCst) && end.is_none_or(|e| t0.elapsed() < e) {
+    let packets = |stat: &str| agent.stat(stat).map(|c| c.packets).unwrap_or(0);
+    while !stopping() && end.is_none_or(|e| t0.elapsed() < e) {
         let el = t0.elapsed().as_secs();
         if phase == 0 && el >= tl.monitor {
             phase = 1;
             apply_suggestion(&agent, "monitor")?;
-            would_at_monitor = agent.stat("policy_would_drop").map(|c| c.packets).unwrap_or(0);
+            would_at_monitor = packets("policy_would_drop");
             announce(
                 "phase 2/4 monitor: the suggested allow-lists are active; would-be drops are only counted",
             );
         } else if phase == 1 && el >= tl.enforce {
             phase = 2;
-            would_in_monitor =
-                Some(agent.stat("policy_would_drop").map(|c| c.packets).unwrap_or(0) - would_at_monitor);
+            would_in_monitor = Some(packets("policy_would_drop") - would_at_monitor);
             apply_suggestion(&agent, "enforce")?;
-            drops_at_enforce = agent.stat("policy_drop").map(|c| c.packets).unwrap_or(0);
+            drops_at_enforce = packets("policy_drop");
             announce("phase 3/4 enforce: the same allow-lists now drop what they do not allow");
         } else if phase == 2 && el >= tl.attack && args.attack() {
             phase = 3;
-            normal_drops_in_enforce =
-                Some(agent.stat("policy_drop").map(|c| c.packets).unwrap_or(0) - drops_at_enforce);
+            normal_drops_in_enforce = Some(packets("policy_drop") - drops_at_enforce);
             announce(
                 "phase 4/4 attack: attacker scans the pumps, pump2 asks an outside resolver, the workstation opens RDP to the CT",
             );
             attack_sent = Some(attack(&hospital)?);
         }
-        if !quiet_view && last_draw.elapsed() >= Duration::from_secs(1) {
-            last_draw = Instant::now();
-            let _ = draw(&agent, &log.lock().unwrap(), t0.elapsed(), total, metrics_url.as_deref());
+        if let Some(s) = &screen {
+            if s.quit_pressed() {
+                STOP.store(true, Ordering::SeqCst);
+            }
+            if last_draw.elapsed() >= Duration::from_secs(1) {
+                last_draw = Instant::now();
+                let _ = draw(&agent, &log.lock().unwrap(), t0.elapsed(), total, metrics_url.as_deref());
+            }
         }
         thread::sleep(Duration::from_millis(100));
     }
+    drop(screen);
+    if stopping() {
+        eprintln!("lab: stopping at {} s: summary, evidence report, then teardown", t0.elapsed().as_secs());
+    }
     if normal_drops_in_enforce.is_none() && phase >= 2 {
-        normal_drops_in_enforce =
-            Some(agent.stat("policy_drop").map(|c| c.packets).unwrap_or(0) - drops_at_enforce);
+        normal_drops_in_enforce = Some(packets("policy_drop") - drops_at_enforce);
     }
     // Let the last detections and store passes land.
     thread::sleep(Duration::from_secs(3));
@@ -153,11 +190,13 @@ fn main() -> Result<()> {
         let _ = w.join();
     }
     let mut summary = summarize(&agent, attack_sent.as_ref(), normal_drops_in_enforce, total, metrics_url)?;
+    summary.duration_secs = t0.elapsed().as_secs().min(total);
     summary.normal_would_drops_in_monitor = would_in_monitor;
     let report = evidence_report(&agent);
     if args.json {
         let mut v = serde_json::to_value(&summary)?;
         v["evidence_report"] = serde_json::json!(report.as_ref().map(|p| p.display().to_string()));
+        v["stopped_early"] = serde_json::json!(stopping());
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print_summary(&summary);
@@ -165,7 +204,7 @@ fn main() -> Result<()> {
             println!("evidence report: {}", p.display());
         }
     }
-    if args.keep {
+    if args.keep && !stopping() {
         eprintln!(
             "lab: --keep: the hospital stays up. Inspect with\n  ip netns exec {} {} devices\nand remove it with `cargo xtask lab --cleanup`.",
             hospital.gw,

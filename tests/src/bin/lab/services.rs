@@ -14,6 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::os::unix::process::CommandExt;
+
 use anyhow::{Context, Result, bail};
 use mdsec_agent::surfaces::model::Flow;
 use mdsec_tests::{
@@ -33,6 +35,7 @@ impl Bg {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .with_context(|| format!("start {args:?}"))?;
         Ok(Bg(child))
@@ -55,6 +58,7 @@ pub fn run_in(ns: &str, secs: u32, args: &[&str]) -> bool {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        .process_group(0)
         .status()
         .is_ok_and(|s| s.success())
 }

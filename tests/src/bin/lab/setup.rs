@@ -1,7 +1,7 @@
 //! The agent the lab runs on the gateway: its policy, register and device
 //! overrides, and the step that applies the suggested allow-lists.
 
-use std::{path::Path, process::Command};
+use std::{os::unix::process::CommandExt, path::Path, process::Command};
 
 use anyhow::{Result, bail};
 use mdsec_tests::{
@@ -73,12 +73,13 @@ pub fn apply_suggestion(agent: &Agent, mode: &str) -> Result<()> {
             .arg(&cfg)
             .args(["--segment", seg, "--mode", mode, "--out"])
             .arg(&out)
+            .process_group(0)
             .output()?;
         if !o.status.success() {
             bail!("suggest {seg}: {}", String::from_utf8_lossy(&o.stderr));
         }
     }
-    let o = Command::new(agent_bin()).args(["check", "--config"]).arg(&cfg).output()?;
+    let o = Command::new(agent_bin()).args(["check", "--config"]).arg(&cfg).process_group(0).output()?;
     if !o.status.success() {
         bail!("check: {}", String::from_utf8_lossy(&o.stderr));
     }

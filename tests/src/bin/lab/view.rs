@@ -51,8 +51,63 @@ pub fn cut(s: &str, n: usize) -> String {
     }
 }
 
-/// The live view: at most 80 columns and 24 lines.
+/// The live view's terminal: the alternate screen (no scrollback grows),
+/// raw keys for `q`, restored when dropped (also on an error or a panic).
+pub struct Screen;
+
+impl Screen {
+    pub fn enter() -> Result<Screen> {
+        crossterm::terminal::enable_raw_mode()?;
+        let mut err = std::io::stderr();
+        crossterm::execute!(err, crossterm::terminal::EnterAlternateScreen, crossterm::cursor::Hide)?;
+        // A panic leaves the terminal usable.
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            restore();
+            hook(info);
+        }));
+        Ok(Screen)
+    }
+
+    /// `q`, or Ctrl-C (raw mode turns it into a key): true when one was
+    /// pressed since the last call.
+    pub fn quit_pressed(&self) -> bool {
+        use crossterm::event::{Event, KeyCode, KeyEventKind, KeyModifiers, poll, read};
+        let mut quit = false;
+        while poll(Duration::ZERO).unwrap_or(false) {
+            if let Ok(Event::Key(k)) = read()
+                && k.kind == KeyEventKind::Press
+            {
+                quit |= k.code == KeyCode::Char('q')
+                    || (k.code == KeyCode::Char('c') && k.modifiers.contains(KeyModifiers::CONTROL));
+            }
+        }
+        quit
+    }
+}
+
+fn restore() {
+    let mut err = std::io::stderr();
+    let _ = crossterm::execute!(err, crossterm::cursor::Show, crossterm::terminal::LeaveAlternateScreen);
+    let _ = crossterm::terminal::disable_raw_mode();
+}
+
+impl Drop for Screen {
+    fn drop(&mut self) {
+        restore();
+    }
+}
+
+/// The live view, fitted to the terminal (80×24 and up shows everything).
 pub fn draw(agent: &Agent, log: &Log, el: Duration, total: u64, metrics: Option<&str>) -> Result<()> {
+    let (cols, rows) = crossterm::terminal::size().unwrap_or((80, 24));
+    let (cols, rows) = (cols.max(20) as usize, rows.max(8) as usize);
+    // Five fixed lines (title, two headers, EVENTS, footer); the rest shared
+    // 9 : 6 : 4 between devices, flows and events, as at 80×24.
+    let room = rows - 5;
+    let n_dev = (room * 9 / 19).min(9);
+    let n_flow = (room * 6 / 19).min(6);
+    let n_ev = (room - n_dev - n_flow).min(4);
     let names: BTreeMap<&str, &str> = DEVICES.iter().map(|d| (d.mac, d.name)).collect();
     let ipname: BTreeMap<String, &str> = DEVICES.iter().map(|d| (d.ip().to_string(), d.name)).collect();
     let who = |ip: &str| ipname.get(ip).map_or(ip.to_string(), |n| n.to_string());
@@ -69,55 +124,54 @@ pub fn draw(agent: &Agent, log: &Log, el: Duration, total: u64, metrics: Option<
     shown.extend(rest.into_iter().take(6 - shown.len()));
     let flows = shown;
     let events = agent.events()?;
-    let mut out = String::from("\x1b[2J\x1b[H");
-    out += &cut(&format!("mdsec lab {:>3}/{}s  {}", el.as_secs(), total, log.phase), 80);
-    out += "\n";
-    out += &format!("{:<11} {:<22} {:<20} {:<22}\n", "DEVICE", "VENDOR", "CLASS", "APPS");
-    for d in devices.iter().take(9) {
+    let mut out: Vec<String> = vec![format!("mdsec lab {:>3}/{}s  {}", el.as_secs(), total, log.phase)];
+    out.push(format!("{:<11} {:<22} {:<20} {:<22}", "DEVICE", "VENDOR", "CLASS", "APPS"));
+    for d in devices.iter().take(n_dev) {
         let apps: BTreeSet<&str> = d.apps_client.iter().chain(&d.apps_server).map(String::as_str).collect();
-        out += &format!(
-            "{:<11} {:<22} {:<20} {}\n",
+        out.push(format!(
+            "{:<11} {:<22} {:<20} {}",
             names.get(d.mac.as_str()).copied().unwrap_or(""),
             cut(d.vendor.as_deref().unwrap_or("-"), 22),
             cut(&d.class, 20),
-            cut(&apps.into_iter().collect::<Vec<_>>().join(","), 23)
-        );
+            apps.into_iter().collect::<Vec<_>>().join(",")
+        ));
     }
-    out += &format!(
-        "{:<12} {:<18} {:<6} {:<7} {:>6} {:<10}\n",
+    out.push(format!(
+        "{:<12} {:<18} {:<6} {:<7} {:>6} {:<10}",
         "FLOW FROM", "TO", "PROTO", "APP", "PKTS", "VERDICT"
-    );
-    for f in flows.iter().take(6) {
-        out += &format!(
-            "{:<12} {:<18} {:<6} {:<7} {:>6} {:<10}\n",
+    ));
+    for f in flows.iter().take(n_flow) {
+        out.push(format!(
+            "{:<12} {:<18} {:<6} {:<7} {:>6} {:<10}",
             cut(&who(&f.src), 12),
             cut(&format!("{}:{}", who(&f.dst), f.dport), 18),
             f.proto,
             cut(&f.app, 7),
             mdsec_agent::cli::table::human(f.packets),
             f.verdict
-        );
+        ));
     }
-    out += "EVENTS\n";
+    out.push("EVENTS".into());
     let recent: Vec<&Event> =
-        events.iter().filter(|e| !e.kind.starts_with("policy_")).rev().take(4).collect();
+        events.iter().filter(|e| !e.kind.starts_with("policy_")).rev().take(n_ev).collect();
     for e in recent.iter().rev() {
-        out += &cut(
-            &format!(
-                "{} {:<15} {}→{} {}",
-                e.time.get(11..19).unwrap_or(""),
-                e.kind,
-                who(&e.src),
-                who(&e.dst),
-                e.clinical_impact
-            ),
-            80,
-        );
-        out += "\n";
+        out.push(format!(
+            "{} {:<15} {}→{} {}",
+            e.time.get(11..19).unwrap_or(""),
+            e.kind,
+            who(&e.src),
+            who(&e.dst),
+            e.clinical_impact
+        ));
     }
-    out += &cut(&format!("metrics: {}   Ctrl-C stops", metrics.unwrap_or("-")), 80);
+    out.push(format!("metrics: {}   q or Ctrl-C stops", metrics.unwrap_or("-")));
+    // Redrawn in place: home, each line cut to the width and cleared to its end.
+    let mut frame = String::from("\x1b[H");
+    let lines: Vec<String> = out.iter().take(rows).map(|l| cut(l, cols)).collect();
+    frame += &lines.join("\x1b[K\r\n");
+    frame += "\x1b[K\x1b[J";
     let mut err = std::io::stderr().lock();
-    err.write_all(out.as_bytes())?;
+    err.write_all(frame.as_bytes())?;
     err.flush()?;
     Ok(())
 }
