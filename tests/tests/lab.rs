@@ -23,33 +23,58 @@ impl Drop for Tmux {
     }
 }
 
+/// A lab run in its own 80×24 tmux session: its directory (removed when
+/// dropped), the session, and the files its stdout and exit code go to.
+struct LabRun {
+    dir: std::path::PathBuf,
+    out: std::path::PathBuf,
+    done: std::path::PathBuf,
+    session: Tmux,
+    _dir: Dir,
+}
+
+impl LabRun {
+    fn start(name: &str, env: &str, args: &str, out_name: &str) -> LabRun {
+        let lab = env!("CARGO_BIN_EXE_mdsec-lab");
+        let agent = mdsec_tests::agent::agent_bin();
+        let dir =
+            std::env::temp_dir().join(format!("{}{}-{name}", mdsec_tests::netns::PREFIX, std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (out, done) = (dir.join(out_name), dir.join("done"));
+        let session = Tmux(format!("mdsec-t{}-{name}", std::process::id()));
+        let cmd = format!(
+            "{env} MDSEC_AGENT_BIN={} MDSEC_LAB_OUT={} {lab} {args} > {} ; echo $? > {}; sleep 120",
+            agent.display(),
+            dir.display(),
+            out.display(),
+            done.display()
+        );
+        let st = Command::new("tmux")
+            .args(["new-session", "-d", "-s", &session.0, "-x", "80", "-y", "24", &cmd])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        LabRun { _dir: Dir(dir.clone()), dir, out, done, session }
+    }
+
+    /// Waits (at most `secs`) for the lab to exit.
+    fn wait(&self, secs: u64) {
+        let mut waited = 0;
+        while !self.done.exists() && waited < secs {
+            std::thread::sleep(Duration::from_secs(1));
+            waited += 1;
+        }
+    }
+}
+
 /// One lab at a time: two would share the machine's two CPUs and blur timings.
 static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[test]
 fn the_lab_runs_its_timeline_in_an_80x24_terminal() {
     let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = env!("CARGO_BIN_EXE_mdsec-lab");
-    let agent = mdsec_tests::agent::agent_bin();
-    let dir =
-        std::env::temp_dir().join(format!("{}{}-labtest", mdsec_tests::netns::PREFIX, std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let _guard = Dir(dir.clone());
-    let json = dir.join("summary.json");
-    let done = dir.join("done");
-    let session = Tmux(format!("mdsec-t{}-lab", std::process::id()));
-    let cmd = format!(
-        "MDSEC_AGENT_BIN={} MDSEC_LAB_OUT={} {lab} --duration 60 --json > {} ; echo $? > {}; sleep 60",
-        agent.display(),
-        dir.display(),
-        json.display(),
-        done.display()
-    );
-    let st = Command::new("tmux")
-        .args(["new-session", "-d", "-s", &session.0, "-x", "80", "-y", "24", &cmd])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let run = LabRun::start("lab", "", "--duration 60 --json", "summary.json");
+    let (dir, json, done, session) = (&run.dir, &run.out, &run.done, &run.session);
     // The attack starts 45 s into the timeline (after the set-up): capture
     // once the view shows it under way.
     let capture = || {
@@ -83,13 +108,9 @@ fn the_lab_runs_its_timeline_in_an_80x24_terminal() {
     ] {
         assert!(view.contains(want), "{want:?} missing from the view:\n{view}");
     }
-    let mut waited = 0;
-    while !done.exists() && waited < 60 {
-        std::thread::sleep(Duration::from_secs(1));
-        waited += 1;
-    }
-    assert_eq!(std::fs::read_to_string(&done).unwrap().trim(), "0", "the lab failed:\n{view}");
-    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    run.wait(60);
+    assert_eq!(std::fs::read_to_string(done).unwrap().trim(), "0", "the lab failed:\n{view}");
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
     let report =
         std::fs::read_to_string(dir.join("evidence.html")).expect("the lab writes its evidence report");
     assert!(
@@ -135,26 +156,8 @@ fn the_lab_runs_its_timeline_in_an_80x24_terminal() {
 #[test]
 fn ctrl_c_at_a_random_moment_stops_the_lab_cleanly() {
     let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = env!("CARGO_BIN_EXE_mdsec-lab");
-    let agent = mdsec_tests::agent::agent_bin();
-    let dir =
-        std::env::temp_dir().join(format!("{}{}-labstop", mdsec_tests::netns::PREFIX, std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let _guard = Dir(dir.clone());
-    let (out, done) = (dir.join("summary.txt"), dir.join("done"));
-    let session = Tmux(format!("mdsec-t{}-labstop", std::process::id()));
-    let cmd = format!(
-        "RUST_BACKTRACE=1 MDSEC_AGENT_BIN={} MDSEC_LAB_OUT={} {lab} --duration 120 > {} ; echo $? > {}; sleep 120",
-        agent.display(),
-        dir.display(),
-        out.display(),
-        done.display()
-    );
-    let st = Command::new("tmux")
-        .args(["new-session", "-d", "-s", &session.0, "-x", "80", "-y", "24", &cmd])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let run = LabRun::start("labstop", "RUST_BACKTRACE=1", "--duration 120", "summary.txt");
+    let (dir, out, done, session) = (&run.dir, &run.out, &run.done, &run.session);
     // Once the agent is up (about 10 s of set-up) until well into the attack.
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
     let at = 15 + (nanos as u64 % 50);
@@ -162,16 +165,12 @@ fn ctrl_c_at_a_random_moment_stops_the_lab_cleanly() {
     std::thread::sleep(Duration::from_secs(at));
     let st = Command::new("tmux").args(["send-keys", "-t", &session.0, "C-c"]).status().unwrap();
     assert!(st.success());
-    let mut waited = 0;
-    while !done.exists() && waited < 90 {
-        std::thread::sleep(Duration::from_secs(1));
-        waited += 1;
-    }
+    run.wait(90);
     let pane =
         Command::new("tmux").args(["capture-pane", "-p", "-S", "-", "-t", &session.0]).output().unwrap();
     let pane = String::from_utf8_lossy(&pane.stdout).to_string();
-    assert_eq!(std::fs::read_to_string(&done).unwrap_or_default().trim(), "0", "{pane}");
-    let summary = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(std::fs::read_to_string(done).unwrap_or_default().trim(), "0", "{pane}");
+    let summary = std::fs::read_to_string(out).unwrap();
     assert!(summary.contains("mdsec lab summary"), "{summary}");
     assert!(summary.contains("evidence report:"), "{summary}");
     assert!(dir.join("evidence.html").exists(), "no evidence report");

@@ -185,18 +185,20 @@ impl<K: TableKey> FlowTable<K> {
     /// Every flow in the table.
     pub fn snapshot(&self) -> Vec<(K, FlowValue)> {
         let mut out = Vec::new();
-        self.for_each(|k, v| out.push((k, *v)));
+        self.for_each(|_, k, v| out.push((k, *v)));
         out
     }
 
-    /// Calls `f` with every flow in the table, each read consistently (the
-    /// poller merges this way, with no copy of the table).
-    pub fn for_each(&self, mut f: impl FnMut(K, &FlowValue)) {
+    /// Calls `f` with every flow in the table and the index of its slot, each
+    /// read consistently (the poller merges this way, with no copy of the
+    /// table; the slot lets it find the flow's record again without a hash
+    /// lookup).
+    pub fn for_each(&self, mut f: impl FnMut(usize, K, &FlowValue)) {
         for n in 0..self.sets {
             let set = self.set(n);
             for i in 0..WAYS {
                 if let Some((_, k, v)) = self.read(set, i) {
-                    f(k, &v);
+                    f(n as usize * WAYS + i, k, &v);
                 }
             }
         }

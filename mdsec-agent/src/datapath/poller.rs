@@ -78,8 +78,8 @@ impl Poller {
             // million flows would cost 120 MiB for the length of a poll.
             let mut t = tables.write().unwrap();
             let mut m = t.begin_merge();
-            self.flows.v6.for_each(|k, v| m.flow(k, v));
-            self.flows.v4.for_each(|k, v| m.flow4(k, v));
+            self.flows.v6.for_each(|slot, k, v| m.flow_at(slot, k, v));
+            self.flows.v4.for_each(|slot, k, v| m.flow4_at(slot, k, v));
             m.finish(&devices);
             t.set_stats(stats);
             t.idle_flows(clock::mono_ns(), self.idle.as_nanos() as u64)

@@ -4,8 +4,8 @@
 //!
 //! Why not a `HashMap<FlowKey, FlowRecord>`: at a million flows its buckets
 //! (key and record inline, a power of two of them) held about 390 MiB. Here a
-//! flow is its key plus a 120-byte record in two vectors that grow with the
-//! flows, and the index costs 5 bytes per bucket.
+//! flow is its key, its owner and a 112-byte record in vectors that grow with
+//! the flows, and the index costs 5 bytes per bucket.
 //!
 //! Records are kept in the order the agent first saw them (`id` ascending):
 //! removal only marks a record dead, and compaction keeps the order. So a
@@ -36,10 +36,9 @@ pub struct FlowRecord {
     pub(super) owned: Owned,
     /// Policy fields of the latest kernel snapshot.
     pub rule: u32,
-    pub segment: u32,
     pub generation: u32,
-    /// The device the flow's own frames count for: an index into `Devices`.
-    pub(super) owner: u32,
+    /// At most `segstats::MAX_SEGMENTS`.
+    pub segment: u8,
     /// The low bits of the last merge whose snapshot had this flow. Only
     /// compared for equality with the current merge: a false match after 256
     /// missed merges skips a `vanished` that already happened.
@@ -61,18 +60,13 @@ const ROLE_SETTLED: u8 = 4;
 const SERVER: u8 = 8;
 
 impl FlowRecord {
-    pub(super) fn new(id: u64, owner: u32, first_seen_ns: u64, last_seen_ns: u64, seen: u8) -> FlowRecord {
-        FlowRecord { id, owner, first_seen_ns, last_seen_ns, seen, ..Default::default() }
+    pub(super) fn new(id: u64, first_seen_ns: u64, last_seen_ns: u64, seen: u8) -> FlowRecord {
+        FlowRecord { id, first_seen_ns, last_seen_ns, seen, ..Default::default() }
     }
 
     /// Every frame of the flow, across kernel incarnations.
     pub fn totals(&self) -> Totals {
         self.counts.totals()
-    }
-
-    /// The index (in `Tables::devices`) of the device its frames count for.
-    pub fn owner(&self) -> u32 {
-        self.owner
     }
 
     /// The first payload has been classified (`app`/`app_confidence` are final).
@@ -172,6 +166,9 @@ fn conversation_hash<K: StoreKey>(hasher: &DefaultHashBuilder, k: &K) -> u64 {
     hasher.hash_one(k.conversation())
 }
 
+/// The owner of a removed record.
+const DEAD_OWNER: u32 = u32::MAX;
+
 /// Dead records tolerated before a compaction: a quarter of the store (and at
 /// least this many, so small stores do not compact on every removal).
 const COMPACT_MIN: usize = 4096;
@@ -181,9 +178,17 @@ const COMPACT_MIN: usize = 4096;
 pub struct FlowStore<K> {
     keys: Vec<K>,
     recs: Vec<FlowRecord>,
+    /// Per record: the device its own frames count for (an index into
+    /// `Devices`), [`DEAD_OWNER`] once removed. A column of its own, so a
+    /// device's flows are found by scanning keys and owners, not records.
+    owners: Vec<u32>,
     index: HashTable<u32>,
     hasher: DefaultHashBuilder,
     dead: usize,
+    /// Kernel slot → position + 1 of the record last merged from it (0:
+    /// none). The poller reads the table slot by slot, and a flow mostly
+    /// stays in its slot: a key compare instead of a hash lookup.
+    slots: Vec<u32>,
 }
 
 impl<K> Default for FlowStore<K> {
@@ -191,9 +196,11 @@ impl<K> Default for FlowStore<K> {
         FlowStore {
             keys: Vec::new(),
             recs: Vec::new(),
+            owners: Vec::new(),
             index: HashTable::new(),
             hasher: DefaultHashBuilder::default(),
             dead: 0,
+            slots: Vec::new(),
         }
     }
 }
@@ -208,6 +215,27 @@ impl<K: StoreKey> FlowStore<K> {
         self.index.find(h, |&i| self.keys[i as usize] == *k).map(|&i| i as usize)
     }
 
+    /// [`FlowStore::position`] of `k`, read from kernel slot `slot`.
+    pub(super) fn position_at(&self, slot: usize, k: &K) -> Option<usize> {
+        if let Some(&p) = self.slots.get(slot)
+            && p != 0
+        {
+            let p = p as usize - 1;
+            if self.keys.get(p) == Some(k) && !self.recs[p].dead() {
+                return Some(p);
+            }
+        }
+        self.position(k)
+    }
+
+    /// Remembers that kernel slot `slot` holds the record at `p`.
+    pub(super) fn remember(&mut self, slot: usize, p: usize) {
+        if slot >= self.slots.len() {
+            self.slots.resize(slot + 1, 0);
+        }
+        self.slots[slot] = p as u32 + 1;
+    }
+
     pub fn get(&self, k: &K) -> Option<&FlowRecord> {
         self.position(k).map(|i| &self.recs[i])
     }
@@ -220,8 +248,16 @@ impl<K: StoreKey> FlowStore<K> {
             .find(|&i| !self.recs[i].dead() && self.keys[i].is_reverse_of(k))
     }
 
-    pub(super) fn at_mut(&mut self, i: usize) -> &mut FlowRecord {
-        &mut self.recs[i]
+    /// Merges kernel entry `v` into the record at `i` ([`super::merge_flow`]).
+    pub(super) fn merge_at(
+        &mut self,
+        i: usize,
+        devices: &mut super::Devices,
+        merge: u64,
+        k: &FlowKey,
+        v: &mdsec_common::flow::FlowValue,
+    ) -> bool {
+        super::merge_flow(devices, merge, (&mut self.recs[i], &mut self.owners[i]), k, v)
     }
 
     /// Positions of live records with an id above `after`.
@@ -255,12 +291,13 @@ impl<K: StoreKey> FlowStore<K> {
 
     /// Appends a record for a key the store does not hold; its id must be
     /// higher than every id already here (the order paging relies on).
-    pub(super) fn push(&mut self, k: K, r: FlowRecord) -> usize {
+    pub(super) fn push(&mut self, k: K, owner: u32, r: FlowRecord) -> usize {
         debug_assert!(self.recs.last().is_none_or(|l| l.id < r.id));
         let i = self.keys.len();
         assert!(i < u32::MAX as usize, "flow store full");
         self.keys.push(k);
         self.recs.push(r);
+        self.owners.push(owner);
         self.index_push(i);
         i
     }
@@ -274,14 +311,14 @@ impl<K: StoreKey> FlowStore<K> {
     }
 
     /// Removes `k`'s record (marks it dead; compacts now and then).
-    pub(super) fn remove(&mut self, k: &K) -> Option<FlowRecord> {
+    pub(super) fn remove(&mut self, k: &K) -> Option<(FlowRecord, u32)> {
         let h = self.hash(k);
         let keys = &self.keys;
         let e = self.index.find_entry(h, |&i| keys[i as usize] == *k).ok()?;
         let (i, _) = e.remove();
         let r = &mut self.recs[i as usize];
         r.flags |= DEAD;
-        let out = r.clone();
+        let out = (r.clone(), std::mem::replace(&mut self.owners[i as usize], DEAD_OWNER));
         self.dead += 1;
         if self.dead >= COMPACT_MIN && self.dead * 4 >= self.recs.len() {
             self.compact();
@@ -296,14 +333,19 @@ impl<K: StoreKey> FlowStore<K> {
             if !self.recs[r].dead() {
                 self.keys.swap(w, r);
                 self.recs.swap(w, r);
+                self.owners.swap(w, r);
                 w += 1;
             }
         }
         self.keys.truncate(w);
         self.recs.truncate(w);
+        self.owners.truncate(w);
         self.keys.shrink_to(w + w / 4);
         self.recs.shrink_to(w + w / 4);
+        self.owners.shrink_to(w + w / 4);
         self.dead = 0;
+        // Positions moved: the slot hints are stale.
+        self.slots.fill(0);
         self.index = HashTable::with_capacity(w);
         for i in 0..w {
             self.index_push(i);
@@ -316,7 +358,11 @@ impl<K: StoreKey> FlowStore<K> {
 
     /// Records and index slots allocated (changes when the store grows).
     pub(super) fn capacity(&self) -> usize {
-        self.recs.capacity() + self.keys.capacity() + self.index.capacity()
+        self.recs.capacity()
+            + self.keys.capacity()
+            + self.owners.capacity()
+            + self.index.capacity()
+            + self.slots.capacity()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -328,8 +374,39 @@ impl<K: StoreKey> FlowStore<K> {
         self.keys.iter().zip(&self.recs).filter(|(_, r)| !r.dead()).map(|(k, r)| (*k, r))
     }
 
-    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (K, &mut FlowRecord)> {
-        self.keys.iter().zip(&mut self.recs).filter(|(_, r)| !r.dead()).map(|(k, r)| (*k, r))
+    /// Live records with their owners.
+    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (K, u32, &mut FlowRecord)> {
+        self.keys
+            .iter()
+            .zip(&self.owners)
+            .zip(&mut self.recs)
+            .filter(|(_, r)| !r.dead())
+            .map(|((k, o), r)| (*k, *o, r))
+    }
+
+    /// Live records with an id above `after`, and the devices they count for.
+    pub fn after_owned(&self, after: u64) -> impl Iterator<Item = (K, u32, &FlowRecord)> {
+        let from = self.recs.partition_point(|r| r.id <= after);
+        self.keys[from..]
+            .iter()
+            .zip(&self.owners[from..])
+            .zip(&self.recs[from..])
+            .filter(|(_, r)| !r.dead())
+            .map(|((k, o), r)| (*k, *o, r))
+    }
+
+    /// Live records with an id above `after` whose key and owner pass `pick`;
+    /// the records of the others are never read (a scan over the key and
+    /// owner columns only: how one device's flows are found among a million).
+    pub fn after_picked<'a>(
+        &'a self,
+        after: u64,
+        pick: impl Fn(&K, u32) -> bool + 'a,
+    ) -> impl Iterator<Item = (K, u32, &'a FlowRecord)> + 'a {
+        let from = self.recs.partition_point(|r| r.id <= after);
+        (from..self.keys.len())
+            .filter(move |&i| self.owners[i] != DEAD_OWNER && pick(&self.keys[i], self.owners[i]))
+            .map(move |i| (self.keys[i], self.owners[i], &self.recs[i]))
     }
 
     /// Live records with an id above `after`, in id order.
@@ -383,10 +460,15 @@ impl Flows {
 
     /// Flows with an id above `after`, in id order (both stores merged).
     pub fn after(&self, after: u64) -> impl Iterator<Item = (FlowKey, &FlowRecord)> {
-        let mut a = self.v4.after(after).map(|(k, r)| (FlowKey::from(k), r)).peekable();
-        let mut b = self.v6.after(after).peekable();
+        self.after_owned(after).map(|(k, _, r)| (k, r))
+    }
+
+    /// [`Flows::after`] with each flow's owner (an index into `Devices`).
+    pub fn after_owned(&self, after: u64) -> impl Iterator<Item = (FlowKey, u32, &FlowRecord)> {
+        let mut a = self.v4.after_owned(after).map(|(k, o, r)| (FlowKey::from(k), o, r)).peekable();
+        let mut b = self.v6.after_owned(after).peekable();
         std::iter::from_fn(move || match (a.peek(), b.peek()) {
-            (Some((_, x)), Some((_, y))) => {
+            (Some((_, _, x)), Some((_, _, y))) => {
                 if x.id < y.id {
                     a.next()
                 } else {
@@ -402,7 +484,7 @@ impl Flows {
         self.v4.capacity() + self.v6.capacity()
     }
 
-    pub(super) fn remove(&mut self, k: &FlowKey) -> Option<FlowRecord> {
+    pub(super) fn remove(&mut self, k: &FlowKey) -> Option<(FlowRecord, u32)> {
         match k.v4() {
             Some(k4) => self.v4.remove(&k4),
             None => self.v6.remove(k),
@@ -437,7 +519,23 @@ mod tests {
     #[test]
     fn the_record_stays_small() {
         // The memory target (1M flows in 160 MiB with the index) rests on this.
-        assert!(size_of::<FlowRecord>() <= 120, "{}", size_of::<FlowRecord>());
+        assert!(size_of::<FlowRecord>() <= 112, "{}", size_of::<FlowRecord>());
+    }
+
+    #[test]
+    fn slot_hints_find_records_and_never_a_wrong_one() {
+        let mut s = FlowStore::<FlowKey4>::default();
+        for i in 0..10u32 {
+            let p = s.push(key(i), 0, FlowRecord::new(i as u64 + 1, 0, 0, 0));
+            s.remember(100 + i as usize, p);
+        }
+        assert_eq!(s.position_at(103, &key(3)), Some(3));
+        // A slot now holding another flow: the hint is checked, the hash decides.
+        assert_eq!(s.position_at(103, &key(7)), Some(7));
+        assert_eq!(s.position_at(103, &key(99)), None);
+        // A removed record is not found through its old slot.
+        s.remove(&key(3));
+        assert_eq!(s.position_at(103, &key(3)), None);
     }
 
     #[test]
@@ -445,11 +543,11 @@ mod tests {
         let mut s = FlowStore::<FlowKey4>::default();
         let n = 3 * COMPACT_MIN as u32;
         for i in 0..n {
-            s.push(key(i), FlowRecord::new(i as u64 + 1, 0, 0, 0, 0));
+            s.push(key(i), 0, FlowRecord::new(i as u64 + 1, 0, 0, 0));
         }
         // Remove two thirds, which compacts at least once.
         for i in (0..n).filter(|i| i % 3 != 0) {
-            assert_eq!(s.remove(&key(i)).unwrap().id, i as u64 + 1);
+            assert_eq!(s.remove(&key(i)).unwrap().0.id, i as u64 + 1);
         }
         assert!(s.dead < COMPACT_MIN, "compacted");
         assert_eq!(s.len(), n as usize / 3);

@@ -61,7 +61,7 @@ impl std::ops::AddAssign for Totals {
 
 /// Counters of one key across kernel incarnations (flows and devices).
 /// 40 bytes, no tag: `kernel_first_ns == NO_ENTRY` means no current entry
-/// (no clock reaches it), which keeps a flow record at 120 bytes.
+/// (no clock reaches it), which keeps a flow record at 112 bytes.
 #[derive(Debug, Clone)]
 struct Monotonic {
     base: Totals,
@@ -295,35 +295,66 @@ pub struct Merge<'a> {
 
 impl Merge<'_> {
     pub fn flow4(&mut self, k: FlowKey4, v: &FlowValue) {
+        self.flow4_in(None, k, v)
+    }
+
+    /// A flow read from slot `slot` of the kernel's FLOWS4.
+    pub fn flow4_at(&mut self, slot: usize, k: FlowKey4, v: &FlowValue) {
+        self.flow4_in(Some(slot), k, v)
+    }
+
+    fn flow4_in(&mut self, slot: Option<usize>, k: FlowKey4, v: &FlowValue) {
         self.n4 += 1;
         let t = &mut *self.t;
-        let i = match t.flows.v4.position(&k) {
+        let found = match slot {
+            Some(s) => t.flows.v4.position_at(s, &k),
+            None => t.flows.v4.position(&k),
+        };
+        let i = match found {
             Some(i) => i,
             None => {
-                let r = t.new_record(&k.into(), v);
-                t.flows.v4.push(k, r)
+                let (r, owner) = t.new_record(&k.into(), v);
+                t.flows.v4.push(k, owner, r)
             }
         };
-        let r = t.flows.v4.at_mut(i);
-        let evicted = merge_flow(&mut t.devices, t.merges, r, &k.into(), v) as u64;
+        if let Some(s) = slot {
+            t.flows.v4.remember(s, i);
+        }
+        let evicted = t.flows.v4.merge_at(i, &mut t.devices, t.merges, &k.into(), v) as u64;
         t.flow_evictions += evicted;
         t.flow4_evictions += evicted;
     }
 
     pub fn flow(&mut self, k: FlowKey, v: &FlowValue) {
+        self.flow_in(None, k, v)
+    }
+
+    /// A flow read from slot `slot` of the kernel's FLOWS.
+    pub fn flow_at(&mut self, slot: usize, k: FlowKey, v: &FlowValue) {
+        self.flow_in(Some(slot), k, v)
+    }
+
+    fn flow_in(&mut self, slot: Option<usize>, k: FlowKey, v: &FlowValue) {
         if let Some(k4) = k.v4() {
-            return self.flow4(k4, v);
+            // Not a FLOWS4 slot: no hint for the IPv4 store.
+            return self.flow4_in(None, k4, v);
         }
         let t = &mut *self.t;
-        let i = match t.flows.v6.position(&k) {
+        let found = match slot {
+            Some(s) => t.flows.v6.position_at(s, &k),
+            None => t.flows.v6.position(&k),
+        };
+        let i = match found {
             Some(i) => i,
             None => {
-                let r = t.new_record(&k, v);
-                t.flows.v6.push(k, r)
+                let (r, owner) = t.new_record(&k, v);
+                t.flows.v6.push(k, owner, r)
             }
         };
-        let r = t.flows.v6.at_mut(i);
-        t.flow_evictions += merge_flow(&mut t.devices, t.merges, r, &k, v) as u64;
+        if let Some(s) = slot {
+            t.flows.v6.remember(s, i);
+        }
+        t.flow_evictions += t.flows.v6.merge_at(i, &mut t.devices, t.merges, &k, v) as u64;
         self.n += 1;
     }
 
@@ -356,14 +387,20 @@ impl Merge<'_> {
 
 /// Updates `r` from its kernel entry `v`; true if the entry replaced one the
 /// record saw (an eviction).
-fn merge_flow(devices: &mut Devices, merge: u64, r: &mut FlowRecord, k: &FlowKey, v: &FlowValue) -> bool {
+fn merge_flow(
+    devices: &mut Devices,
+    merge: u64,
+    (r, owner): (&mut FlowRecord, &mut u32),
+    k: &FlowKey,
+    v: &FlowValue,
+) -> bool {
     r.seen = merge as u8;
     let replaced = r.counts.observe(v.first_seen_ns, v.packets, v.bytes);
-    let owner = v.owner(k);
-    if devices.key(r.owner) != owner {
+    let now_owner = v.owner(k);
+    if devices.key(*owner) != now_owner {
         // Recreated by another MAC: what the old owner sent stays its own.
-        devices.at_mut(r.owner).flow_base += std::mem::take(&mut r.owned).totals();
-        r.owner = devices.index_or_insert(owner, || device_of_flow(k, v));
+        devices.at_mut(*owner).flow_base += std::mem::take(&mut r.owned).totals();
+        *owner = devices.index_or_insert(now_owner, || device_of_flow(k, v));
     }
     r.owned.observe(replaced, v.owned());
     r.first_seen_ns = r.first_seen_ns.min(v.first_seen_ns);
@@ -374,7 +411,8 @@ fn merge_flow(devices: &mut Devices, merge: u64, r: &mut FlowRecord, k: &FlowKey
     }
     r.verdict = v.verdict;
     r.rule = v.rule;
-    r.segment = v.segment;
+    // MAX_SEGMENTS (127) fits: the kernel never names a higher index.
+    r.segment = u8::try_from(v.segment).unwrap_or(u8::MAX);
     r.generation = v.generation;
     r.app = v.app;
     r.app_confidence = v.app_confidence;
@@ -413,13 +451,13 @@ impl Tables {
         Merge { t: self, n: 0, n4: 0, capacity, before }
     }
 
-    fn new_record(&mut self, k: &FlowKey, v: &FlowValue) -> FlowRecord {
+    fn new_record(&mut self, k: &FlowKey, v: &FlowValue) -> (FlowRecord, u32) {
         self.next_id = self.next_id.max(1);
         let id = self.next_id;
         self.next_id += 1;
         let owner = self.devices.index_or_insert(v.owner(k), || device_of_flow(k, v));
         // Stamped with an older merge, so `merge_flow` sees a fresh record.
-        FlowRecord::new(id, owner, v.first_seen_ns, v.last_seen_ns, self.merges.wrapping_sub(1) as u8)
+        (FlowRecord::new(id, v.first_seen_ns, v.last_seen_ns, self.merges.wrapping_sub(1) as u8), owner)
     }
 
     /// Totals the previous run stored (the state database), applied to each device
@@ -489,7 +527,7 @@ impl Tables {
         let mut old: HashMap<DeviceKey, Totals> = HashMap::new();
         let (devices, stored, at) = (&mut self.devices, &self.stored, self.stored_at_ns);
         let mut evicted = (0, 0);
-        let mut visit = |r: &mut FlowRecord, v4: bool| {
+        let mut visit = |owner: u32, r: &mut FlowRecord, v4: bool| {
             if r.seen != now {
                 let e = r.counts.vanished() as u64;
                 evicted.0 += e;
@@ -497,22 +535,22 @@ impl Tables {
                 r.owned.vanished();
             }
             let t = r.owned.totals();
-            let d = &mut devices.recs[r.owner as usize];
+            let d = &mut devices.recs[owner as usize];
             d.flow_live += t;
             d.first_seen_ns = d.first_seen_ns.min(r.first_seen_ns);
             d.last_seen_ns = d.last_seen_ns.max(r.last_seen_ns);
             if r.first_seen_ns < at && !stored.is_empty() {
-                let k = devices.keys[r.owner as usize];
+                let k = devices.keys[owner as usize];
                 if stored.contains_key(&k) {
                     *old.entry(k).or_default() += t;
                 }
             }
         };
-        for (_, r) in self.flows.v4.iter_mut() {
-            visit(r, true);
+        for (_, owner, r) in self.flows.v4.iter_mut() {
+            visit(owner, r, true);
         }
-        for (_, r) in self.flows.v6.iter_mut() {
-            visit(r, false);
+        for (_, owner, r) in self.flows.v6.iter_mut() {
+            visit(owner, r, false);
         }
         self.flow_evictions += evicted.0;
         self.flow4_evictions += evicted.1;
@@ -538,9 +576,9 @@ impl Tables {
 
     /// Drops an aged-out flow record; its counts stay with its device.
     pub fn forget_flow(&mut self, k: &FlowKey) {
-        if let Some(mut r) = self.flows.remove(k) {
+        if let Some((mut r, owner)) = self.flows.remove(k) {
             let t = std::mem::take(&mut r.owned).totals();
-            let d = self.devices.at_mut(r.owner);
+            let d = self.devices.at_mut(owner);
             d.flow_base += t;
             d.flow_live = d.flow_live.saturating_sub(t);
         }

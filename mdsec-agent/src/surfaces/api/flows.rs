@@ -140,21 +140,23 @@ impl FlowMatch {
                 Confidence::from_u8(r.app_confidence) != Confidence::None && App::from_u8(r.app) == a
             })
             && self.since_ns.is_none_or(|s| r.last_seen_ns >= s)
-            && self.segment.as_ref().is_none_or(|seg| seg.contains(&(r.generation, r.segment)))
+            && self.segment.as_ref().is_none_or(|seg| seg.contains(&(r.generation, u32::from(r.segment))))
     }
 
-    pub fn matches(&self, k: &FlowKey, r: &FlowRecord) -> bool {
+    /// `owner`: the device the flow's frames count for (an index into `Devices`).
+    pub fn matches(&self, k: &FlowKey, owner: u32, r: &FlowRecord) -> bool {
         self.record_matches(k.ifindex, r)
             && self.ip.as_ref().is_none_or(|ip| ip.either(k))
-            && self.device.as_ref().is_none_or(|(owners, ips)| owners.contains(&r.owner()) || ips.either(k))
+            && self.device.as_ref().is_none_or(|(owners, ips)| owners.contains(&owner) || ips.either(k))
     }
 
-    /// [`FlowMatch::matches`] on an IPv4 flow's own key (a device's flows
-    /// are found by a scan of every record: this keeps it to 4-byte compares).
-    pub fn matches4(&self, k: &FlowKey4, r: &FlowRecord) -> bool {
-        self.record_matches(k.ifindex, r)
+    /// The key and owner conditions alone, on an IPv4 flow's own key: a
+    /// device's flows are found among a million by a scan of the key and
+    /// owner columns, with 4-byte compares, before any record is read.
+    pub fn key_matches4(&self, k: &FlowKey4, owner: u32) -> bool {
+        self.ifindex.is_none_or(|ix| ix == k.ifindex)
             && self.ip.as_ref().is_none_or(|ip| ip.either4(k))
-            && self.device.as_ref().is_none_or(|(owners, ips)| owners.contains(&r.owner()) || ips.either4(k))
+            && self.device.as_ref().is_none_or(|(owners, ips)| owners.contains(&owner) || ips.either4(k))
     }
 }
 
@@ -186,7 +188,10 @@ impl FlowView<'_> {
             tcp_flags: tcp_flag_names(r.tcp_flags),
             verdict: Verdict::from_u8(r.verdict).name().into(),
             rule: super::describe_rule(policy, r.generation, r.rule),
-            segment: policy.segment(r.generation, r.segment).map(|s| s.name.clone()).unwrap_or_default(),
+            segment: policy
+                .segment(r.generation, u32::from(r.segment))
+                .map(|s| s.name.clone())
+                .unwrap_or_default(),
             app: App::from_u8(r.app).name().into(),
             app_confidence: Confidence::from_u8(r.app_confidence).name().into(),
         }
@@ -212,13 +217,13 @@ pub fn step(
     mut emit: impl FnMut(model::Flow),
 ) -> Step {
     let mut s = Step { found: 0, last: after, end: true };
-    for (n, (k, r)) in t.flows.after(after).enumerate() {
+    for (n, (k, owner, r)) in t.flows.after_owned(after).enumerate() {
         if n == budget || s.found == limit {
             s.end = false;
             break;
         }
         s.last = r.id;
-        if m.matches(&k, r) {
+        if m.matches(&k, owner, r) {
             s.found += 1;
             emit(view.flow(&k, r));
         }
@@ -237,8 +242,13 @@ pub fn page(
     after: u64,
     limit: usize,
 ) -> (Vec<(u64, model::Flow)>, bool) {
-    let v4 = t.flows.v4().after(after).filter(|(k, r)| m.matches4(k, r)).map(|(k, r)| (k.into(), r));
-    let v6 = t.flows.v6().after(after).filter(|(k, r)| m.matches(k, r));
+    let v4 = t
+        .flows
+        .v4()
+        .after_picked(after, |k, o| m.key_matches4(k, o))
+        .filter(|(k, _, r)| m.record_matches(k.ifindex, r))
+        .map(|(k, _, r)| (k.into(), r));
+    let v6 = t.flows.v6().after_owned(after).filter(|(k, o, r)| m.matches(k, *o, r)).map(|(k, _, r)| (k, r));
     // One more than a page from each: whether more follow. Only the page's
     // own flows are turned into their JSON shape.
     let mut all: Vec<(FlowKey, &FlowRecord)> = v4.take(limit + 1).chain(v6.take(limit + 1)).collect();
