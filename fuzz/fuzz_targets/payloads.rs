@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
     buf[..n].copy_from_slice(&payload[..n]);
     let _ = classify(&buf, n, proto, sport, dport);
     for app in App::ALL {
-        let _ = mdsec_agent::fingerprint::extract(*app, payload);
+        let _ = mdsec_agent::inventory::fingerprint::extract(*app, payload);
     }
     let _ = mdsec_common::model::parse(data);
 });

@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
     if let Some(p) = p {
         let _ = mdsec_agent::policy::compile::compile(
             &p,
-            &mdsec_agent::clock::Anchor::now(),
+            &mdsec_agent::base::clock::Anchor::now(),
             mdsec_agent::policy::compile::Limits::DATAPATH,
         );
     }
