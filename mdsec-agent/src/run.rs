@@ -488,14 +488,11 @@ impl EvidencePass {
         }
         self.register.refresh();
         let findings = crate::evidence::assess(&self.register.current, devices, now);
-        // The inventory gave each device its effective lifecycle state.
-        let states: HashMap<String, crate::inventory::lifecycle::State> =
-            devices.iter().map(|d| (d.mac.to_string(), d.lifecycle)).collect();
         let installed = state.policy.read().unwrap().current.clone();
         if stop || self.snapshotter.due(now, self.every) {
             let totals = crate::evidence::summarize(state.segstats.lock().unwrap().totals());
             let policy = installed.as_ref().map(|i| &i.policy);
-            let kpi = crate::evidence::kpi(devices, &findings, policy, &states, now);
+            let kpi = crate::evidence::kpi(devices, &findings, policy, now);
             let snap = self.snapshotter.take(&totals, policy, kpi, now);
             match serde_json::to_string(&snap) {
                 Ok(doc) => {

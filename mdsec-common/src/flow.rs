@@ -112,6 +112,12 @@ impl From<FlowKey4> for FlowKey {
 /// Where [`FlowValue::tcp_flags`] keeps the creating segment's flags.
 pub const OPEN_FLAGS_SHIFT: u32 = 8;
 
+/// A new entry's `tcp_flags` word: the creating segment's flags as the
+/// union so far and, kept from then on, as its creating flags.
+pub const fn first_tcp_flags(flags: u8) -> u64 {
+    (flags as u64) | ((flags as u64) << OPEN_FLAGS_SHIFT)
+}
+
 /// A flow in the `FLOWS` and `FLOWS4` tables. Timestamps are `CLOCK_MONOTONIC_COARSE` nanoseconds.
 ///
 /// Counts are split by writer: the flow's home CPU (the one that created it,
@@ -177,6 +183,11 @@ pub struct FlowValue {
 pub const NO_HOME_CPU: u16 = u16::MAX;
 
 impl FlowValue {
+    /// The TCP flags of the segment that created this entry.
+    pub const fn open_tcp_flags(&self) -> u8 {
+        (self.tcp_flags >> OPEN_FLAGS_SHIFT) as u8
+    }
+
     /// Both writers' counts as totals in `packets`/`bytes` (what userspace works
     /// with).
     pub fn folded(mut self) -> FlowValue {

@@ -10,7 +10,7 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, maps::Array};
 use mdsec_common::{
     device::{DeviceKey, DeviceValue},
-    flow::{FlowKey, FlowKey4, FlowValue, NO_HOME_CPU, OPEN_FLAGS_SHIFT},
+    flow::{first_tcp_flags, FlowKey, FlowKey4, FlowValue, NO_HOME_CPU},
     flowtable::{Aligned, FlowSet, TableKey},
     frag::{FragKey, FragValue},
     net::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP},
@@ -252,9 +252,8 @@ unsafe fn init_flow(v: *mut FlowValue, p: &Packet, now: u64, len: u64) {
             foreign_bytes: 0,
             first_seen_ns: now,
             last_seen_ns: now,
-            // The creating segment's flags stay in the second byte: updates only
-            // OR in the low one.
-            tcp_flags: (p.tcp_flags as u64) | ((p.tcp_flags as u64) << OPEN_FLAGS_SHIFT),
+            // Updates only OR into the low byte: the creating flags stay.
+            tcp_flags: first_tcp_flags(p.tcp_flags),
             valid_until_ns: 0,
             generation: 0,
             rule: 0,

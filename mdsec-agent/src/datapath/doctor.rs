@@ -8,7 +8,6 @@
 //! buffers (5.8) and mmap-able arrays (5.5) are older.
 
 use std::{
-    ffi::CString,
     os::fd::{FromRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
@@ -19,11 +18,12 @@ use aya::{
     sys::{BpfHelper, is_helper_supported, is_map_supported},
 };
 
-use super::settings::{Interface, XdpMode};
+use super::{
+    loader::is_bpffs,
+    settings::{Interface, XdpMode},
+};
 
 pub const MIN_KERNEL: (u32, u32) = (5, 18);
-
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
@@ -111,15 +111,6 @@ fn btf() -> Check {
             "no kernel BTF (/sys/kernel/btf/vmlinux): bpftool and verifier logs lose type names",
             "use a kernel built with CONFIG_DEBUG_INFO_BTF=y (Debian's are)",
         )
-    }
-}
-
-fn is_bpffs(p: &Path) -> bool {
-    let Ok(c) = CString::new(p.as_os_str().as_encoded_bytes()) else { return false };
-    // SAFETY: statfs writes into the zeroed struct.
-    unsafe {
-        let mut s: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type as i64 == BPF_FS_MAGIC
     }
 }
 

@@ -339,7 +339,8 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn is_bpffs(p: &Path) -> bool {
+/// Whether `p` is on a bpffs (the doctor asks too).
+pub(super) fn is_bpffs(p: &Path) -> bool {
     let Ok(c) = CString::new(p.as_os_str().as_encoded_bytes()) else {
         return false;
     };

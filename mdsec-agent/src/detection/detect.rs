@@ -176,13 +176,8 @@ impl<'a> Members<'a> {
 /// The client → server directions among `fresh` (the shared rule,
 /// [`crate::datapath::state::Role`]): TCP, UDP and ICMP/ICMPv6 only (other protocols
 /// have no service to reach).
-fn client_side(tables: &Tables, fresh: &[FlowKey]) -> Vec<FlowKey> {
-    fresh
-        .iter()
-        .filter(|k| matches!(k.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP | IPPROTO_ICMPV6))
-        .filter(|k| tables.flows.get(k).is_some_and(|r| r.role() == Role::Client))
-        .copied()
-        .collect()
+fn client_side(k: &FlowKey, r: &FlowRecord) -> bool {
+    matches!(k.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP | IPPROTO_ICMPV6) && r.role() == Role::Client
 }
 
 pub struct Detector {
@@ -244,18 +239,18 @@ impl Detector {
         // New client-side flows, oldest first so windows advance in order.
         // Record ids only grow, so "not seen before" is "above the last id
         // checked" (no set of a million keys).
-        let mut fresh: Vec<FlowKey> = Vec::new();
+        let mut clients: Vec<FlowKey> = Vec::new();
+        let mut new: Vec<(FlowKey, FlowRecord)> = Vec::new();
         for (k, r) in tables.flows.after(self.checked) {
-            fresh.push(k);
             self.checked = r.id;
+            if client_side(&k, r) {
+                clients.push(k);
+                if matches!(k.proto, IPPROTO_TCP | IPPROTO_UDP) {
+                    new.push((k, r.clone()));
+                }
+            }
         }
         self.flagged.retain(|k| tables.flows.contains_key(k));
-        let clients = client_side(tables, &fresh);
-        let mut new: Vec<(FlowKey, FlowRecord)> = clients
-            .iter()
-            .filter(|k| matches!(k.proto, IPPROTO_TCP | IPPROTO_UDP))
-            .filter_map(|k| Some((*k, tables.flows.get(k)?.clone())))
-            .collect();
         new.sort_by_key(|(_, r)| r.first_seen_ns);
 
         // 1. Scans: per source, distinct hosts / ports per host in a window.

@@ -139,7 +139,6 @@ pub fn kpi(
     devices: &[Device],
     findings: &BTreeMap<String, Vec<Finding>>,
     policy: Option<&Policy>,
-    states: &HashMap<String, State>,
     now: SystemTime,
 ) -> Kpi {
     let mut k = Kpi { devices: devices.len() as u64, ..Default::default() };
@@ -172,8 +171,7 @@ pub fn kpi(
         k.lifecycle.insert(s.name().into(), 0);
     }
     for d in devices {
-        let s = states.get(&d.mac.to_string()).copied().unwrap_or_default();
-        *k.lifecycle.entry(s.name().into()).or_default() += 1;
+        *k.lifecycle.entry(d.lifecycle.name().into()).or_default() += 1;
     }
     k
 }

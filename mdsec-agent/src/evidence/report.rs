@@ -312,23 +312,24 @@ pub fn build(inp: &Inputs) -> Report {
         d.date = date.clone();
     }
 
-    // The state at the end: findings today, lifecycle, KPIs.
-    let findings =
-        inp.register.map(|r| crate::evidence::assess(r, &inp.devices, inp.now)).unwrap_or_default();
-    let states: HashMap<String, crate::inventory::lifecycle::State> = inp
+    // The state at the end: each device's lifecycle as of now (the stored
+    // documents may predate a change), findings today, KPIs.
+    let devices: Vec<Device> = inp
         .devices
         .iter()
-        .map(|d| {
+        .cloned()
+        .map(|mut d| {
             let mac = d.mac.to_string();
-            let s = crate::inventory::lifecycle::effective(
+            d.lifecycle = crate::inventory::lifecycle::effective(
                 &inp.lifecycle,
                 inp.config_decommissioned.contains(&mac),
                 &mac,
             );
-            (mac, s)
+            d
         })
         .collect();
-    program.end = crate::evidence::kpi(&inp.devices, &findings, inp.policy, &states, inp.to.min(inp.now));
+    let findings = inp.register.map(|r| crate::evidence::assess(r, &devices, inp.now)).unwrap_or_default();
+    program.end = crate::evidence::kpi(&devices, &findings, inp.policy, inp.to.min(inp.now));
 
     let mut segments = Vec::new();
     if let Some(p) = inp.policy {
@@ -368,7 +369,7 @@ pub fn build(inp: &Inputs) -> Report {
                 counts,
                 enforce_secs,
                 monitor_secs,
-                devices: inp.devices.iter().filter(|d| d.segment.as_deref() == Some(s.name.as_str())).count()
+                devices: devices.iter().filter(|d| d.segment.as_deref() == Some(s.name.as_str())).count()
                     as u64,
                 detections: det,
             });
@@ -376,7 +377,7 @@ pub fn build(inp: &Inputs) -> Report {
     }
 
     let mut vulnerable = Vec::new();
-    for d in &inp.devices {
+    for d in &devices {
         let mac = d.mac.to_string();
         let Some(f) = findings.get(&mac) else { continue };
         let seg = d.segment.as_deref().and_then(|s| p_segment(inp.policy, s));
@@ -412,7 +413,7 @@ pub fn build(inp: &Inputs) -> Report {
             ips: d.ips.iter().map(|ip| ip.to_string()).collect(),
             segment: d.segment.clone(),
             mode: seg.map(|(s, _)| s.mode.name().to_string()),
-            lifecycle: states.get(&mac).copied().unwrap_or_default().name().into(),
+            lifecycle: d.lifecycle.name().into(),
             mac,
             findings: f.clone(),
             controls,

@@ -44,10 +44,6 @@ impl AppSet {
         self.0 & (1 << a as u32) != 0
     }
 
-    pub fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-
     pub fn iter(self) -> impl Iterator<Item = App> {
         App::ALL.iter().copied().filter(move |a| self.contains(*a))
     }
@@ -148,24 +144,8 @@ pub type History = HashMap<DeviceId, Device>;
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub devices: Vec<Device>,
-    pub built: Option<SystemTime>,
     /// The tables' merge it was built from ([`Tables::merges`]).
     pub merges: u64,
-}
-
-impl Snapshot {
-    pub fn get(&self, id: &DeviceId) -> Option<&Device> {
-        self.devices
-            .binary_search_by(|d| {
-                (d.iface.as_str(), d.vlan, d.mac).cmp(&(id.iface.as_str(), id.vlan, id.mac))
-            })
-            .ok()
-            .map(|i| &self.devices[i])
-    }
-
-    pub fn by_mac(&self, mac: Mac) -> impl Iterator<Item = &Device> {
-        self.devices.iter().filter(move |d| d.mac == mac)
-    }
 }
 
 /// Peers listed per device.
@@ -220,7 +200,7 @@ pub fn build(src: &Sources) -> Snapshot {
         d.segment = src.policy.and_then(|p| segment_of(p, d)).map(|(s, _)| s.name.clone());
     }
     out.sort_by(|a, b| (&a.iface, a.vlan, a.mac).cmp(&(&b.iface, b.vlan, b.mac)));
-    Snapshot { devices: out, built: Some(SystemTime::now()), merges: t.merges() }
+    Snapshot { devices: out, merges: t.merges() }
 }
 
 /// Per device index: apps as client, apps as server, peers.

@@ -407,7 +407,7 @@ fn merge_flow(
     r.last_seen_ns = r.last_seen_ns.max(v.last_seen_ns);
     r.tcp_flags |= v.tcp_flags as u8;
     if r.open_flags == 0 {
-        r.open_flags = (v.tcp_flags >> mdsec_common::flow::OPEN_FLAGS_SHIFT) as u8;
+        r.open_flags = v.open_tcp_flags();
     }
     r.verdict = v.verdict;
     r.rule = v.rule;
@@ -622,7 +622,8 @@ mod tests {
             sport,
             dport,
         };
-        let tcp = |flags: u64| FlowValue { tcp_flags: flags | flags << 8, ..val(10, 1) };
+        let tcp =
+            |flags: u8| FlowValue { tcp_flags: mdsec_common::flow::first_tcp_flags(flags), ..val(10, 1) };
         let mut t = Tables::default();
         // A scan probe from port 53, unanswered: its sender is the client.
         let probe = k(2, 17, 9, 1, 53, 40000);

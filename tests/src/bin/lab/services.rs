@@ -24,20 +24,32 @@ use mdsec_tests::{
     netns::in_netns,
 };
 
+/// `ip netns exec NS args…` (under `timeout SECS` if given), quiet and out
+/// of the terminal's process group: Ctrl-C is the lab's to handle.
+fn quiet(ns: &str, args: &[&str], timeout: Option<u32>) -> Command {
+    let mut c = match timeout {
+        Some(secs) => {
+            let mut t = Command::new("timeout");
+            t.arg(secs.to_string()).arg("ip");
+            t
+        }
+        None => Command::new("ip"),
+    };
+    c.args(["netns", "exec", ns])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0);
+    c
+}
+
 /// A background process in a namespace, killed by PID when dropped.
 pub struct Bg(Child);
 
 impl Bg {
     pub fn start(ns: &str, args: &[&str]) -> Result<Bg> {
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("start {args:?}"))?;
+        let child = quiet(ns, args, None).spawn().with_context(|| format!("start {args:?}"))?;
         Ok(Bg(child))
     }
 }
@@ -51,16 +63,7 @@ impl Drop for Bg {
 
 /// Runs a short command in a device's namespace (bounded by `timeout`).
 pub fn run_in(ns: &str, secs: u32, args: &[&str]) -> bool {
-    Command::new("timeout")
-        .arg(secs.to_string())
-        .args(["ip", "netns", "exec", ns])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .status()
-        .is_ok_and(|s| s.success())
+    quiet(ns, args, Some(secs)).status().is_ok_and(|s| s.success())
 }
 
 /// A tiny deterministic jitter source (no dependency, no shared state).
