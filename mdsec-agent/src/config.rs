@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::base::diag::{Step, Tree, line_col, saphyr_message};
 pub use crate::{
     base::diag::Diagnostic,
-    datapath::settings::{Interface, MapSizes, Role, XdpMode},
+    datapath::settings::{Bridge, Interface, MapSizes, OnFailure, Port, Role, XdpMode},
     surfaces::export::{EventsConfig, SyslogConfig, SyslogTarget, facility_code},
 };
 
@@ -27,8 +27,12 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/mdsec";
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Gateway interfaces the datapath attaches to.
+    /// Gateway interfaces the datapath attaches to (routed or mirror ports).
+    #[serde(default)]
     pub interfaces: Vec<Interface>,
+    /// Transparent bridges: a bump in the wire, or the members of a Linux bridge.
+    #[serde(default)]
+    pub bridges: Vec<Bridge>,
     #[serde(default)]
     pub maps: MapSizes,
     #[serde(default = "default_state_dir")]
@@ -233,14 +237,36 @@ impl Config {
                 Diagnostic { warning, ..Diagnostic::error(path, pos, message) }
             };
             match crate::surfaces::tls::load(tls, std::time::SystemTime::now()) {
-                Ok(l) => {
-                    cfg.start_blockers =
-                        l.warnings.into_iter().map(|w| located(w.field, w.message, true)).collect()
-                }
+                Ok(l) => cfg
+                    .start_blockers
+                    .extend(l.warnings.into_iter().map(|w| located(w.field, w.message, true))),
                 Err(e) => return Err(located(e.field, e.message, false)),
             }
         }
+        if !cfg.bridges.is_empty() {
+            let tree = Tree::parse(text);
+            cfg.start_blockers.extend(cfg.bridge_problems(path, tree.as_ref()));
+        }
         Ok(cfg)
+    }
+
+    /// What this host says against the configured bridges (see
+    /// `datapath::bridge::problems`), located at the port or the bridge's name.
+    /// Errors for `check` as well as `run`: a bridge that cannot come up, or
+    /// would not fail open, is a fault of this gateway's set-up.
+    fn bridge_problems(&self, path: &Path, tree: Option<&Tree>) -> Vec<Diagnostic> {
+        let mut out = Vec::new();
+        for (n, b) in self.bridges.iter().enumerate() {
+            for p in crate::datapath::bridge::problems(b) {
+                let steps: Vec<Step> = match p.port {
+                    Some(k) => vec!["bridges".into(), n.into(), "ports".into(), k.into()],
+                    None => vec!["bridges".into(), n.into(), "name".into()],
+                };
+                let pos = tree.map_or((1, 1), |t| t.locate(&steps));
+                out.push(Diagnostic::error(path, pos, p.message));
+            }
+        }
+        out
     }
 
     /// Parses and validates YAML text; errors carry an empty file name.
@@ -259,19 +285,24 @@ impl Config {
         let at = |path: &[Step], message: String| {
             Diagnostic::error(PathBuf::new(), tree.map_or((1, 1), |t| t.locate(path)), message)
         };
-        if self.interfaces.is_empty() {
-            return Err(at(&["interfaces".into()], "`interfaces` must name at least one interface".into()));
+        if self.interfaces.is_empty() && self.bridges.is_empty() {
+            return Err(at(
+                &["interfaces".into()],
+                "`interfaces` or `bridges` must name at least one interface".into(),
+            ));
         }
+        let valid_ifname = |n: &str| !n.is_empty() && n.len() < libc::IFNAMSIZ && !n.contains('/');
         let mut seen = HashSet::new();
         for (n, i) in self.interfaces.iter().enumerate() {
             let here = [Step::Key("interfaces"), n.into(), "name".into()];
-            if i.name.is_empty() || i.name.len() >= libc::IFNAMSIZ || i.name.contains('/') {
+            if !valid_ifname(&i.name) {
                 return Err(at(&here, format!("`{}` is not a valid interface name", i.name)));
             }
-            if !seen.insert(&i.name) {
+            if !seen.insert(i.name.as_str()) {
                 return Err(at(&here, format!("interface `{}` is listed twice", i.name)));
             }
         }
+        self.validate_bridges(&at, &valid_ifname)?;
         for (name, v) in [
             ("flows", self.maps.flows),
             ("flows_ipv6", self.maps.flows_ipv6),
@@ -396,6 +427,90 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Bridges are checked after the interfaces: a port may be in one place only.
+    fn validate_bridges(
+        &self,
+        at: &dyn Fn(&[Step], String) -> Diagnostic,
+        valid_ifname: &dyn Fn(&str) -> bool,
+    ) -> Result<(), Diagnostic> {
+        let routed: std::collections::HashMap<&str, usize> =
+            self.interfaces.iter().enumerate().map(|(n, i)| (i.name.as_str(), n)).collect();
+        let mut names = HashSet::new();
+        let mut owner: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+        for (n, b) in self.bridges.iter().enumerate() {
+            let field = |k: &'static str| [Step::Key("bridges"), n.into(), k.into()];
+            if b.name.is_empty()
+                || b.name.len() > 32
+                || !b.name.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
+            {
+                return Err(at(
+                    &field("name"),
+                    format!(
+                        "bridge name `{}` must be 1–32 characters of A–Z, a–z, 0–9, `-`, `_`, `.`",
+                        b.name
+                    ),
+                ));
+            }
+            if !names.insert(b.name.as_str()) {
+                return Err(at(&field("name"), format!("bridge `{}` is listed twice", b.name)));
+            }
+            if b.ports.len() < 2 {
+                return Err(at(
+                    &field("ports"),
+                    format!(
+                        "bridge `{}` has {} port(s): it needs two (a bump in the wire) or more (the members \
+                         of one Linux bridge)",
+                        b.name,
+                        b.ports.len()
+                    ),
+                ));
+            }
+            if b.on_failure == OnFailure::Closed && b.ports.len() != 2 {
+                return Err(at(
+                    &field("on_failure"),
+                    format!(
+                        "bridge `{}`: on_failure: closed needs exactly two ports; with more, the kernel \
+                         bridge forwards, and it keeps forwarding when XDP is detached",
+                        b.name
+                    ),
+                ));
+            }
+            for (k, p) in b.ports.iter().enumerate() {
+                let here = [Step::Key("bridges"), n.into(), "ports".into(), k.into()];
+                if !valid_ifname(p) {
+                    return Err(at(&here, format!("`{p}` is not a valid interface name")));
+                }
+                if let Some(i) = routed.get(p.as_str()) {
+                    return Err(at(
+                        &here,
+                        format!(
+                            "port `{p}` of bridge `{}` is also a routed port (interfaces[{i}]); an interface \
+                             is either routed or bridged",
+                            b.name
+                        ),
+                    ));
+                }
+                if let Some(other) = owner.insert(p.as_str(), b.name.as_str()) {
+                    let m = if other == b.name {
+                        format!(
+                            "bridge `{}` lists port `{p}` twice; its ports must be different interfaces",
+                            b.name
+                        )
+                    } else {
+                        format!("port `{p}` is in bridge `{other}` and in bridge `{}`", b.name)
+                    };
+                    return Err(at(&here, m));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every interface the datapath attaches to.
+    pub fn ports(&self) -> Vec<Port> {
+        Port::all(&self.interfaces, &self.bridges)
     }
 }
 

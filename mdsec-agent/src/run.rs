@@ -68,7 +68,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let oui = Oui::load();
     info!("vendor names: {} OUIs from {}", oui.len(), oui.source);
     preflight(&cfg)?;
-    let mut dp = Datapath::load(&cfg.pin_dir, &cfg.maps, &cfg.interfaces)?;
+    let mut dp = Datapath::load(&cfg.pin_dir, &cfg.maps, &cfg.ports())?;
     let segstats = Arc::new(Mutex::new(SegStats::new(dp.take_map(names::SEG_STATS)?)?));
     let mut poller = Poller::new(&mut dp, segstats.clone(), cfg.flow_idle_timeout())?;
     let tables = Arc::new(RwLock::new(Tables::default()));
@@ -385,7 +385,7 @@ impl StorePass {
 /// (unless `allow_private_bpffs`).
 fn preflight(cfg: &Config) -> Result<()> {
     use crate::datapath::doctor::{self, Level};
-    let checks = doctor::run(&cfg.pin_dir, &cfg.interfaces);
+    let checks = doctor::run(&cfg.pin_dir, &cfg.ports(), &cfg.bridges);
     for c in &checks {
         match c.level {
             Level::Ok => info!("preflight: {}", c.what),

@@ -4,6 +4,8 @@
 /// Benchmark baselines in the same object (empty XDP_PASS / XDP_DROP programs).
 pub const BASELINE_PASS: &str = "mdsec_baseline_pass";
 pub const BASELINE_DROP: &str = "mdsec_baseline_drop";
+/// Benchmark baseline: redirect every frame to its peer in `PORTS`.
+pub const BASELINE_REDIRECT: &str = "mdsec_baseline_redirect";
 
 /// Mmap-able array of [`crate::flowtable::FlowSet6`]: the table of flows with an
 /// IPv6 address.
@@ -46,15 +48,24 @@ pub const EVENT_BUCKET: &str = "EVENT_BUCKET";
 /// is still judged (kernel-private, not pinned).
 pub const FLOW_SCRATCH: &str = "FLOW_SCRATCH";
 
+/// Devmap hash: ingress ifindex → the peer port of a bump in the wire
+/// (`bpf_devmap_val`, 8 bytes). The agent fills it at every start.
+pub const PORTS: &str = "PORTS";
+/// Two ports per bump; one entry per port.
+pub const PORTS_MAX: u32 = 64;
+
 /// All maps the agent pins, in a fixed order. The ring buffers (`EVENTS`,
 /// `SAMPLES`) and `EVENT_BUCKET` are not pinned: a new agent starts fresh ones.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 15] = [
     FLOWS, FLOWS4, FLOW_SEED, DEVICES, FRAGS, STATS, SEG_STATS, IDENT, MACS, POLICY, SEGMENTS, CONFIG,
-    IFACES, ALLOWED,
+    IFACES, ALLOWED, PORTS,
 ];
 
-/// Name of the XDP program in the object.
+/// Name of the XDP program in the object (routed, mirror and multi-port bridge ports).
 pub const PROGRAM: &str = "mdsec_xdp";
+/// The same datapath for the two ports of a bump in the wire: forwards what it
+/// passes to the peer port (`PORTS`).
+pub const BRIDGE_PROGRAM: &str = "mdsec_bridge";
 
 /// Bumped whenever a key or value layout changes. Pins live under a directory named
 /// after it, so an upgraded agent never reinterprets the bytes of an older map.

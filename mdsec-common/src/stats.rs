@@ -34,6 +34,12 @@ stats! {
     Frames = "frames",
     Pass = "pass",
     Drop = "drop",
+    /// Passed frames of a bump-in-the-wire port sent on to its peer port by
+    /// XDP_REDIRECT (a subset of `Pass`).
+    BridgeForwarded = "bridge_forwarded",
+    /// Passed frames of a bump port without a peer in `PORTS`: handed to the
+    /// kernel bridge underneath (a subset of `Pass`).
+    BridgeNoPeer = "bridge_no_peer",
     /// Frames carrying one or two VLAN tags.
     VlanTagged = "vlan_tagged",
     Arp = "arp",

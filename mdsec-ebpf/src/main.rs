@@ -1,4 +1,6 @@
-//! mdsec XDP datapath: one program attached to every gateway interface.
+//! mdsec XDP datapath: one judgement per frame, behind two entries: `mdsec_xdp`
+//! (routed, mirror and multi-port bridge ports) and `mdsec_bridge` (the two ports
+//! of a bump in the wire, which forwards in XDP).
 //!
 //! Stages, one module each: [`parse`] → [`account`] → [`app`] → [`verdict`]. Malformed
 //! frames are counted by reason and passed; nothing here ever stops the program early
@@ -25,15 +27,45 @@ mod verdict;
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext};
 use mdsec_common::stats::Stat;
 
+use crate::maps::PORTS;
+
+/// A routed gateway's (or a mirror's, or a multi-port bridge member's) port:
+/// the verdict is the action; what passes goes up the stack (routing, or the
+/// kernel bridge).
 #[xdp]
 pub fn mdsec_xdp(ctx: XdpContext) -> u32 {
+    judge(&ctx)
+}
+
+/// A port of a two-port bump in the wire: the same judgement as [`mdsec_xdp`],
+/// then every frame it lets through (L2 control, malformed and would-drop frames
+/// included) leaves by the peer port in `PORTS`. A port without a peer entry
+/// passes its frames up to the kernel bridge underneath instead, so a half-set-up
+/// bump still carries traffic (fail-open).
+#[xdp]
+pub fn mdsec_bridge(ctx: XdpContext) -> u32 {
+    let action = judge(&ctx);
+    if action == xdp_action::XDP_DROP {
+        return action;
+    }
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    let a = match PORTS.redirect(ctx.ingress_ifindex() as u32, xdp_action::XDP_PASS as u64) {
+        Ok(a) | Err(a) => a,
+    };
+    stats::count(if a == xdp_action::XDP_REDIRECT { Stat::BridgeForwarded } else { Stat::BridgeNoPeer }, len);
+    a
+}
+
+/// Parse, account, classify and decide one frame: `XDP_DROP` or `XDP_PASS`.
+#[inline(always)]
+fn judge(ctx: &XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
 
     let mut slot = core::mem::MaybeUninit::uninit();
     let pkt = parse::Packet::init(&mut slot, ctx.ingress_ifindex() as u32);
-    if let Err(reason) = parse::parse(&ctx, pkt) {
+    if let Err(reason) = parse::parse(ctx, pkt) {
         stats::count(reason, len);
     }
     let hit = account::account(pkt, now, len);
@@ -65,6 +97,15 @@ pub fn mdsec_baseline_pass(_ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn mdsec_baseline_drop(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_DROP
+}
+
+/// Benchmark baseline: forward every frame to the peer port in `PORTS` and
+/// nothing else (the floor of a bump in the wire).
+#[xdp]
+pub fn mdsec_baseline_redirect(ctx: XdpContext) -> u32 {
+    match PORTS.redirect(ctx.ingress_ifindex() as u32, xdp_action::XDP_PASS as u64) {
+        Ok(a) | Err(a) => a,
+    }
 }
 
 // Host builds (clippy) get std's handler through mdsec-common's `user` feature.

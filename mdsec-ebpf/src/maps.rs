@@ -6,7 +6,7 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use mdsec_common::{
     device::{DeviceKey, DeviceValue},
@@ -14,7 +14,8 @@ use mdsec_common::{
     frag::{FragKey, FragValue},
     maps::{
         DEFAULT_ALLOWED_MAX, DEFAULT_DEVICES_MAX, DEFAULT_FLOWS6_MAX, DEFAULT_FLOWS_MAX, DEFAULT_FRAGS_MAX,
-        DEFAULT_IDENT_MAX, DEFAULT_MACS_MAX, DEFAULT_POLICY_MAX, EVENTS_BYTES, IFACES_MAX, SAMPLES_BYTES,
+        DEFAULT_IDENT_MAX, DEFAULT_MACS_MAX, DEFAULT_POLICY_MAX, EVENTS_BYTES, IFACES_MAX, PORTS_MAX,
+        SAMPLES_BYTES,
     },
     policy::{IdentData, MacKey, PolicyConfig, PolicyData, PolicyValue, SegmentInfo, TupleKey, MAX_IDS},
     segstats::SEG_STATS_LEN,
@@ -83,3 +84,7 @@ pub static FLOW_SCRATCH: PerCpuArray<crate::flowtable::Scratch> = PerCpuArray::w
 /// (tokens left in this second, start of the second in ns), per CPU.
 #[map(name = "EVENT_BUCKET")]
 pub static EVENT_BUCKET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Bump in the wire: ingress ifindex → the peer port's devmap entry.
+#[map(name = "PORTS")]
+pub static PORTS: DevMapHash = DevMapHash::with_max_entries(PORTS_MAX, 0);

@@ -103,7 +103,8 @@ impl Agent {
     pub fn start_on(id: &str, gw: &str, ifs: &[String], opts: AgentOptions) -> Result<Agent> {
         let dir = std::env::temp_dir().join(id);
         std::fs::create_dir_all(&dir)?;
-        let mut yaml = String::from("interfaces:\n");
+        // No interfaces: a bridge-only gateway (`bridges:` comes in extra_yaml).
+        let mut yaml = String::from(if ifs.is_empty() { "" } else { "interfaces:\n" });
         for ifname in ifs {
             yaml += &format!("  - name: {ifname}\n    role: inline\n    xdp_mode: {}\n", opts.xdp_mode);
         }

@@ -188,3 +188,111 @@ impl RawSender {
         Ok(())
     }
 }
+
+/// Every frame arriving on an interface (outgoing ones skipped), as it was on
+/// the wire: a VLAN tag the kernel moved into packet metadata is put back.
+pub struct Capture {
+    fd: OwnedFd,
+}
+
+impl Capture {
+    pub fn open(ns: &str, ifname: &str) -> Result<Capture> {
+        let ifname = ifname.to_string();
+        in_netns(ns, move || -> Result<Capture> {
+            let c = CString::new(ifname.clone())?;
+            // SAFETY: plain syscalls; the fd is owned right away.
+            unsafe {
+                let proto = (libc::ETH_P_ALL as u16).to_be();
+                let fd = libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                    proto as i32,
+                );
+                if fd < 0 {
+                    bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+                }
+                let fd = OwnedFd::from_raw_fd(fd);
+                let one: libc::c_int = 1;
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_PACKET,
+                    libc::PACKET_AUXDATA,
+                    (&one as *const libc::c_int).cast(),
+                    4,
+                );
+                let mut sa: libc::sockaddr_ll = std::mem::zeroed();
+                sa.sll_family = libc::AF_PACKET as u16;
+                sa.sll_protocol = proto;
+                sa.sll_ifindex = libc::if_nametoindex(c.as_ptr()) as i32;
+                if sa.sll_ifindex == 0 {
+                    bail!("no interface {ifname}");
+                }
+                if libc::bind(
+                    fd.as_raw_fd(),
+                    (&sa as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                ) != 0
+                {
+                    bail!("bind: {}", std::io::Error::last_os_error());
+                }
+                let size: libc::c_int = 16 << 20;
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    (&size as *const libc::c_int).cast(),
+                    4,
+                );
+                Ok(Capture { fd })
+            }
+        })?
+    }
+
+    /// Drains what has arrived so far.
+    pub fn frames(&self) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 65_536];
+        let mut cmsg = [0u64; 16];
+        loop {
+            // SAFETY: recvmsg into owned buffers; control messages are read
+            // within the length the kernel reports.
+            unsafe {
+                let mut sa: libc::sockaddr_ll = std::mem::zeroed();
+                let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+                let mut msg: libc::msghdr = std::mem::zeroed();
+                msg.msg_name = (&mut sa as *mut libc::sockaddr_ll).cast();
+                msg.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+                msg.msg_iov = &mut iov;
+                msg.msg_iovlen = 1;
+                msg.msg_control = cmsg.as_mut_ptr().cast();
+                msg.msg_controllen = std::mem::size_of_val(&cmsg);
+                let n = libc::recvmsg(self.fd.as_raw_fd(), &mut msg, 0);
+                if n < 0 {
+                    break;
+                }
+                if sa.sll_pkttype == libc::PACKET_OUTGOING {
+                    continue;
+                }
+                let mut f = buf[..n as usize].to_vec();
+                let mut c = libc::CMSG_FIRSTHDR(&msg);
+                while !c.is_null() {
+                    if (*c).cmsg_level == libc::SOL_PACKET && (*c).cmsg_type == libc::PACKET_AUXDATA {
+                        let aux = &*(libc::CMSG_DATA(c) as *const libc::tpacket_auxdata);
+                        if aux.tp_status & libc::TP_STATUS_VLAN_VALID != 0 && f.len() >= 12 {
+                            let tpid = if aux.tp_status & libc::TP_STATUS_VLAN_TPID_VALID != 0 {
+                                aux.tp_vlan_tpid
+                            } else {
+                                TPID_8021Q
+                            };
+                            let tag = [tpid.to_be_bytes(), aux.tp_vlan_tci.to_be_bytes()].concat();
+                            f.splice(12..12, tag);
+                        }
+                    }
+                    c = libc::CMSG_NXTHDR(&msg, c);
+                }
+                out.push(f);
+            }
+        }
+        out
+    }
+}

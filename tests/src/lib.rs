@@ -5,6 +5,7 @@
 //! parallel tests never collide and `cargo xtask cleanup` can find leftovers.
 
 pub mod agent;
+pub mod bump;
 pub mod differential;
 pub mod fixtures;
 pub mod frames;

@@ -287,6 +287,9 @@ fn dpkg_installed(pkg: &str) -> bool {
 /// `dnsmasq-base` rather than `dnsmasq`: the binary without a system service.
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
+    // GRO on the veth peers of a bump in the wire: native XDP_REDIRECT into a
+    // veth needs NAPI on the receiving end.
+    "ethtool",
     "iputils-ping",
     "procps",
     "mount",

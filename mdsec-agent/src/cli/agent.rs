@@ -37,6 +37,9 @@ pub fn check(config: &Path) -> Result<ExitCode> {
     for w in &cfg.start_blockers {
         eprintln!("{w} (`run` refuses to start with it)");
     }
+    if cfg.start_blockers.iter().any(|d| !d.warning) {
+        return Ok(ExitCode::FAILURE);
+    }
     if let Some(dir) = &cfg.policy_dir {
         match crate::policy::runtime::prepare(dir, crate::policy::compile::Limits::DATAPATH) {
             Ok((p, c, diags)) => {
@@ -71,7 +74,7 @@ pub fn doctor(config: &Path) -> Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    let checks = crate::datapath::doctor::run(&cfg.pin_dir, &cfg.interfaces);
+    let checks = crate::datapath::doctor::run(&cfg.pin_dir, &cfg.ports(), &cfg.bridges);
     for c in &checks {
         println!("{c}");
     }

@@ -20,7 +20,7 @@ use aya::{
 
 use super::{
     loader::is_bpffs,
-    settings::{Interface, XdpMode},
+    settings::{Bridge, OnFailure, Port, XdpMode},
 };
 
 pub const MIN_KERNEL: (u32, u32) = (5, 18);
@@ -66,12 +66,65 @@ fn bad(level: Level, what: impl Into<String>, fix: impl Into<String>) -> Check {
 }
 
 /// Every check, in the order printed.
-pub fn run(pin_dir: &Path, interfaces: &[Interface]) -> Vec<Check> {
+pub fn run(pin_dir: &Path, ports: &[Port], bridges: &[Bridge]) -> Vec<Check> {
     let mut out = vec![kernel(), btf(), bpffs(pin_dir), pins_outlive_agent(pin_dir).0];
     out.extend(features());
     out.push(memlock());
-    for i in interfaces {
+    for i in ports {
         out.extend(interface(i));
+    }
+    for b in bridges {
+        out.extend(bridge(b));
+    }
+    out
+}
+
+/// The fail-open carrier under a bridge: it must forward at once (no STP
+/// listening/learning delay) and carry the link-local groups the XDP path carries.
+fn bridge(b: &Bridge) -> Vec<Check> {
+    use super::bridge as host;
+    let mut out = Vec::new();
+    for p in host::problems(b) {
+        out.push(bad(Level::Fail, p.message, "see docs/BRIDGE.md for the bridge set-up"));
+    }
+    let Some(br) = host::kernel_bridge(b) else {
+        if b.on_failure == OnFailure::Closed {
+            out.push(ok(format!("bridge {}: on_failure closed, no kernel bridge under its ports", b.name)));
+        }
+        return out;
+    };
+    out.push(ok(format!("bridge {}: ports are members of Linux bridge {br} (fail-open carrier)", b.name)));
+    out.push(match host::attr(&br, "stp_state") {
+        Some(0) => ok(format!("bridge {}: {br} runs no STP of its own (BPDUs cross it)", b.name)),
+        _ => bad(
+            Level::Warn,
+            format!(
+                "bridge {}: {br} runs STP: it consumes the switches' BPDUs and, when XDP detaches, holds                  its ports in listening/learning (about 30 s without traffic)",
+                b.name
+            ),
+            format!("ip link set {br} type bridge stp_state 0"),
+        ),
+    });
+    let mask = host::attr(&br, "group_fwd_mask").unwrap_or(0);
+    out.push(if mask & host::GROUP_FWD_NEEDED == host::GROUP_FWD_NEEDED {
+        ok(format!("bridge {}: {br} forwards 802.1X and LLDP (group_fwd_mask {mask:#x})", b.name))
+    } else {
+        bad(
+            Level::Warn,
+            format!(
+                "bridge {}: while XDP is detached {br} would not carry 802.1X (EAPOL) or LLDP                  (group_fwd_mask {mask:#x})",
+                b.name
+            ),
+            format!("ip link set {br} type bridge group_fwd_mask {:#x}", host::GROUP_FWD_NEEDED),
+        )
+    });
+    let (_, link_local) = host::addresses(&br);
+    if !link_local.is_empty() {
+        out.push(bad(
+            Level::Warn,
+            format!("bridge {}: {br} has an IPv6 link-local address: the gateway speaks on the ward", b.name),
+            format!("sysctl -w net.ipv6.conf.{br}.disable_ipv6=1"),
+        ));
     }
     out
 }
@@ -380,7 +433,7 @@ const NATIVE_XDP: &[&str] = &[
 /// 4096-byte page less the headroom (256) and the shared info (320).
 const XDP_MAX_MTU: u32 = 4096 - 256 - 320 - 14 - 8;
 
-fn interface(i: &Interface) -> Vec<Check> {
+fn interface(i: &Port) -> Vec<Check> {
     let sys = Path::new("/sys/class/net").join(&i.name);
     if !sys.exists() {
         return vec![bad(
@@ -443,10 +496,12 @@ mod tests {
             assert_eq!(c.level, Level::Ok, "{c}");
         }
         assert_eq!(kernel().level, Level::Ok);
-        let c = interface(&Interface {
+        let c = interface(&Port {
             name: "no-such-if0".into(),
             role: crate::datapath::settings::Role::Inline,
             xdp_mode: XdpMode::Driver,
+            peer: None,
+            bridge: None,
         });
         assert_eq!(c[0].level, Level::Fail);
         assert!(c[0].to_string().contains("fix: "), "{}", c[0]);

@@ -38,7 +38,7 @@ use mdsec_common::{
 use crate::{
     datapath::flowtable::{self, Geometry},
     datapath::netlink,
-    datapath::settings::{Interface, MapSizes, Role, XdpMode},
+    datapath::settings::{MapSizes, Port, Role, XdpMode},
 };
 
 /// The eBPF object built by build.rs from `mdsec-ebpf`.
@@ -57,6 +57,10 @@ pub struct Attached {
     pub effective_mode: String,
     /// True when a pinned link from an earlier run was reused.
     pub replaced: bool,
+    /// The `bridges:` entry of a bridge port.
+    pub bridge: Option<String>,
+    /// A bump port's other port (where XDP forwards what it passes).
+    pub peer: Option<String>,
 }
 
 pub struct Datapath {
@@ -84,6 +88,7 @@ fn map_layout(name: &str) -> (u32, u32) {
         names::CONFIG => (4, size_of::<PolicyConfig>() as u32),
         names::IFACES => (4, 4),
         names::ALLOWED => (size_of::<TupleKey>() as u32, 1),
+        names::PORTS => (4, 8),
         _ => unreachable!("unknown map {name}"),
     }
 }
@@ -93,7 +98,7 @@ pub fn layout_dir(pin_dir: &Path) -> PathBuf {
 }
 
 impl Datapath {
-    pub fn load(pin_dir: &std::path::Path, maps: &MapSizes, interfaces: &[Interface]) -> Result<Datapath> {
+    pub fn load(pin_dir: &std::path::Path, maps: &MapSizes, ports: &[Port]) -> Result<Datapath> {
         ensure_bpffs(pin_dir)?;
         let root = layout_dir(pin_dir);
         let maps_dir = root.join("maps");
@@ -116,6 +121,7 @@ impl Datapath {
             (names::CONFIG, 1),
             (names::IFACES, names::IFACES_MAX),
             (names::ALLOWED, names::DEFAULT_ALLOWED_MAX),
+            (names::PORTS, names::PORTS_MAX),
         ];
         for (name, max) in sizes {
             drop_incompatible_pin(&maps_dir.join(name), name, max)?;
@@ -135,49 +141,29 @@ impl Datapath {
             aya::maps::Array::try_from(ebpf.map_mut(names::FLOW_SEED).context("FLOW_SEED missing")?)?;
         seed.set(0, geometry.seed, 0).context("write FLOW_SEED")?;
 
-        let prog: &mut Xdp =
-            ebpf.program_mut(names::PROGRAM).context("program missing from object")?.try_into()?;
-        prog.load().map_err(verifier_tail)?;
+        // Peers first: a bump port's program forwards from its first frame, and
+        // never through a stale entry of a port that is no longer a bump's.
+        let ifindex: HashMap<&str, u32> =
+            ports.iter().map(|p| Ok((p.name.as_str(), ifindex_of(&p.name)?))).collect::<Result<_>>()?;
+        set_peers(&mut ebpf, ports, &ifindex)?;
 
         let mut attached = Vec::new();
-        for iface in interfaces {
-            let a = attach(prog, &links_dir, iface.name.as_str(), iface.xdp_mode)
-                .with_context(|| format!("attach XDP to {}", iface.name))?;
-            let effective = netlink::xdp_attached_mode(a.0)
-                .map(|m| m.to_string())
-                .unwrap_or_else(|e| format!("unknown ({e})"));
-            info!(
-                "{}: XDP attached (ifindex {}, requested mode {}, effective mode {}{})",
-                iface.name,
-                a.0,
-                iface.xdp_mode,
-                effective,
-                if a.1 { ", replaced the program of a pinned link" } else { "" }
-            );
-            if iface.xdp_mode == XdpMode::Skb {
-                // Generic XDP runs on socket buffers after GRO (and, on veth, before GSO
-                // segmentation): a merged TCP burst is one packet with all its bytes.
-                info!(
-                    "{}: generic (skb) XDP counts merged GRO/GSO packets as one; bytes stay exact. \
-                     For per-frame packet counts use driver mode or `ethtool -K {} gro off`",
-                    iface.name, iface.name
-                );
+        for (program, bump) in [(names::PROGRAM, false), (names::BRIDGE_PROGRAM, true)] {
+            let mine: Vec<&Port> = ports.iter().filter(|p| p.peer.is_some() == bump).collect();
+            if mine.is_empty() {
+                continue;
             }
-            if effective != iface.xdp_mode.to_string() {
-                warn!(
-                    "{}: effective XDP mode {} differs from the requested {}",
-                    iface.name, effective, iface.xdp_mode
-                );
+            let prog: &mut Xdp = ebpf
+                .program_mut(program)
+                .with_context(|| format!("{program} missing from object"))?
+                .try_into()?;
+            prog.load().map_err(verifier_tail)?;
+            for p in mine {
+                attached.push(attach_port(prog, &links_dir, p, ifindex[p.name.as_str()])?);
             }
-            attached.push(Attached {
-                name: iface.name.clone(),
-                ifindex: a.0,
-                role: iface.role,
-                requested_mode: iface.xdp_mode,
-                effective_mode: effective,
-                replaced: a.1,
-            });
         }
+        // In config order, as the operator wrote them.
+        attached.sort_by_key(|a| ports.iter().position(|p| p.name == a.name));
         let mut ifaces: aya::maps::HashMap<_, u32, u32> =
             aya::maps::HashMap::try_from(ebpf.map_mut(names::IFACES).context("IFACES missing")?)?;
         for a in &attached {
@@ -203,6 +189,75 @@ impl Datapath {
     }
 }
 
+/// Attaches `prog` to one port and logs what the kernel made of it.
+fn attach_port(prog: &mut Xdp, links_dir: &Path, p: &Port, ifindex: u32) -> Result<Attached> {
+    let replaced = attach(prog, links_dir, &p.name, ifindex, p.xdp_mode)
+        .with_context(|| format!("attach XDP to {}", p.name))?;
+    let effective = netlink::xdp_attached_mode(ifindex)
+        .map(|m| m.to_string())
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    let what = match (&p.bridge, &p.peer) {
+        (Some(b), Some(peer)) => format!(", bump in the wire {b}: forwards to {peer}"),
+        (Some(b), None) => format!(", member of bridge {b}"),
+        _ => String::new(),
+    };
+    info!(
+        "{}: XDP attached (ifindex {ifindex}, requested mode {}, effective mode {effective}{}{what})",
+        p.name,
+        p.xdp_mode,
+        if replaced { ", replaced the program of a pinned link" } else { "" }
+    );
+    if p.xdp_mode == XdpMode::Skb {
+        // Generic XDP runs on socket buffers after GRO (and, on veth, before GSO
+        // segmentation): a merged TCP burst is one packet with all its bytes.
+        info!(
+            "{}: generic (skb) XDP counts merged GRO/GSO packets as one; bytes stay exact. \
+             For per-frame packet counts use driver mode or `ethtool -K {} gro off`",
+            p.name, p.name
+        );
+    }
+    if effective != p.xdp_mode.to_string() {
+        warn!("{}: effective XDP mode {effective} differs from the requested {}", p.name, p.xdp_mode);
+    }
+    Ok(Attached {
+        name: p.name.clone(),
+        ifindex,
+        role: p.role,
+        requested_mode: p.xdp_mode,
+        effective_mode: effective,
+        replaced,
+        bridge: p.bridge.clone(),
+        peer: p.peer.clone(),
+    })
+}
+
+/// Writes every bump port's peer into `PORTS` and removes entries of ports
+/// that are no longer a bump's (a pinned map from an earlier config).
+fn set_peers(ebpf: &mut Ebpf, ports: &[Port], ifindex: &HashMap<&str, u32>) -> Result<()> {
+    let mut peers: aya::maps::DevMapHash<_> =
+        aya::maps::DevMapHash::try_from(ebpf.map_mut(names::PORTS).context("PORTS missing")?)?;
+    let want: HashMap<u32, u32> =
+        ports.iter().filter_map(|p| Some((ifindex[p.name.as_str()], ifindex[p.peer.as_deref()?]))).collect();
+    let stale: Vec<u32> = peers.keys().filter_map(|k| k.ok()).filter(|k| !want.contains_key(k)).collect();
+    for k in stale {
+        peers.remove(k).context("remove a stale PORTS entry")?;
+    }
+    for (from, to) in want {
+        peers.insert(from, to, None, 0).with_context(|| format!("write PORTS[{from}] = {to}"))?;
+    }
+    Ok(())
+}
+
+fn ifindex_of(name: &str) -> Result<u32> {
+    let c = CString::new(name)?;
+    // SAFETY: a valid NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if ifindex == 0 {
+        bail!("no interface named {name}");
+    }
+    Ok(ifindex)
+}
+
 /// Removes pinned links (which detaches XDP once nothing else holds them) and maps.
 pub fn remove_pins(root: &Path) -> Result<()> {
     for sub in ["links", "maps"] {
@@ -222,21 +277,15 @@ pub fn remove_pins(root: &Path) -> Result<()> {
 }
 
 /// Attaches `prog` to `ifname`, reusing a pinned link when there is one.
-/// Returns (ifindex, replaced).
-fn attach(prog: &mut Xdp, links_dir: &Path, ifname: &str, mode: XdpMode) -> Result<(u32, bool)> {
-    let c = CString::new(ifname)?;
-    // SAFETY: a valid NUL-terminated string.
-    let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if ifindex == 0 {
-        bail!("no interface named {ifname}");
-    }
+/// Returns whether a pinned link's program was replaced.
+fn attach(prog: &mut Xdp, links_dir: &Path, ifname: &str, ifindex: u32, mode: XdpMode) -> Result<bool> {
     let pin = links_dir.join(ifname);
     if pin.exists() {
         match PinnedLink::from_pin(&pin) {
             Ok(pinned) => {
                 let link = XdpLink::try_from(FdLink::from(pinned))?;
                 match prog.attach_to_link(link) {
-                    Ok(_) => return Ok((ifindex, true)),
+                    Ok(_) => return Ok(true),
                     Err(e) => warn!(
                         "{ifname}: cannot replace the program in {}: {e}; attaching anew",
                         pin.display()
@@ -257,7 +306,7 @@ fn attach(prog: &mut Xdp, links_dir: &Path, ifname: &str, mode: XdpMode) -> Resu
         "the kernel attached XDP through netlink, not a bpf_link; mdsec needs bpf_link (Linux ≥ 5.9)",
     )?;
     fd_link.pin(&pin).with_context(|| format!("pin link at {}", pin.display()))?;
-    Ok((ifindex, false))
+    Ok(false)
 }
 
 /// The full verifier log can be thousands of lines; its end says why.

@@ -4,6 +4,7 @@
 //! about policy files, classes or HTTP.
 
 pub mod batch;
+pub mod bridge;
 pub mod doctor;
 pub mod flowtable;
 pub mod loader;

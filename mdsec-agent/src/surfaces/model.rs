@@ -53,6 +53,12 @@ pub struct Interface {
     pub role: String,
     pub requested_mode: String,
     pub effective_mode: String,
+    /// The `bridges:` entry of a bridge port (role `bridge`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// A bump port's other port: where XDP forwards the frames it passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -245,6 +245,8 @@ async fn interfaces(axum::extract::State(st): S) -> Json<Vec<model::Interface>> 
                 role: format!("{:?}", a.role).to_lowercase(),
                 requested_mode: a.requested_mode.to_string(),
                 effective_mode: a.effective_mode.clone(),
+                bridge: a.bridge.clone(),
+                peer: a.peer.clone(),
             })
             .collect(),
     )
