@@ -47,6 +47,8 @@ pub struct Bump {
     pub core: Vec<End>,
     pub extra: Vec<End>,
     namespaces: Vec<String>,
+    /// (namespace, device) at the far end of each bump port's veth.
+    peers: Vec<(String, String)>,
 }
 
 impl Drop for Bump {
@@ -87,6 +89,7 @@ impl Bump {
             core: Vec::new(),
             extra: Vec::new(),
             namespaces: Vec::new(),
+            peers: Vec::new(),
         };
         b.add_ns(&gw)?;
         b.ward = b.side("w", WARD_PORT, n_ward, 10)?;
@@ -113,10 +116,18 @@ impl Bump {
             for p in &ports {
                 ip(&["-n", &gw, "link", "set", p, "master", KERNEL_BRIDGE])?;
             }
+            for k in ports.iter().copied().chain([KERNEL_BRIDGE]) {
+                sysctl(&gw, &format!("net.ipv4.conf.{k}.arp_ignore=1"))?;
+            }
             ip(&["-n", &gw, "link", "set", KERNEL_BRIDGE, "up"])?;
         }
         for p in &ports {
             ip(&["-n", &gw, "link", "set", p, "up"])?;
+        }
+        // Once everything is up: set on a veth that is down, GRO does not make
+        // its peer a redirect target (seen on 6.18).
+        for (ns, dev) in &b.peers {
+            gro_on(ns, dev)?;
         }
         Ok(b)
     }
@@ -141,11 +152,11 @@ impl Bump {
             (format!("{}-{tag}sw", self.id), "uplink".to_string())
         };
         self.add_ns(&peer_ns)?;
+        self.peers.push((peer_ns.clone(), peer_dev.clone()));
         ip(&[
             "link", "add", "name", port, "netns", &self.gw, "type", "veth", "peer", "name", &peer_dev,
             "netns", &peer_ns,
         ])?;
-        gro_on(&peer_ns, &peer_dev)?;
         if n > 1 {
             ip(&["-n", &peer_ns, "link", "add", "sw", "type", "bridge", "stp_state", "0"])?;
             ip(&["-n", &peer_ns, "link", "set", "uplink", "master", "sw", "up"])?;

@@ -4,6 +4,13 @@
 //! real vendor's IEEE OUI (so vendor lookup and classification work as on a
 //! ward). Dropping it deletes every namespace (killing what runs inside), also
 //! on panic.
+//!
+//! The pumps' ward sits behind a bump in the wire instead of a routed mdsec
+//! port: the gateway routes it through `seg-pumps` (no XDP: the hospital's
+//! router leg), whose veth peer `bump-core` and the ward's `bump-ward` are the
+//! two ports of a bridge mdsec judges (`bridges:` in the agent config). A pump's
+//! traffic to another LAN crosses two mdsec points: the bump and the other
+//! LAN's routed port; each counts its own crossing.
 
 use std::net::Ipv4Addr;
 
@@ -14,6 +21,18 @@ use crate::netns::{ip, link_mac};
 /// LAN name, second octet of its 10.X.0.0/24.
 pub const LANS: &[(&str, u8)] =
     &[("pumps", 10), ("monitors", 20), ("imaging", 30), ("servers", 40), ("clinical", 50), ("outside", 99)];
+
+/// The LAN behind a bump in the wire, and the bump's two ports (in the
+/// gateway namespace, members of the Linux bridge `br-pumps`).
+pub const BUMPED: &str = "pumps";
+pub const BUMP_WARD: &str = "bump-ward";
+pub const BUMP_CORE: &str = "bump-core";
+
+/// Runs `ethtool ARGS` in `ns`.
+fn ethtool(ns: &str, args: &[&str]) -> Result<()> {
+    crate::netns::run(std::process::Command::new("ip").args(["netns", "exec", ns, "ethtool"]).args(args))?;
+    Ok(())
+}
 
 /// One device of the hospital.
 #[derive(Debug, Clone, Copy)]
@@ -75,8 +94,16 @@ impl Hospital {
         format!("seg-{lan}")
     }
 
+    /// The routed ports mdsec attaches to (every LAN but the bumped one).
     pub fn gw_ifs() -> Vec<String> {
-        LANS.iter().map(|l| Self::gw_if(l.0)).collect()
+        LANS.iter().filter(|l| l.0 != BUMPED).map(|l| Self::gw_if(l.0)).collect()
+    }
+
+    /// The agent config's `bridges:` section: the bump in front of the pumps.
+    pub fn bridges_yaml() -> String {
+        format!(
+            "bridges:\n  - name: {BUMPED}-ward\n    ports: [{BUMP_WARD}, {BUMP_CORE}]\n    xdp_mode: driver\n    on_failure: open\n"
+        )
     }
 
     /// Namespace of a device.
@@ -105,13 +132,24 @@ impl Hospital {
             ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
             ip(&["-n", &sw, "link", "set", "br0", "up"])?;
             let gif = Self::gw_if(lan);
-            ip(&[
-                "link", "add", "name", &gif, "netns", &gw, "type", "veth", "peer", "name", "uplink", "netns",
-                &sw,
-            ])?;
+            if lan == BUMPED {
+                h.bump(&gif, &sw)?;
+            } else {
+                ip(&[
+                    "link", "add", "name", &gif, "netns", &gw, "type", "veth", "peer", "name", "uplink",
+                    "netns", &sw,
+                ])?;
+            }
             ip(&["-n", &sw, "link", "set", "uplink", "master", "br0", "up"])?;
             ip(&["-n", &gw, "addr", "add", &format!("10.{octet}.0.1/24"), "dev", &gif])?;
             ip(&["-n", &gw, "link", "set", &gif, "up"])?;
+            if lan == BUMPED {
+                // The redirect's receiving ends need NAPI, which GRO turns on.
+                // Only once they are up: set on a veth that is down, GRO does
+                // not make its peer a redirect target (seen on 6.18).
+                ethtool(&gw, &["-K", &gif, "gro", "on"])?;
+                ethtool(&sw, &["-K", "uplink", "gro", "on"])?;
+            }
         }
         for d in DEVICES {
             let ns = h.ns(d.name);
@@ -128,6 +166,9 @@ impl Hospital {
                 ip(&["netns", "exec", &ns, "sysctl", "-qw", k])?;
             }
             ip(&["-n", &ns, "link", "set", "eth0", "address", d.mac])?;
+            // A wire carries finished checksums; a veth leaves them to
+            // "hardware", which an XDP redirect (the bump) does not carry along.
+            ethtool(&ns, &["-K", "eth0", "tx", "off"])?;
             ip(&["-n", &ns, "addr", "add", &format!("{}/24", d.ip()), "dev", "eth0"])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
@@ -135,6 +176,44 @@ impl Hospital {
             ip(&["-n", &ns, "route", "add", "default", "via", &via])?;
         }
         Ok(h)
+    }
+
+    /// `router` (the gateway's routed leg) ─ bump-core │br-pumps│ bump-ward ─ the
+    /// ward switch's `uplink`. The bridge has no address and forwards at once
+    /// (STP off) whenever mdsec's XDP is not attached (docs/BRIDGE.md).
+    fn bump(&self, router: &str, sw: &str) -> Result<()> {
+        let gw = &self.gw;
+        ip(&["-n", gw, "link", "add", router, "type", "veth", "peer", "name", BUMP_CORE])?;
+        ip(&[
+            "link", "add", "name", BUMP_WARD, "netns", gw, "type", "veth", "peer", "name", "uplink", "netns",
+            sw,
+        ])?;
+        ip(&[
+            "-n",
+            gw,
+            "link",
+            "add",
+            "br-pumps",
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "group_fwd_mask",
+            "0x4008",
+        ])?;
+        // Silent: no IPv6 of its own, and no ARP answers for the gateway's
+        // addresses from the bridge (the ward would learn the wrong MAC).
+        for k in ["br-pumps", BUMP_CORE, BUMP_WARD] {
+            ip(&["netns", "exec", gw, "sysctl", "-qw", &format!("net.ipv6.conf.{k}.disable_ipv6=1")])?;
+            ip(&["netns", "exec", gw, "sysctl", "-qw", &format!("net.ipv4.conf.{k}.arp_ignore=1")])?;
+        }
+        for p in [BUMP_CORE, BUMP_WARD] {
+            ip(&["-n", gw, "link", "set", p, "master", "br-pumps", "up"])?;
+        }
+        ip(&["-n", gw, "link", "set", "br-pumps", "up"])?;
+        // The router's own frames (DHCP replies) need finished checksums.
+        ethtool(gw, &["-K", router, "tx", "off"])?;
+        Ok(())
     }
 
     fn add_ns(&mut self, name: &str) -> Result<()> {

@@ -47,6 +47,12 @@ pub fn attr(dev: &str, name: &str) -> Option<u32> {
     }
 }
 
+/// `net.ipv4.conf.<dev>.arp_ignore`: 0 answers ARP for any of the host's
+/// addresses on any interface, a bridge's included.
+pub fn arp_ignore(dev: &str) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{dev}/arp_ignore")).ok()?.trim().parse().ok()
+}
+
 /// Addresses on `dev`, link-local IPv6 apart (returned second): those appear on
 /// every interface that is up unless IPv6 is disabled on it.
 pub fn addresses(dev: &str) -> (Vec<IpAddr>, Vec<IpAddr>) {

@@ -118,6 +118,25 @@ fn bridge(b: &Bridge) -> Vec<Check> {
             format!("ip link set {br} type bridge group_fwd_mask {:#x}", host::GROUP_FWD_NEEDED),
         )
     });
+    let loud: Vec<&str> = std::iter::once(br.as_str())
+        .chain(b.ports.iter().map(String::as_str))
+        .filter(|d| host::arp_ignore(d).unwrap_or(0) == 0)
+        .collect();
+    if !loud.is_empty() {
+        out.push(bad(
+            Level::Warn,
+            format!(
+                "bridge {}: {} would answer ARP for the gateway's own addresses (arp_ignore 0): a device \
+                 that learns such an answer sends to a MAC the bump does not pass on",
+                b.name,
+                loud.join(", ")
+            ),
+            loud.iter()
+                .map(|d| format!("sysctl -w net.ipv4.conf.{d}.arp_ignore=1"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        ));
+    }
     let (_, link_local) = host::addresses(&br);
     if !link_local.is_empty() {
         out.push(bad(

@@ -144,24 +144,31 @@ pub struct Members<'a> {
 }
 
 impl<'a> Members<'a> {
+    /// An address belongs to the device that claims the fewest addresses: a
+    /// router's MAC seen on a bridge or mirror port carries every address it
+    /// forwards for, and must not take a server's address into its segment.
     pub fn new(policy: &'a Policy, devices: &[Device]) -> Members<'a> {
-        let mut by_ip = HashMap::new();
+        let mut owner: HashMap<IpAddr, &Device> = HashMap::new();
         for d in devices {
-            let Some(seg) = d.segment.as_deref().and_then(|s| policy.segments.iter().find(|x| x.name == s))
-            else {
-                continue;
-            };
             for &ip in &d.ips {
-                by_ip.insert(
-                    ip,
-                    End {
-                        segment: seg.name.clone(),
-                        function: seg.function.clone(),
-                        mac: Some(d.mac.to_string()),
-                    },
-                );
+                let o = owner.entry(ip).or_insert(d);
+                if d.ips.len() < o.ips.len() {
+                    *o = d;
+                }
             }
         }
+        let by_ip = owner
+            .into_iter()
+            .filter_map(|(ip, d)| {
+                let seg = d.segment.as_deref().and_then(|s| policy.segments.iter().find(|x| x.name == s))?;
+                let end = End {
+                    segment: seg.name.clone(),
+                    function: seg.function.clone(),
+                    mac: Some(d.mac.to_string()),
+                };
+                Some((ip, end))
+            })
+            .collect();
         Members { policy, by_ip }
     }
 
@@ -451,5 +458,46 @@ pub(crate) fn event(kind: &str, severity: &str, k: &FlowKey, app: u8, m: &End, n
         function: m.function.clone(),
         app: App::from_u8(app).name().into(),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::policy::model::{DefaultVerdict, Member, Mode, Segment};
+
+    #[test]
+    fn a_routers_mac_does_not_take_the_addresses_it_forwards_for_into_its_segment() {
+        let policy = Policy {
+            zones: vec![],
+            rules: vec![],
+            segments: vec![Segment {
+                name: "pumps".into(),
+                function: "infusion-pump".into(),
+                mode: Mode::Monitor,
+                default: DefaultVerdict::Deny,
+                members: vec![Member::Net { net: "10.10.0.0/24".parse().unwrap(), vlan: None }],
+                file: PathBuf::from("pumps.yaml"),
+                learning_period: std::time::Duration::ZERO,
+            }],
+        };
+        let device = |mac: &str, seg: Option<&str>, ips: &[&str]| {
+            let mut d = Device::new("bump-core".into(), 0, mac.parse().unwrap());
+            d.ips = ips.iter().map(|i| i.parse().unwrap()).collect();
+            d.segment = seg.map(String::from);
+            d
+        };
+        // The router leg on the ward's side of a bump: its own address (a
+        // member) and the sources it routes; the pharmacy itself, elsewhere.
+        let router = device("02:00:00:00:00:01", Some("pumps"), &["10.10.0.1", "10.40.0.20", "10.40.0.53"]);
+        let pharmacy = device("c8:f7:50:40:00:20", None, &["10.40.0.20"]);
+        let pump = device("58:46:e1:10:00:11", Some("pumps"), &["10.10.0.11"]);
+        let m = Members::new(&policy, &[router, pharmacy, pump]);
+        let seg = |ip: &str| m.get(&ip.parse().unwrap()).map(|e| e.segment);
+        assert_eq!(seg("10.40.0.20"), None, "the pharmacy is in no segment");
+        assert_eq!(seg("10.40.0.53"), Some("pumps".into()), "claimed by the router alone");
+        assert_eq!((seg("10.10.0.1"), seg("10.10.0.11")), (Some("pumps".into()), Some("pumps".into())));
     }
 }

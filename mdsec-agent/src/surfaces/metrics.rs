@@ -118,6 +118,15 @@ fn datapath(r: &R, st: &AppState) {
         pk.with_label_values(&[a]).inc_by(t.stat(s).packets);
         by.with_label_values(&[a]).inc_by(t.stat(s).bytes);
     }
+    let bridged = r.counter(
+        "mdsec_bridge_packets_total",
+        "Passed frames of bump-in-the-wire ports, by how they crossed: xdp_redirect (to the peer \
+         port) or kernel_bridge (no peer entry: handed to the Linux bridge).",
+        &["path"],
+    );
+    for (s, p) in [(Stat::BridgeForwarded, "xdp_redirect"), (Stat::BridgeNoPeer, "kernel_bridge")] {
+        bridged.with_label_values(&[p]).inc_by(t.stat(s).packets);
+    }
     let proto = r.counter(
         "mdsec_protocol_packets_total",
         "Frames by protocol recognised (a frame counts once per layer).",

@@ -272,19 +272,23 @@ impl<K: StoreKey> FlowStore<K> {
             return;
         }
         let k = self.keys[i];
-        let rev = self.reverse(&k);
         let me = self.recs[i].side(&k);
-        let other = rev.map(|j| self.recs[j].side(&self.keys[j]));
+        let other = self.reverse(&k).map(|j| self.recs[j].side(&self.keys[j]));
         let (role, settled) = decide(&me, other.as_ref());
         if settled {
             self.recs[i].settle_role(role);
         }
-        if let (Some(j), Some(o)) = (rev, other)
-            && !self.recs[j].role_settled()
-        {
-            let (r, s) = decide(&o, Some(&me));
+        // Every open reverse, not only the first: behind two mdsec ports (a
+        // routed port and a bump) one direction is a flow on each.
+        for &j in self.index.iter_hash(conversation_hash(&self.hasher, &k)) {
+            let j = j as usize;
+            let r = &mut self.recs[j];
+            if r.dead() || r.role_settled() || !self.keys[j].is_reverse_of(&k) {
+                continue;
+            }
+            let (role, s) = decide(&r.side(&self.keys[j]), Some(&me));
             if s {
-                self.recs[j].settle_role(r);
+                r.settle_role(role);
             }
         }
     }

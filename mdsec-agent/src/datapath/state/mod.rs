@@ -632,6 +632,13 @@ mod tests {
         // TCP from a low source port to a high service port, the client side first.
         let (c, s) = (k(2, 6, 1, 3, 1000, 8443), k(3, 6, 3, 1, 8443, 1000));
         t.merge(&[(probe, val(1, 1)), (q, val(20, 1)), (a, val(10, 1)), (c, tcp(0x02))], &[]);
+        // An answer read a poll before its query (the kernel table is read slot by
+        // slot while it changes), and twice: a routed port and a bump's core port
+        // each see it. The query settles both.
+        let (q2, a2, a3) = (k(2, 17, 1, 2, 40001, 53), k(3, 17, 2, 1, 53, 40001), k(4, 17, 2, 1, 53, 40001));
+        t.merge(&[(a2, val(10, 1)), (a3, val(10, 1))], &[]);
+        t.merge(&[(q2, val(20, 1))], &[]);
+        assert_eq!((t.flows[&a2].role(), t.flows[&a3].role()), (Role::Server, Role::Server), "every reverse");
         assert_eq!(t.flows[&probe].role(), Role::Client);
         assert_eq!((t.flows[&q].role(), t.flows[&a].role()), (Role::Client, Role::Server));
         assert_eq!(t.flows[&c].role(), Role::Client);

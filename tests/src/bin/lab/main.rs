@@ -2,8 +2,8 @@
 //!
 //! Three infusion pumps, two patient monitors, a CT, PACS, pharmacy, EMR, an
 //! internal DNS, a clinical workstation, an attacker and an outside resolver, each
-//! in its own network namespace behind a gateway with one veth per LAN (see
-//! `mdsec_tests::hospital`). Real peers where Debian has them: dcmtk storescu →
+//! in its own network namespace behind a gateway with one veth per LAN, the
+//! pumps' ward behind a bump in the wire (see `mdsec_tests::hospital`). Real peers where Debian has them: dcmtk storescu →
 //! storescp, dnsmasq (DNS, and DHCP on the gateway) with dig and dhclient; HL7
 //! over MLLP from our own sender (Debian has none). A scripted timeline:
 //! learning → suggested policy in monitor → enforce → attack (scan, outside DNS,
@@ -105,7 +105,7 @@ fn run(args: &Args) -> Result<()> {
     let log = Arc::new(Mutex::new(Log::default()));
     // Plain lines until the view starts, and all along without a terminal.
     let say = |msg: String, view: bool| log.lock().unwrap().say(view, msg);
-    say(format!("building the hospital: {} devices behind a gateway ({id}-*)", DEVICES.len()), false);
+    say(format!("building the hospital: {} devices, the pumps behind a bump ({id}-*)", DEVICES.len()), false);
     let hospital = Hospital::new(&id)?;
     not_stopped("building the hospital")?;
     hospital.warm_up()?;

@@ -55,7 +55,8 @@ pub fn start_agent(id: &str, work: &Path, learning: u64) -> Result<Agent> {
         }
     }
     let extra = format!(
-        "detection:\n  internal_resolvers: [10.40.0.53]\nregister: {}\nevidence:\n  snapshot_secs: 5\n{devices}",
+        "{}detection:\n  internal_resolvers: [10.40.0.53]\nregister: {}\nevidence:\n  snapshot_secs: 5\n{devices}",
+        Hospital::bridges_yaml(),
         work.join("register.yaml").display()
     );
     let opts =
@@ -79,7 +80,14 @@ pub fn apply_suggestion(agent: &Agent, mode: &str) -> Result<()> {
             bail!("suggest {seg}: {}", String::from_utf8_lossy(&o.stderr));
         }
     }
-    let o = Command::new(agent_bin()).args(["check", "--config"]).arg(&cfg).process_group(0).output()?;
+    // On the gateway, as an operator would: `check` also looks at the bridge's ports.
+    let o = Command::new("ip")
+        .args(["netns", "exec", &agent.gw])
+        .arg(agent_bin())
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .process_group(0)
+        .output()?;
     if !o.status.success() {
         bail!("check: {}", String::from_utf8_lossy(&o.stderr));
     }
