@@ -85,6 +85,25 @@ impl TestProg {
         Ok(())
     }
 
+    /// Makes `from` and `to` (names in the calling thread's namespace) each
+    /// other's peer in `PORTS`: a bump in the wire for `mdsec_bridge` and the
+    /// redirect baseline.
+    pub fn set_peers(&mut self, a: &str, b: &str) -> Result<()> {
+        let index = |n: &str| -> Result<u32> {
+            let c = std::ffi::CString::new(n)?;
+            // SAFETY: a NUL-terminated name.
+            let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+            anyhow::ensure!(i != 0, "no interface {n}");
+            Ok(i)
+        };
+        let (ia, ib) = (index(a)?, index(b)?);
+        let mut m: aya::maps::DevMapHash<_> =
+            aya::maps::DevMapHash::try_from(self.ebpf.map_mut(names::PORTS).context("no PORTS")?)?;
+        m.insert(ia, ib, None, 0)?;
+        m.insert(ib, ia, None, 0)?;
+        Ok(())
+    }
+
     /// Hands a map to its user-side owner (e.g. `PolicyMaps`).
     pub fn take_map(&mut self, name: &str) -> Result<aya::maps::Map> {
         self.ebpf.take_map(name).with_context(|| format!("no map {name}"))
@@ -204,6 +223,16 @@ pub fn with_policy_sized(
     event_rate: u32,
     sizes: &[(&str, u32)],
 ) -> Result<(TestProg, mdsec_agent::policy::maps::PolicyMaps, mdsec_agent::policy::compile::Compiled, u32)> {
+    with_policy_in(names::PROGRAM, files, event_rate, sizes)
+}
+
+/// [`with_policy_sized`] for another entry of the object (`mdsec_bridge`).
+pub fn with_policy_in(
+    program: &'static str,
+    files: &[(&str, &str)],
+    event_rate: u32,
+    sizes: &[(&str, u32)],
+) -> Result<(TestProg, mdsec_agent::policy::maps::PolicyMaps, mdsec_agent::policy::compile::Compiled, u32)> {
     use mdsec_agent::policy::{compile, maps::PolicyMaps, model::load_dir};
     let dir = std::env::temp_dir().join(format!("{}-policy", crate::netns::unique_id()));
     std::fs::create_dir_all(&dir)?;
@@ -213,7 +242,7 @@ pub fn with_policy_sized(
     let (p, diags) = load_dir(&dir, std::time::SystemTime::now());
     let _ = std::fs::remove_dir_all(&dir);
     let p = p.with_context(|| format!("{diags:?}"))?;
-    let mut prog = TestProg::load_with(names::PROGRAM, sizes)?;
+    let mut prog = TestProg::load_with(program, sizes)?;
     let mut maps = PolicyMaps::new(|n| prog.take_map(n))?;
     let c = compile::compile(&p, &mdsec_agent::base::clock::Anchor::now(), maps.limits())
         .map_err(anyhow::Error::msg)?;

@@ -44,7 +44,7 @@ enum Cmd {
     },
     /// Run the benchmarks (release build) and update BENCHMARKS.md.
     Bench {
-        /// Which: packet, throughput, scale, policy, differential (default: all).
+        /// Which: packet, throughput, forwarding, scale, policy, differential (default: all).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

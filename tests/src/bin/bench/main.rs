@@ -23,6 +23,7 @@ use mdsec_agent::{
 use mdsec_tests::kernel::TestProg;
 
 mod differential;
+mod forwarding;
 mod perpacket;
 mod scale;
 mod throughput;
@@ -78,7 +79,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 fn main() -> Result<()> {
     let which: Vec<String> = std::env::args().skip(1).collect();
-    let all = ["packet", "throughput", "scale", "policy", "differential"];
+    let all = ["packet", "throughput", "forwarding", "scale", "policy", "differential"];
     for w in &which {
         if !all.contains(&w.as_str()) {
             anyhow::bail!("unknown benchmark {w} (one of: {})", all.join(", "));
@@ -90,6 +91,9 @@ fn main() -> Result<()> {
     }
     if want("throughput") {
         throughput::run()?;
+    }
+    if want("forwarding") {
+        forwarding::run()?;
     }
     if want("scale") {
         scale::run()?;

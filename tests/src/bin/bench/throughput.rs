@@ -25,25 +25,28 @@ const WINDOW: Duration = Duration::from_secs(2);
 /// Windows per dropper; the median is reported.
 const WINDOWS: usize = 5;
 
-/// The bench's two namespaces, deleted when dropped.
-struct Pair {
-    tx: String,
-    rx: String,
+/// The bench's namespaces (the sender first), deleted when dropped.
+pub(crate) struct Pair {
+    pub tx: String,
+    pub rx: String,
+    pub more: Vec<String>,
 }
 
 impl Drop for Pair {
     fn drop(&mut self) {
-        delete_namespaces(&[self.tx.clone(), self.rx.clone()]);
+        let mut all = vec![self.tx.clone(), self.rx.clone()];
+        all.extend(self.more.iter().cloned());
+        delete_namespaces(&all);
     }
 }
 
 /// Moves the calling thread into a namespace; back to the original when dropped.
-struct InNs {
+pub(crate) struct InNs {
     home: File,
 }
 
 impl InNs {
-    fn enter(ns: &str) -> Result<InNs> {
+    pub(crate) fn enter(ns: &str) -> Result<InNs> {
         let home = File::open("/proc/thread-self/ns/net")?;
         let target = File::open(format!("/run/netns/{ns}"))?;
         // SAFETY: setns on valid namespace fds affects only this thread.
@@ -61,7 +64,7 @@ impl Drop for InNs {
     }
 }
 
-fn sh(ns: &str, args: &[&str]) -> Result<String> {
+pub(crate) fn sh(ns: &str, args: &[&str]) -> Result<String> {
     let out = Command::new("ip").args(["netns", "exec", ns]).args(args).output()?;
     if !out.status.success() {
         bail!("{args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -100,7 +103,11 @@ fn flood(ns: &str, conf: &std::path::Path, secs: u64) -> Result<Child> {
 
 /// Packets per second the counter `read` moves while the flood runs (after it
 /// starts moving and a warm-up).
-fn measure(pair: &Pair, conf: &std::path::Path, mut read: impl FnMut() -> Result<u64>) -> Result<f64> {
+pub(crate) fn measure(
+    pair: &Pair,
+    conf: &std::path::Path,
+    mut read: impl FnMut() -> Result<u64>,
+) -> Result<f64> {
     let start = read()?;
     let mut child = flood(&pair.tx, conf, 30)?;
     let result = (|| {
@@ -132,7 +139,7 @@ fn measure(pair: &Pair, conf: &std::path::Path, mut read: impl FnMut() -> Result
 }
 
 /// `run_cnt` of a program (needs kernel.bpf_stats_enabled).
-fn run_cnt(id: u32) -> Result<u64> {
+pub(crate) fn run_cnt(id: u32) -> Result<u64> {
     let out = Command::new("bpftool").args(["-j", "prog", "show", "id", &id.to_string()]).output()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     anyhow::ensure!(v["id"].as_u64() == Some(id as u64), "bpftool: no program {id}");
@@ -142,7 +149,8 @@ fn run_cnt(id: u32) -> Result<u64> {
 
 pub fn run() -> Result<()> {
     let pid = std::process::id();
-    let pair = Pair { tx: format!("mdsec-bench{pid}-tx"), rx: format!("mdsec-bench{pid}-rx") };
+    let pair =
+        Pair { tx: format!("mdsec-bench{pid}-tx"), rx: format!("mdsec-bench{pid}-rx"), more: Vec::new() };
     ip(&["netns", "add", &pair.tx])?;
     ip(&["netns", "add", &pair.rx])?;
     ip(&["link", "add", "s0", "netns", &pair.tx, "type", "veth", "peer", "name", "r0", "netns", &pair.rx])?;
