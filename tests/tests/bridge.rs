@@ -627,4 +627,23 @@ fn a_bad_bridge_is_refused_at_check_and_at_start_at_its_position() {
     }
     let (ok, err, _) = agent_with(&b, &bridge("[ward, core]", ""), "check");
     assert!(ok, "a good bridge passes: {err}");
+
+    // Ports whose driver has no native XDP (macvlans of a spare veth): driver
+    // mode does not start, and does not fall back to skb by itself.
+    let gw = |args: &[&str]| {
+        let mut full = vec!["-n", b.gw.as_str()];
+        full.extend_from_slice(args);
+        mdsec_tests::netns::ip(&full).unwrap();
+    };
+    gw(&["link", "add", "spare0", "type", "veth", "peer", "name", "spare1"]);
+    gw(&["link", "add", "br1", "type", "bridge"]);
+    for (d, on) in [("d0", "spare0"), ("d1", "spare1")] {
+        gw(&["link", "add", "link", on, "name", d, "type", "macvlan"]);
+        gw(&["link", "set", d, "master", "br1", "up"]);
+    }
+    let dummies = "bridges:\n  - name: lab\n    ports: [d0, d1]\n    xdp_mode: driver\n";
+    let (ok, err, _) = agent_with(&b, dummies, "run");
+    assert!(!ok && err.contains("attach XDP to d0"), "driver mode on a dummy must not start:\n{err}");
+    let (ok, err, _) = agent_with(&b, &dummies.replace("driver", "skb"), "check");
+    assert!(ok, "skb is the operator's explicit choice: {err}");
 }
