@@ -4,6 +4,13 @@
 /// Benchmark baselines in the same object (empty XDP_PASS / XDP_DROP programs).
 pub const BASELINE_PASS: &str = "mdsec_baseline_pass";
 pub const BASELINE_DROP: &str = "mdsec_baseline_drop";
+/// Benchmark: the datapath / an empty program on a stream of distinct flows
+/// (the flow number written into each frame, see `BENCH_CFG`).
+pub const BENCH_FLOWS: &str = "mdsec_bench_flows";
+pub const BENCH_EMPTY: &str = "mdsec_bench_empty";
+/// Array[1] of `[flows, frame offset]` for the two entries above; per-CPU
+/// `BENCH_I` counts their packets. Never pinned.
+pub const BENCH_CFG: &str = "BENCH_CFG";
 /// Benchmark baseline: redirect every frame to its peer in `PORTS`.
 pub const BASELINE_REDIRECT: &str = "mdsec_baseline_redirect";
 

@@ -174,7 +174,11 @@ fn flow(p: &Packet, now: u64, len: u64, out: &mut Hit) -> Dev {
     }
     let (f, dev) = if p.l3 == L3_IPV4 || (mapped(&p.src) && mapped(&p.dst)) {
         let key = Aligned(FlowKey4::from_mapped(p.ifindex, p.vlan, p.proto, &p.src, &p.dst, (sport, dport)));
-        flow_in(&FLOWS4, flowtable::sets4(), &key, p, now, len)
+        #[cfg(feature = "lru-flows")]
+        let r = flow_lru(&crate::maps::FLOWS4_LRU, &key.0, p, now, len);
+        #[cfg(not(feature = "lru-flows"))]
+        let r = flow_in(&FLOWS4, flowtable::sets4(), &key, p, now, len);
+        r
     } else {
         let key = Aligned(FlowKey {
             ifindex: p.ifindex,
@@ -186,7 +190,11 @@ fn flow(p: &Packet, now: u64, len: u64, out: &mut Hit) -> Dev {
             sport,
             dport,
         });
-        flow_in(&FLOWS, flowtable::sets6(), &key, p, now, len)
+        #[cfg(feature = "lru-flows")]
+        let r = flow_lru(&crate::maps::FLOWS6_LRU, &key.0, p, now, len);
+        #[cfg(not(feature = "lru-flows"))]
+        let r = flow_in(&FLOWS, flowtable::sets6(), &key, p, now, len);
+        r
     };
     *out = f.unwrap_or(Hit::NONE);
     dev
@@ -233,6 +241,35 @@ fn flow_in<K: TableKey>(
         return (Some(h), Dev::Record);
     }
     (Some(h), update_flow(h.value, p, now, len))
+}
+
+/// The LRU-hash build's flow stage (benchmark only): look up, else write the
+/// new flow in this CPU's scratch value and insert a copy of it.
+#[cfg(feature = "lru-flows")]
+#[inline(always)]
+fn flow_lru<K>(
+    map: &aya_ebpf::maps::LruHashMap<K, FlowValue>,
+    key: &K,
+    p: &Packet,
+    now: u64,
+    len: u64,
+) -> (Option<Hit>, Dev) {
+    if let Some(v) = map.get_ptr_mut(key) {
+        return (flowtable::fixed(v), update_flow(v, p, now, len));
+    }
+    let Some(s) = flowtable::scratch() else { return (None, Dev::Count) };
+    // SAFETY: this CPU's scratch value.
+    unsafe { init_flow(s.value, p, now, len) };
+    // SAFETY: the scratch value is initialised; the map copies it.
+    let new = map.insert(key, unsafe { &*s.value }, BPF_NOEXIST as u64).is_ok();
+    match map.get_ptr_mut(key) {
+        Some(v) if new => (flowtable::fixed(v), Dev::Record),
+        Some(v) => (flowtable::fixed(v), update_flow(v, p, now, len)),
+        None => {
+            count(Stat::FlowUpdateFail, len);
+            (Some(s), Dev::Count)
+        }
+    }
 }
 
 /// Writes a new flow's first frame into `v`.

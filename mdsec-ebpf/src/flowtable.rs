@@ -125,6 +125,16 @@ pub fn scratch() -> Option<Hit> {
     unsafe { Some(Hit { value: &raw mut (*s).value, state: &raw mut (*s).state, seen: (*s).state as u64 }) }
 }
 
+/// A flow in the LRU-hash build's map: no slot state to recheck (the kernel's
+/// LRU may recycle an entry under a frame; mdsec's own table can tell).
+#[cfg(feature = "lru-flows")]
+#[inline(always)]
+pub fn fixed(value: *mut FlowValue) -> Option<Hit> {
+    let s = crate::maps::FLOW_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's cell of a live per-CPU map value; its state word never changes.
+    unsafe { Some(Hit { value, state: &raw mut (*s).state, seen: (*s).state as u64 }) }
+}
+
 /// Index and state word of the key's slot in `set`.
 #[inline(always)]
 fn find<K: TableKey>(set: *mut FlowSet<K>, key: &Aligned<K>, want: u32) -> Option<(usize, u32)> {

@@ -88,3 +88,23 @@ pub static EVENT_BUCKET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1
 /// Bump in the wire: ingress ifindex → the peer port's devmap entry.
 #[map(name = "PORTS")]
 pub static PORTS: DevMapHash = DevMapHash::with_max_entries(PORTS_MAX, 0);
+
+/// Benchmark only (see `crate::bench`): `[flows, frame offset of the flow number]`.
+#[map(name = "BENCH_CFG")]
+pub static BENCH_CFG: Array<[u32; 2]> = Array::with_max_entries(1, 0);
+
+/// Benchmark only: packets of the flow stream so far, per CPU.
+#[map(name = "BENCH_I")]
+pub static BENCH_I: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// The LRU-hash build's flow tables (`lru-flows`, benchmark only): the same
+/// keys and values as `FLOWS4` / `FLOWS` in the kernel's own LRU hash.
+#[cfg(feature = "lru-flows")]
+#[map(name = "FLOWS4_LRU")]
+pub static FLOWS4_LRU: LruHashMap<mdsec_common::flow::FlowKey4, mdsec_common::flow::FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_FLOWS_MAX, 0);
+
+#[cfg(feature = "lru-flows")]
+#[map(name = "FLOWS6_LRU")]
+pub static FLOWS6_LRU: LruHashMap<mdsec_common::flow::FlowKey, mdsec_common::flow::FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_FLOWS6_MAX, 0);

@@ -38,6 +38,12 @@ impl TestProg {
     /// Loads `program` of the object (the datapath or a benchmark baseline) with
     /// map sizes overridden by `sizes` (flow tables in slots, as configured).
     pub fn load_with(program: &'static str, sizes: &[(&str, u32)]) -> Result<TestProg> {
+        Self::load_object(EBPF_OBJECT, program, sizes)
+    }
+
+    /// [`TestProg::load_with`] from another build of the object (the bench's
+    /// LRU-hash build).
+    pub fn load_object(object: &[u8], program: &'static str, sizes: &[(&str, u32)]) -> Result<TestProg> {
         let size = |name: &str, default: u32| sizes.iter().find(|(n, _)| *n == name).map_or(default, |s| s.1);
         let geometry = Geometry::new(
             size(names::FLOWS4, names::DEFAULT_FLOWS_MAX),
@@ -50,7 +56,7 @@ impl TestProg {
             loader.map_max_entries(name, *max);
         }
         geometry.configure(&mut loader);
-        let mut ebpf = loader.load(EBPF_OBJECT).context("load object")?;
+        let mut ebpf = loader.load(object).context("load object")?;
         let flows = FlowTables::new(
             reopen(ebpf.map(names::FLOWS4).context("no FLOWS4")?)?,
             reopen(ebpf.map(names::FLOWS).context("no FLOWS")?)?,
@@ -102,6 +108,22 @@ impl TestProg {
         m.insert(ia, ib, None, 0)?;
         m.insert(ib, ia, None, 0)?;
         Ok(())
+    }
+
+    /// Sets the distinct-flow stream of the bench entries: `flows` flows, the
+    /// flow number written at frame offset `offset` (see `mdsec-ebpf`'s bench.rs).
+    pub fn set_flow_stream(&mut self, flows: u32, offset: u32) -> Result<()> {
+        let mut m: aya::maps::Array<_, [u32; 2]> =
+            aya::maps::Array::try_from(self.ebpf.map_mut(names::BENCH_CFG).context("no BENCH_CFG")?)?;
+        m.set(0, [flows, offset], 0)?;
+        Ok(())
+    }
+
+    /// The program's fd, for [`test_run_on`] from several threads at once.
+    pub fn raw_fd(&self) -> Result<std::os::fd::RawFd> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let prog: &Xdp = self.ebpf.program(self.program).unwrap().try_into()?;
+        Ok(prog.fd()?.as_fd().as_raw_fd())
     }
 
     /// Hands a map to its user-side owner (e.g. `PolicyMaps`).
@@ -248,4 +270,22 @@ pub fn with_policy_in(
         .map_err(anyhow::Error::msg)?;
     let generation = maps.apply(&c, event_rate)?;
     Ok((prog, maps, c, generation))
+}
+
+/// BPF_PROG_TEST_RUN of program `fd` on `frame`, `repeat` times, on the calling
+/// thread's CPU: the raw syscall, so two threads can run one program at once
+/// (aya's `test_run` needs the program mutably). Returns the last XDP action.
+pub fn test_run_on(fd: std::os::fd::RawFd, frame: &[u8], repeat: u32) -> Result<u32> {
+    // union bpf_attr, the `test` member: prog_fd, retval, data_size_in,
+    // data_size_out, data_in, data_out, repeat, duration, then zeros.
+    let mut attr = [0u8; 80];
+    attr[0..4].copy_from_slice(&(fd as u32).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(frame.as_ptr() as u64).to_ne_bytes());
+    attr[32..36].copy_from_slice(&repeat.to_ne_bytes());
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    // SAFETY: a valid attr of the stated size; the kernel reads `frame` only.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, attr.as_mut_ptr(), attr.len() as u32) };
+    anyhow::ensure!(rc == 0, "BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
+    Ok(u32::from_ne_bytes(attr[4..8].try_into().unwrap()))
 }

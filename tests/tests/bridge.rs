@@ -644,6 +644,7 @@ fn a_bad_bridge_is_refused_at_check_and_at_start_at_its_position() {
     let dummies = "bridges:\n  - name: lab\n    ports: [d0, d1]\n    xdp_mode: driver\n";
     let (ok, err, _) = agent_with(&b, dummies, "run");
     assert!(!ok && err.contains("attach XDP to d0"), "driver mode on a dummy must not start:\n{err}");
-    let (ok, err, _) = agent_with(&b, &dummies.replace("driver", "skb"), "check");
+    let (ok, err, path) = agent_with(&b, &dummies.replace("driver", "skb"), "check");
     assert!(ok, "skb is the operator's explicit choice: {err}");
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }

@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use mdsec_common::{flow::FlowKey, maps as names, net::v4_mapped, stats::Stat};
 use mdsec_tests::{
     frames::{self, V4},
-    kernel::{TestProg, XDP_DROP, XDP_PASS, with_policy_sized},
+    kernel::{TestProg, XDP_DROP, XDP_PASS, test_run_on, with_policy_sized},
 };
 
 const DST: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -172,4 +172,59 @@ fn a_frame_whose_flow_gets_no_slot_is_still_judged() {
     assert_eq!(p.run(&pump(9)).unwrap(), XDP_DROP);
     assert_eq!(p.flow(&k).unwrap().unwrap().packets, 1);
     assert_eq!(p.stat(Stat::FlowUpdateFail).unwrap(), 1);
+}
+
+/// Both CPUs run the same stream of distinct flows at once (the bench entry
+/// `mdsec_bench_flows`: every packet another flow), so they insert the same
+/// new keys into the same sets at the same moment; then a stream eight times
+/// the table, so they also evict at once. Every frame is judged and counted
+/// once, and every packet of a flow that stays is on that flow.
+#[test]
+fn both_cpus_inserting_and_evicting_at_once_keep_the_counts_exact() {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("skipped: needs two CPUs");
+        return;
+    }
+    let f = udp(7000, 53);
+    // The flow number goes into the low 32 bits of the source address.
+    const SRC_LOW: u32 = 14 + 12;
+    for (slots, flows, rounds) in [(4096u32, 2048u32, 40u32), (1024, 8192, 4)] {
+        let mut p =
+            TestProg::load_with(names::BENCH_FLOWS, &[(names::FLOWS4, slots), (names::FLOWS, 64)]).unwrap();
+        p.set_flow_stream(flows, SRC_LOW).unwrap();
+        let fd = p.raw_fd().unwrap();
+        let per_cpu = flows * rounds;
+        let runs: Vec<_> = (0..2)
+            .map(|cpu| {
+                let f = f.clone();
+                std::thread::spawn(move || on_cpu(cpu, || test_run_on(fd, &f, per_cpu).unwrap()))
+            })
+            .collect();
+        for r in runs {
+            assert_eq!(r.join().unwrap(), XDP_PASS);
+        }
+        let frames = 2 * per_cpu as u64;
+        let (pass, failed, evicted) = (
+            p.stat(Stat::Pass).unwrap(),
+            p.stat(Stat::FlowUpdateFail).unwrap(),
+            p.stat(Stat::FlowEvicted).unwrap(),
+        );
+        assert_eq!((pass, p.stat(Stat::Drop).unwrap()), (frames, 0), "{slots} slots, {flows} flows");
+        let live = p.flows().unwrap();
+        let on_flows: u64 = live.iter().map(|(_, v)| v.packets).sum();
+        if flows <= slots / 2 {
+            // No eviction: every frame is on its flow, or judged through the
+            // stand-in flow when its set's insert lock was held (counted).
+            assert_eq!(evicted, 0);
+            assert_eq!(live.len() as u32, flows);
+            assert_eq!(on_flows + failed, frames, "{failed} frames without a slot");
+            assert!(live.iter().all(|(_, v)| v.packets <= 2 * rounds as u64));
+        } else {
+            // Eviction at both CPUs: the table stays within its slots and every
+            // flow it no longer holds was an eviction it counted.
+            assert!(live.len() as u32 <= slots);
+            assert!(evicted >= (flows - slots) as u64, "{evicted} evictions");
+            assert!(on_flows <= frames);
+        }
+    }
 }

@@ -164,7 +164,11 @@ fn real_main() -> Result<()> {
             setup_with(BENCH_PACKAGES)?;
             require_root("the benchmarks load XDP programs")?;
             cargo(&["build", "--release", "-p", "mdsec-tests", "--bin", "mdsec-bench"])?;
-            run(Command::new(root.join("target/release/mdsec-bench")).args(&args))
+            let mut bench = Command::new(root.join("target/release/mdsec-bench"));
+            if args.is_empty() || args.iter().any(|a| a == "curve") {
+                bench.env("MDSEC_LRU_OBJECT", lru_object(&root)?);
+            }
+            run(bench.args(&args))
         }
         Cmd::Fuzz { target, secs } => {
             setup()?;
@@ -322,6 +326,16 @@ const TOOLCHAIN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src", 
 /// What `cargo xtask bench` compares against: xdp-filter and bpftool (per-packet
 /// cost), trafgen (the flood), nftables and iptables (the other drop points).
 const BENCH_PACKAGES: &[&str] = &["xdp-tools", "bpftool", "netsniff-ng", "nftables", "iptables"];
+
+/// The datapath built with the kernel's LRU hash as its flow table (the cost
+/// curve's comparison; never shipped): a second eBPF build, benches only.
+fn lru_object(root: &std::path::Path) -> Result<std::path::PathBuf> {
+    let tc = toolchain::detect().context("no eBPF toolchain (run `cargo xtask setup`)")?;
+    let target = root.join("target/ebpf-lru");
+    let mut cmd = toolchain::ebpf_build_command(&tc, &root.join("mdsec-ebpf"), &target);
+    run(cmd.args(["--features", "lru-flows"]))?;
+    Ok(target.join("bpfel-unknown-none/release/mdsec"))
+}
 
 fn setup() -> Result<()> {
     setup_with(&[])

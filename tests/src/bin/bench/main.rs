@@ -22,6 +22,7 @@ use mdsec_agent::{
 };
 use mdsec_tests::kernel::TestProg;
 
+mod curve;
 mod differential;
 mod forwarding;
 mod perpacket;
@@ -79,7 +80,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 fn main() -> Result<()> {
     let which: Vec<String> = std::env::args().skip(1).collect();
-    let all = ["packet", "throughput", "forwarding", "scale", "policy", "differential"];
+    let all = ["packet", "curve", "throughput", "forwarding", "scale", "policy", "differential"];
     for w in &which {
         if !all.contains(&w.as_str()) {
             anyhow::bail!("unknown benchmark {w} (one of: {})", all.join(", "));
@@ -88,6 +89,9 @@ fn main() -> Result<()> {
     let want = |n: &str| which.is_empty() || which.iter().any(|w| w == n);
     if want("packet") {
         perpacket::run()?;
+    }
+    if want("curve") {
+        curve::run()?;
     }
     if want("throughput") {
         throughput::run()?;
