@@ -172,6 +172,9 @@ fn a_bump_enforces_monitors_and_counts_each_direction_once_on_its_ingress_port()
         ]
     );
 
+    // The preflight knows the veth driver (ETHTOOL_GDRVINFO: veth has no sysfs driver link).
+    assert!(a.log().contains("interface ward: driver veth has native XDP"), "{}", a.log());
+
     // The exception, while it lasts.
     let n = send(pump, 5004, ws, 7100, 10, b"maintenance");
     assert_eq!(n, 10, "{:#?}\n{}", a.flows().unwrap(), a.log());

@@ -452,6 +452,40 @@ const NATIVE_XDP: &[&str] = &[
 /// 4096-byte page less the headroom (256) and the shared info (320).
 const XDP_MAX_MTU: u32 = 4096 - 256 - 320 - 14 - 8;
 
+/// The driver name `ethtool -i` shows (ETHTOOL_GDRVINFO), for devices sysfs
+/// gives no driver link for.
+fn ethtool_driver(ifname: &str) -> Option<String> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    // struct ethtool_drvinfo: cmd, then driver[32], version[32], … (196 bytes).
+    let mut info = [0u8; 196];
+    info[..4].copy_from_slice(&ETHTOOL_GDRVINFO.to_ne_bytes());
+    // struct ifreq: the name, then (in the union) a pointer to the request.
+    let mut ifr = [0u8; 40];
+    let name = ifname.as_bytes();
+    if name.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    ifr[..name.len()].copy_from_slice(name);
+    ifr[16..24].copy_from_slice(&(info.as_mut_ptr() as usize as u64).to_ne_bytes());
+    // SAFETY: a datagram socket for the ioctl, closed below; the buffers outlive the call.
+    let rc = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let rc = libc::ioctl(fd, SIOCETHTOOL as _, ifr.as_mut_ptr());
+        libc::close(fd);
+        rc
+    };
+    if rc != 0 {
+        return None;
+    }
+    let d = &info[4..36];
+    let end = d.iter().position(|&b| b == 0).unwrap_or(d.len());
+    (end > 0).then(|| String::from_utf8_lossy(&d[..end]).into_owned())
+}
+
 fn interface(i: &Port) -> Vec<Check> {
     let sys = Path::new("/sys/class/net").join(&i.name);
     if !sys.exists() {
@@ -477,8 +511,10 @@ fn interface(i: &Port) -> Vec<Check> {
     let driver = std::fs::read_link(sys.join("device/driver"))
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
+        // Virtual devices have no `device`: ask the driver itself (veth has no
+        // DEVTYPE in uevent), then fall back to the kind uevent names (bond …).
+        .or_else(|| ethtool_driver(&i.name))
         .or_else(|| {
-            // Virtual devices have no `device`: the kind from uevent (veth, bond …).
             let ue = std::fs::read_to_string(sys.join("uevent")).ok()?;
             ue.lines().find_map(|l| l.strip_prefix("DEVTYPE=").map(String::from))
         });
