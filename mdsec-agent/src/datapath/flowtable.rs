@@ -123,6 +123,23 @@ impl<K: TableKey> FlowTable<K> {
         Ok(FlowTable { base: p as *mut FlowSet<K>, sets, seed, len, _map: data, _k: PhantomData })
     }
 
+    /// Live flows, and how many of them sit in their second candidate set
+    /// (a lookup of those reads two set headers before the slot).
+    pub fn placement(&self) -> (usize, usize)
+    where
+        K: TableKey,
+    {
+        let (mut live, mut second) = (0, 0);
+        self.for_each(|slot, k, _| {
+            live += 1;
+            let at = place(k.hash(self.seed), self.sets);
+            if (slot / WAYS) as u32 != at.first {
+                second += 1;
+            }
+        });
+        (live, second)
+    }
+
     /// Slots in the table.
     pub fn capacity(&self) -> usize {
         self.sets as usize * WAYS
