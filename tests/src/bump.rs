@@ -100,26 +100,7 @@ impl Bump {
             ports.push(EXTRA_PORT);
         }
         if kernel_bridge {
-            ip(&[
-                "-n",
-                &gw,
-                "link",
-                "add",
-                KERNEL_BRIDGE,
-                "type",
-                "bridge",
-                "stp_state",
-                "0",
-                "group_fwd_mask",
-                "0x4008",
-            ])?;
-            for p in &ports {
-                ip(&["-n", &gw, "link", "set", p, "master", KERNEL_BRIDGE])?;
-            }
-            for k in ports.iter().copied().chain([KERNEL_BRIDGE]) {
-                sysctl(&gw, &format!("net.ipv4.conf.{k}.arp_ignore=1"))?;
-            }
-            ip(&["-n", &gw, "link", "set", KERNEL_BRIDGE, "up"])?;
+            crate::netns::carrier_bridge(&gw, KERNEL_BRIDGE, &ports)?;
         }
         for p in &ports {
             ip(&["-n", &gw, "link", "set", p, "up"])?;

@@ -189,6 +189,45 @@ impl RawSender {
     }
 }
 
+/// A non-blocking AF_PACKET socket for every frame of `ifname` (in the calling
+/// thread's namespace), with a 16 MiB receive buffer.
+pub fn packet_socket(ifname: &str) -> Result<OwnedFd> {
+    let c = CString::new(ifname)?;
+    // SAFETY: plain syscalls; the fd is owned right away.
+    unsafe {
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        let fd = libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            proto as i32,
+        );
+        if fd < 0 {
+            bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+        }
+        let fd = OwnedFd::from_raw_fd(fd);
+        let mut sa: libc::sockaddr_ll = std::mem::zeroed();
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_protocol = proto;
+        sa.sll_ifindex = libc::if_nametoindex(c.as_ptr()) as i32;
+        if sa.sll_ifindex == 0 {
+            bail!("no interface {ifname}");
+        }
+        let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+        if libc::bind(fd.as_raw_fd(), (&sa as *const libc::sockaddr_ll).cast(), len) != 0 {
+            bail!("bind to {ifname}: {}", std::io::Error::last_os_error());
+        }
+        let size: libc::c_int = 16 << 20;
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            4,
+        );
+        Ok(fd)
+    }
+}
+
 /// Every frame arriving on an interface (outgoing ones skipped), as it was on
 /// the wire: a VLAN tag the kernel moved into packet metadata is put back.
 pub struct Capture {
@@ -199,52 +238,19 @@ impl Capture {
     pub fn open(ns: &str, ifname: &str) -> Result<Capture> {
         let ifname = ifname.to_string();
         in_netns(ns, move || -> Result<Capture> {
-            let c = CString::new(ifname.clone())?;
-            // SAFETY: plain syscalls; the fd is owned right away.
+            let fd = packet_socket(&ifname)?;
+            let one: libc::c_int = 1;
+            // SAFETY: a socket option on a descriptor we own.
             unsafe {
-                let proto = (libc::ETH_P_ALL as u16).to_be();
-                let fd = libc::socket(
-                    libc::AF_PACKET,
-                    libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                    proto as i32,
-                );
-                if fd < 0 {
-                    bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
-                }
-                let fd = OwnedFd::from_raw_fd(fd);
-                let one: libc::c_int = 1;
                 libc::setsockopt(
                     fd.as_raw_fd(),
                     libc::SOL_PACKET,
                     libc::PACKET_AUXDATA,
                     (&one as *const libc::c_int).cast(),
                     4,
-                );
-                let mut sa: libc::sockaddr_ll = std::mem::zeroed();
-                sa.sll_family = libc::AF_PACKET as u16;
-                sa.sll_protocol = proto;
-                sa.sll_ifindex = libc::if_nametoindex(c.as_ptr()) as i32;
-                if sa.sll_ifindex == 0 {
-                    bail!("no interface {ifname}");
-                }
-                if libc::bind(
-                    fd.as_raw_fd(),
-                    (&sa as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                ) != 0
-                {
-                    bail!("bind: {}", std::io::Error::last_os_error());
-                }
-                let size: libc::c_int = 16 << 20;
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVBUFFORCE,
-                    (&size as *const libc::c_int).cast(),
-                    4,
-                );
-                Ok(Capture { fd })
-            }
+                )
+            };
+            Ok(Capture { fd })
         })?
     }
 

@@ -188,29 +188,9 @@ impl Hospital {
             "link", "add", "name", BUMP_WARD, "netns", gw, "type", "veth", "peer", "name", "uplink", "netns",
             sw,
         ])?;
-        ip(&[
-            "-n",
-            gw,
-            "link",
-            "add",
-            "br-pumps",
-            "type",
-            "bridge",
-            "stp_state",
-            "0",
-            "group_fwd_mask",
-            "0x4008",
-        ])?;
         // Silent: no IPv6 of its own, and no ARP answers for the gateway's
         // addresses from the bridge (the ward would learn the wrong MAC).
-        for k in ["br-pumps", BUMP_CORE, BUMP_WARD] {
-            ip(&["netns", "exec", gw, "sysctl", "-qw", &format!("net.ipv6.conf.{k}.disable_ipv6=1")])?;
-            ip(&["netns", "exec", gw, "sysctl", "-qw", &format!("net.ipv4.conf.{k}.arp_ignore=1")])?;
-        }
-        for p in [BUMP_CORE, BUMP_WARD] {
-            ip(&["-n", gw, "link", "set", p, "master", "br-pumps", "up"])?;
-        }
-        ip(&["-n", gw, "link", "set", "br-pumps", "up"])?;
+        crate::netns::carrier_bridge(gw, "br-pumps", &[BUMP_CORE, BUMP_WARD])?;
         // The router's own frames (DHCP replies) need finished checksums.
         ethtool(gw, &["-K", router, "tx", "off"])?;
         Ok(())

@@ -92,6 +92,24 @@ impl Host {
     }
 }
 
+/// A Linux bridge `name` in `ns` over `ports`, set up as docs/BRIDGE.md says
+/// for a bump's fail-open carrier: STP off, 802.1X and LLDP forwarded, no IPv6
+/// of its own, and no ARP answers for the namespace's addresses from the
+/// bridge or its ports. Ports and bridge are left up.
+pub fn carrier_bridge(ns: &str, name: &str, ports: &[&str]) -> Result<()> {
+    ip(&["-n", ns, "link", "add", name, "type", "bridge", "stp_state", "0", "group_fwd_mask", "0x4008"])?;
+    for k in std::iter::once(name).chain(ports.iter().copied()) {
+        for kv in [format!("net.ipv6.conf.{k}.disable_ipv6=1"), format!("net.ipv4.conf.{k}.arp_ignore=1")] {
+            ip(&["netns", "exec", ns, "sysctl", "-qw", &kv])?;
+        }
+    }
+    for p in ports {
+        ip(&["-n", ns, "link", "set", p, "master", name, "up"])?;
+    }
+    ip(&["-n", ns, "link", "set", name, "up"])?;
+    Ok(())
+}
+
 pub fn link_mac(ns: &str, ifname: &str) -> Result<[u8; 6]> {
     let out = ip(&["-n", ns, "-br", "link", "show", "dev", ifname])?;
     let text = String::from_utf8_lossy(&out.stdout);

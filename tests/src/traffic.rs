@@ -2,9 +2,8 @@
 //! wire: an AF_PACKET tap on the sending interface that sees every outgoing frame.
 
 use std::{
-    ffi::CString,
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
     time::Duration,
 };
 
@@ -111,43 +110,7 @@ pub struct Tally {
 
 impl Tap {
     pub fn open(h: &Host) -> Result<Tap> {
-        in_netns(&h.ns, || -> Result<Tap> {
-            // SAFETY: plain syscalls; the fd is owned right away.
-            unsafe {
-                let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
-                let fd = libc::socket(
-                    libc::AF_PACKET,
-                    libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                    proto,
-                );
-                if fd < 0 {
-                    bail!("tap socket: {}", std::io::Error::last_os_error());
-                }
-                let fd = OwnedFd::from_raw_fd(fd);
-                let name = CString::new("eth0")?;
-                let mut sa: libc::sockaddr_ll = std::mem::zeroed();
-                sa.sll_family = libc::AF_PACKET as u16;
-                sa.sll_protocol = proto as u16;
-                sa.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
-                let rc = libc::bind(
-                    fd.as_raw_fd(),
-                    (&sa as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                );
-                if rc != 0 {
-                    bail!("tap bind: {}", std::io::Error::last_os_error());
-                }
-                let size: libc::c_int = 16 << 20;
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVBUFFORCE,
-                    (&size as *const libc::c_int).cast(),
-                    4,
-                );
-                Ok(Tap { fd })
-            }
-        })?
+        in_netns(&h.ns, || -> Result<Tap> { Ok(Tap { fd: crate::frames::packet_socket("eth0")? }) })?
     }
 
     /// Drains the tap and tallies outgoing IPv4 frames of the given TCP/UDP tuple.

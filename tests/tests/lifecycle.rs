@@ -92,6 +92,13 @@ fn keep_on_exit_hands_over_without_losing_counts() {
         .unwrap();
     assert!(st.success());
     std::fs::remove_file(&cfg).unwrap();
+    // The kernel releases a link whose last pin is gone from a work queue
+    // (`detach` waits for it where it can see the interfaces; here they are
+    // in another namespace).
+    let t0 = std::time::Instant::now();
+    while xdp_attached(&topo.gw, &h1.gw_if) && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(!xdp_attached(&topo.gw, &h1.gw_if), "detach left XDP attached");
     // bpffs comes with maps.debug and progs.debug of its own.
     let left: Vec<_> =
