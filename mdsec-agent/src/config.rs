@@ -17,6 +17,11 @@ pub use crate::{
     surfaces::export::{EventsConfig, SyslogConfig, SyslogTarget, facility_code},
 };
 
+/// A name the kernel could give an interface.
+fn valid_ifname(n: &str) -> bool {
+    !n.is_empty() && n.len() < libc::IFNAMSIZ && !n.contains('/')
+}
+
 /// Largest config file accepted; a config is a few kilobytes.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
@@ -87,8 +92,9 @@ pub struct Config {
     /// Snapshots for the evidence report.
     #[serde(default)]
     pub evidence: crate::evidence::EvidenceConfig,
-    /// Found by [`Config::load`]: warnings for `check`, reasons for `run` to
-    /// refuse to start (a certificate that expired or is not valid yet).
+    /// Found by [`Config::load`] (a certificate that expired or is not valid
+    /// yet: warnings for `check`) and [`Config::check_host`] (a bridge this
+    /// host cannot carry: errors): reasons for `run` to refuse to start.
     #[serde(skip)]
     pub start_blockers: Vec<Diagnostic>,
 }
@@ -243,11 +249,19 @@ impl Config {
                 Err(e) => return Err(located(e.field, e.message, false)),
             }
         }
-        if !cfg.bridges.is_empty() {
-            let tree = Tree::parse(text);
-            cfg.start_blockers.extend(cfg.bridge_problems(path, tree.as_ref()));
-        }
         Ok(cfg)
+    }
+
+    /// Adds what this host says against the config (its bridges) to
+    /// `start_blockers`. Only `check` and `run` ask: the other commands read
+    /// the config for its paths and addresses, often from another namespace.
+    pub fn check_host(&mut self, path: &Path) {
+        if self.bridges.is_empty() {
+            return;
+        }
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let problems = self.bridge_problems(path, Tree::parse(&text).as_ref());
+        self.start_blockers.extend(problems);
     }
 
     /// What this host says against the configured bridges (see
@@ -291,7 +305,6 @@ impl Config {
                 "`interfaces` or `bridges` must name at least one interface".into(),
             ));
         }
-        let valid_ifname = |n: &str| !n.is_empty() && n.len() < libc::IFNAMSIZ && !n.contains('/');
         let mut seen = HashSet::new();
         for (n, i) in self.interfaces.iter().enumerate() {
             let here = [Step::Key("interfaces"), n.into(), "name".into()];
@@ -302,7 +315,7 @@ impl Config {
                 return Err(at(&here, format!("interface `{}` is listed twice", i.name)));
             }
         }
-        self.validate_bridges(&at, &valid_ifname)?;
+        self.validate_bridges(&at)?;
         for (name, v) in [
             ("flows", self.maps.flows),
             ("flows_ipv6", self.maps.flows_ipv6),
@@ -430,11 +443,7 @@ impl Config {
     }
 
     /// Bridges are checked after the interfaces: a port may be in one place only.
-    fn validate_bridges(
-        &self,
-        at: &dyn Fn(&[Step], String) -> Diagnostic,
-        valid_ifname: &dyn Fn(&str) -> bool,
-    ) -> Result<(), Diagnostic> {
+    fn validate_bridges(&self, at: &dyn Fn(&[Step], String) -> Diagnostic) -> Result<(), Diagnostic> {
         let routed: std::collections::HashMap<&str, usize> =
             self.interfaces.iter().enumerate().map(|(n, i)| (i.name.as_str(), n)).collect();
         let mut names = HashSet::new();

@@ -231,7 +231,10 @@ pub async fn run(cfg: Config) -> Result<()> {
     match cfg.on_exit {
         OnExit::Detach => {
             info!("{why}: detaching XDP and removing pins");
-            dp.detach_and_unpin()?;
+            let still = dp.detach_and_unpin()?;
+            if !still.is_empty() {
+                warn!("XDP still attached after 5 s on {} (another program or pin)", still.join(", "));
+            }
         }
         OnExit::Keep => info!("{why}: leaving the datapath attached (on_exit: keep)"),
     }

@@ -10,10 +10,11 @@ use crate::{base::diag::Diagnostic, datapath::loader};
 
 /// Attaches the datapath and serves until SIGTERM/SIGINT.
 pub fn run(config: &Path) -> Result<ExitCode> {
-    let cfg = match load_config(config) {
+    let mut cfg = match load_config(config) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
+    cfg.check_host(config);
     if !cfg.start_blockers.is_empty() {
         // Warnings for `check`; the agent does not start serving with them.
         return Ok(print_diags(
@@ -30,10 +31,11 @@ pub fn run(config: &Path) -> Result<ExitCode> {
 
 /// Validates the config, its policy directory and its register.
 pub fn check(config: &Path) -> Result<ExitCode> {
-    let cfg = match load_config(config) {
+    let mut cfg = match load_config(config) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
+    cfg.check_host(config);
     for w in &cfg.start_blockers {
         eprintln!("{w} (`run` refuses to start with it)");
     }
@@ -92,35 +94,11 @@ pub fn detach(config: &Path) -> Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    loader::remove_pins(&loader::layout_dir(&cfg.pin_dir))?;
+    let still = loader::remove_pins(&loader::layout_dir(&cfg.pin_dir))?;
     println!("removed pins under {}", cfg.pin_dir.display());
-    // The kernel releases a link whose last pin is gone from a work queue:
-    // report when it has, so "detached" means detached.
-    let mut still = Vec::new();
-    for p in cfg.ports() {
-        let Ok(c) = std::ffi::CString::new(p.name.as_str()) else { continue };
-        // SAFETY: a NUL-terminated name.
-        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
-        if ifindex == 0 {
-            continue;
-        }
-        let t0 = std::time::Instant::now();
-        let attached = || {
-            crate::datapath::netlink::xdp_attached_mode(ifindex)
-                .is_ok_and(|m| m != crate::datapath::netlink::XdpAttached::None)
-        };
-        while attached() && t0.elapsed() < std::time::Duration::from_secs(5) {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        if attached() {
-            still.push(p.name);
-        } else {
-            println!("{}: XDP detached", p.name);
-        }
-    }
     if !still.is_empty() {
         eprintln!(
-            "still attached after 5 s: {} (another pin or process holds the link, or another program)",
+            "XDP still attached after 5 s on {} (another pin or process holds the link, or another program)",
             still.join(", ")
         );
         return Ok(ExitCode::FAILURE);

@@ -181,8 +181,9 @@ impl Datapath {
         self.attached.iter().map(|a| (a.ifindex, a.name.clone())).collect()
     }
 
-    /// Detach from every interface and remove all pins of this layout.
-    pub fn detach_and_unpin(self) -> Result<()> {
+    /// Detach from every interface and remove all pins of this layout; the
+    /// interfaces XDP stayed on (see [`remove_pins`]).
+    pub fn detach_and_unpin(self) -> Result<Vec<String>> {
         let root = self.root.clone();
         drop(self);
         remove_pins(&root)
@@ -258,8 +259,15 @@ fn ifindex_of(name: &str) -> Result<u32> {
     Ok(ifindex)
 }
 
-/// Removes pinned links (which detaches XDP once nothing else holds them) and maps.
-pub fn remove_pins(root: &Path) -> Result<()> {
+/// Removes pinned links (which detaches XDP once nothing else holds them) and
+/// maps. The kernel releases a link whose last pin is gone from a work queue,
+/// so this waits (up to 5 s each) until the interfaces the link pins are named
+/// after have no XDP any more; it returns those that still have (interfaces
+/// not in this network namespace are not waited for).
+pub fn remove_pins(root: &Path) -> Result<Vec<String>> {
+    let links: Vec<String> = fs::read_dir(root.join("links"))
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
     for sub in ["links", "maps"] {
         let dir = root.join(sub);
         let Ok(rd) = fs::read_dir(&dir) else { continue };
@@ -273,7 +281,20 @@ pub fn remove_pins(root: &Path) -> Result<()> {
         // Only succeeds when empty, i.e. no other layout version is pinned.
         let _ = fs::remove_dir(parent);
     }
-    Ok(())
+    let attached =
+        |ifindex| netlink::xdp_attached_mode(ifindex).is_ok_and(|m| m != netlink::XdpAttached::None);
+    let mut still = Vec::new();
+    for name in links {
+        let Ok(ifindex) = ifindex_of(&name) else { continue };
+        let t0 = std::time::Instant::now();
+        while attached(ifindex) && t0.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if attached(ifindex) {
+            still.push(name);
+        }
+    }
+    Ok(still)
 }
 
 /// Attaches `prog` to `ifname`, reusing a pinned link when there is one.
