@@ -37,7 +37,7 @@ use crate::maps::PORTS;
 /// kernel bridge).
 #[xdp]
 pub fn mdsec_xdp(ctx: XdpContext) -> u32 {
-    judge(&ctx)
+    judge(&ctx, frame_len(&ctx))
 }
 
 /// A port of a two-port bump in the wire: the same judgement as [`mdsec_xdp`],
@@ -47,11 +47,11 @@ pub fn mdsec_xdp(ctx: XdpContext) -> u32 {
 /// bump still carries traffic (fail-open).
 #[xdp]
 pub fn mdsec_bridge(ctx: XdpContext) -> u32 {
-    let action = judge(&ctx);
+    let len = frame_len(&ctx);
+    let action = judge(&ctx, len);
     if action == xdp_action::XDP_DROP {
         return action;
     }
-    let len = (ctx.data_end() - ctx.data()) as u64;
     let a = match PORTS.redirect(ctx.ingress_ifindex() as u32, xdp_action::XDP_PASS as u64) {
         Ok(a) | Err(a) => a,
     };
@@ -59,10 +59,15 @@ pub fn mdsec_bridge(ctx: XdpContext) -> u32 {
     a
 }
 
-/// Parse, account, classify and decide one frame: `XDP_DROP` or `XDP_PASS`.
 #[inline(always)]
-fn judge(ctx: &XdpContext) -> u32 {
-    let len = (ctx.data_end() - ctx.data()) as u64;
+fn frame_len(ctx: &XdpContext) -> u64 {
+    (ctx.data_end() - ctx.data()) as u64
+}
+
+/// Parse, account, classify and decide one frame of `len` bytes: `XDP_DROP`
+/// or `XDP_PASS`.
+#[inline(always)]
+fn judge(ctx: &XdpContext, len: u64) -> u32 {
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
 
@@ -115,7 +120,7 @@ pub fn mdsec_baseline_redirect(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn mdsec_bench_flows(ctx: XdpContext) -> u32 {
     bench::next_flow(&ctx);
-    judge(&ctx)
+    judge(&ctx, frame_len(&ctx))
 }
 
 /// Benchmark baseline of [`mdsec_bench_flows`]: the same rewrite, then pass.
