@@ -7,10 +7,7 @@
 //! core host `i` is `10.20.0.2<i>`. IPv6 is off everywhere: the counts are the
 //! test's own frames and ARP. Dropping it deletes every namespace.
 
-use std::{
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
-    process::Command,
-};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 
 use anyhow::Result;
 
@@ -62,13 +59,6 @@ fn sysctl(ns: &str, kv: &str) -> Result<()> {
     Ok(())
 }
 
-/// Native XDP_REDIRECT into a veth needs NAPI on its peer, which GRO enables
-/// (a physical NIC's driver has its own transmit rings).
-fn gro_on(ns: &str, dev: &str) -> Result<()> {
-    crate::netns::run(Command::new("ip").args(["netns", "exec", ns, "ethtool", "-K", dev, "gro", "on"]))?;
-    Ok(())
-}
-
 impl Bump {
     /// `kernel_bridge`: enslave both ports to `br0` (STP off, 802.1X and LLDP
     /// forwarded, no address), as docs/BRIDGE.md sets a bridge up for
@@ -105,10 +95,8 @@ impl Bump {
         for p in &ports {
             ip(&["-n", &gw, "link", "set", p, "up"])?;
         }
-        // Once everything is up: set on a veth that is down, GRO does not make
-        // its peer a redirect target (seen on 6.18).
         for (ns, dev) in &b.peers {
-            gro_on(ns, dev)?;
+            crate::netns::redirect_target(ns, dev)?;
         }
         Ok(b)
     }
@@ -159,9 +147,7 @@ impl Bump {
             // A wire carries finished checksums. A veth sender leaves them to
             // "hardware" (CHECKSUM_PARTIAL), which a native XDP redirect does
             // not carry along: the far host would drop every TCP/UDP segment.
-            crate::netns::run(
-                Command::new("ip").args(["netns", "exec", &ns, "ethtool", "-K", "eth0", "tx", "off"]),
-            )?;
+            crate::netns::ethtool(&ns, &["-K", "eth0", "tx", "off"])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ends.push(End { mac: link_mac(&ns, "eth0")?, ns, ip: addr });
         }

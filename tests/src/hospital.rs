@@ -16,7 +16,7 @@ use std::net::Ipv4Addr;
 
 use anyhow::Result;
 
-use crate::netns::{ip, link_mac};
+use crate::netns::{ethtool, ip, link_mac};
 
 /// LAN name, second octet of its 10.X.0.0/24.
 pub const LANS: &[(&str, u8)] =
@@ -27,12 +27,6 @@ pub const LANS: &[(&str, u8)] =
 pub const BUMPED: &str = "pumps";
 pub const BUMP_WARD: &str = "bump-ward";
 pub const BUMP_CORE: &str = "bump-core";
-
-/// Runs `ethtool ARGS` in `ns`.
-fn ethtool(ns: &str, args: &[&str]) -> Result<()> {
-    crate::netns::run(std::process::Command::new("ip").args(["netns", "exec", ns, "ethtool"]).args(args))?;
-    Ok(())
-}
 
 /// One device of the hospital.
 #[derive(Debug, Clone, Copy)]
@@ -144,11 +138,9 @@ impl Hospital {
             ip(&["-n", &gw, "addr", "add", &format!("10.{octet}.0.1/24"), "dev", &gif])?;
             ip(&["-n", &gw, "link", "set", &gif, "up"])?;
             if lan == BUMPED {
-                // The redirect's receiving ends need NAPI, which GRO turns on.
-                // Only once they are up: set on a veth that is down, GRO does
-                // not make its peer a redirect target (seen on 6.18).
-                ethtool(&gw, &["-K", &gif, "gro", "on"])?;
-                ethtool(&sw, &["-K", "uplink", "gro", "on"])?;
+                // The bump's two redirect targets, now that both are up.
+                crate::netns::redirect_target(&gw, &gif)?;
+                crate::netns::redirect_target(&sw, "uplink")?;
             }
         }
         for d in DEVICES {

@@ -92,6 +92,20 @@ impl Host {
     }
 }
 
+/// Lets a native XDP_REDIRECT deliver into the veth whose peer is `dev` (in
+/// `ns`): that needs NAPI on `dev`, which GRO turns on (a physical NIC's driver
+/// has its own transmit rings). Call once `dev` and its peer are up: set on a
+/// veth that is down, GRO does not make the peer a redirect target (6.18).
+pub fn redirect_target(ns: &str, dev: &str) -> Result<()> {
+    ethtool(ns, &["-K", dev, "gro", "on"])
+}
+
+/// `ethtool ARGS` in namespace `ns`.
+pub fn ethtool(ns: &str, args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(["netns", "exec", ns, "ethtool"]).args(args))?;
+    Ok(())
+}
+
 /// A Linux bridge `name` in `ns` over `ports`, set up as docs/BRIDGE.md says
 /// for a bump's fail-open carrier: STP off, 802.1X and LLDP forwarded, no IPv6
 /// of its own, and no ARP answers for the namespace's addresses from the

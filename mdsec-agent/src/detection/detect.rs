@@ -463,26 +463,15 @@ pub(crate) fn event(kind: &str, severity: &str, k: &FlowKey, app: u8, m: &End, n
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-
     use super::*;
-    use crate::policy::model::{DefaultVerdict, Member, Mode, Segment};
+    use crate::policy::model::Member;
 
     #[test]
     fn a_routers_mac_does_not_take_the_addresses_it_forwards_for_into_its_segment() {
-        let policy = Policy {
-            zones: vec![],
-            rules: vec![],
-            segments: vec![Segment {
-                name: "pumps".into(),
-                function: "infusion-pump".into(),
-                mode: Mode::Monitor,
-                default: DefaultVerdict::Deny,
-                members: vec![Member::Net { net: "10.10.0.0/24".parse().unwrap(), vlan: None }],
-                file: PathBuf::from("pumps.yaml"),
-                learning_period: std::time::Duration::ZERO,
-            }],
-        };
+        let policy = Policy::pumps(
+            vec![Member::Net { net: "10.10.0.0/24".parse().unwrap(), vlan: None }],
+            Default::default(),
+        );
         let device = |mac: &str, seg: Option<&str>, ips: &[&str]| {
             let mut d = Device::new("bump-core".into(), 0, mac.parse().unwrap());
             d.ips = ips.iter().map(|i| i.parse().unwrap()).collect();

@@ -79,28 +79,18 @@ pub fn check(
 
 #[cfg(test)]
 mod tests {
-    use std::{path::PathBuf, time::Duration};
+    use std::time::Duration;
 
     use super::*;
-    use crate::policy::model::{DefaultVerdict, Mode};
 
     fn policy(learning: Duration) -> Policy {
-        Policy {
-            zones: vec![],
-            rules: vec![],
-            segments: vec![Segment {
-                name: "pumps".into(),
-                function: "infusion-pump".into(),
-                mode: Mode::Monitor,
-                default: DefaultVerdict::Deny,
-                members: vec![
-                    Member::Net { net: "10.0.1.0/24".parse().unwrap(), vlan: None },
-                    Member::Mac { mac: [0x58, 0x46, 0xe1, 0, 0, 7], vlan: None },
-                ],
-                file: PathBuf::from("pumps.yaml"),
-                learning_period: learning,
-            }],
-        }
+        Policy::pumps(
+            vec![
+                Member::Net { net: "10.0.1.0/24".parse().unwrap(), vlan: None },
+                Member::Mac { mac: [0x58, 0x46, 0xe1, 0, 0, 7], vlan: None },
+            ],
+            learning,
+        )
     }
 
     fn device(mac: &str, ip: &str) -> Device {

@@ -218,6 +218,27 @@ pub struct Segment {
     pub learning_period: std::time::Duration,
 }
 
+#[cfg(test)]
+impl Policy {
+    /// A policy of one monitor segment, `pumps` (infusion-pump, default deny,
+    /// no rules) with these members: the fixture of the detection tests.
+    pub fn pumps(members: Vec<Member>, learning_period: std::time::Duration) -> Policy {
+        Policy {
+            zones: vec![],
+            rules: vec![],
+            segments: vec![Segment {
+                name: "pumps".into(),
+                function: "infusion-pump".into(),
+                mode: Mode::Monitor,
+                default: DefaultVerdict::Deny,
+                members,
+                file: PathBuf::from("pumps.yaml"),
+                learning_period,
+            }],
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Member {
     Net { net: IpNet, vlan: Option<u16> },

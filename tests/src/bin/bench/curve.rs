@@ -69,7 +69,7 @@ fn cost(prog: &mut TestProg, f: &Frame, n: u32, perf: &mut Option<Llc>) -> Resul
 /// LLC misses of this thread, kernel included (BPF_PROG_TEST_RUN runs the
 /// program in the caller's context), through perf_event_open.
 struct Llc {
-    fd: std::os::fd::OwnedFd,
+    counter: std::fs::File,
 }
 
 impl Llc {
@@ -87,14 +87,13 @@ impl Llc {
             return Err(std::io::Error::last_os_error().to_string());
         }
         // SAFETY: a new descriptor we own.
-        Ok(Llc { fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) } })
+        Ok(Llc { counter: unsafe { std::fs::File::from_raw_fd(fd as i32) } })
     }
 
     fn read(&mut self) -> Result<u64> {
-        use std::{io::Read, os::fd::AsFd};
-        let mut f = std::fs::File::from(self.fd.as_fd().try_clone_to_owned()?);
+        use std::io::Read;
         let mut b = [0u8; 8];
-        f.read_exact(&mut b)?;
+        self.counter.read_exact(&mut b)?;
         Ok(u64::from_ne_bytes(b))
     }
 }

@@ -7,8 +7,6 @@
 //! by an empty XDP_DROP program there (its `run_cnt`), the same sink for every
 //! forwarder.
 
-use std::process::Command;
-
 use anyhow::{Context, Result};
 use mdsec_common::{maps as names, stats::Stat};
 use mdsec_tests::{
@@ -36,9 +34,8 @@ fn policy(allow: bool) -> Vec<(&'static str, String)> {
 fn bridged(program: &'static str, allow: bool) -> Result<TestProg> {
     let files = policy(allow);
     let refs: Vec<(&str, &str)> = files.iter().map(|(n, t)| (*n, t.as_str())).collect();
-    let (prog, maps, _, _) = with_policy_in(program, &refs, 1000, &[])?;
-    // The policy maps stay loaded with the program (their owner may go).
-    std::mem::forget(maps);
+    // The loaded program holds its maps: the user-side owner may go.
+    let (prog, _, _, _) = with_policy_in(program, &refs, 1000, &[])?;
     Ok(prog)
 }
 
@@ -50,12 +47,6 @@ fn attach_ports(bridge_ns: &str, prog: &mut TestProg, peers: bool) -> Result<()>
     }
     prog.attach("pa")?;
     prog.attach("pb")
-}
-
-fn ethtool(ns: &str, args: &[&str]) -> Result<()> {
-    let st = Command::new("ip").args(["netns", "exec", ns, "ethtool"]).args(args).status()?;
-    anyhow::ensure!(st.success(), "ethtool {args:?} in {ns}");
-    Ok(())
 }
 
 pub fn run() -> Result<()> {
@@ -78,7 +69,7 @@ pub fn run() -> Result<()> {
         ip(&["-n", ns, "link", "set", dev, "up"])?;
     }
     // The reverse direction's redirect target (pa's peer) needs NAPI too.
-    ethtool(&pair.tx, &["-K", "s0", "gro", "on"])?;
+    mdsec_tests::netns::redirect_target(&pair.tx, "s0")?;
     let (dst, src) = (link_mac(&pair.rx, "r0")?, link_mac(&pair.tx, "s0")?);
     let l3 =
         V4::new([10, 200, 0, 1].into(), [10, 200, 0, 2].into(), 17).build(&frames::udp(1234, 9, &[0u8; 22]));
