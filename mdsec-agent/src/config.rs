@@ -54,6 +54,14 @@ pub struct Config {
     /// Flows idle this long are removed from the kernel map and the API.
     #[serde(default = "default_idle_secs")]
     pub flow_idle_timeout_secs: u64,
+    /// A TCP conversation that closed (a RST, or a FIN each way) ends once
+    /// quiet this long, before the idle timeout: the last ACK still counts.
+    #[serde(default = "default_closed_secs")]
+    pub flow_closed_timeout_secs: u64,
+    /// Conversations longer than this get a flow record (EVE, IPFIX) of what
+    /// came since their last one, every this often; 0: only when they end.
+    #[serde(default = "default_active_secs")]
+    pub flow_active_timeout_secs: u64,
     /// What a clean stop (SIGINT/SIGTERM) does to the datapath.
     #[serde(default)]
     pub on_exit: OnExit,
@@ -78,6 +86,10 @@ pub struct Config {
     /// Where events go besides `/api/v1/events`: a JSON-lines log, syslog.
     #[serde(default)]
     pub events: EventsConfig,
+    /// IPFIX export of every conversation that ends (docs/OPERATIONS.md,
+    /// "Send flows to your collector").
+    #[serde(default)]
+    pub ipfix: Option<crate::surfaces::ipfix::IpfixConfig>,
     /// Clinical triage matrix: clinical function → patient-safety impact →
     /// escalation path. Every event carries the impact and escalation of its
     /// segment's function.
@@ -86,6 +98,9 @@ pub struct Config {
     /// Anomaly detection thresholds (scan, DNS resolvers, deduplication).
     #[serde(default)]
     pub detection: crate::detection::detect::DetectionConfig,
+    /// Correlation of events into incidents (thresholds, quiet period, updates).
+    #[serde(default)]
+    pub incidents: crate::detection::incident::IncidentConfig,
     /// The vulnerability register (YAML; see docs/EVIDENCE.md). Relative to this file.
     #[serde(default)]
     pub register: Option<PathBuf>,
@@ -180,6 +195,14 @@ fn default_poll_ms() -> u64 {
 fn default_idle_secs() -> u64 {
     300
 }
+fn default_closed_secs() -> u64 {
+    10
+}
+fn default_active_secs() -> u64 {
+    // What network exporters commonly use, so a long flow shows up in each
+    // 5-minute nfcapd file.
+    300
+}
 
 impl Config {
     pub fn poll_interval(&self) -> Duration {
@@ -188,6 +211,16 @@ impl Config {
 
     pub fn flow_idle_timeout(&self) -> Duration {
         Duration::from_secs(self.flow_idle_timeout_secs)
+    }
+
+    /// The flow timeouts, as the poller applies them.
+    pub fn ageing(&self) -> crate::datapath::poller::Ageing {
+        crate::datapath::poller::Ageing {
+            idle: self.flow_idle_timeout(),
+            closed: Duration::from_secs(self.flow_closed_timeout_secs),
+            active: (self.flow_active_timeout_secs > 0)
+                .then(|| Duration::from_secs(self.flow_active_timeout_secs)),
+        }
     }
 
     /// MACs (canonical spelling) that `devices:` marks `decommissioned: true`.
@@ -256,12 +289,90 @@ impl Config {
     /// `start_blockers`. Only `check` and `run` ask: the other commands read
     /// the config for its paths and addresses, often from another namespace.
     pub fn check_host(&mut self, path: &Path) {
-        if self.bridges.is_empty() {
-            return;
-        }
         let text = std::fs::read_to_string(path).unwrap_or_default();
-        let problems = self.bridge_problems(path, Tree::parse(&text).as_ref());
+        let tree = Tree::parse(&text);
+        let mut problems = self.bridge_problems(path, tree.as_ref());
+        problems.extend(self.sink_problems(path, tree.as_ref()));
         self.start_blockers.extend(problems);
+    }
+
+    /// Zones `detection:` names that `policy` does not define, located in
+    /// the config file (errors: the check they configure would be off).
+    pub fn zone_problems(&self, path: &Path, policy: &crate::policy::model::Policy) -> Vec<Diagnostic> {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let tree = Tree::parse(&text);
+        self.detection
+            .unknown_zones(policy)
+            .into_iter()
+            .map(|(steps, m)| {
+                let full: Vec<Step> = std::iter::once(Step::Key("detection")).chain(steps).collect();
+                let pos = tree.as_ref().map_or((1, 1), |t| t.locate(&full));
+                Diagnostic::error(path, pos, format!("detection.{m}"))
+            })
+            .collect()
+    }
+
+    /// What this host says against the export sinks: a log or socket in a
+    /// directory that does not exist, a collector or syslog host that does
+    /// not resolve (errors); a socket nobody listens on yet (a warning: the
+    /// exporter connects when its consumer starts).
+    fn sink_problems(&self, path: &Path, tree: Option<&Tree>) -> Vec<Diagnostic> {
+        use crate::surfaces::{export::SyslogTarget, ipfix::Collector};
+        let mut out = Vec::new();
+        let mut at = |steps: Vec<Step>, warning: bool, message: String| {
+            let pos = tree.map_or((1, 1), |t| t.locate(&steps));
+            let d = Diagnostic::error(path, pos, message);
+            out.push(Diagnostic { warning, ..d });
+        };
+        let no_dir = |p: &Path| p.parent().is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir());
+        if let Some(l) = self.events.log.as_deref().filter(|l| *l != "-")
+            && no_dir(Path::new(l))
+        {
+            let steps = vec!["events".into(), "log".into()];
+            at(steps, false, format!("events.log `{l}`: its directory does not exist"));
+        }
+        if let Some(s) = &self.events.socket {
+            let steps = vec!["events".into(), "socket".into(), "path".into()];
+            if no_dir(&s.path) {
+                at(
+                    steps,
+                    false,
+                    format!("events.socket.path `{}`: its directory does not exist", s.path.display()),
+                );
+            } else if !s.path.exists() {
+                let m = format!("events.socket.path `{}`: nothing listens there yet", s.path.display());
+                at(steps, true, m);
+            }
+        }
+        let resolves =
+            |hp: &str| std::net::ToSocketAddrs::to_socket_addrs(hp).is_ok_and(|mut a| a.next().is_some());
+        if let Some(ix) = &self.ipfix {
+            for (i, c) in ix.collectors.iter().enumerate() {
+                // Validation parsed it already; the address is what must resolve.
+                let Ok(Collector::Udp(hp) | Collector::Tcp(hp)) = Collector::parse(c) else { continue };
+                if !resolves(&hp) {
+                    let steps = vec![Step::Key("ipfix"), "collectors".into(), Step::Index(i)];
+                    at(steps, false, format!("ipfix collector `{c}`: the address does not resolve"));
+                }
+            }
+        }
+        if let Some(sl) = &self.events.syslog {
+            let steps = || vec![Step::Key("events"), "syslog".into(), "target".into()];
+            match SyslogTarget::parse(&sl.target) {
+                Ok(SyslogTarget::Udp(hp) | SyslogTarget::Tcp(hp)) if !resolves(&hp) => {
+                    at(
+                        steps(),
+                        false,
+                        format!("events.syslog.target `{}`: the address does not resolve", sl.target),
+                    );
+                }
+                Ok(SyslogTarget::Unix(p)) if !p.exists() => {
+                    at(steps(), false, format!("events.syslog.target `{}`: no such socket", sl.target));
+                }
+                _ => {}
+            }
+        }
+        out
     }
 
     /// What this host says against the configured bridges (see
@@ -341,6 +452,24 @@ impl Config {
                 "flow_idle_timeout_secs must be positive".into(),
             ));
         }
+        if self.flow_closed_timeout_secs == 0 {
+            return Err(at(
+                &["flow_closed_timeout_secs".into()],
+                "flow_closed_timeout_secs must be positive (the last ACK of a close comes after the FINs)"
+                    .into(),
+            ));
+        }
+        if self.flow_active_timeout_secs != 0
+            && self.flow_active_timeout_secs * 1000 < 2 * self.poll_interval_ms
+        {
+            return Err(at(
+                &["flow_active_timeout_secs".into()],
+                format!(
+                    "flow_active_timeout_secs = {} is under two poll intervals ({} ms); use 0 to report only when flows end",
+                    self.flow_active_timeout_secs, self.poll_interval_ms
+                ),
+            ));
+        }
         for (n, d) in self.devices.iter().enumerate() {
             if crate::base::net::parse_mac(&d.mac).is_none() {
                 let here = [Step::Key("devices"), n.into(), "mac".into()];
@@ -371,6 +500,14 @@ impl Config {
                 "api.token_file must be an absolute path".into(),
             ));
         }
+        if let Some(s) = &self.events.socket
+            && !s.path.is_absolute()
+        {
+            return Err(at(
+                &["events".into(), "socket".into(), "path".into()],
+                format!("events.socket.path `{}` must be an absolute path", s.path.display()),
+            ));
+        }
         if let Some(l) = &self.events.log
             && l != "-"
             && !Path::new(l).is_absolute()
@@ -382,6 +519,10 @@ impl Config {
         }
         self.detection.validate().map_err(|(path, m)| {
             let full: Vec<Step> = std::iter::once(Step::Key("detection")).chain(path).collect();
+            at(&full, m)
+        })?;
+        self.incidents.validate().map_err(|(path, m)| {
+            let full: Vec<Step> = std::iter::once(Step::Key("incidents")).chain(path).collect();
             at(&full, m)
         })?;
         for (key, v) in
@@ -420,6 +561,26 @@ impl Config {
                     self.listen
                 ),
             ));
+        }
+        if let Some(ix) = &self.ipfix {
+            let here = |key: &'static str| [Step::Key("ipfix"), key.into()];
+            if ix.collectors.is_empty() {
+                return Err(at(&here("collectors"), "ipfix.collectors needs at least one collector".into()));
+            }
+            for (i, c) in ix.collectors.iter().enumerate() {
+                crate::surfaces::ipfix::Collector::parse(c).map_err(|e| {
+                    at(
+                        &[Step::Key("ipfix"), "collectors".into(), Step::Index(i)],
+                        format!("ipfix.collectors {e}"),
+                    )
+                })?;
+            }
+            if ix.template_refresh_secs == 0 {
+                return Err(at(
+                    &here("template_refresh_secs"),
+                    "ipfix.template_refresh_secs must be positive".into(),
+                ));
+            }
         }
         if let Some(sl) = &self.events.syslog {
             let here = |key: &'static str| [Step::Key("events"), "syslog".into(), key.into()];
@@ -581,6 +742,48 @@ mod tests {
     }
 
     #[test]
+    fn ipfix_collectors_are_validated_where_they_are_written() {
+        let c = Config::parse(&format!(
+            "{GOOD}ipfix:\n  collectors: [\"udp://10.0.0.5:4739\", \"tcp://[fd00::5]:4739\"]\n  observation_domain: 7\n"
+        ))
+        .unwrap();
+        let ix = c.ipfix.unwrap();
+        assert_eq!((ix.observation_domain, ix.template_refresh_secs, ix.collectors.len()), (7, 60, 2));
+        let e = Config::parse(&format!(
+            "{GOOD}ipfix:\n  collectors:\n    - udp://10.0.0.5:4739\n    - 10.0.0.6:4739\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.line, 8, "{e}");
+        assert!(e.message.contains("udp:// or tcp://"), "{e}");
+        let e = Config::parse(&format!("{GOOD}ipfix:\n  collectors: []\n")).unwrap_err();
+        assert_eq!(e.line, 6, "{e}");
+        let e = Config::parse(&format!(
+            "{GOOD}ipfix:\n  collectors: [\"udp://h:1\"]\n  template_refresh_secs: 0\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.line, 7, "{e}");
+        let e = Config::parse(&format!("{GOOD}ipfix:\n  collector: [\"udp://h:1\"]\n")).unwrap_err();
+        assert!(e.message.contains("collector"), "{e}");
+    }
+
+    #[test]
+    fn eve_formats_are_chosen_per_sink() {
+        use crate::surfaces::eve::{Format, MetadataStyle};
+        let c = Config::parse(&format!(
+            "{GOOD}events:\n  log: \"-\"\n  log_format: eve\n  syslog:\n    target: tcp://127.0.0.1:6514\n  eve:\n    sensor_name: gw-3\n    community_id_seed: 9\n"
+        ))
+        .unwrap();
+        assert_eq!(c.events.log_format, Format::Eve);
+        assert_eq!(c.events.syslog.as_ref().unwrap().format, Format::Native);
+        assert_eq!((c.events.eve.community_id_seed, c.events.eve.metadata), (9, MetadataStyle::Strict));
+        let e = Config::parse(&format!("{GOOD}events:\n  log: \"-\"\n  log_format: cef\n")).unwrap_err();
+        assert_eq!(e.line, 7, "{e}");
+        assert!(e.message.contains("cef"), "{e}");
+        let e = Config::parse(&format!("{GOOD}events:\n  eve:\n    community_id_seed: 70000\n")).unwrap_err();
+        assert_eq!(e.line, 7, "{e}");
+    }
+
+    #[test]
     fn xdp_mode_is_required() {
         let e = Config::parse("interfaces:\n  - name: eth1\n    role: inline\n").unwrap_err();
         assert!(e.message.contains("xdp_mode"), "{e}");
@@ -595,6 +798,14 @@ mod tests {
         assert_eq!((e.line, e.col), (5, 11), "{e}");
         let e = Config::parse(&format!("{GOOD}maps:\n  flows: 3\n")).unwrap_err();
         assert_eq!(e.line, 6, "{e}");
+        // An active timeout under two polls, and a closed timeout of 0.
+        let e = Config::parse(&format!("{GOOD}poll_interval_ms: 1000\nflow_active_timeout_secs: 1\n"))
+            .unwrap_err();
+        assert!(e.message.contains("flow_active_timeout_secs = 1") && e.line == 6, "{e}");
+        let e = Config::parse(&format!("{GOOD}flow_closed_timeout_secs: 0\n")).unwrap_err();
+        assert!(e.message.contains("flow_closed_timeout_secs") && e.line == 5, "{e}");
+        let off = Config::parse(&format!("{GOOD}flow_active_timeout_secs: 0\n")).unwrap();
+        assert_eq!(off.ageing().active, None);
     }
 
     #[test]
@@ -609,6 +820,36 @@ mod tests {
         let e = Config::parse(&text.replace("  - mac: 58:46:e1:00:00\n", "")).unwrap_err();
         assert_eq!((e.line, e.col), (8, 19), "{e}");
         assert!(e.message.contains("poll_interval_ms"), "{e}");
+    }
+
+    #[test]
+    fn sinks_this_host_cannot_reach_are_located() {
+        let dir = std::env::temp_dir().join(format!("mdsec-cfg-sinks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("agent.yaml");
+        let text = format!(
+            "{GOOD}events:\n  log: /nonexistent-mdsec/events.json\n  socket:\n    path: {}/eve.sock\n    format: eve\n\
+             ipfix:\n  collectors: [\"udp://127.0.0.1:4739\", \"udp://no-such-host.invalid:4739\"]\n",
+            dir.display()
+        );
+        std::fs::write(&p, &text).unwrap();
+        let mut c = Config::load(&p).unwrap();
+        c.check_host(&p);
+        let found: Vec<(u64, bool, String)> =
+            c.start_blockers.iter().map(|d| (d.line, d.warning, d.message.clone())).collect();
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert!(
+            found[0].0 == 6 && !found[0].1 && found[0].2.contains("directory does not exist"),
+            "{found:?}"
+        );
+        assert!(found[1].0 == 8 && found[1].1 && found[1].2.contains("nothing listens"), "{found:?}");
+        assert!(found[2].0 == 11 && !found[2].1 && found[2].2.contains("no-such-host.invalid"), "{found:?}");
+        let e = Config::parse(&format!("{GOOD}events:\n  socket:\n    path: eve.sock\n")).unwrap_err();
+        assert!(e.message.contains("absolute") && e.line == 7, "{e}");
+        let e = Config::parse(&format!("{GOOD}events:\n  socket:\n    path: /x\n    mode: seqpacket\n"))
+            .unwrap_err();
+        assert!(e.message.contains("seqpacket"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -70,7 +70,18 @@ pub async fn run(cfg: Config) -> Result<()> {
     preflight(&cfg)?;
     let mut dp = Datapath::load(&cfg.pin_dir, &cfg.maps, &cfg.ports())?;
     let segstats = Arc::new(Mutex::new(SegStats::new(dp.take_map(names::SEG_STATS)?)?));
-    let mut poller = Poller::new(&mut dp, segstats.clone(), cfg.flow_idle_timeout())?;
+    let mut poller = Poller::new(&mut dp, segstats.clone(), cfg.ageing())?;
+    let ipfix_stats = Arc::new(crate::surfaces::ipfix::IpfixStats::default());
+    let ipfix =
+        cfg.ipfix.as_ref().map(|c| crate::surfaces::ipfix::spawn(c, ipfix_stats.clone())).transpose()?;
+    if let Some(x) = &exporter {
+        x.interfaces(dp.ifnames());
+    }
+    let ended = EndedSinks { events: exporter.clone(), ipfix };
+    if ended.any() {
+        let sinks = ended.clone();
+        poller.on_ended(move |e| sinks.send(e));
+    }
     let tables = Arc::new(RwLock::new(Tables::default()));
     let db = Store::open(&cfg.state_dir)?;
     let history: crate::inventory::History = db.load_devices()?.into_iter().map(|d| (d.id(), d)).collect();
@@ -87,13 +98,31 @@ pub async fn run(cfg: Config) -> Result<()> {
         }),
         crate::base::clock::mono_ns(),
     );
+    let ledger = crate::datapath::state::ledger_path(&cfg.state_dir);
+    if ended.any() {
+        // What the previous run already reported of flows the kernel still
+        // holds (on_exit: keep): reported again, it would count twice.
+        match crate::datapath::state::read_ledger(&ledger) {
+            Ok(l) => {
+                if !l.is_empty() {
+                    info!("flow exports: {} flows reported by the previous run carry on from there", l.len());
+                }
+                tables.write().unwrap().carry(l);
+            }
+            Err(e) => warn!("{e:#}: ignored, so flows still open since the previous run are reported whole"),
+        }
+    }
     poller.poll(&tables)?;
-    poller.spawn(tables.clone(), cfg.poll_interval());
+    let polling = poller.spawn(tables.clone(), cfg.poll_interval());
 
     let policy = Arc::new(RwLock::new(PolicyState::default()));
     let store = Arc::new(RwLock::new(EventStore {
         exporter: exporter.clone(),
         triage: cfg.triage.clone(),
+        incidents: crate::detection::incident::Incidents::new(
+            cfg.incidents.clone(),
+            db.load_incidents(crate::detection::incident::KEEP)?,
+        ),
         ..Default::default()
     }));
     let ring = RingBuf::try_from(dp.take_map(names::EVENTS)?)?;
@@ -153,6 +182,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         config_decommissioned: cfg.decommissioned_macs(),
         db,
     };
+    pass.detector.seed(history.values());
 
     let state = Arc::new(AppState {
         tables,
@@ -176,6 +206,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         },
         started: SystemTime::now(),
         export_stats,
+        ipfix_stats,
         token,
         basic_auth: crate::surfaces::tls::BasicAuth::new(cfg.api.basic_auth_users.clone()),
         metrics_token: cfg.api.metrics_token,
@@ -203,6 +234,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         })?
     };
     info!("API on {scheme}://{}", cfg.listen);
+    let tables = state.tables.clone();
     let server = tokio::spawn(api::serve(listener, tls, state));
 
     let mut term = signal(SignalKind::terminate())?;
@@ -226,8 +258,31 @@ pub async fn run(cfg: Config) -> Result<()> {
             }
         }
     };
+    // One last poll, and no flow ends behind the shutdown records' back.
+    polling.stop();
     let _ = flush_tx.send(());
     let _ = flusher.join();
+    if ended.any() {
+        // Conversations still open end with the agent (EVE `reason: shutdown`,
+        // IPFIX flowEndReason 4).
+        let open = tables.read().unwrap().end_all();
+        let n = open.len();
+        ended.send(open);
+        ended.flush(n);
+        match cfg.on_exit {
+            OnExit::Keep => {
+                let l = tables.read().unwrap().ledger();
+                match crate::datapath::state::write_ledger(&ledger, &l) {
+                    Ok(()) => info!("flow exports: ledger of {} open flows left for the next run", l.len()),
+                    Err(e) => warn!("{e:#}: the next run reports flows still open whole"),
+                }
+            }
+            OnExit::Detach => {
+                // The kernel entries go with the maps: nothing to carry over.
+                let _ = std::fs::remove_file(&ledger);
+            }
+        }
+    }
     match cfg.on_exit {
         OnExit::Detach => {
             info!("{why}: detaching XDP and removing pins");
@@ -239,6 +294,47 @@ pub async fn run(cfg: Config) -> Result<()> {
         OnExit::Keep => info!("{why}: leaving the datapath attached (on_exit: keep)"),
     }
     Ok(())
+}
+
+/// Where conversations that end go: the EVE sinks' flow records and IPFIX.
+#[derive(Clone)]
+struct EndedSinks {
+    events: Option<crate::surfaces::export::Exporter>,
+    ipfix: Option<crate::surfaces::ipfix::Ipfix>,
+}
+
+impl EndedSinks {
+    fn any(&self) -> bool {
+        self.events.is_some() || self.ipfix.is_some()
+    }
+
+    /// One batch to both (shared: the exporters' threads encode it).
+    fn send(&self, batch: Vec<crate::datapath::state::Ended>) {
+        if batch.is_empty() {
+            return;
+        }
+        let batch = Arc::new(batch);
+        if let Some(ix) = &self.ipfix {
+            ix.send(batch.clone());
+        }
+        if let Some(x) = &self.events {
+            x.ended(batch);
+        }
+    }
+
+    /// Waits (10 s at most each) until both have written the `n` sent last.
+    fn flush(&self, n: usize) {
+        if let Some(ix) = &self.ipfix
+            && !ix.flush(Duration::from_secs(10))
+        {
+            warn!("the IPFIX exporter did not finish sending {n} conversations within 10 s");
+        }
+        if let Some(x) = &self.events
+            && !x.flush(Duration::from_secs(10))
+        {
+            warn!("the event exporter did not finish writing {n} flow records within 10 s");
+        }
+    }
 }
 
 /// The store thread's work, every 2 s: inventory, device events, detections
@@ -373,6 +469,7 @@ impl StorePass {
         status.dropped = learner.dropped;
         *state.baseline.write().unwrap() = status;
         let mut store = state.events.write().unwrap();
+        store.incidents.set_learning(learning_ends);
         for (kind, n) in suppressed {
             *store.suppressed.entry(kind).or_default() += n;
         }
@@ -480,7 +577,16 @@ impl EvidencePass {
     fn pass(&mut self, state: &AppState, db: &mut Store, devices: &[crate::inventory::Device], stop: bool) {
         let now = SystemTime::now();
         // Events reach the database on this thread, never from the hot paths.
-        let unsaved = std::mem::take(&mut state.events.write().unwrap().unsaved);
+        let (unsaved, incidents) = {
+            let mut st = state.events.write().unwrap();
+            st.tick(now, stop);
+            (std::mem::take(&mut st.unsaved), st.incidents.take_dirty())
+        };
+        if !incidents.is_empty()
+            && let Err(e) = db.save_incidents(&incidents)
+        {
+            warn!("saving {} incidents failed (saved again when they change): {e:#}", incidents.len());
+        }
         if !unsaved.is_empty()
             && let Err(e) = db.save_events(&unsaved)
         {

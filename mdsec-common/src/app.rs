@@ -1,4 +1,5 @@
-//! Application identification from the first payload of a flow direction.
+//! Application identification from a flow direction's first payload (its first
+//! few, when a tiny one decides nothing: `flow::next_app_done`).
 //!
 //! One classifier, two homes: [`classify`] is plain `no_std` Rust over a fixed-size
 //! buffer with constant indices, so the XDP program runs exactly this code (on the
@@ -29,6 +30,9 @@ pub enum App {
     WsDiscovery = 16,
     Mqtt = 17,
     Modbus = 18,
+    /// HL7 FHIR's REST API over plain HTTP, from a `/fhir` request path (a
+    /// kind of `Http`: rules for `http` accept it, see `policy::app_satisfies`).
+    Fhir = 19,
 }
 
 impl App {
@@ -52,6 +56,7 @@ impl App {
         App::WsDiscovery,
         App::Mqtt,
         App::Modbus,
+        App::Fhir,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -75,6 +80,7 @@ impl App {
             App::WsDiscovery => "ws-discovery",
             App::Mqtt => "mqtt",
             App::Modbus => "modbus",
+            App::Fhir => "fhir",
         }
     }
 
@@ -118,7 +124,7 @@ const _: () = assert!(core::mem::size_of::<Sample>() == 576);
 /// Apps whose first payload carries a fingerprint worth sampling.
 #[inline(always)]
 pub fn worth_sampling(app: App) -> bool {
-    matches!(app, App::Dhcp | App::Dicom | App::Hl7 | App::Tls | App::Http | App::Ssh)
+    matches!(app, App::Dhcp | App::Dicom | App::Hl7 | App::Tls | App::Http | App::Fhir | App::Ssh)
 }
 
 /// Payload bytes the classifier looks at (the DICOM application context item sits
@@ -203,7 +209,7 @@ pub fn classify(
 ) -> (App, Confidence) {
     let len = if len > CLASSIFY_BYTES { CLASSIFY_BYTES } else { len };
     let app = if proto == TCP {
-        classify_tcp(b, len)
+        classify_tcp(b, len, sport, dport)
     } else if proto == UDP {
         classify_udp(b, len, sport, dport)
     } else {
@@ -219,8 +225,41 @@ pub fn classify(
     (App::Unknown, Confidence::None)
 }
 
+/// The big-endian 16-bit value at `off` (a constant index after inlining).
 #[inline(always)]
-fn classify_tcp(b: &[u8; CLASSIFY_BYTES], len: usize) -> App {
+fn be16(b: &[u8; CLASSIFY_BYTES], off: usize) -> usize {
+    ((b[off & 0x3f] as usize) << 8) | b[(off + 1) & 0x3f] as usize
+}
+
+/// A DNS header at `off` that a real message has: opcode 0 (query), 1
+/// (inverse) or 2 (status), and a question or an answer (mDNS announcements
+/// and inverse queries carry no question). Counts are small in real traffic.
+#[inline(always)]
+fn dns_header(b: &[u8; CLASSIFY_BYTES], off: usize) -> bool {
+    let (qd, an) = (be16(b, off + 4), be16(b, off + 6));
+    (b[(off + 2) & 0x3f] >> 3) & 0x0f <= 2 && (qd != 0 || an != 0) && qd <= 32 && an <= 255
+}
+
+/// A syslog priority `<N>`, `<NN>` or `<NNN>` at `off`.
+#[inline(always)]
+fn syslog_pri(b: &[u8; CLASSIFY_BYTES], off: usize, len: usize) -> bool {
+    let d = |i: usize| b[(off + i) & 0x3f].is_ascii_digit();
+    let c = |i: usize| b[(off + i) & 0x3f] == b'>';
+    len >= off + 3
+        && b[off & 0x3f] == b'<'
+        && d(1)
+        && (c(2) || (len >= off + 4 && d(2) && c(3)) || (len >= off + 5 && d(2) && d(3) && c(4)))
+}
+
+/// A payload of exactly one message of `total` bytes, or the start of a
+/// longer one when the classifier saw only its first [`CLASSIFY_BYTES`].
+#[inline(always)]
+fn whole_or_longer(total: usize, len: usize) -> bool {
+    total == len || (len == CLASSIFY_BYTES && total > len)
+}
+
+#[inline(always)]
+fn classify_tcp(b: &[u8; CLASSIFY_BYTES], len: usize, sport: u16, dport: u16) -> App {
     if len < 2 {
         return App::Unknown;
     }
@@ -240,20 +279,43 @@ fn classify_tcp(b: &[u8; CLASSIFY_BYTES], len: usize) -> App {
     if b[0] == 0x0b && at(b, 1, b"MSH", len) {
         return App::Hl7;
     }
-    // TLS handshake record: ClientHello (1) or ServerHello (2).
-    if b[0] == 0x16 && b[1] == 0x03 && len >= 6 && b[2] <= 0x04 && (b[5] == 0x01 || b[5] == 0x02) {
-        return App::Tls;
+    // A TLS record header of any content type (change_cipher_spec 20, alert
+    // 21, handshake 22, application_data 23), version 3.0–1.3, a record length
+    // within the limit: a flow first seen mid-connection is still TLS.
+    if b[0] >= 0x14 && b[0] <= 0x17 && b[1] == 0x03 && b[2] <= 0x04 && len >= 5 {
+        let rec = be16(b, 3);
+        if rec > 0 && rec <= 18_432 {
+            return App::Tls;
+        }
     }
     if starts(b, len, b"SSH-") {
         return App::Ssh;
     }
-    // RDP: TPKT version 3, then X.224 Connection Request (0xE0) or Confirm (0xD0).
+    // TPKT (version 3) carries RDP and also ISO-on-TCP: Siemens S7comm,
+    // S7comm-plus and IEC 61850 MMS use the same X.224 connection request
+    // (0xE0) and confirm (0xD0). RDP's carry its own data after the 7-byte
+    // X.224 header: a request a routing cookie ("Cookie: ") or an
+    // RDP_NEG_REQ (type 1, length 8), a confirm an RDP_NEG_RSP or _FAILURE
+    // (type 2 or 3, length 8), or nothing at all (LI 6). ISO-on-TCP's carry
+    // TSAP parameters (0xC0–0xC2) there: not RDP, and no label of ours.
     if b[0] == 0x03 && b[1] == 0x00 && len >= 6 && (b[5] == 0xe0 || b[5] == 0xd0) {
-        return App::Rdp;
+        let neg = |t: u8| len >= 15 && b[11] == t && b[13] == 0x08 && b[14] == 0x00;
+        let bare = b[4] == 6 && len == 11;
+        let rdp = if b[5] == 0xe0 { at(b, 11, b"Cookie: ", len) || neg(1) } else { neg(2) || neg(3) };
+        return if rdp || bare { App::Rdp } else { App::Unknown };
     }
     // SMB over NetBIOS session service: message type 0, then \xffSMB or \xfeSMB.
     if b[0] == 0x00 && (at(b, 4, b"\xffSMB", len) || at(b, 4, b"\xfeSMB", len)) {
         return App::Smb;
+    }
+    // The NetBIOS session request that opens SMB on port 139 (RFC 1002
+    // 4.3.2): type 0x81, then the called name, first-level encoded (length
+    // 32, letters A–P).
+    if b[0] == 0x81 && b[1] == 0 && len >= 8 && b[4] == 0x20 {
+        let nb = |c: u8| (b'A'..=b'P').contains(&c);
+        if nb(b[5]) && nb(b[6]) && nb(b[7]) {
+            return App::Smb;
+        }
     }
     // MQTT CONNECT: fixed header 0x10, remaining length (1 or 2 bytes), then the
     // protocol name "MQTT" (3.1.1/5) or "MQIsdp" (3.1).
@@ -261,6 +323,55 @@ fn classify_tcp(b: &[u8; CLASSIFY_BYTES], len: usize) -> App {
         let name = if b[1] & 0x80 == 0 { 2 } else { 3 };
         if at(b, name, b"\x00\x04MQTT", len) || at(b, name, b"\x00\x06MQIsdp", len) {
             return App::Mqtt;
+        }
+    }
+    // Any other MQTT control packet (a flow first seen after its CONNECT:
+    // PUBLISH, PINGREQ, SUBSCRIBE…), on MQTT's port only: a 2-byte fixed
+    // header alone says too little elsewhere. The type's fixed flags, a
+    // one- or two-byte remaining length covering the payload.
+    if either(sport, dport, 1883) {
+        let t = b[0] >> 4;
+        let flags = b[0] & 0x0f;
+        let flags_ok = match t {
+            3 => flags & 0x06 != 0x06,
+            6 | 8 | 10 => flags == 2,
+            2 | 4 | 5 | 7 | 9 | 11 | 12 | 13 | 14 | 15 => flags == 0,
+            _ => false,
+        };
+        let (rem, hdr) = if b[1] & 0x80 == 0 {
+            (b[1] as usize, 2)
+        } else if b[2] & 0x80 == 0 {
+            ((b[1] & 0x7f) as usize | (b[2] as usize) << 7, 3)
+        } else {
+            (usize::MAX / 2, 4) // longer lengths: never a payload this short
+        };
+        if flags_ok && len >= hdr && whole_or_longer(rem + hdr, len) {
+            return App::Mqtt;
+        }
+    }
+    // DNS over TCP (RFC 1035 4.2.2): a 2-byte length, then the message.
+    if either(sport, dport, 53) && len >= 14 && whole_or_longer(be16(b, 0) + 2, len) && dns_header(b, 2) {
+        return App::Dns;
+    }
+    // Syslog over TCP (RFC 6587): octet counting ("LEN <PRI>…") or
+    // non-transparent framing ("<PRI>…").
+    if syslog_pri(b, 0, len) {
+        return App::Syslog;
+    }
+    if b[0].is_ascii_digit() {
+        let sp = if b[1] == b' ' {
+            1
+        } else if b[1].is_ascii_digit() && b[2] == b' ' {
+            2
+        } else if b[1].is_ascii_digit() && b[2].is_ascii_digit() && b[3] == b' ' {
+            3
+        } else if b[1].is_ascii_digit() && b[2].is_ascii_digit() && b[3].is_ascii_digit() && b[4] == b' ' {
+            4
+        } else {
+            0
+        };
+        if sp > 0 && syslog_pri(b, sp + 1, len) {
+            return App::Syslog;
         }
     }
     // Modbus/TCP MBAP: protocol id 0, length covering unit id + PDU, function 1..127.
@@ -275,9 +386,18 @@ fn classify_tcp(b: &[u8; CLASSIFY_BYTES], len: usize) -> App {
         return App::Telnet;
     }
     if is_http(b, len) {
-        return App::Http;
+        return if is_fhir(b, len) { App::Fhir } else { App::Http };
     }
     App::Unknown
+}
+
+/// An HTTP request of HL7 FHIR's REST API: one for a `/fhir` path. (A FHIR
+/// content type is mostly past the bytes the classifier sees, and a scan for
+/// it costs the verifier more than the datapath may spend.)
+#[inline(always)]
+fn is_fhir(b: &[u8; CLASSIFY_BYTES], len: usize) -> bool {
+    // The path follows the method and its space: offsets 4 (GET, PUT) to 7 (DELETE).
+    at(b, 4, b"/fhir", len) || at(b, 5, b"/fhir", len) || at(b, 6, b"/fhir", len) || at(b, 7, b"/fhir", len)
 }
 
 #[inline(always)]
@@ -298,8 +418,22 @@ fn classify_udp(b: &[u8; CLASSIFY_BYTES], len: usize, sport: u16, dport: u16) ->
         return App::Unknown;
     }
     // SSDP (UPnP) and WS-Discovery (IEEE 11073 SDC) before generic checks.
-    if starts(b, len, b"M-SEARCH * HTTP/1.1") || starts(b, len, b"NOTIFY * HTTP/1.1") {
+    // Over UDP, HTTP is SSDP: its searches, notifications and the replies to
+    // searches (`HTTP/1.1 200 OK`).
+    if starts(b, len, b"M-SEARCH * HTTP/1.1")
+        || starts(b, len, b"NOTIFY * HTTP/1.1")
+        || starts(b, len, b"HTTP/1.1 ")
+    {
         return App::Ssdp;
+    }
+    // RDP over UDP (MS-RDPEUDP 2.2.2): the SYN (and SYN+ACK) datagram: flags
+    // with RDPUDP_FLAG_SYN, a receive window, then the initial sequence
+    // number and both MTUs, each 1132–1232.
+    if len >= 16 && b[7] & 0x01 != 0 && (b[4] != 0 || b[5] != 0) {
+        let (up, down) = (be16(b, 12), be16(b, 14));
+        if (1132..=1232).contains(&up) && (1132..=1232).contains(&down) {
+            return App::Rdp;
+        }
     }
     if either(sport, dport, 3702) && b[0] == b'<' {
         return App::WsDiscovery;
@@ -317,13 +451,8 @@ fn classify_udp(b: &[u8; CLASSIFY_BYTES], len: usize, sport: u16, dport: u16) ->
         }
     }
     // Syslog (RFC 3164/5424): "<PRI>" with 1-3 digits.
-    if b[0] == b'<' && len >= 3 && b[1].is_ascii_digit() {
-        let close = b[2] == b'>'
-            || (len >= 4 && b[2].is_ascii_digit() && b[3] == b'>')
-            || (len >= 5 && b[2].is_ascii_digit() && b[3].is_ascii_digit() && b[4] == b'>');
-        if close {
-            return App::Syslog;
-        }
+    if syslog_pri(b, 0, len) {
+        return App::Syslog;
     }
     // DHCP (RFC 2131): op 1/2, Ethernet htype 1, hlen 6, on the DHCP ports.
     if (either(sport, dport, 67) || either(sport, dport, 68))
@@ -334,8 +463,8 @@ fn classify_udp(b: &[u8; CLASSIFY_BYTES], len: usize, sport: u16, dport: u16) ->
     {
         return App::Dhcp;
     }
-    // DNS and mDNS: a 12-byte header with at least one question, opcode 0..2.
-    if len >= 12 && (b[2] >> 3) & 0x0f <= 2 && (b[4] != 0 || b[5] != 0) {
+    // DNS and mDNS: a 12-byte header with a question or an answer, opcode 0..2.
+    if len >= 12 && dns_header(b, 0) {
         if either(sport, dport, 5353) {
             return App::Mdns;
         }
@@ -343,13 +472,20 @@ fn classify_udp(b: &[u8; CLASSIFY_BYTES], len: usize, sport: u16, dport: u16) ->
             return App::Dns;
         }
     }
-    // NTP (RFC 5905): 48+ bytes, version 1-4, mode 1-5, on port 123.
-    if either(sport, dport, 123) && len >= 48 {
-        let v = (b[0] >> 3) & 7;
-        let m = b[0] & 7;
-        if (1..=4).contains(&v) && (1..=5).contains(&m) {
+    // NTP (RFC 5905): modes 1–5 on any port: 48+ bytes, version 1–4, a
+    // stratum up to 16, a poll exponent up to 17, a precision of 2^-32..1 s.
+    // Modes 6 (control, ntpq) and 7 (private, ntpdc: the amplification
+    // kind) on port 123 only: their few header bytes say too little
+    // elsewhere (0x16/0x17 also start TLS records).
+    let (v, m) = ((b[0] >> 3) & 7, b[0] & 7);
+    if len >= 48 && (1..=4).contains(&v) && (1..=5).contains(&m) && b[1] <= 16 && b[2] <= 17 {
+        let precision = b[3] as i8;
+        if (-32..=0).contains(&precision) {
             return App::Ntp;
         }
+    }
+    if either(sport, dport, 123) && (2..=4).contains(&v) && ((m == 6 && len >= 12) || (m == 7 && len >= 8)) {
+        return App::Ntp;
     }
     App::Unknown
 }

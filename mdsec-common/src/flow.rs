@@ -173,9 +173,30 @@ pub struct FlowValue {
     pub required_app: u8,
     /// [`crate::app::Confidence`] of `app`.
     pub app_confidence: u8,
-    /// 1 once the first payload has been classified (classification runs once).
+    /// [`APP_FINAL`] once the label is final; [`APP_TRYING`] | n after n
+    /// payloads too short to decide ([`next_app_done`]); 0 before any.
     pub app_done: u8,
     pub _pad: [u8; 3],
+}
+
+/// `FlowValue::app_done` once the direction's label is final.
+pub const APP_FINAL: u8 = 1;
+/// `FlowValue::app_done` bit: payloads were classified but decided nothing yet.
+pub const APP_TRYING: u8 = 0x80;
+/// Payloads a direction gets before its label is final, at most.
+pub const APP_TRIES: u8 = 4;
+/// A payload this long decides, matched or not; a shorter one (a 2-byte
+/// leading segment) without a match leaves the direction to its next payload.
+pub const APP_DECISIVE_BYTES: usize = 8;
+
+/// `app_done` after classifying one more payload of `len` bytes with
+/// `confidence`: final on a payload match, on a payload long enough to
+/// decide, or after [`APP_TRIES`] payloads; else one more try counted. The
+/// datapath and the reference model both step with this.
+#[inline(always)]
+pub const fn next_app_done(done: u8, high: bool, len: usize) -> u8 {
+    let tries = if done & APP_TRYING != 0 { (done & !APP_TRYING) + 1 } else { 1 };
+    if high || len >= APP_DECISIVE_BYTES || tries >= APP_TRIES { APP_FINAL } else { APP_TRYING | tries }
 }
 
 /// `FlowValue::home_cpu` of a flow no CPU counts with plain adds (CPU numbers

@@ -6,9 +6,16 @@
 //!
 //! Geometry: the array's elements are [`FlowSet`]s of [`WAYS`] slots. A key has
 //! two candidate sets (both derived from one 64-bit [`TableKey::hash`]); it is
-//! looked up in the first, then the second, and inserted into the emptier one
-//! ("two choices" keeps sets from overflowing until the table is well filled).
-//! When both are full the least recently seen flow of the two is evicted.
+//! looked up in the first, then the second, and inserted into the first while
+//! it has at least [`SLACK`] free slots, else into the emptier of the two
+//! ("two choices", which keeps sets from overflowing until the table is well
+//! filled), so that most flows are found in the first set read. When
+//! both are full the least recently seen flow of the two is evicted, chosen from
+//! the sets' headers alone ([`FlowSet::age`]).
+//!
+//! Memory: a set's header is one 64-byte line and sets are whole lines (the
+//! array's values start page-aligned), so a lookup reads one header line, then
+//! the slot's lines.
 //!
 //! Concurrency (datapath CPUs and the agent, through its mapping of the array):
 //! - Each slot's [`FlowSet::state`] word holds a tag (16 hash bits, to skip key
@@ -29,6 +36,12 @@ use crate::flow::{FlowKey, FlowKey4, FlowValue};
 
 /// Slots per set.
 pub const WAYS: usize = 8;
+
+/// Free slots a key's first set must have to take it; with fewer, the key goes
+/// to the emptier of its two sets. Below it, two choices balance the sets (so
+/// they fill before anything is evicted); above it, keys stay in the set a
+/// lookup reads first.
+pub const SLACK: u32 = 2;
 
 /// Status bits of a state word.
 pub const STATUS_MASK: u32 = 0b11;
@@ -62,11 +75,30 @@ pub struct Slot<K> {
 pub struct FlowSet<K> {
     /// Held (1) by the datapath while it inserts a key whose first set this is.
     pub lock: u32,
-    pub _pad: u32,
     /// Per slot: tag << 16 | incarnation | status. Together, so a lookup reads
     /// one cache line before it touches a key.
     pub state: [u32; WAYS],
+    /// Per slot: when its flow was last seen, as [`age`] (a wrapping tick). An
+    /// eviction picks its victim from these without reading any slot. A hint
+    /// only: written without synchronisation by whoever saw the flow last.
+    pub age: [u16; WAYS],
+    /// Always 0: nothing writes it (the kernel zeroes the array). The datapath
+    /// ORs it into a slot index it chose from the header, so the verifier sees
+    /// an unknown index without a read of the slot's own line (see `Slot::index`).
+    pub zero: u32,
+    pub _pad: [u32; 2],
     pub slots: [Slot<K>; WAYS],
+}
+
+/// Ticks of [`FlowSet::age`]: 2^26 ns (67 ms); 16 bits wrap after 73 minutes,
+/// longer than any flow stays idle in the table at the default idle timeout
+/// (past the wrap an idle flow looks recent: evicted later, never misjudged).
+pub const AGE_SHIFT: u32 = 26;
+
+/// A `CLOCK_MONOTONIC` time as a [`FlowSet::age`] tick.
+#[inline(always)]
+pub fn age(now_ns: u64) -> u16 {
+    (now_ns >> AGE_SHIFT) as u16
 }
 
 pub type FlowSet4 = FlowSet<FlowKey4>;
@@ -281,9 +313,12 @@ mod user {
 
 const _: () = assert!(core::mem::size_of::<Slot<FlowKey4>>() == 144);
 const _: () = assert!(core::mem::size_of::<Slot<FlowKey>>() == 168);
-const _: () = assert!(core::mem::offset_of!(FlowSet4, slots) == 40);
-const _: () = assert!(core::mem::size_of::<FlowSet4>() == 40 + 8 * 144);
-const _: () = assert!(core::mem::size_of::<FlowSet6>() == 40 + 8 * 168);
+// The header is one cache line and sets are whole lines (see the module doc).
+const _: () = assert!(core::mem::offset_of!(FlowSet4, slots) == 64);
+const _: () = assert!(core::mem::size_of::<FlowSet4>() == 64 + 8 * 144);
+const _: () = assert!(core::mem::size_of::<FlowSet6>() == 64 + 8 * 168);
+const _: () = assert!(core::mem::size_of::<FlowSet4>().is_multiple_of(64));
+const _: () = assert!(core::mem::size_of::<FlowSet6>().is_multiple_of(64));
 
 #[cfg(test)]
 mod tests {

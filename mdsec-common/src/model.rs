@@ -15,7 +15,7 @@ use std::vec::Vec;
 use crate::{
     app::{CLASSIFY_BYTES, classify},
     device::DeviceKey,
-    flow::FlowKey,
+    flow::{APP_FINAL, FlowKey, next_app_done},
     frag::FragKey,
     net::*,
     policy::{
@@ -294,7 +294,8 @@ pub struct FlowState {
     pub dst_id: u32,
     pub app: u8,
     pub app_confidence: u8,
-    pub app_done: bool,
+    /// As `FlowValue::app_done` ([`crate::flow::next_app_done`]'s steps).
+    pub app_done: u8,
 }
 
 /// The result of one frame.
@@ -343,8 +344,8 @@ impl Model {
         };
         let fs = self.flows.entry(key).or_default();
         fs.packets += 1;
-        // App stage: the first payload of the flow, once.
-        if p.payload_len > 0 && !fs.app_done && p.frag != FRAG_LATER {
+        // App stage: the flow's first payloads, until one decides.
+        if p.payload_len > 0 && fs.app_done != APP_FINAL && p.frag != FRAG_LATER {
             let n = p.payload_len.min(CLASSIFY_BYTES);
             // bpf_xdp_load_bytes fails past the frame's end: nothing is recorded.
             if p.payload_off + n <= frame.len() {
@@ -353,7 +354,7 @@ impl Model {
                 let (app, conf) = classify(&buf, n, p.proto, p.sport, p.dport);
                 fs.app = app as u8;
                 fs.app_confidence = conf as u8;
-                fs.app_done = true;
+                fs.app_done = next_app_done(fs.app_done, conf == crate::app::Confidence::High, n);
             }
         }
         let action = self.decide(&p, key, now);
@@ -440,7 +441,7 @@ impl Model {
         let fs = self.flows[&key];
         let mut fs =
             if fs.generation != generation || now >= fs.valid_until { self.evaluate(p, fs, now) } else { fs };
-        if fs.verdict == Verdict::AppPending as u8 && fs.app_done {
+        if fs.verdict == Verdict::AppPending as u8 && fs.app_done == APP_FINAL {
             if app_satisfies(fs.app, fs.app_confidence, fs.required_app) {
                 fs.verdict = Verdict::Allow as u8;
             } else {

@@ -79,7 +79,11 @@ pub fn reply_rule_port(proto: u8, sport: u16, dport: u16) -> u16 {
 /// `required`? Only a payload match (high confidence) does, never a port guess.
 #[inline(always)]
 pub fn app_satisfies(app: u8, confidence: u8, required: u8) -> bool {
-    app == required && confidence == crate::app::Confidence::High as u8
+    use crate::app::App;
+    // FHIR is HTTP: a rule for `http` that carried it before FHIR had a
+    // label of its own keeps carrying it.
+    let same = app == required || (required == App::Http as u8 && app == App::Fhir as u8);
+    same && confidence == crate::app::Confidence::High as u8
 }
 
 /// Identities per generation (index into `SEGMENTS`). Id 0 is "no identity".

@@ -209,11 +209,11 @@ fn flow_in<K: TableKey>(
     now: u64,
     len: u64,
 ) -> (Option<Hit>, Dev) {
-    let at = match flowtable::lookup(table, sets, key) {
+    let at = match flowtable::lookup(table, sets, key, now) {
         Ok(h) => return (Some(h), update_flow(h.value, p, now, len)),
         Err(at) => at,
     };
-    let (found, new) = match flowtable::insert(table, key, at, len) {
+    let (found, new) = match flowtable::insert(table, key, at, now, len) {
         Insert::Claimed(c) => {
             // SAFETY: the claimed slot is ours until published.
             unsafe { init_flow(&raw mut (*c.slot).value, p, now, len) };

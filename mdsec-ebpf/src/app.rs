@@ -1,6 +1,7 @@
-//! App stage: classify the first payload of each flow direction, once, with the
-//! shared classifier (`mdsec_common::app::classify`), and store the result on the
-//! flow for the verdict stage and the agent.
+//! App stage: classify each flow direction's first payloads until one decides
+//! (`mdsec_common::flow::next_app_done`), with the shared classifier
+//! (`mdsec_common::app::classify`), and store the result on the flow for the
+//! verdict stage and the agent.
 
 use aya_ebpf::{
     bindings::xdp_md,
@@ -8,7 +9,7 @@ use aya_ebpf::{
 };
 use mdsec_common::{
     app::{classify, worth_sampling, App, Confidence, Sample, CLASSIFY_BYTES, SAMPLE_BYTES},
-    flow::FlowValue,
+    flow::{next_app_done, FlowValue, APP_FINAL},
     stats::Stat,
 };
 
@@ -24,7 +25,7 @@ use crate::{
 pub fn identify(ctx: *mut xdp_md, p: &Packet, f: *mut FlowValue) {
     // SAFETY: `f` is a live FLOWS value (see verdict::decide on racing writers).
     let fv = unsafe { &mut *f };
-    if fv.app_done != 0 || p.payload_len == 0 || p.frag == FRAG_LATER {
+    if fv.app_done == APP_FINAL || p.payload_len == 0 || p.frag == FRAG_LATER {
         return;
     }
     let mut buf = [0u8; CLASSIFY_BYTES];
@@ -42,7 +43,7 @@ pub fn identify(ctx: *mut xdp_md, p: &Packet, f: *mut FlowValue) {
     let (app, confidence) = classify(&buf, n as usize, p.proto, p.sport, p.dport);
     fv.app = app as u8;
     fv.app_confidence = confidence as u8;
-    fv.app_done = 1;
+    fv.app_done = next_app_done(fv.app_done, confidence == Confidence::High, n as usize);
     if confidence == Confidence::High && worth_sampling(app) {
         sample(ctx, p, app);
     }

@@ -2,11 +2,15 @@
 //!
 //! `BPF_PROG_TEST_RUN` repeats one frame; the cost curve needs every packet to
 //! belong to another flow than the one before. `next_flow` writes the flow's
-//! number (`i mod n`, `i` counted per CPU) as a big-endian u32 at a configured
-//! frame offset (the low 32 bits of the source address) before the frame is
-//! judged. The same rewrite runs in front of the empty baseline, so it cancels
-//! out of the datapath's marginal cost. `BENCH_CFG[0] = [n, offset]`; `n = 0`
-//! leaves the frame alone. Never attached by the agent.
+//! number (`i * stride mod n`, `i` counted per CPU) as a big-endian u32 at a
+//! configured frame offset (the low 32 bits of the source address) before the
+//! frame is judged. A stride coprime to `n` visits every flow once per `n`
+//! packets; a stride other than the one the flows were created with makes the
+//! visiting order unrelated to the creation order, as on a real link (a table
+//! that allocates entries in creation order would otherwise be walked
+//! sequentially). The same rewrite runs in front of the empty baseline, so it
+//! cancels out of the datapath's marginal cost. `BENCH_CFG[0] = [n, offset,
+//! stride, _]`; `n = 0` leaves the frame alone. Never attached by the agent.
 
 use aya_ebpf::programs::XdpContext;
 
@@ -16,7 +20,7 @@ use crate::maps::{BENCH_CFG, BENCH_I};
 pub fn next_flow(ctx: &XdpContext) {
     let Some(cfg) = BENCH_CFG.get(0) else { return };
     let Some(i) = BENCH_I.get_ptr_mut(0) else { return };
-    let n = cfg[0];
+    let (n, stride) = (cfg[0], cfg[2]);
     if n == 0 {
         return;
     }
@@ -28,7 +32,7 @@ pub fn next_flow(ctx: &XdpContext) {
     }
     // SAFETY: this CPU's counter cell; the 4 bytes at `off` are inside the frame.
     unsafe {
-        let id = *i % n;
+        let id = (*i as u64 * stride as u64 % n as u64) as u32;
         *i = (*i).wrapping_add(1);
         core::ptr::write_unaligned((start + off) as *mut [u8; 4], id.to_be_bytes());
     }

@@ -6,8 +6,8 @@ use aya_ebpf::maps::Array;
 use mdsec_common::{
     flow::FlowValue,
     flowtable::{
-        claim, place, published, Aligned, FlowSet, Place, TableKey, EMPTY, MATCH_MASK, STATUS_MASK, VALID,
-        WAYS,
+        age, claim, place, published, Aligned, FlowSet, Place, TableKey, EMPTY, MATCH_MASK, SLACK,
+        STATUS_MASK, VALID, WAYS,
     },
     stats::Stat,
 };
@@ -170,21 +170,50 @@ fn find_in<K: TableKey>(table: &Array<FlowSet<K>>, n: u32, key: &Aligned<K>, wan
     find(set, key, want).map(|(slot, seen)| Found { set: n, slot, seen })
 }
 
+/// Records that slot `i`'s flow was seen at `now` (see `FlowSet::age`). Only
+/// when the tick changed: the header line stays clean (and unshared between
+/// CPUs) for all but one packet per tick of a busy flow.
+#[inline(always)]
+fn touch<K>(set: *mut FlowSet<K>, i: usize, now: u64) {
+    let a = age(now);
+    // SAFETY: live map value; masked index.
+    unsafe {
+        let p = &raw mut (*set).age[i & (WAYS - 1)];
+        if core::ptr::read_volatile(p) != a {
+            core::ptr::write_volatile(p, a);
+        }
+    }
+}
+
 /// The key's flow, or where it would go. The hit becomes a pointer here, from
 /// this lookup's set: one array lookup less per packet than [`Hit::at`], for a
 /// second pointer shape after the flow stage.
 #[inline(always)]
-pub fn lookup<K: TableKey>(table: &Array<FlowSet<K>>, sets: u32, key: &Aligned<K>) -> Result<Hit, Place> {
+pub fn lookup<K: TableKey>(
+    table: &Array<FlowSet<K>>,
+    sets: u32,
+    key: &Aligned<K>,
+    now: u64,
+) -> Result<Hit, Place> {
     // SAFETY: `Aligned`.
     let at = place(unsafe { key.0.hash_aligned(seed()) }, sets);
+    let second = table.get_ptr_mut(at.second);
+    if let Some(b) = second {
+        // Starts the second header's cache miss before the first set is searched,
+        // so a miss in both (every new flow) waits for memory about once, not twice.
+        // SAFETY: live map value.
+        unsafe { core::ptr::read_volatile(&raw const (*b).lock) };
+    }
     if let Some(set) = table.get_ptr_mut(at.first) {
         if let Some((i, s)) = find(set, key, at.want) {
+            touch(set, i, now);
             return Ok(Hit::in_set(set, i, s));
         }
     }
     if at.second != at.first {
-        if let Some(set) = table.get_ptr_mut(at.second) {
+        if let Some(set) = second {
             if let Some((i, s)) = find(set, key, at.want) {
+                touch(set, i, now);
                 return Ok(Hit::in_set(set, i, s));
             }
         }
@@ -264,35 +293,63 @@ fn claim_empty<K>(set: *mut FlowSet<K>) -> Option<(usize, u32)> {
     None
 }
 
-/// The least recently seen valid slot of `set`: (index, state, last seen).
+/// The least recently seen valid slot of `set` by its header alone: (index,
+/// state, ticks since seen). The index is laundered through the header's `zero`
+/// word: the verifier sees one unknown index whichever slot won, instead of one
+/// state per candidate (which, over two sets, grows the program past its limit),
+/// and no slot line is read (the insert only writes the victim's; a read of it
+/// would be a second wait for memory per insert).
 #[inline(always)]
-fn oldest<K>(set: *mut FlowSet<K>) -> Option<(usize, u32, u64)> {
+fn oldest<K>(set: *mut FlowSet<K>, now: u16) -> Option<(usize, u32, u16)> {
+    // SAFETY: live map value.
+    let zero = unsafe { core::ptr::read_volatile(&raw const (*set).zero) } as usize;
     // Plain sentinels, not an Option: LLVM would compare against an undefined
     // "none" payload, which the verifier rejects as an uninitialised register.
-    let (mut best_i, mut best_s, mut best_seen) = (WAYS, 0u32, u64::MAX);
+    let (mut best_i, mut best_s, mut best_idle) = (WAYS, 0u32, 0u16);
     let mut i = 0;
     while i < WAYS {
         // SAFETY: live map value.
         unsafe {
             let s = core::ptr::read_volatile(&raw const (*set).state[i]);
             if s & STATUS_MASK == VALID {
-                let seen = (*set).slots[i].value.last_seen_ns;
-                if best_i == WAYS || seen < best_seen {
-                    (best_i, best_s, best_seen) = (laundered(set, i), s, seen);
+                let idle = now.wrapping_sub(core::ptr::read_volatile(&raw const (*set).age[i]));
+                if best_i == WAYS || idle > best_idle {
+                    // xor, not or: no bit of `i` stays known to the verifier.
+                    (best_i, best_s, best_idle) = ((i ^ zero) & (WAYS - 1), s, idle);
                 }
             }
         }
         i += 1;
     }
-    (best_i < WAYS).then_some((best_i, best_s, best_seen))
+    (best_i < WAYS).then_some((best_i, best_s, best_idle))
+}
+
+/// The eviction victim of two full sets, `a` preferred on a tie: (set index,
+/// slot, state).
+#[inline(always)]
+fn victim<K>(table: &Array<FlowSet<K>>, at: Place, now: u64) -> Option<(u32, usize, u32)> {
+    let (a, b) = (table.get_ptr_mut(at.first)?, table.get_ptr_mut(at.second)?);
+    let now = age(now);
+    match (oldest(a, now), oldest(b, now)) {
+        (Some(x), Some(y)) if y.2 > x.2 => Some((at.second, y.0, y.1)),
+        (Some(x), _) => Some((at.first, x.0, x.1)),
+        (None, Some(y)) => Some((at.second, y.0, y.1)),
+        (None, None) => None,
+    }
 }
 
 /// Claims a slot for `key`, whose lookup missed at `at`. Takes the first set's
 /// lock (released by `publish`, or here on any other outcome). Sets are named by
 /// index and looked up again where used, for the reason given at [`Found`].
 #[inline(always)]
-pub fn insert<K: TableKey>(table: &Array<FlowSet<K>>, key: &Aligned<K>, at: Place, len: u64) -> Insert<K> {
-    let (Some(a), Some(b)) = (table.get_ptr_mut(at.first), table.get_ptr_mut(at.second)) else {
+pub fn insert<K: TableKey>(
+    table: &Array<FlowSet<K>>,
+    key: &Aligned<K>,
+    at: Place,
+    now: u64,
+    len: u64,
+) -> Insert<K> {
+    let Some(a) = table.get_ptr_mut(at.first) else {
         return Insert::Failed;
     };
     // SAFETY: `a` is a live map value.
@@ -307,21 +364,21 @@ pub fn insert<K: TableKey>(table: &Array<FlowSet<K>>, key: &Aligned<K>, at: Plac
         publish32(lock, 0);
         return Insert::Existing(f);
     }
+    // The first set while it has slack (see the module doc), else the emptier.
+    let Some(b) = table.get_ptr_mut(at.second) else {
+        publish32(lock, 0);
+        return Insert::Failed;
+    };
+    let fa = free_slots(a);
     let (near, far) =
-        if free_slots(b) > free_slots(a) { (at.second, at.first) } else { (at.first, at.second) };
+        if fa < SLACK && free_slots(b) > fa { (at.second, at.first) } else { (at.first, at.second) };
     let mut got = table.get_ptr_mut(near).and_then(claim_empty).map(|(i, c)| (near, i, c));
     if got.is_none() {
         got = table.get_ptr_mut(far).and_then(claim_empty).map(|(i, c)| (far, i, c));
     }
     if got.is_none() {
         // Both sets full: evict the least recently seen flow of the two.
-        let victim = match (oldest(a), oldest(b)) {
-            (Some(x), Some(y)) if y.2 < x.2 => Some((at.second, y)),
-            (Some(x), _) => Some((at.first, x)),
-            (None, Some(y)) => Some((at.second, y)),
-            (None, None) => None,
-        };
-        if let Some((n, (i, s, _))) = victim {
+        if let Some((n, i, s)) = victim(table, at, now) {
             if let Some(set) = table.get_ptr_mut(n) {
                 // SAFETY: live map value; i < WAYS.
                 let st = unsafe { &raw mut (*set).state[i & (WAYS - 1)] };
@@ -342,6 +399,7 @@ pub fn insert<K: TableKey>(table: &Array<FlowSet<K>>, key: &Aligned<K>, at: Plac
     unsafe {
         let slot = &raw mut (*set).slots[i];
         (*slot).key = key.0;
+        (*set).age[i] = age(now);
         Insert::Claimed(Claimed {
             lock,
             state: &raw mut (*set).state[i],

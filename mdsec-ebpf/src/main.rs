@@ -79,10 +79,10 @@ fn judge(ctx: &XdpContext, len: u64) -> u32 {
     let hit = account::account(pkt, now, len);
     let flow = hit.map(|h| h.value);
     if let Some(f) = flow {
-        // Only the first payload of a flow is classified: test here, so every later
-        // packet skips the out-of-line call.
+        // Only a flow's first payloads are classified (until one decides): test
+        // here, so every later packet skips the out-of-line call.
         // SAFETY: `f` is a live FLOWS value.
-        if pkt.payload_len > 0 && unsafe { (*f).app_done } == 0 {
+        if pkt.payload_len > 0 && unsafe { (*f).app_done } != mdsec_common::flow::APP_FINAL {
             app::identify(ctx.ctx, pkt, f);
         }
     }

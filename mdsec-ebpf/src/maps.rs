@@ -89,9 +89,10 @@ pub static EVENT_BUCKET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1
 #[map(name = "PORTS")]
 pub static PORTS: DevMapHash = DevMapHash::with_max_entries(PORTS_MAX, 0);
 
-/// Benchmark only (see `crate::bench`): `[flows, frame offset of the flow number]`.
+/// Benchmark only (see `crate::bench`): `[flows, frame offset of the flow number,
+/// stride through the flows, unused]`.
 #[map(name = "BENCH_CFG")]
-pub static BENCH_CFG: Array<[u32; 2]> = Array::with_max_entries(1, 0);
+pub static BENCH_CFG: Array<[u32; 4]> = Array::with_max_entries(1, 0);
 
 /// Benchmark only: packets of the flow stream so far, per CPU.
 #[map(name = "BENCH_I")]

@@ -46,7 +46,10 @@ pub fn decide(ctx: *mut xdp_md, p: &Packet, flow: Option<*mut FlowValue>, now: u
     if fv.generation != gen || now >= fv.valid_until_ns {
         evaluate(ctx, p, f, gen, now);
     }
-    if fv.verdict == Verdict::AppPending as u8 && fv.app_done != 0 {
+    // A rule's app is checked once the label is final; payloads too short to
+    // decide pass meanwhile (at most APP_TRIES - 1 of them, each under
+    // APP_DECISIVE_BYTES).
+    if fv.verdict == Verdict::AppPending as u8 && fv.app_done == mdsec_common::flow::APP_FINAL {
         check_app(fv, gen, p.ifindex);
     }
 

@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 
 use anyhow::Result;
 
-use crate::netns::{delete_namespaces, in_netns, ip, link_mac, unique_id};
+use crate::netns::{bind_in, delete_namespaces, ip, link_mac, unique_id};
 
 pub const WARD_PORT: &str = "ward";
 pub const CORE_PORT: &str = "core";
@@ -29,7 +29,7 @@ pub struct End {
 impl End {
     pub fn udp(&self, port: u16) -> Result<UdpSocket> {
         let bind = SocketAddr::new(self.ip.into(), port);
-        Ok(in_netns(&self.ns, move || UdpSocket::bind(bind))??)
+        bind_in(&self.ns, move || UdpSocket::bind(bind))
     }
     pub fn addr(&self, port: u16) -> SocketAddr {
         SocketAddr::new(self.ip.into(), port)

@@ -113,9 +113,15 @@ impl TestProg {
     /// Sets the distinct-flow stream of the bench entries: `flows` flows, the
     /// flow number written at frame offset `offset` (see `mdsec-ebpf`'s bench.rs).
     pub fn set_flow_stream(&mut self, flows: u32, offset: u32) -> Result<()> {
-        let mut m: aya::maps::Array<_, [u32; 2]> =
+        self.set_flow_order(flows, offset, 1)
+    }
+
+    /// [`TestProg::set_flow_stream`] visiting flow `i * stride mod flows` as
+    /// packet `i` (a stride coprime to `flows` visits each once per round).
+    pub fn set_flow_order(&mut self, flows: u32, offset: u32, stride: u32) -> Result<()> {
+        let mut m: aya::maps::Array<_, [u32; 4]> =
             aya::maps::Array::try_from(self.ebpf.map_mut(names::BENCH_CFG).context("no BENCH_CFG")?)?;
-        m.set(0, [flows, offset], 0)?;
+        m.set(0, [flows, offset, stride, 0], 0)?;
         Ok(())
     }
 
@@ -124,6 +130,23 @@ impl TestProg {
         use std::os::fd::{AsFd, AsRawFd};
         let prog: &Xdp = self.ebpf.program(self.program).unwrap().try_into()?;
         Ok(prog.fd()?.as_fd().as_raw_fd())
+    }
+
+    /// The kernel memory charged to map `name` (`memlock` in its fdinfo, what
+    /// `bpftool map show` prints).
+    pub fn map_memlock(&self, name: &str) -> Result<u64> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let map = self.ebpf.map(name).with_context(|| format!("no map {name}"))?;
+        let data: &MapData = match map {
+            aya::maps::Map::Array(d) | aya::maps::Map::LruHashMap(d) | aya::maps::Map::HashMap(d) => d,
+            _ => anyhow::bail!("map {name}: not an array or hash"),
+        };
+        let fd = data.fd().as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no memlock in the fdinfo of map {name}"))
     }
 
     /// Hands a map to its user-side owner (e.g. `PolicyMaps`).

@@ -42,6 +42,29 @@ pub fn ip(args: &[&str]) -> Result<Output> {
     run(Command::new("ip").args(args))
 }
 
+/// Binds a fixed address in `ns`, retrying for up to two seconds while it is
+/// in use. A socket this process closed a moment ago can still be held by a
+/// child another test thread is forking: between fork and exec the child has
+/// a copy of every descriptor (close-on-exec only acts at the exec).
+pub fn bind_in<T: Send + 'static>(
+    ns: &str,
+    bind: impl Fn() -> std::io::Result<T> + Send + Sync + Clone + 'static,
+) -> Result<T> {
+    let t0 = std::time::Instant::now();
+    loop {
+        match in_netns(ns, bind.clone())? {
+            Ok(s) => return Ok(s),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && t0.elapsed() < std::time::Duration::from_secs(2) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Runs `f` on a thread that has entered namespace `ns`. Sockets created there stay
 /// in that namespace whichever thread uses them later.
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
@@ -298,5 +321,14 @@ impl Drop for SharedBpffs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
         let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// A directory of the test's, removed when dropped (also on panic).
+pub struct TempDir(pub std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Result, bail};
 
-use crate::netns::{Host, in_netns};
+use crate::netns::{Host, bind_in, in_netns};
 
 pub fn udp_socket(h: &Host, v6: bool) -> Result<UdpSocket> {
     let bind = SocketAddr::new(h.ip(v6), 0);
@@ -31,23 +31,12 @@ pub fn send_udp(sock: &UdpSocket, to: SocketAddr, count: usize, size: usize) -> 
 
 pub fn udp_receiver(h: &Host, v6: bool, port: u16) -> Result<UdpSocket> {
     let bind = SocketAddr::new(h.ip(v6), port);
-    Ok(in_netns(&h.ns, move || UdpSocket::bind(bind))??)
+    bind_in(&h.ns, move || UdpSocket::bind(bind))
 }
 
 pub fn tcp_listener(h: &Host, port: u16) -> Result<TcpListener> {
     let bind = SocketAddr::new(h.ip(false), port);
-    // A listener on the same port a moment ago can still hold it briefly (seen
-    // under load): retry for up to two seconds before failing.
-    let t0 = std::time::Instant::now();
-    loop {
-        match in_netns(&h.ns, move || TcpListener::bind(bind))? {
-            Ok(l) => return Ok(l),
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && t0.elapsed() < Duration::from_secs(2) => {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+    bind_in(&h.ns, move || TcpListener::bind(bind))
 }
 
 pub fn tcp_connect(h: &Host, to: SocketAddr) -> Result<TcpStream> {

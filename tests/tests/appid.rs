@@ -36,9 +36,10 @@ fn kernel_and_userspace_agree_on_every_fixture() {
             let n = payload.len().min(CLASSIFY_BYTES);
             b[..n].copy_from_slice(&payload[..n]);
             let (app, conf) = classify(&b, n, proto, sport, dport);
+            let done = mdsec_common::flow::next_app_done(0, conf == mdsec_common::app::Confidence::High, n);
             assert_eq!(
                 (v.app, v.app_confidence, v.app_done),
-                (app as u8, conf as u8, 1),
+                (app as u8, conf as u8, done),
                 "{name} {sport}->{dport}"
             );
             checked += 1;
@@ -60,6 +61,28 @@ fn classification_runs_once_per_flow_and_skips_empty_segments() {
     prog.run(&frame(6, 40_000, 2575, b"GET / HTTP/1.1\r\n\r\n")).unwrap();
     let v = prog.flows().unwrap()[0].1;
     assert_eq!((v.app, v.app_done, v.packets), (App::Hl7 as u8, 1, 3));
+}
+
+/// A 2-byte leading segment does not lock the label (an evasion the
+/// replayed captures showed): the next payload decides; and a direction of
+/// only tiny segments ends up final after its bounded tries.
+#[test]
+fn a_tiny_leading_segment_decides_nothing() {
+    use mdsec_common::flow::{APP_FINAL, APP_TRIES, APP_TRYING};
+    let mut prog = TestProg::load().unwrap();
+    prog.run(&frame(6, 40_000, 8_080, b"\x00\x00")).unwrap();
+    let v = prog.flows().unwrap()[0].1;
+    assert_eq!(v.app_done, APP_TRYING | 1, "not final after two bytes");
+    prog.run(&frame(6, 40_000, 8_080, b"GET /pump/status HTTP/1.1\r\nHost: p\r\n\r\n")).unwrap();
+    let v = prog.flows().unwrap()[0].1;
+    assert_eq!((v.app, v.app_confidence, v.app_done), (App::Http as u8, 2, APP_FINAL));
+    prog.clear().unwrap();
+    for i in 1..=APP_TRIES + 1 {
+        prog.run(&frame(6, 40_000, 40_001, b"\x01")).unwrap();
+        let done = prog.flows().unwrap()[0].1.app_done;
+        let want = if i < APP_TRIES { APP_TRYING | i } else { APP_FINAL };
+        assert_eq!(done, want, "after {i} tiny segments");
+    }
 }
 
 #[test]

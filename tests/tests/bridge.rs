@@ -122,8 +122,7 @@ fn flows_of(a: &Agent, dport: u16, verdict: &str) -> u64 {
 fn tcp(from: &End, to: &End, port: u16, payload: &[u8]) -> Option<usize> {
     use std::io::{Read, Write};
     let bind = to.addr(port);
-    let listener =
-        mdsec_tests::netns::in_netns(&to.ns, move || std::net::TcpListener::bind(bind)).unwrap().unwrap();
+    let listener = mdsec_tests::netns::bind_in(&to.ns, move || std::net::TcpListener::bind(bind)).unwrap();
     let server = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().ok()?;
         s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
@@ -650,4 +649,65 @@ fn a_bad_bridge_is_refused_at_check_and_at_start_at_its_position() {
     let (ok, err, path) = agent_with(&b, &dummies.replace("driver", "skb"), "check");
     assert!(ok, "skb is the operator's explicit choice: {err}");
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+/// ARP spoofing and duplicate addresses on a bump, in real ARP frames built
+/// by scapy: ward host 2 claims the pharmacy's address (bound to its MAC by
+/// `detection.arp_bindings`) and then pump 1's, while pump 1 is active.
+#[test]
+fn arp_claims_of_a_bound_address_and_of_an_active_hosts_address_are_detected() {
+    let b = Bump::new(2, 2, true).unwrap();
+    b.warm_up().unwrap();
+    let (pump, intruder, pharmacy) = (&b.ward[0], &b.ward[1], &b.core[0]);
+    let mac = |e: &End| mdsec_agent::base::net::mac_string(e.mac);
+    let extra = format!("detection:\n  arp_bindings:\n    \"{}\": \"{}\"\n", pharmacy.ip, mac(pharmacy));
+    let a = start(&b, &extra, policy(None));
+    // The warm-up's ARP and pings came first: nothing was claimed twice.
+    std::thread::sleep(Duration::from_secs(3));
+    let claim = |ip: Ipv4Addr| {
+        let code = format!(
+            "from scapy.all import *\nm=get_if_hwaddr('eth0')\n\
+             sendp([Ether(src=m,dst='ff:ff:ff:ff:ff:ff')/ARP(op=2,hwsrc=m,psrc='{ip}',hwdst='ff:ff:ff:ff:ff:ff',pdst='{ip}')]*3,iface='eth0',verbose=0)"
+        );
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &intruder.ns, "/usr/bin/python3", "-c", &code])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "scapy: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    claim(pharmacy.ip);
+    claim(pump.ip);
+    // The pump stays active meanwhile. (Its frames may now reach the
+    // intruder instead: the broadcast claims poisoned the hosts' ARP caches.)
+    send(pump, 5000, pharmacy, 9000, 5, &hl7(100));
+    let kinds = ["arp_spoofing", "duplicate_ip"];
+    let found = |e: &Vec<model::Event>| {
+        let f: Vec<(String, String, Option<String>)> = e
+            .iter()
+            .filter(|e| kinds.contains(&e.kind.as_str()))
+            .map(|e| (e.kind.clone(), e.src.clone(), e.mac.clone()))
+            .collect();
+        (f.len() >= 2).then_some(f)
+    };
+    let got = a.wait_for(Duration::from_secs(20), |a| a.events(), found).unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    let again = found(&a.events().unwrap()).unwrap();
+    assert_eq!(got, again, "each claim is reported once");
+    assert_eq!(
+        got,
+        [
+            ("arp_spoofing".to_string(), pharmacy.ip.to_string(), Some(mac(intruder))),
+            ("duplicate_ip".to_string(), pump.ip.to_string(), Some(mac(intruder)))
+        ],
+        "{}",
+        a.log()
+    );
+    let events = a.events().unwrap();
+    let spoof = events.iter().find(|e| e.kind == "arp_spoofing").unwrap();
+    assert_eq!((spoof.severity.as_str(), spoof.iface.as_str()), ("high", WARD_PORT));
+    assert!(spoof.reason.contains(&mac(pharmacy)), "{}", spoof.reason);
+    let dup = events.iter().find(|e| e.kind == "duplicate_ip").unwrap();
+    assert!(dup.reason.contains(&mac(pump)), "{}", dup.reason);
+    // Pump 1's own address is its own: it is reported as neither.
+    assert!(events.iter().filter(|e| kinds.contains(&e.kind.as_str())).all(|e| e.mac != Some(mac(pump))));
 }

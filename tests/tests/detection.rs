@@ -142,3 +142,162 @@ fn scan_outside_dns_and_rdp_raise_exactly_their_events_with_clinical_triage() {
     assert_eq!(traffic::drain(&rx), 1);
     assert_eq!(traffic::drain(&rogue), 0, "the pump segment enforces: the outside query is dropped");
 }
+
+/// Lateral movement outside the segments: h2 = 10.0.2.2 is the PACS, a
+/// server in no segment but in the `pacs` clinical zone; h3 = 10.0.3.2 an
+/// unknown laptop; h4 = 10.0.4.2 the IT jump host (`it-admin`, an admin zone).
+#[test]
+fn smb_from_an_unknown_laptop_to_the_pacs_raises_remote_access_with_the_pacs_clinical_impact() {
+    let topo = Topology::new(4).unwrap();
+    topo.warm_up().unwrap();
+    let policy = vec![
+        ("zones.yaml".into(), "zones:\n  pacs: [10.0.2.2/32]\n  it-admin: [10.0.4.0/24]\n".into()),
+        (
+            "pumps.yaml".into(),
+            "segment: pumps\nfunction: infusion-pump\nmode: enforce\ndefault: deny\nmembers:\n  - cidr: 10.0.1.0/24\n"
+                .into(),
+        ),
+    ];
+    let agent = Agent::start(
+        &topo,
+        AgentOptions {
+            policy,
+            extra_yaml: "detection:\n  clinical_zones:\n    pacs: pacs\n  admin_zones: [it-admin]\n".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let pacs = SocketAddr::new(topo.host(2).v4().into(), 445);
+    let associate = b"\x01\x00\x00\x00\x00\x44\x00\x01";
+    // The laptop opens DICOM to the PACS (its first contact), then tries
+    // SMB, where nothing listens (SYN, RST: the port says SMB).
+    tcp_exchange(&topo, 3, 2, 104, associate);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(traffic::tcp_connect(topo.host(3), pacs).is_err(), "nothing listens on the PACS's 445");
+    // VNC: no signature in the datapath, its port says it.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(traffic::tcp_connect(topo.host(3), SocketAddr::new(pacs.ip(), 5900)).is_err());
+    // The jump host administers the PACS: SMB and RDP from the admin zone are expected.
+    tcp_exchange(&topo, 4, 2, 445, &mdsec_tests::fixtures::load("smb2-negotiate"));
+    assert!(traffic::tcp_connect(topo.host(4), SocketAddr::new(pacs.ip(), 3389)).is_err());
+    // A second association of the laptop is no longer a first contact.
+    tcp_exchange(&topo, 3, 2, 104, associate);
+
+    let lateral = ["remote_access", "first_contact"];
+    let wanted = |e: &Vec<Event>| {
+        let n = |t: &str| e.iter().filter(|e| e.kind == t).count();
+        (n("remote_access") >= 2 && n("first_contact") >= 1).then(|| e.to_vec())
+    };
+    agent.wait_for(Duration::from_secs(20), |a| a.events(), wanted).unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    let events = agent.events().unwrap();
+    let found: Vec<&Event> = events
+        .iter()
+        .filter(|e| lateral.contains(&e.kind.as_str()) || DETECTIONS[..5].contains(&e.kind.as_str()))
+        .collect();
+    let seen: Vec<(&str, &str, &str, u16)> =
+        found.iter().map(|e| (e.kind.as_str(), e.src.as_str(), e.dst.as_str(), e.dport)).collect();
+    assert_eq!(
+        seen,
+        [
+            ("first_contact", "10.0.3.2", "10.0.2.2", 104),
+            ("remote_access", "10.0.3.2", "10.0.2.2", 445),
+            ("remote_access", "10.0.3.2", "10.0.2.2", 5900)
+        ],
+        "{found:#?}"
+    );
+    for e in &found {
+        assert_eq!(
+            (e.zone.as_str(), e.function.as_str(), e.clinical_impact.as_str(), e.segment.as_str()),
+            ("pacs", "pacs", "high", ""),
+            "{e:#?}"
+        );
+        assert_eq!(e.escalation, "clinical IT on-call, within 1 hour");
+    }
+    assert_eq!((found[1].app.as_str(), found[2].app.as_str()), ("smb", "vnc"));
+    assert!(found[1].reason.contains("clinical server 10.0.2.2 (zone pacs)"), "{}", found[1].reason);
+}
+
+/// Runs a scapy snippet (Debian's python3-scapy) in `ns`: real frames, built
+/// by a tool independent of ours.
+fn scapy(ns: &str, code: &str) {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "/usr/bin/python3", "-c"])
+        .arg(format!("from scapy.all import *\n{code}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "scapy: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Infrastructure roles only declared hosts may play: h3 = 10.0.3.2 is the
+/// declared DHCP server and IPv6 router (by MAC); h2 = 10.0.2.2 answers DHCP
+/// and h4 advertises itself as a router.
+#[test]
+fn dhcp_offers_and_router_advertisements_from_undeclared_hosts_are_rogue() {
+    let topo = Topology::new(4).unwrap();
+    topo.warm_up().unwrap();
+    let router_mac = mdsec_agent::base::net::mac_string(topo.host(3).mac().unwrap());
+    let rogue_mac = mdsec_agent::base::net::mac_string(topo.host(4).mac().unwrap());
+    let agent = Agent::start(
+        &topo,
+        AgentOptions {
+            policy: policy(),
+            extra_yaml: format!(
+                "detection:\n  dhcp_servers: [10.0.3.2]\n  ipv6_routers: [\"{router_mac}\"]\n"
+            ),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let offer = |ip: &str| {
+        format!(
+            "sendp([Ether(dst='ff:ff:ff:ff:ff:ff')/IP(src='{ip}',dst='255.255.255.255')/UDP(sport=67,dport=68)\
+             /BOOTP(op=2,yiaddr='10.0.9.77',xid=7)/DHCP(options=[('message-type','offer'),('server_id','{ip}'),'end'])]*3,\
+             iface='eth0',verbose=0)"
+        )
+    };
+    let ra = |ll: &str| {
+        format!(
+            "sendp([Ether(dst='33:33:00:00:00:01')/IPv6(src='{ll}',dst='ff02::1')/ICMPv6ND_RA()\
+             /ICMPv6NDOptSrcLLAddr(lladdr=get_if_hwaddr('eth0'))]*3,iface='eth0',verbose=0)"
+        )
+    };
+    scapy(&topo.host(3).ns, &offer("10.0.3.2"));
+    scapy(&topo.host(3).ns, &ra("fe80::3"));
+    scapy(&topo.host(2).ns, &offer("10.0.2.2"));
+    scapy(&topo.host(4).ns, &ra("fe80::4"));
+
+    let rogue = ["rogue_dhcp_server", "rogue_router_advertisement"];
+    let wanted = |e: &Vec<Event>| {
+        (e.iter().filter(|e| rogue.contains(&e.kind.as_str())).count() >= 2).then(|| e.clone())
+    };
+    agent.wait_for(Duration::from_secs(20), |a| a.events(), wanted).unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    // The declared host's frames were seen too (so their silence means something).
+    let flows = agent.flows().unwrap();
+    assert!(flows.iter().any(|f| f.src == "10.0.3.2" && f.sport == 67), "{flows:#?}");
+    assert!(flows.iter().any(|f| f.src == "fe80::3" && f.proto == "icmpv6"), "{flows:#?}");
+    let events = agent.events().unwrap();
+    let found: Vec<(&str, &str, Option<&str>)> = events
+        .iter()
+        .filter(|e| rogue.contains(&e.kind.as_str()))
+        .map(|e| (e.kind.as_str(), e.src.as_str(), e.mac.as_deref()))
+        .collect();
+    let h2_mac = mdsec_agent::base::net::mac_string(topo.host(2).mac().unwrap());
+    assert_eq!(
+        found,
+        [
+            ("rogue_dhcp_server", "10.0.2.2", Some(h2_mac.as_str())),
+            ("rogue_router_advertisement", "fe80::4", Some(rogue_mac.as_str()))
+        ],
+        "{events:#?}"
+    );
+    let e = events.iter().find(|e| e.kind == "rogue_dhcp_server").unwrap();
+    assert_eq!((e.severity.as_str(), e.iface.as_str()), ("high", topo.host(2).gw_if.as_str()));
+    assert!(e.reason.contains("not declared in detection.dhcp_servers"), "{}", e.reason);
+    // Each is an incident of its sender.
+    let incidents: Vec<mdsec_agent::surfaces::model::Incident> = agent.get("/api/v1/incidents").unwrap();
+    let mut srcs: Vec<&str> = incidents.iter().map(|i| i.src.as_str()).collect();
+    srcs.sort();
+    assert_eq!(srcs, ["10.0.2.2", "fe80::4"]);
+}

@@ -46,8 +46,7 @@ fn devices_carry_vendor_apps_and_peers() {
     // A DHCP request from the pump (the real option layout of a DHCPDISCOVER).
     let dhcp = mdsec_tests::fixtures::load("dhcp-discover");
     let from: SocketAddr = "10.0.1.2:68".parse().unwrap();
-    let sock =
-        mdsec_tests::netns::in_netns(&h1.ns, move || std::net::UdpSocket::bind(from)).unwrap().unwrap();
+    let sock = mdsec_tests::netns::bind_in(&h1.ns, move || std::net::UdpSocket::bind(from)).unwrap();
     sock.send_to(&dhcp, "10.0.1.1:67").unwrap();
 
     let devices = agent

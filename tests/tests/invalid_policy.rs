@@ -123,6 +123,39 @@ fn check_refuses_every_invalid_policy_with_its_location() {
 }
 
 #[test]
+fn check_refuses_detection_zones_the_policy_does_not_define_at_their_place() {
+    // Removed also when an assertion fails.
+    let dir = mdsec_tests::netns::TempDir(std::env::temp_dir().join(unique_id()));
+    let root = &dir.0;
+    let pdir = root.join("policy");
+    let cfg = root.join("agent.yaml");
+    std::fs::create_dir_all(root).unwrap();
+    write_policy(&pdir, None);
+    let write = |detection: &str| {
+        let text = format!(
+            "interfaces:\n  - name: eth1\n    role: inline\n    xdp_mode: skb\npolicy_dir: {}\ndetection:\n{detection}",
+            pdir.display()
+        );
+        std::fs::write(&cfg, text).unwrap();
+        Command::new(agent_bin()).args(["check", "--config"]).arg(&cfg).output().unwrap()
+    };
+    let ok = write("  clinical_zones:\n    pharmacy: pharmacy\n  admin_zones: [workstations]\n");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let bad = write(
+        "  clinical_zones:\n    pharmacy: pharmacy\n    pacs: pacs\n  admin_zones: [workstations, it]\n",
+    );
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(1), "{err}");
+    let c = cfg.display();
+    for want in [
+        format!("{c}:9:11: detection.clinical_zones: `pacs` is not a zone of the policy"),
+        format!("{c}:10:31: detection.admin_zones: `it` is not a zone of the policy"),
+    ] {
+        assert!(err.lines().any(|l| l.starts_with(&want)), "wanted {want}\n{err}");
+    }
+}
+
+#[test]
 fn invalid_hot_reloads_keep_the_previous_policy_enforcing() {
     let topo = Topology::new(3).unwrap();
     topo.warm_up().unwrap();

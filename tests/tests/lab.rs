@@ -5,14 +5,7 @@
 
 use std::{collections::BTreeMap, process::Command, time::Duration};
 
-/// Removes the test's directory when dropped (also on panic).
-struct Dir(std::path::PathBuf);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use mdsec_tests::netns::TempDir as Dir;
 
 /// A tmux session of our own, killed by name when dropped (also on panic).
 struct Tmux(String);
@@ -145,8 +138,30 @@ fn the_lab_runs_its_timeline_in_an_80x24_terminal() {
     assert_eq!(s["attack_flows_blocked"].as_u64(), Some(flows));
     assert_eq!(s["normal_drops"].as_u64(), Some(0), "{s:#}");
     assert_eq!(s["normal_flows_dropped"].as_u64(), Some(0));
+    // One incident per attacking source; the normal scenario raises none.
+    assert_eq!(s["normal_incidents"].as_u64(), Some(0), "{:#}", s["incidents"]);
+    let mut sources: Vec<&str> =
+        s["incidents"].as_array().unwrap().iter().map(|i| i[1].as_str().unwrap()).collect();
+    sources.sort();
+    assert_eq!(sources, ["10.10.0.12", "10.50.0.10", "10.50.0.66"], "{:#}", s["incidents"]);
     assert_eq!(s["normal_would_drops_in_monitor"].as_u64(), Some(0), "the suggestion missed normal traffic");
     assert!(s["evidence_report"].as_str().is_some_and(|p| p.ends_with("evidence.html")));
+
+    // The EVE log of the whole run, checked record by record once the agent
+    // stopped (so every conversation has its flow record): schema keys and
+    // types, values, and every policy alert's flow_id among the flow records.
+    let eve = &s["eve"];
+    assert_eq!(eve["problem_count"].as_u64(), Some(0), "{eve:#}");
+    assert!(eve["flow_records"].as_u64().is_some_and(|n| n > 100), "{eve:#}");
+    let sids = eve["alerts_by_sid"].as_object().unwrap();
+    // The attack's three detections, by their fixed ids (scan, outside DNS,
+    // remote access), and policy drops (9100000 and up).
+    for sid in ["9000104", "9000105", "9000106"] {
+        assert!(sids.get(sid).is_some_and(|n| n.as_u64() >= Some(1)), "no alert {sid}: {eve:#}");
+    }
+    assert!(sids.keys().any(|k| k.parse::<u64>().unwrap() >= 9_100_000), "no policy alert: {eve:#}");
+    assert_eq!(eve["policy_alerts_without_flow"].as_u64(), Some(0));
+    assert!(dir.join("eve.json").exists(), "the lab keeps its EVE log beside the report");
 }
 
 /// Ctrl-C at a moment of the run chosen at random: the lab prints its summary,

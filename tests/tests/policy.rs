@@ -141,8 +141,7 @@ fn longest_prefix_identity_and_ipv6_rules() {
         start(&topo, vec![z, pumps("enforce", "  - to: pharmacy-db\n    proto: udp\n    ports: [9200]\n")]);
     let send = |dst: &str, port: u16| {
         let addr: SocketAddr = format!("{dst}:{port}").parse().unwrap();
-        let rx =
-            mdsec_tests::netns::in_netns(&h2.ns, move || std::net::UdpSocket::bind(addr)).unwrap().unwrap();
+        let rx = mdsec_tests::netns::bind_in(&h2.ns, move || std::net::UdpSocket::bind(addr)).unwrap();
         let tx = traffic::udp_socket(topo.host(1), false).unwrap();
         traffic::send_and_settle(&tx, addr, 10, 32).unwrap();
         traffic::drain(&rx)
@@ -213,7 +212,9 @@ fn mac_membership_puts_a_device_in_a_segment() {
 #[test]
 fn exception_allows_until_it_expires_then_drops() {
     let topo = Topology::new(3).unwrap();
-    let expires = std::time::SystemTime::now() + Duration::from_secs(4);
+    // Far enough ahead that a slow agent start (parallel tests on 2 CPUs)
+    // still leaves more than a second of sending before it.
+    let expires = std::time::SystemTime::now() + Duration::from_secs(8);
     let stamp = mdsec_agent::base::clock::rfc3339(expires);
     let rules = format!(
         "exceptions:\n  - to: pharmacy\n    proto: udp\n    ports: [9300]\n    expires: {stamp}\n    reason: vendor maintenance\n    ticket: CHG-42\n"

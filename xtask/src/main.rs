@@ -315,6 +315,15 @@ const TEST_PACKAGES: &[&str] = &[
     "chromium",
     // The lab's live view is checked at 80×24 in a real terminal.
     "tmux",
+    // IPFIX export is checked by real collectors (nfcapd, read with nfdump;
+    // pmacct's nfacctd) and by Wireshark's dissector.
+    "nfdump",
+    "pmacct",
+    "tshark",
+    // The incidents test scans a segment with a real nmap.
+    "nmap",
+    // Independent frames for the L2 and infrastructure detections.
+    "python3-scapy",
 ];
 /// Building and checking the Debian package: lintian, and debootstrap for the
 /// clean Debian 12 chroot it is installed into by the tests.

@@ -53,6 +53,9 @@ pub fn build(root: &Path) -> Result<PathBuf> {
     std::fs::copy(root.join("deploy/mdsec.yaml"), etc.join("mdsec.yaml"))?;
     copy_tree(&root.join("deploy/examples"), &dir("etc/mdsec/examples")?)?;
     dir("var/lib/mdsec")?;
+    // The default event log's directory: `mdsec-agent check` wants a sink's
+    // directory to exist (systemd's LogsDirectory would make it only at start).
+    dir("var/log/mdsec")?;
 
     let man = dir("usr/share/man/man1")?;
     run(Command::new(&bin).arg("manpages").arg("--out").arg(&man).stdout(std::process::Stdio::null()))?;
@@ -191,7 +194,7 @@ set -e
 # operator wrote there (policies, the state database with its evidence) stays.
 if [ \"$1\" = purge ]; then
     rmdir --ignore-fail-on-non-empty /etc/mdsec/examples/policy /etc/mdsec/examples \\
-        /etc/mdsec /var/lib/mdsec 2>/dev/null || true
+        /etc/mdsec /var/lib/mdsec /var/log/mdsec 2>/dev/null || true
 fi
 exit 0
 ";

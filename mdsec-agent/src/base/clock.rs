@@ -48,17 +48,17 @@ impl Anchor {
 
 /// RFC 3339 in UTC with millisecond precision, e.g. `2026-11-23T09:08:30.123Z`.
 pub fn rfc3339(t: SystemTime) -> String {
+    let (y, m, d, hh, mm, ss, us) = utc(t);
+    format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}.{:03}Z", us / 1000)
+}
+
+/// `t` in UTC: year, month, day, hour, minute, second, microsecond.
+pub fn utc(t: SystemTime) -> (i64, u32, u32, i64, i64, i64, u32) {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, dd) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    (y, m, dd, rem / 3600, rem % 3600 / 60, rem % 60, d.subsec_micros())
 }
 
 /// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian).

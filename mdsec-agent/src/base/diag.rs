@@ -69,7 +69,7 @@ enum Node {
 }
 
 /// A step of a path into a [`Tree`]: a mapping key or a sequence index.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step<'a> {
     Key(&'a str),
     Index(usize),

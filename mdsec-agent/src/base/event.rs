@@ -1,6 +1,7 @@
 //! The event record: one shape for policy events, detections and device
-//! events, carried unchanged by the API, the JSON-lines log, syslog and the
-//! state database (documented field by field in docs/OPERATIONS.md).
+//! events, carried unchanged by the API, the native-format log and syslog sinks
+//! and the state database (documented field by field in docs/OPERATIONS.md);
+//! `surfaces::eve` turns it into a Suricata alert for `eve` sinks.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +23,12 @@ pub const EVENT_TYPES: &[&str] = &[
     "new_port",
     "new_app",
     "decommissioned_device",
+    "first_contact",
+    "rogue_dhcp_server",
+    "rogue_router_advertisement",
+    "arp_spoofing",
+    "duplicate_ip",
+    "incident",
 ];
 
 /// The event type a policy verdict raises: only denials do.
@@ -76,6 +83,9 @@ pub struct Event {
     pub mac: Option<String>,
     #[serde(default)]
     pub vendor: Option<String>,
+    /// Detections about a clinical server: its clinical zone (`detection.clinical_zones`).
+    #[serde(default)]
+    pub zone: String,
     /// Clinical function of the segment (or device) involved, e.g. `infusion-pump`.
     #[serde(default)]
     pub function: String,
@@ -88,6 +98,14 @@ pub struct Event {
     /// Detections: what was observed (counts, window, peers).
     #[serde(default)]
     pub evidence: String,
+    /// The incident (`GET /api/v1/incidents`) this event belongs to; 0 for none.
+    /// An `incident` event is that incident's notification.
+    #[serde(default)]
+    pub incident: u64,
+    /// A novelty event its incident subsumed: kept and queryable, not sent
+    /// to the sinks on its own.
+    #[serde(default)]
+    pub subsumed: bool,
 }
 
 impl Event {

@@ -1,4 +1,5 @@
-//! MAC addresses and protocol names as the agent spells them.
+//! MAC addresses and protocol names as the agent spells them; the
+//! exporters' reconnect backoff.
 
 pub fn proto_name(p: u8) -> String {
     match p {
@@ -7,6 +8,17 @@ pub fn proto_name(p: u8) -> String {
         17 => "udp".into(),
         58 => "icmpv6".into(),
         n => n.to_string(),
+    }
+}
+
+/// The protocol number [`proto_name`] spelled `name` as.
+pub fn proto_number(name: &str) -> Option<u8> {
+    match name {
+        "icmp" => Some(1),
+        "tcp" => Some(6),
+        "udp" => Some(17),
+        "icmpv6" => Some(58),
+        n => n.parse().ok(),
     }
 }
 
@@ -76,5 +88,62 @@ impl std::str::FromStr for Mac {
     type Err = String;
     fn from_str(s: &str) -> Result<Mac, String> {
         parse_mac(s).map(Mac).ok_or_else(|| format!("`{s}` is not a MAC address (aa:bb:cc:dd:ee:ff)"))
+    }
+}
+
+/// `rest` (what follows a `udp://`-style scheme in `whole`) as HOST:PORT with a
+/// non-empty host and a port 1–65535; the error names `whole`.
+pub fn host_port(whole: &str, rest: &str) -> Result<String, String> {
+    match rest.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0) => Ok(rest.to_string()),
+        _ => Err(format!("`{whole}`: expected HOST:PORT after the scheme")),
+    }
+}
+
+/// When a sink that could not connect may try again: 1 s, doubling up to
+/// 60 s, back to 1 s once connected. One rule for every exporter that
+/// reconnects (IPFIX over TCP, syslog over TCP, the socket sink), so a peer
+/// that is down costs no connect per record.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    retry_at: std::time::Instant,
+    delay: std::time::Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { retry_at: std::time::Instant::now(), delay: Backoff::FIRST }
+    }
+}
+
+impl Backoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// Ok when an attempt is due, else how long until it is.
+    pub fn due(&self) -> Result<(), std::time::Duration> {
+        let now = std::time::Instant::now();
+        if now < self.retry_at { Err(self.retry_at - now) } else { Ok(()) }
+    }
+
+    /// An attempt failed: the next waits, twice as long as this one did.
+    pub fn failed(&mut self) {
+        self.retry_at = std::time::Instant::now() + self.delay;
+        self.delay = (self.delay * 2).min(Backoff::MAX);
+    }
+
+    pub fn connected(&mut self) {
+        self.delay = Backoff::FIRST;
+    }
+
+    /// The wait the next failure sets.
+    pub fn delay(&self) -> std::time::Duration {
+        self.delay
+    }
+
+    /// Tests: make the next attempt due now.
+    #[cfg(test)]
+    pub fn expire(&mut self) {
+        self.retry_at = std::time::Instant::now();
     }
 }

@@ -48,6 +48,13 @@ pub fn check(config: &Path) -> Result<ExitCode> {
                 for d in diags {
                     eprintln!("{d}");
                 }
+                let zones = cfg.zone_problems(config, &p);
+                for d in &zones {
+                    eprintln!("{d}");
+                }
+                if !zones.is_empty() {
+                    return Ok(ExitCode::FAILURE);
+                }
                 println!(
                     "{}: ok ({} segments, {} zones, {} rules, {} datapath entries)",
                     dir.display(),

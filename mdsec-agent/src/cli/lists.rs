@@ -1,4 +1,4 @@
-//! `mdsec-agent flows|devices|events|stats`: the API's list endpoints with the same
+//! `mdsec-agent flows|devices|events|incidents|stats`: the API's list endpoints with the same
 //! filters, printed as one table (or JSON). Arguments become the query string
 //! in one place ([`ListArgs::query`]); the server validates the values, so
 //! the CLI and the API cannot disagree on what a filter means.
@@ -35,6 +35,15 @@ pub struct ListArgs {
     /// An application name (dicom, hl7, tls, …).
     #[arg(long)]
     app: Option<String>,
+    /// An event type (events), or incidents holding events of that type.
+    #[arg(long = "type", value_name = "TYPE")]
+    kind: Option<String>,
+    /// Events of this incident.
+    #[arg(long)]
+    incident: Option<String>,
+    /// Incidents: open or closed.
+    #[arg(long)]
+    state: Option<String>,
     /// Seen at or after: RFC 3339, or an age such as 15m, 2h, 7d.
     #[arg(long)]
     since: Option<String>,
@@ -56,6 +65,7 @@ enum List {
     Flows,
     Devices,
     Events,
+    Incidents,
 }
 
 impl List {
@@ -64,6 +74,7 @@ impl List {
             List::Flows => "/api/v1/flows",
             List::Devices => "/api/v1/devices",
             List::Events => "/api/v1/events",
+            List::Incidents => "/api/v1/incidents",
         }
     }
 
@@ -83,6 +94,9 @@ impl ListArgs {
             ("iface", &self.iface),
             ("verdict", &self.verdict),
             ("app", &self.app),
+            ("type", &self.kind),
+            ("incident", &self.incident),
+            ("state", &self.state),
         ];
         for (k, v) in pairs {
             if let Some(v) = v {
@@ -235,6 +249,27 @@ pub fn events(a: &ListArgs) -> Result<ExitCode> {
             e.app.clone(),
             e.segment.clone(),
             e.clinical_impact.clone(),
+        ]
+    })
+}
+
+pub fn incidents(a: &ListArgs) -> Result<ExitCode> {
+    let head = ["ID", "STATE", "SEVERITY", "SOURCE", "TARGETS", "EVENTS", "FIRST", "LAST", "MOST CRITICAL"];
+    show(a, List::Incidents, &head, None, |i: &model::Incident| {
+        let worst = i.targets.first().map(|t| {
+            let at = if t.segment.is_empty() { &t.zone } else { &t.segment };
+            format!("{} ({at})", t.ip)
+        });
+        vec![
+            i.id.to_string(),
+            i.state.clone(),
+            i.severity.clone(),
+            i.src.clone(),
+            i.targets_total.to_string(),
+            i.by_type.iter().map(|(k, n)| format!("{k}:{n}")).collect::<Vec<_>>().join(","),
+            i.first_seen.clone(),
+            i.last_seen.clone(),
+            worst.unwrap_or_default(),
         ]
     })
 }

@@ -1,6 +1,6 @@
 //! The command line: [`main`] → [`run`] → one function per command, in one
 //! module per command group (`agent`: run/check/detach; `lists`: flows,
-//! devices, events, stats; `device`: lifecycle; `evidence`: report, register;
+//! devices, events, incidents, stats; `device`: lifecycle; `evidence`: report, register;
 //! `policy`: suggest, schema). Every table goes through [`table::print`].
 
 use std::{path::PathBuf, process::ExitCode};
@@ -54,6 +54,8 @@ enum Cmd {
     Devices(lists::ListArgs),
     /// List recent events of a running agent, oldest first.
     Events(lists::ListArgs),
+    /// List incidents (events correlated per source) of a running agent.
+    Incidents(lists::ListArgs),
     /// Show datapath counters by reason.
     Stats(Query),
     /// Write the JSON Schemas of the policy files (for editors) and of events to a directory.
@@ -232,6 +234,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Flows(a) => lists::flows(&a),
         Cmd::Devices(a) => lists::devices(&a),
         Cmd::Events(a) => lists::events(&a),
+        Cmd::Incidents(a) => lists::incidents(&a),
         Cmd::Stats(q) => lists::stats(&q),
         Cmd::Device(DeviceCmd::SetState { mac, state, reason, actor, q }) => {
             device::set_state(&mac, &state, &reason, actor, &q)

@@ -62,11 +62,13 @@ pub fn schema(out: &Path) -> Result<ExitCode> {
 }
 
 /// Every published JSON Schema (`deploy/schema/`): the policy files, events,
-/// the register and the report.
+/// incidents, the register and the report.
 pub fn schemas() -> Vec<(&'static str, String)> {
     let mut all = crate::policy::model::schemas();
     let s = schemars::schema_for!(crate::base::event::Event);
     all.push(("event.schema.json", serde_json::to_string_pretty(&s).unwrap() + "\n"));
+    let s = schemars::schema_for!(crate::detection::incident::Incident);
+    all.push(("incident.schema.json", serde_json::to_string_pretty(&s).unwrap() + "\n"));
     all.push(("register.schema.json", crate::evidence::register::schema()));
     all.push(("report.schema.json", crate::evidence::report::schema()));
     all

@@ -18,8 +18,8 @@ use aya::{
 use mdsec_common::{
     flow::{FlowKey, FlowKey4, FlowValue},
     flowtable::{
-        EMPTY, FlowSet, MATCH_MASK, STATUS_MASK, TableKey, VALID, WAYS, claim, emptied, place, published,
-        sets_for,
+        EMPTY, FlowSet, MATCH_MASK, SLACK, STATUS_MASK, TableKey, VALID, WAYS, age, claim, emptied, place,
+        published, sets_for,
     },
 };
 
@@ -274,10 +274,11 @@ impl<K: TableKey> FlowTable<K> {
         let free = |n: u32| {
             let set = self.set(n);
             (0..WAYS).filter(|&i| self.state(set, i).load(Ordering::Relaxed) & STATUS_MASK == EMPTY).count()
+                as u32
         };
-        // The emptier set first, as the datapath chooses.
-        let order =
-            if free(at.second) > free(at.first) { [at.second, at.first] } else { [at.first, at.second] };
+        // As the datapath chooses: the first set while it has slack, else the emptier.
+        let (fa, fb) = (free(at.first), free(at.second));
+        let order = if fa < SLACK && fb > fa { [at.second, at.first] } else { [at.first, at.second] };
         for n in order {
             let set = self.set(n);
             for i in 0..WAYS {
@@ -294,6 +295,7 @@ impl<K: TableKey> FlowTable<K> {
                     (*slot).key = *key;
                     (*slot).index = i as u32;
                     (*slot).value = *value;
+                    (*set).age[i] = age(value.last_seen_ns);
                 }
                 st.store(published(claim(s), at.want), Ordering::Release);
                 return Ok(());

@@ -21,20 +21,44 @@ use mdsec_common::{
 };
 
 use crate::{
-    base::clock, datapath::flowtable::FlowTables, datapath::loader::Datapath, datapath::segstats::SegStats,
-    datapath::state::Tables,
+    base::clock,
+    datapath::flowtable::FlowTables,
+    datapath::loader::Datapath,
+    datapath::segstats::SegStats,
+    datapath::state::{EndReason, Ended, Tables, Timeouts},
 };
+
+/// When flows end, and when long ones report.
+#[derive(Debug, Clone, Copy)]
+pub struct Ageing {
+    /// No packet for this long: the flow ends (and leaves the kernel table).
+    pub idle: Duration,
+    /// A closed TCP conversation (RST, or FIN each way) quiet this long ends.
+    pub closed: Duration,
+    /// Conversations still open report what came since, this often.
+    pub active: Option<Duration>,
+}
+
+impl Ageing {
+    /// Only the idle timeout (the benchmarks).
+    pub fn idle(idle: Duration) -> Ageing {
+        Ageing { idle, closed: idle, active: None }
+    }
+}
 
 pub struct Poller {
     flows: FlowTables,
     devices: BpfHashMap<MapData, DeviceKey, DeviceValue>,
     stats: PerCpuArray<MapData, Counter>,
     segstats: Arc<Mutex<SegStats>>,
-    idle: Duration,
+    ageing: Ageing,
+    /// Where conversations that end go (the exporter's EVE flow records), if
+    /// anywhere: a callback, so this layer does not know the surfaces.
+    ended: Option<Box<dyn Fn(Vec<Ended>) + Send>>,
 }
 
 impl Poller {
-    pub fn new(dp: &mut Datapath, segstats: Arc<Mutex<SegStats>>, idle: Duration) -> Result<Poller> {
+    pub fn new(dp: &mut Datapath, segstats: Arc<Mutex<SegStats>>, ageing: Ageing) -> Result<Poller> {
         Self::from_maps(
             dp.take_map(names::FLOWS)?,
             dp.take_map(names::FLOWS4)?,
@@ -42,7 +66,7 @@ impl Poller {
             dp.take_map(names::DEVICES)?,
             dp.take_map(names::STATS)?,
             segstats,
-            idle,
+            ageing,
         )
     }
 
@@ -54,25 +78,33 @@ impl Poller {
         devices: aya::maps::Map,
         stats: aya::maps::Map,
         segstats: Arc<Mutex<SegStats>>,
-        idle: Duration,
+        ageing: Ageing,
     ) -> Result<Poller> {
         Ok(Poller {
             flows: FlowTables::new(flows4, flows, seed)?,
             devices: BpfHashMap::try_from(devices)?,
             stats: PerCpuArray::try_from(stats)?,
             segstats,
-            idle,
+            ageing,
+            ended: None,
         })
     }
 
+    /// Hands every conversation that ends to `f`: one batch per poll (a
+    /// million flows may end in one), never an empty one.
+    pub fn on_ended(&mut self, f: impl Fn(Vec<Ended>) + Send + 'static) {
+        self.ended = Some(Box::new(f));
+    }
+
     /// One poll: DEVICES and STATS read outside the lock, the flow tables
-    /// merged under it, then idle flows aged out.
+    /// merged under it, then idle and closed flows aged out and long ones
+    /// reported.
     pub fn poll(&mut self, tables: &RwLock<Tables>) -> Result<()> {
         // Counters first: the flow table read after them is at least as new.
         self.segstats.lock().unwrap().poll()?;
         let devices = snapshot(&self.devices);
         let stats = stat_sums(&self.stats)?;
-        let idle = {
+        let due = {
             // The flow tables are read under the lock, straight into the
             // records: they are mapped memory (no syscalls), and a copy of a
             // million flows would cost 120 MiB for the length of a poll.
@@ -82,34 +114,83 @@ impl Poller {
             self.flows.v4.for_each(|slot, k, v| m.flow4_at(slot, k, v));
             m.finish(&devices);
             t.set_stats(stats);
-            t.idle_flows(clock::mono_ns(), self.idle.as_nanos() as u64)
+            let a = &self.ageing;
+            let timeouts = Timeouts {
+                idle_ns: a.idle.as_nanos() as u64,
+                closed_ns: (a.closed < a.idle).then_some(a.closed.as_nanos() as u64),
+                // Records go nowhere without a callback.
+                active_ns: a.active.filter(|_| self.ended.is_some()).map(|d| d.as_nanos() as u64),
+            };
+            t.due(clock::mono_ns(), &timeouts)
         };
-        let idle_ns = self.idle.as_nanos() as u64;
-        for k in idle {
-            // A packet may have arrived since the snapshot: only remove what is
-            // still idle, so no count is lost. A flow already gone (evicted) is
-            // forgotten too.
-            let still_idle = |v: &FlowValue| clock::mono_ns().saturating_sub(v.last_seen_ns) > idle_ns;
-            if self.flows.remove_if(&k, still_idle) != Some(false) {
-                tables.write().unwrap().forget_flow(&k);
+        let mut ended = Vec::new();
+        for (keys, quiet, reason) in [
+            (due.idle, self.ageing.idle, EndReason::Timeout),
+            (due.closed, self.ageing.closed, EndReason::Closed),
+        ] {
+            let quiet_ns = quiet.as_nanos() as u64;
+            for k in keys {
+                // A packet may have arrived since the snapshot: only remove what
+                // is still quiet, so no count is lost. A flow already gone
+                // (evicted) is forgotten too.
+                let still_quiet = |v: &FlowValue| clock::mono_ns().saturating_sub(v.last_seen_ns) > quiet_ns;
+                if self.flows.remove_if(&k, still_quiet) != Some(false)
+                    && let Some(e) = tables.write().unwrap().forget_flow(&k, reason)
+                {
+                    ended.push(e);
+                }
+            }
+        }
+        if let Some(f) = &self.ended {
+            if !due.active.is_empty() {
+                ended.extend(tables.write().unwrap().active_records(due.active));
+            }
+            if !ended.is_empty() {
+                f(ended);
             }
         }
         Ok(())
     }
 
-    /// Polls forever on a dedicated thread: map reads are blocking syscalls.
-    pub fn spawn(mut self, tables: Arc<RwLock<Tables>>, every: Duration) -> std::thread::JoinHandle<()> {
-        std::thread::Builder::new()
+    /// Polls on a dedicated thread (map reads are blocking syscalls) until
+    /// [`Polling::stop`], which runs one last poll first.
+    pub fn spawn(mut self, tables: Arc<RwLock<Tables>>, every: Duration) -> Polling {
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
             .name("mdsec-poller".into())
             .spawn(move || {
                 loop {
                     if let Err(e) = self.poll(&tables) {
                         warn!("poll failed: {e:#}");
                     }
-                    std::thread::sleep(every);
+                    match stop_rx.recv_timeout(every) {
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        _ => {
+                            if let Err(e) = self.poll(&tables) {
+                                warn!("last poll failed: {e:#}");
+                            }
+                            return;
+                        }
+                    }
                 }
             })
-            .expect("spawn poller thread")
+            .expect("spawn poller thread");
+        Polling { stop: stop_tx, thread }
+    }
+}
+
+/// The polling thread.
+pub struct Polling {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Polling {
+    /// Polls once more and stops: what the tables hold afterwards is final
+    /// (no flow ends concurrently with a shutdown's records).
+    pub fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
     }
 }
 

@@ -20,6 +20,22 @@ pub enum Impact {
 }
 
 impl Impact {
+    pub const ALL: [Impact; 4] = [Impact::LifeCritical, Impact::High, Impact::Moderate, Impact::Low];
+
+    pub fn from_name(name: &str) -> Option<Impact> {
+        Impact::ALL.into_iter().find(|i| i.name() == name)
+    }
+
+    /// The event severity this impact means (an incident's, from its worst target).
+    pub fn severity(self) -> &'static str {
+        match self {
+            Impact::LifeCritical => "critical",
+            Impact::High => "high",
+            Impact::Moderate => "medium",
+            Impact::Low => "low",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Impact::LifeCritical => "life-critical",
@@ -67,6 +83,7 @@ fn default_functions() -> BTreeMap<String, Entry> {
         ("imaging-modality".into(), e(Impact::High, "biomed on-call and radiology lead, within 1 hour")),
         ("pacs".into(), e(Impact::High, "clinical IT on-call, within 1 hour")),
         ("pharmacy".into(), e(Impact::High, "clinical IT on-call, within 1 hour")),
+        ("emr".into(), e(Impact::High, "clinical IT on-call, within 1 hour")),
         ("clinical-workstation".into(), e(Impact::Moderate, "security operations queue")),
     ])
 }

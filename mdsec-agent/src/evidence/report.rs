@@ -50,6 +50,9 @@ pub struct Report {
     /// Detections in the period (not policy events), newest last, at most 500.
     pub detections: Vec<EventBrief>,
     pub detections_not_listed: u64,
+    /// Incidents active in the period (correlated events per source), by id.
+    #[serde(default)]
+    pub incidents: Vec<crate::detection::incident::Incident>,
     /// What the report could not see (no snapshots, no register, …).
     pub caveats: Vec<String>,
 }
@@ -192,6 +195,7 @@ pub fn collect(
         config_decommissioned,
         audit: db.audit(None)?.into_iter().filter(|a| a.time >= from && a.time < to).collect(),
         events: db.events_between(&from, &to)?,
+        incidents: db.incidents_between(&from, &to)?,
         snapshots: db
             .snapshots_between(&from, &to)?
             .iter()
@@ -215,6 +219,7 @@ pub struct Inputs<'a> {
     pub config_decommissioned: BTreeSet<String>,
     pub audit: Vec<AuditRow>,
     pub events: Vec<Event>,
+    pub incidents: Vec<crate::detection::incident::Incident>,
     pub snapshots: Vec<Snapshot>,
     pub triage: &'a TriageConfig,
     pub from: SystemTime,
@@ -224,6 +229,12 @@ pub struct Inputs<'a> {
 
 fn is_policy(e: &Event) -> bool {
     e.kind.starts_with("policy_")
+}
+
+/// A detection: neither a policy event nor an incident's notification (the
+/// report lists incidents on their own).
+fn is_detection(e: &Event) -> bool {
+    !is_policy(e) && e.kind != "incident"
 }
 
 pub fn rule_text(r: &Rule) -> String {
@@ -279,7 +290,7 @@ pub fn build(inp: &Inputs) -> Report {
     if inp.policy.is_none() {
         caveats.push("no valid policy: segments are not listed".into());
     }
-    let detections: Vec<&Event> = inp.events.iter().filter(|e| !is_policy(e)).collect();
+    let detections: Vec<&Event> = inp.events.iter().filter(|e| is_detection(e)).collect();
 
     // Program: period sums and the state at the last snapshot.
     let mut program = Program::default();
@@ -419,7 +430,7 @@ pub fn build(inp: &Inputs) -> Report {
             controls,
             denied_flows: mine.iter().filter(|e| e.kind == "policy_drop").count() as u64,
             would_deny_flows: mine.iter().filter(|e| e.kind == "policy_would_drop").count() as u64,
-            detections: mine.iter().filter(|e| !is_policy(e)).map(|e| EventBrief::from(*e)).collect(),
+            detections: mine.iter().filter(|e| is_detection(e)).map(|e| EventBrief::from(*e)).collect(),
         });
     }
 
@@ -437,6 +448,7 @@ pub fn build(inp: &Inputs) -> Report {
         lifecycle_changes: inp.audit.clone(),
         detections_not_listed: (detections.len() - listed.len()) as u64,
         detections: listed,
+        incidents: inp.incidents.clone(),
         caveats,
     }
 }

@@ -81,7 +81,9 @@ pub fn markdown(r: &Report) -> String {
             d.detections.len()
         );
     }
-    let _ = writeln!(m, "## Detections\n");
+    let _ = writeln!(m, "## Incidents\n");
+    incident_table(r).md(&mut m);
+    let _ = writeln!(m, "\n## Detections\n");
     detection_table(r).md(&mut m);
     let _ = writeln!(m, "\n## Lifecycle changes\n");
     lifecycle_table(r).md(&mut m);
@@ -279,6 +281,31 @@ fn detection_table(r: &Report) -> Table {
         note: (r.detections_not_listed > 0).then(|| format!("… and {} earlier", r.detections_not_listed)),
         ..Table::new(&["Time", "Type", "Segment", "From", "To", "Impact", "Reason"], rows)
     }
+}
+
+fn incident_table(r: &Report) -> Table {
+    let rows = r
+        .incidents
+        .iter()
+        .map(|i| {
+            let kinds: Vec<String> = i.by_type.iter().map(|(k, n)| format!("{k} {n}")).collect();
+            Row::new(vec![
+                i.id.to_string(),
+                i.first_seen.clone(),
+                i.last_seen.clone(),
+                i.state.clone(),
+                i.src.clone(),
+                i.targets_total.to_string(),
+                i.clinical_impact.clone(),
+                kinds.join(", "),
+                i.escalation.clone(),
+            ])
+        })
+        .collect();
+    Table::new(
+        &["Id", "Opened", "Last event", "State", "Source", "Targets", "Impact", "Events", "Escalation"],
+        rows,
+    )
 }
 
 fn lifecycle_table(r: &Report) -> Table {
@@ -586,6 +613,8 @@ pub fn html(r: &Report) -> String {
             d.detections.len()
         );
     }
+    h += "</section><section><h2>Incidents</h2>";
+    incident_table(r).html(&mut h);
     h += "</section><section><h2>Detections</h2>";
     detection_table(r).html(&mut h);
     h += "</section><section><h2>Lifecycle changes</h2>";

@@ -65,6 +65,9 @@ const MIGRATIONS: &[&str] = &[
         method TEXT NOT NULL, path TEXT NOT NULL, status INTEGER NOT NULL);
      CREATE TRIGGER api_writes_no_update BEFORE UPDATE ON api_writes BEGIN SELECT RAISE(ABORT, 'the api_writes table is append-only'); END;
      CREATE TRIGGER api_writes_no_delete BEFORE DELETE ON api_writes BEGIN SELECT RAISE(ABORT, 'the api_writes table is append-only'); END;",
+    // Incidents, as the API shows them (rewritten while open).
+    "CREATE TABLE incidents (id INTEGER PRIMARY KEY, first_seen TEXT NOT NULL, last_seen TEXT NOT NULL, doc TEXT NOT NULL);
+     CREATE INDEX incidents_last_seen ON incidents (last_seen);",
 ];
 
 /// One API write attempt: who (client address), what, and the answer's status.
@@ -429,6 +432,50 @@ impl Store {
         Ok(out)
     }
 
+    /// Writes incidents (new ones, and the latest state of changed ones).
+    pub fn save_incidents(&mut self, incidents: &[crate::detection::incident::Incident]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut put = tx.prepare_cached(
+                "INSERT OR REPLACE INTO incidents (id, first_seen, last_seen, doc) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for i in incidents {
+                put.execute(params![i.id as i64, i.first_seen, i.last_seen, serde_json::to_string(i)?])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The `limit` most recent incidents, oldest first.
+    pub fn load_incidents(&self, limit: usize) -> Result<Vec<crate::detection::incident::Incident>> {
+        let mut st = self.conn.prepare("SELECT doc FROM incidents ORDER BY id DESC LIMIT ?1")?;
+        let rows = st.query_map(params![limit as i64], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for doc in rows {
+            out.push(serde_json::from_str(&doc?)?);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Incidents active at some time in `from <= t < to`.
+    pub fn incidents_between(
+        &self,
+        from: &str,
+        to: &str,
+    ) -> Result<Vec<crate::detection::incident::Incident>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT doc FROM incidents WHERE last_seen >= ?1 AND first_seen < ?2 ORDER BY id")?;
+        let rows = st.query_map(params![from, to], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for doc in rows {
+            out.push(serde_json::from_str(&doc?)?);
+        }
+        Ok(out)
+    }
+
     pub fn save_snapshot(&mut self, time: &str, doc: &str) -> Result<()> {
         self.conn
             .execute("INSERT OR REPLACE INTO snapshots (time, doc) VALUES (?1, ?2)", params![time, doc])?;
@@ -447,6 +494,7 @@ impl Store {
     pub fn prune(&mut self, before: &str) -> Result<()> {
         self.conn.execute("DELETE FROM events WHERE time < ?1", params![before])?;
         self.conn.execute("DELETE FROM snapshots WHERE time < ?1", params![before])?;
+        self.conn.execute("DELETE FROM incidents WHERE last_seen < ?1", params![before])?;
         Ok(())
     }
 

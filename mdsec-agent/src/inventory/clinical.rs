@@ -112,7 +112,7 @@ pub fn classify(vendor: Option<&str>, client: AppSet, server: AppSet) -> Verdict
             add(Class::NetworkInfra, 0.5, format!("serves {}", app.name()));
         }
     }
-    for app in [App::Http, App::Tls, App::Hl7, App::Smb, App::Ssh] {
+    for app in [App::Http, App::Fhir, App::Tls, App::Hl7, App::Smb, App::Ssh] {
         if server.contains(app) {
             add(Class::Server, 0.3, format!("serves {}", app.name()));
         }

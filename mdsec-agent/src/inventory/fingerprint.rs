@@ -87,7 +87,7 @@ pub fn extract(app: App, p: &[u8]) -> Vec<(Trait, String)> {
             vec![kv(Trait::Hl7SendingApplication, app_), kv(Trait::Hl7SendingFacility, facility)]
         }
         App::Tls => vec![kv(Trait::TlsSni, sni(p))],
-        App::Http => vec![kv(Trait::HttpUserAgent, header(p, b"user-agent:"))],
+        App::Http | App::Fhir => vec![kv(Trait::HttpUserAgent, header(p, b"user-agent:"))],
         App::Ssh => vec![kv(Trait::SshBanner, p.split(|&c| c == b'\n').next().and_then(text))],
         _ => vec![],
     };

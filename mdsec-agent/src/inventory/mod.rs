@@ -277,6 +277,24 @@ fn merge_history(out: &mut Vec<Device>, history: &History) {
             for (k, v) in &h.fingerprints {
                 d.fingerprints.entry(*k).or_insert_with(|| v.clone());
             }
+            // Apps and peers are evidence gathered over time: a device between
+            // two short connections (ended flows leave the table) keeps what
+            // it was seen doing, and so its class.
+            for a in h.apps_client.iter() {
+                d.apps_client.insert(a);
+            }
+            for a in h.apps_server.iter() {
+                d.apps_server.insert(a);
+            }
+            for p in &h.peers {
+                if d.peers.len() >= MAX_PEERS {
+                    break;
+                }
+                if !d.peers.contains(p) {
+                    d.peers.push(*p);
+                }
+            }
+            d.peers.sort();
         }
         seen.insert(id);
     }

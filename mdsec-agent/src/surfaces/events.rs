@@ -40,18 +40,33 @@ pub struct EventStore {
     pub unsaved: Vec<model::Event>,
     /// Events not kept for the database because [`UNSAVED_MAX`] were waiting.
     pub unsaved_dropped: u64,
+    /// Correlation into incidents (every event passes through it once).
+    pub incidents: crate::detection::incident::Incidents,
 }
 
 /// Events waiting for the database at most (a stuck disk must not grow memory).
 pub const UNSAVED_MAX: usize = 100_000;
 
 impl EventStore {
-    pub fn push(&mut self, mut e: model::Event) {
+    pub fn push(&mut self, e: model::Event) {
+        let now = std::time::SystemTime::now();
+        if let Some(e) = self.incidents.route(e, now) {
+            self.keep(e, now);
+        }
+    }
+
+    /// Numbers, correlates, keeps and (unless subsumed) exports one event,
+    /// then the incident notifications it caused.
+    fn keep(&mut self, mut e: model::Event, now: std::time::SystemTime) {
         self.next_seq += 1;
         e.seq = self.next_seq;
         self.triage.apply(&mut e);
+        let mut notes = Vec::new();
+        if let Some(id) = self.incidents.join(&mut e, &self.triage, now) {
+            notes.push(self.open_incident(id, &e, now));
+        }
         *self.by_type.entry(e.kind.clone()).or_default() += 1;
-        if let Some(x) = &self.exporter {
+        if let Some(x) = self.exporter.as_ref().filter(|_| !e.subsumed) {
             x.send(&e);
         }
         if self.unsaved.len() < UNSAVED_MAX {
@@ -63,6 +78,33 @@ impl EventStore {
             self.events.pop_front();
         }
         self.events.push_back(e);
+        for n in notes {
+            self.keep(n, now);
+        }
+    }
+
+    /// Fills the incident `e` opened with its source's earlier events of the
+    /// window (those still in memory: the API's last [`KEEP`]) and tags them.
+    fn open_incident(&mut self, id: u64, e: &model::Event, now: std::time::SystemTime) -> model::Event {
+        let earlier = self.incidents.earlier(id, e, self.events.iter_mut(), now);
+        // Those the store thread has not written yet carry the tag to the database.
+        let seqs: std::collections::HashSet<u64> = earlier.iter().map(|x| x.seq).collect();
+        for x in self.unsaved.iter_mut().filter(|x| seqs.contains(&x.seq)) {
+            x.incident = id;
+        }
+        self.incidents.open_with(id, earlier.iter().chain([e]), &self.triage, now)
+    }
+
+    /// Once per store pass: held novelty events whose time is up (all of
+    /// them at a stop), incident updates and closes.
+    pub fn tick(&mut self, now: std::time::SystemTime, stop: bool) {
+        let held = if stop { self.incidents.release_all() } else { self.incidents.release(now) };
+        for e in held {
+            self.keep(e, now);
+        }
+        for n in self.incidents.tick(now) {
+            self.keep(n, now);
+        }
     }
 
     /// Events with a sequence number above `since`.

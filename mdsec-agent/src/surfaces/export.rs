@@ -1,11 +1,14 @@
 //! Event export: every event the agent keeps is also written as one JSON line (to a
-//! file or stdout) and, if configured, sent as an RFC 5424 syslog message.
+//! file or stdout) and, if configured, sent as an RFC 5424 syslog message, each
+//! sink in the native format or as Suricata EVE; `eve` sinks also get a flow
+//! record for every conversation that ends.
 //!
 //! Writing happens on a thread of its own so a slow disk or syslog server never
 //! holds the event store's lock; the channel is unbounded so nothing is dropped on
 //! the way. Failures are counted per sink and logged once per burst.
 
 use std::{
+    collections::HashMap,
     fs::{File, OpenOptions},
     io::{LineWriter, Write},
     net::{TcpStream, UdpSocket},
@@ -24,10 +27,26 @@ use log::warn;
 
 use serde::{Deserialize, Serialize};
 
-use crate::base::event::Event;
+use crate::{
+    base::{
+        clock::{Anchor, rfc3339},
+        event::Event,
+    },
+    datapath::state::Ended,
+    surfaces::{
+        eve::{Eve, EveConfig, Format},
+        socket::{SocketConfig, SocketSink},
+    },
+};
 
 pub enum Msg {
     Event(Box<Event>),
+    /// A poll's ended conversations: EVE flow records for the `eve` sinks.
+    Ended(Arc<Vec<Ended>>),
+    /// Interface names by ifindex (the flow records' `in_iface`).
+    Interfaces(HashMap<u32, String>),
+    /// Answer once everything sent before is written.
+    Flush(mpsc::Sender<()>),
     /// Reopen the log file (after logrotate moved it).
     Reopen,
 }
@@ -39,6 +58,16 @@ pub struct ExportStats {
     pub log_failed: AtomicU64,
     pub syslog_sent: AtomicU64,
     pub syslog_failed: AtomicU64,
+    /// EVE flow records written to the log and syslog sinks (not events: the
+    /// four above count events only).
+    pub flow_log_written: AtomicU64,
+    pub flow_log_failed: AtomicU64,
+    pub flow_syslog_sent: AtomicU64,
+    pub flow_syslog_failed: AtomicU64,
+    pub socket_sent: AtomicU64,
+    pub socket_failed: AtomicU64,
+    pub flow_socket_sent: AtomicU64,
+    pub flow_socket_failed: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -53,6 +82,20 @@ impl Exporter {
 
     pub fn reopen(&self) {
         let _ = self.tx.send(Msg::Reopen);
+    }
+
+    pub fn ended(&self, batch: Arc<Vec<Ended>>) {
+        let _ = self.tx.send(Msg::Ended(batch));
+    }
+
+    pub fn interfaces(&self, names: HashMap<u32, String>) {
+        let _ = self.tx.send(Msg::Interfaces(names));
+    }
+
+    /// Waits (at most `timeout`) until everything sent before is written.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let (tx, rx) = mpsc::channel();
+        self.tx.send(Msg::Flush(tx)).is_ok() && rx.recv_timeout(timeout).is_ok()
     }
 }
 
@@ -76,10 +119,18 @@ fn open_log(path: &str) -> Result<Log> {
 /// Starts the exporter if any output is configured. Opening the log and resolving
 /// the syslog target happen here, so a wrong path fails the start, not later.
 pub fn spawn(cfg: &EventsConfig, stats: Arc<ExportStats>) -> Result<Option<Exporter>> {
-    if cfg.log.is_none() && cfg.syslog.is_none() {
+    if cfg.log.is_none() && cfg.syslog.is_none() && cfg.socket.is_none() {
         return Ok(None);
     }
     let mut log = cfg.log.as_deref().map(open_log).transpose()?;
+    let eve = Eve::new(&cfg.eve, &hostname());
+    let log_format = cfg.log_format;
+    let syslog_format = cfg.syslog.as_ref().map_or(Format::Native, |s| s.format);
+    let socket_format = cfg.socket.as_ref().map_or(Format::Native, |s| s.format);
+    let any_eve = [log_format, syslog_format, socket_format].contains(&Format::Eve);
+    let flows = cfg.eve.flows && any_eve;
+    let mut socket = cfg.socket.clone().map(SocketSink::new);
+    let mut ifnames: HashMap<u32, String> = HashMap::new();
     let mut syslog = match &cfg.syslog {
         Some(s) => {
             let target = SyslogTarget::parse(&s.target).map_err(anyhow::Error::msg)?;
@@ -99,6 +150,77 @@ pub fn spawn(cfg: &EventsConfig, stats: Arc<ExportStats>) -> Result<Option<Expor
         };
         for msg in rx {
             let e = match msg {
+                Msg::Interfaces(n) => {
+                    ifnames = n;
+                    continue;
+                }
+                Msg::Flush(done) => {
+                    if let Some(Log::File { out, .. }) = &mut log {
+                        let _ = out.flush();
+                    }
+                    let _ = done.send(());
+                    continue;
+                }
+                Msg::Ended(batch) => {
+                    if !flows {
+                        continue;
+                    }
+                    let name = |i: u32| ifnames.get(&i).cloned().unwrap_or_else(|| i.to_string());
+                    let anchor = Anchor::now();
+                    let to_log = log.is_some() && log_format == Format::Eve;
+                    let to_syslog = syslog.is_some() && syslog_format == Format::Eve;
+                    let to_socket = socket.is_some() && socket_format == Format::Eve;
+                    let socket_counts = (&stats.flow_socket_sent, &stats.flow_socket_failed);
+                    // Lines go straight into one buffer written every 256 KiB
+                    // (a few syscalls for a million records, never a buffer
+                    // the size of the batch); syslog gets a message each.
+                    const CHUNK: usize = 256 << 10;
+                    let mut lines = String::with_capacity(CHUNK + 4096);
+                    let mut n = 0u64;
+                    let counts = (&stats.flow_log_written, &stats.flow_log_failed);
+                    // The syslog header needs an event: a flow record's is `flow`, `info`.
+                    let header = Event {
+                        kind: "flow".into(),
+                        severity: "info".into(),
+                        time: rfc3339(std::time::SystemTime::now()),
+                        ..Default::default()
+                    };
+                    for f in batch.iter() {
+                        let at = lines.len();
+                        eve.flow_line(f, &name, &anchor, &mut lines);
+                        if let Some(s) = syslog.as_mut().filter(|_| to_syslog) {
+                            let counts = (&stats.flow_syslog_sent, &stats.flow_syslog_failed);
+                            send_syslog(s, &header, &lines[at..], counts, &mut warn_once);
+                        }
+                        if !to_log && !to_socket {
+                            lines.clear();
+                            continue;
+                        }
+                        n += 1;
+                        if lines.len() >= CHUNK {
+                            if let Some(l) = log.as_mut().filter(|_| to_log) {
+                                write_lines(l, &lines, n, counts, &mut warn_once);
+                            }
+                            if let Some(s) = socket.as_mut().filter(|_| to_socket) {
+                                send_socket(s, &lines, n, socket_counts, &mut warn_once);
+                            }
+                            n = 0;
+                            lines.clear();
+                        } else {
+                            lines.push('\n');
+                        }
+                    }
+                    if n > 0 {
+                        lines.pop();
+                        if let Some(l) = log.as_mut().filter(|_| to_log) {
+                            write_lines(l, &lines, n, counts, &mut warn_once);
+                        }
+                        if let Some(s) = socket.as_mut().filter(|_| to_socket) {
+                            send_socket(s, &lines, n, socket_counts, &mut warn_once);
+                        }
+                    }
+                    continue;
+                }
                 Msg::Reopen => {
                     if let Some(Log::File { path, .. }) = &log {
                         match open_log(&path.display().to_string()) {
@@ -110,32 +232,82 @@ pub fn spawn(cfg: &EventsConfig, stats: Arc<ExportStats>) -> Result<Option<Expor
                 }
                 Msg::Event(e) => e,
             };
-            let line = serde_json::to_string(&*e).expect("events serialise");
+            let native = serde_json::to_string(&*e).expect("events serialise");
+            let eve_line = any_eve.then(|| eve.alert(&e).to_string());
+            let line_for = |f: Format| match f {
+                Format::Native => native.as_str(),
+                Format::Eve => eve_line.as_deref().unwrap_or(&native),
+            };
             if let Some(l) = &mut log {
-                let r = match l {
-                    Log::Stdout => writeln!(std::io::stdout().lock(), "{line}"),
-                    Log::File { out, .. } => writeln!(out, "{line}"),
-                };
-                match r {
-                    Ok(()) => stats.log_written.fetch_add(1, Ordering::Relaxed),
-                    Err(err) => {
-                        warn_once(format!("writing the event log failed: {err}"));
-                        stats.log_failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
+                write_line(l, line_for(log_format), (&stats.log_written, &stats.log_failed), &mut warn_once);
             }
             if let Some(s) = &mut syslog {
-                match s.send(&e, &line) {
-                    Ok(()) => stats.syslog_sent.fetch_add(1, Ordering::Relaxed),
-                    Err(err) => {
-                        warn_once(format!("sending syslog to {:?} failed: {err:#}", s.target));
-                        stats.syslog_failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
+                let counts = (&stats.syslog_sent, &stats.syslog_failed);
+                send_syslog(s, &e, line_for(syslog_format), counts, &mut warn_once);
+            }
+            if let Some(s) = &mut socket {
+                let counts = (&stats.socket_sent, &stats.socket_failed);
+                send_socket(s, line_for(socket_format), 1, counts, &mut warn_once);
             }
         }
     })?;
     Ok(Some(Exporter { tx }))
+}
+
+/// Counters of one sink and record kind: (written, failed).
+type Counts<'a> = (&'a AtomicU64, &'a AtomicU64);
+
+/// `n` lines to the socket sink.
+fn send_socket(
+    s: &mut SocketSink,
+    lines: &str,
+    n: u64,
+    (ok, failed): Counts,
+    warn_once: &mut impl FnMut(String),
+) {
+    match s.send(lines) {
+        Ok(()) => ok.fetch_add(n, Ordering::Relaxed),
+        Err(err) => {
+            warn_once(format!("sending events to socket {} failed: {err}", s.cfg.path.display()));
+            failed.fetch_add(n, Ordering::Relaxed)
+        }
+    };
+}
+
+/// One line to the log.
+fn write_line(l: &mut Log, line: &str, counts: Counts, warn_once: &mut impl FnMut(String)) {
+    write_lines(l, line, 1, counts, warn_once)
+}
+
+/// Writes `n` lines (joined by newlines, without the last one) at once.
+fn write_lines(l: &mut Log, lines: &str, n: u64, (ok, failed): Counts, warn_once: &mut impl FnMut(String)) {
+    let r = match l {
+        Log::Stdout => writeln!(std::io::stdout().lock(), "{lines}"),
+        Log::File { out, .. } => writeln!(out, "{lines}"),
+    };
+    match r {
+        Ok(()) => ok.fetch_add(n, Ordering::Relaxed),
+        Err(err) => {
+            warn_once(format!("writing the event log failed: {err}"));
+            failed.fetch_add(n, Ordering::Relaxed)
+        }
+    };
+}
+
+fn send_syslog(
+    s: &mut Syslog,
+    e: &Event,
+    line: &str,
+    (ok, failed): Counts,
+    warn_once: &mut impl FnMut(String),
+) {
+    match s.send(e, line) {
+        Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+        Err(err) => {
+            warn_once(format!("sending syslog to {:?} failed: {err:#}", s.target));
+            failed.fetch_add(1, Ordering::Relaxed)
+        }
+    };
 }
 
 /// Documentation enterprise number (RFC 5612) naming the structured-data element;
@@ -148,6 +320,8 @@ struct Syslog {
     app_name: String,
     hostname: String,
     conn: Option<Conn>,
+    /// After a failed connect (a TCP server that is down).
+    backoff: crate::base::net::Backoff,
 }
 
 enum Conn {
@@ -158,7 +332,14 @@ enum Conn {
 
 impl Syslog {
     fn new(target: SyslogTarget, facility: u8, app_name: String) -> Result<Syslog> {
-        let mut s = Syslog { target, facility, app_name, hostname: hostname(), conn: None };
+        let mut s = Syslog {
+            target,
+            facility,
+            app_name,
+            hostname: hostname(),
+            conn: None,
+            backoff: Default::default(),
+        };
         // UDP and unix targets must be valid at start; a TCP server may come later.
         if !matches!(s.target, SyslogTarget::Tcp(_)) {
             s.connect().with_context(|| format!("syslog target {:?}", s.target))?;
@@ -175,7 +356,12 @@ impl Syslog {
                 Conn::Udp(s)
             }
             SyslogTarget::Tcp(addr) => {
-                let s = TcpStream::connect(addr)?;
+                // A bounded connect: an unreachable host would otherwise hold
+                // the exporter (and every sink behind it) for minutes.
+                let to = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str())?
+                    .next()
+                    .ok_or_else(|| anyhow::anyhow!("{addr}: no address"))?;
+                let s = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
                 s.set_write_timeout(Some(Duration::from_secs(2)))?;
                 Conn::Tcp(s)
             }
@@ -191,7 +377,14 @@ impl Syslog {
     fn send(&mut self, e: &Event, json: &str) -> Result<()> {
         let msg = format_5424(e, json, self.facility, &self.hostname, &self.app_name);
         if self.conn.is_none() {
-            self.connect()?;
+            if let Err(wait) = self.backoff.due() {
+                anyhow::bail!("not connected (retrying in {wait:?})");
+            }
+            if let Err(e) = self.connect() {
+                self.backoff.failed();
+                return Err(e);
+            }
+            self.backoff.connected();
         }
         let r = match self.conn.as_mut().expect("connected above") {
             Conn::Udp(s) => s.send(msg.as_bytes()).map(|_| ()),
@@ -271,9 +464,18 @@ pub struct EventsConfig {
     /// SIGHUP for log rotation) or `-` for standard output.
     #[serde(default)]
     pub log: Option<String>,
+    /// What `log` writes: `native` (mdsec's event JSON) or `eve` (Suricata EVE).
+    #[serde(default)]
+    pub log_format: Format,
     /// RFC 5424 syslog messages (the event's JSON as message).
     #[serde(default)]
     pub syslog: Option<SyslogConfig>,
+    /// JSON lines to a unix socket another program listens on.
+    #[serde(default)]
+    pub socket: Option<SocketConfig>,
+    /// Settings of every `eve` sink.
+    #[serde(default)]
+    pub eve: EveConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -287,6 +489,9 @@ pub struct SyslogConfig {
     pub facility: String,
     #[serde(default = "default_app_name")]
     pub app_name: String,
+    /// The message's JSON: `native` or `eve`.
+    #[serde(default)]
+    pub format: Format,
 }
 
 fn default_facility() -> String {
@@ -316,10 +521,7 @@ pub enum SyslogTarget {
 
 impl SyslogTarget {
     pub fn parse(s: &str) -> Result<SyslogTarget, String> {
-        let host_port = |rest: &str| match rest.rsplit_once(':') {
-            Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0) => Ok(rest.to_string()),
-            _ => Err(format!("`{s}`: expected HOST:PORT after the scheme")),
-        };
+        let host_port = |rest: &str| crate::base::net::host_port(s, rest);
         if let Some(rest) = s.strip_prefix("udp://") {
             return host_port(rest).map(SyslogTarget::Udp);
         }
@@ -339,6 +541,26 @@ impl SyslogTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tcp_syslog_server_that_is_down_is_retried_with_backoff_not_per_event() {
+        // A port nobody listens on (bound, then closed).
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let target = SyslogTarget::Tcp(format!("127.0.0.1:{port}"));
+        let mut s = Syslog::new(target, 16, "mdsec".into()).unwrap();
+        let e = Event { kind: "policy_drop".into(), ..Default::default() };
+        let first = s.send(&e, "{}").unwrap_err().to_string();
+        assert!(!first.contains("retrying"), "{first}");
+        let second = s.send(&e, "{}").unwrap_err().to_string();
+        assert!(second.contains("retrying"), "no connect within the backoff: {second}");
+        assert_eq!(s.backoff.delay(), Duration::from_secs(2), "doubled");
+        // Once the server is up and the backoff over, it connects and sends.
+        let l = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        s.backoff.expire();
+        s.send(&e, "{}").unwrap();
+        assert_eq!(s.backoff.delay(), Duration::from_secs(1), "reset");
+        drop(l);
+    }
 
     #[test]
     fn structured_data_is_escaped() {

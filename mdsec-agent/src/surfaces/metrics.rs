@@ -429,6 +429,28 @@ fn events(r: &R, st: &AppState) {
     for (t, n) in &store.suppressed {
         sup.with_label_values(&[t.as_str()]).inc_by(*n);
     }
+    let inc = &store.incidents;
+    r.int_gauge("mdsec_incidents_open", "Incidents open now (a source still active).", &[])
+        .with_label_values::<&str>(&[])
+        .set(inc.open_count() as i64);
+    let opened = r.counter("mdsec_incidents_opened_total", "Incidents opened, by severity.", &["severity"]);
+    for s in ["critical", "high", "medium", "low"] {
+        opened.with_label_values(&[s]).inc_by(inc.opened.get(s).copied().unwrap_or(0));
+    }
+    r.counter(
+        "mdsec_events_subsumed_total",
+        "Novelty events an incident subsumed (kept and queryable, not sent to the sinks on their own).",
+        &[],
+    )
+    .with_label_values::<&str>(&[])
+    .inc_by(inc.subsumed_total);
+    r.int_gauge(
+        "mdsec_events_held",
+        "Novelty events waiting (incidents.hold_secs) for an incident that would subsume them.",
+        &[],
+    )
+    .with_label_values::<&str>(&[])
+    .set(inc.held_count() as i64);
     drop(store);
     let x = &st.export_stats;
     let out = r.counter(
@@ -441,4 +463,31 @@ fn events(r: &R, st: &AppState) {
     out.with_label_values(&["log", "failed"]).inc_by(x.log_failed.load(Ordering::Relaxed));
     out.with_label_values(&["syslog", "ok"]).inc_by(x.syslog_sent.load(Ordering::Relaxed));
     out.with_label_values(&["syslog", "failed"]).inc_by(x.syslog_failed.load(Ordering::Relaxed));
+    out.with_label_values(&["socket", "ok"]).inc_by(x.socket_sent.load(Ordering::Relaxed));
+    out.with_label_values(&["socket", "failed"]).inc_by(x.socket_failed.load(Ordering::Relaxed));
+    let fl = r.counter(
+        "mdsec_eve_flow_records_total",
+        "EVE flow records (one per ended conversation, both directions in one) written to an \
+         eve sink, by result.",
+        &["sink", "result"],
+    );
+    fl.with_label_values(&["log", "ok"]).inc_by(x.flow_log_written.load(Ordering::Relaxed));
+    fl.with_label_values(&["log", "failed"]).inc_by(x.flow_log_failed.load(Ordering::Relaxed));
+    fl.with_label_values(&["syslog", "ok"]).inc_by(x.flow_syslog_sent.load(Ordering::Relaxed));
+    fl.with_label_values(&["syslog", "failed"]).inc_by(x.flow_syslog_failed.load(Ordering::Relaxed));
+    fl.with_label_values(&["socket", "ok"]).inc_by(x.flow_socket_sent.load(Ordering::Relaxed));
+    fl.with_label_values(&["socket", "failed"]).inc_by(x.flow_socket_failed.load(Ordering::Relaxed));
+    let ix = &st.ipfix_stats;
+    let rec = r.counter(
+        "mdsec_ipfix_records_total",
+        "IPFIX flow records (one per direction of a conversation that ended), by result: sent to \
+         every collector, failed for a collector, or lost before the exporter (queue full).",
+        &["result"],
+    );
+    rec.with_label_values(&["sent"]).inc_by(ix.records_sent.load(Ordering::Relaxed));
+    rec.with_label_values(&["failed"]).inc_by(ix.records_failed.load(Ordering::Relaxed));
+    rec.with_label_values(&["lost"]).inc_by(ix.records_lost.load(Ordering::Relaxed));
+    r.counter("mdsec_ipfix_messages_total", "IPFIX messages sent, over every collector.", &[])
+        .with_label_values::<&str>(&[])
+        .inc_by(ix.messages_sent.load(Ordering::Relaxed));
 }

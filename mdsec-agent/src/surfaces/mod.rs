@@ -4,10 +4,13 @@
 
 pub mod api;
 pub mod client;
+pub mod eve;
 pub mod events;
 pub mod export;
+pub mod ipfix;
 pub mod limiter;
 pub mod metrics;
 pub mod model;
+pub mod socket;
 pub mod state;
 pub mod tls;

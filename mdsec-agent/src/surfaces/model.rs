@@ -1,6 +1,10 @@
 //! JSON shapes of the HTTP API, shared by the server, the CLI and the tests.
 
-pub use crate::{base::event::Event, inventory::doc::DeviceDoc as Device};
+pub use crate::{
+    base::event::Event,
+    detection::incident::{Incident, Target as IncidentTarget},
+    inventory::doc::DeviceDoc as Device,
+};
 
 use std::collections::BTreeMap;
 

@@ -37,6 +37,7 @@ pub struct AppState {
     pub map_sizes: crate::datapath::settings::MapSizes,
     pub started: SystemTime,
     pub export_stats: Arc<crate::surfaces::export::ExportStats>,
+    pub ipfix_stats: Arc<crate::surfaces::ipfix::IpfixStats>,
     /// Bearer token `/api/*` requires, if configured.
     pub token: Option<String>,
     /// `api.basic_auth_users` (for `/metrics`).
@@ -78,6 +79,7 @@ impl AppState {
             map_sizes: crate::datapath::settings::MapSizes::default(),
             started: SystemTime::now(),
             export_stats: Default::default(),
+            ipfix_stats: Default::default(),
             token: None,
             basic_auth: crate::surfaces::tls::BasicAuth::new(Default::default()),
             metrics_token: false,

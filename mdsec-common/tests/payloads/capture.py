@@ -92,3 +92,29 @@ try:
 except Exception: pass
 t.join()
 open(f"{out}/tls-client-hello-sni.hex", "w").write(data["d"].hex() + "\n"); print(len(data["d"]))
+# Later captures and spec-built payloads (app-ID gaps found replaying public captures).
+tcp_capture("dns-tcp-query", "dig +tcp +tries=1 +time=1 -p {port} @127.0.0.1 pump1.ward3.hospital.example A")
+tcp_capture("syslog-tcp-octet-counting", "logger --tcp --octet-count --server 127.0.0.1 --port {port} -t pump1 'infusion started'")
+tcp_capture("syslog-tcp-non-transparent", "logger --tcp --server 127.0.0.1 --port {port} -t pump1 'infusion started'")
+# ntp-control: `ntpq -c rv 127.0.0.1` captured on UDP 127.0.0.1:123 (ntpq takes no port).
+import struct
+# Built from the specifications.
+# TLS 1.2 application_data record seen mid-connection (RFC 5246 6.2.1).
+w("tls-application-data", b"\x17\x03\x03\x00\x30" + bytes(range(48)))
+# mDNS announcement: response, authoritative, no question, one PTR answer (RFC 6762 8.3).
+ans = b"\x06_dicom\x04_tcp\x05local\x00" + b"\x00\x0c\x00\x01" + struct.pack(">IH", 4500, 8) + b"\x05pacs1\xc0\x0c"
+w("mdns-announcement", b"\x00\x00\x84\x00\x00\x00\x00\x01\x00\x00\x00\x00" + ans)
+# SSDP reply to an M-SEARCH (UPnP Device Architecture 1.1, 1.3.3).
+w("ssdp-reply", b"HTTP/1.1 200 OK\r\nCACHE-CONTROL: max-age=1800\r\nEXT:\r\nLOCATION: http://10.20.0.31:49152/desc.xml\r\nSERVER: Linux/4.9 UPnP/1.1 monitor/2.0\r\nST: upnp:rootdevice\r\nUSN: uuid:2f4f0b52::upnp:rootdevice\r\n\r\n")
+# RDP over UDP: the client's SYN datagram (MS-RDPEUDP 2.2.2.1, 3.1.5.1.1), padded to 1232.
+syn = struct.pack(">IHH", 0xffffffff, 64, 0x0001 | 0x0004) + struct.pack(">IHH", 0x12345678, 1232, 1232)
+w("rdp-udp-syn", syn + b"\0" * (1232 - len(syn)))
+# NetBIOS session request to *SMBSERVER (RFC 1002 4.3.2), as SMB clients open port 139.
+def nb(name):
+    name = name.ljust(15)[:15].encode() + b"\x20"
+    return b"\x20" + bytes(c for b in name for c in (0x41 + (b >> 4), 0x41 + (b & 15))) + b"\x00"
+body = nb("*SMBSERVER") + nb("WORKSTATION")
+w("netbios-session-request", b"\x81\x00" + struct.pack(">H", len(body)) + body)
+# MQTT PINGREQ (MQTT 3.1.1 3.12): a flow first seen after its CONNECT.
+w("mqtt-pingreq", b"\xc0\x00")
+tcp_capture("fhir-search", "curl -s 'http://127.0.0.1:{port}/fhir/R4/Patient?identifier=MRN%7C123456'")

@@ -449,6 +449,30 @@ impl Flows {
         self.get(k).is_some()
     }
 
+    /// `k`'s record and the device it counts for.
+    pub(super) fn get_owned(&self, k: &FlowKey) -> Option<(&FlowRecord, u32)> {
+        match k.v4() {
+            Some(k4) => self.v4.position(&k4).map(|i| (&self.v4.recs[i], self.v4.owners[i])),
+            None => self.v6.position(k).map(|i| (&self.v6.recs[i], self.v6.owners[i])),
+        }
+    }
+
+    /// The key of a reverse direction of `k` the stores hold (the first found).
+    pub(super) fn reverse_key(&self, k: &FlowKey) -> Option<FlowKey> {
+        match k.v4() {
+            Some(k4) => self.v4.reverse(&k4).map(|i| self.v4.keys[i].into()),
+            None => self.v6.reverse(k).map(|i| self.v6.keys[i]),
+        }
+    }
+
+    /// A reverse direction of `k` is held (on any interface).
+    pub fn has_reverse(&self, k: &FlowKey) -> bool {
+        match k.v4() {
+            Some(k4) => self.v4.reverse(&k4).is_some(),
+            None => self.v6.reverse(k).is_some(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.v4.len() + self.v6.len()
     }

@@ -10,6 +10,7 @@
 //! forgotten or changes owner.
 
 mod flows;
+mod reported;
 mod role;
 
 use std::{
@@ -17,7 +18,9 @@ use std::{
     net::IpAddr,
 };
 
+use flows::StoreKey;
 pub use flows::{FlowRecord, FlowStore, Flows};
+pub use reported::{LedgerEntry, ledger_path, read_ledger, write_ledger};
 pub use role::Role;
 
 use mdsec_common::{
@@ -279,6 +282,136 @@ pub struct Tables {
     /// when (datapath clock) this run took them over.
     stored: HashMap<DeviceKey, Totals>,
     stored_at_ns: u64,
+    /// Forgotten directions whose reverse was still held: a conversation
+    /// ends once both have (see [`Tables::forget_flow`]).
+    half_ended: HashMap<Conversation, Side>,
+    /// By record id: what the flow exports already reported of a live flow
+    /// (only flows with an active-timeout record, or carried over from the
+    /// previous run, have an entry).
+    reported: HashMap<u64, reported::Reported>,
+    /// The previous run's ledger, by key: taken over when its kernel entry is
+    /// first merged ([`Tables::carry`]).
+    carried: HashMap<FlowKey, LedgerEntry>,
+    /// The datapath clock at the last [`Tables::due`] with an active timeout.
+    active_scan_ns: u64,
+}
+
+/// Why a conversation's record is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// Both directions aged out (idle timeout; a flow the datapath evicted
+    /// keeps its record until then).
+    Timeout,
+    /// A TCP conversation closed (a RST, or a FIN each way) and went quiet.
+    Closed,
+    /// Still open, but its last record is older than the active timeout: what
+    /// came since (the conversation goes on).
+    Active,
+    /// The agent stops: every conversation still held, as it stands.
+    Shutdown,
+}
+
+/// A conversation that ended: its client's direction (its sender opened
+/// it, see [`role`]) and the server's, if the gateway saw one.
+#[derive(Debug, Clone)]
+pub struct Ended {
+    pub client: Side,
+    pub server: Option<Side>,
+    pub reason: EndReason,
+}
+
+/// One direction of an ended conversation: its key, record and the MAC of the
+/// device that owns it, and what this record reports of it.
+#[derive(Debug, Clone)]
+pub struct Side {
+    pub key: FlowKey,
+    pub rec: FlowRecord,
+    pub mac: [u8; 6],
+    /// The frames since the direction's previous record (all of them for its
+    /// first): what exports count, so each frame goes out once.
+    pub delta: Totals,
+    /// Where this record's span starts: the first packet, or the last one the
+    /// previous record covered.
+    pub start_ns: u64,
+}
+
+impl Ended {
+    /// Counts a frame this conversation's earlier records did not.
+    fn has_news(&self) -> bool {
+        self.client.delta.packets + self.server.as_ref().map_or(0, |s| s.delta.packets) > 0
+    }
+}
+
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+
+/// The timeouts [`Tables::due`] applies (datapath-clock nanoseconds).
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub idle_ns: u64,
+    /// Closed TCP conversations (none: only the idle timeout ends them).
+    pub closed_ns: Option<u64>,
+    /// Long conversations' records (none: only when they end).
+    pub active_ns: Option<u64>,
+}
+
+/// What one poll ends or reports ([`Tables::due`]).
+#[derive(Debug, Default)]
+pub struct Due {
+    pub idle: Vec<FlowKey>,
+    pub closed: Vec<FlowKey>,
+    pub active: Vec<FlowKey>,
+}
+
+/// No packet for longer than `ns` before `now_ns`.
+fn quiet(r: &FlowRecord, now_ns: u64, ns: u64) -> bool {
+    now_ns.saturating_sub(r.last_seen_ns) > ns
+}
+
+/// A conversation's place in the active-timeout cycle, in `0..period`: the
+/// same for both directions (the ends combined symmetrically) and on every
+/// interface.
+fn phase(k: &FlowKey, period: u64) -> u64 {
+    let word = |a: &[u8; 16]| {
+        u32::from_be_bytes([a[12], a[13], a[14], a[15]]) ^ u32::from_be_bytes([a[0], a[1], a[2], a[3]])
+    };
+    let ends = (word(&k.src) ^ word(&k.dst)) as u64;
+    let x =
+        (ends << 24 | ((k.sport ^ k.dport) as u64) << 8 | k.proto as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    // The high half of x × period: uniform in 0..period, no division.
+    ((x as u128 * period as u128) >> 64) as u64
+}
+
+/// Both directions of one conversation alike (any interface, any VLAN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Conversation {
+    proto: u8,
+    a: ([u8; 16], u16),
+    b: ([u8; 16], u16),
+}
+
+impl Conversation {
+    fn of(k: &FlowKey) -> Conversation {
+        let (x, y) = ((k.src, k.sport), (k.dst, k.dport));
+        let (a, b) = if x <= y { (x, y) } else { (y, x) };
+        Conversation { proto: k.proto, a, b }
+    }
+}
+
+/// At most this many directions wait for their reverse to end; past it a
+/// direction ends alone (its reverse then ends alone too).
+const HALF_ENDED_MAX: usize = 100_000;
+
+/// Orders two directions client first: by their settled roles, else the one
+/// seen first.
+fn paired(x: Side, y: Side, reason: EndReason) -> Ended {
+    let x_client = match (x.rec.role(), y.rec.role()) {
+        (role::Role::Client, role::Role::Server) => true,
+        (role::Role::Server, role::Role::Client) => false,
+        _ => x.rec.first_seen_ns <= y.rec.first_seen_ns,
+    };
+    let (client, server) = if x_client { (x, y) } else { (y, x) };
+    Ended { client, server: Some(server), reason }
 }
 
 /// One merge in progress: flows are fed one by one as the poller reads the
@@ -416,7 +549,7 @@ fn merge_flow(
     r.generation = v.generation;
     r.app = v.app;
     r.app_confidence = v.app_confidence;
-    r.set_app_done(v.app_done != 0);
+    r.set_app_done(v.app_done == mdsec_common::flow::APP_FINAL);
     replaced
 }
 
@@ -456,8 +589,45 @@ impl Tables {
         let id = self.next_id;
         self.next_id += 1;
         let owner = self.devices.index_or_insert(v.owner(k), || device_of_flow(k, v));
+        if !self.carried.is_empty()
+            && let Some(c) = self.carried.remove(k)
+            && c.kernel_first_ns == v.first_seen_ns
+        {
+            // The kernel entry the previous run reported (up to its stop).
+            self.reported.insert(id, reported::Reported { totals: c.totals, last_seen_ns: c.last_seen_ns });
+        }
         // Stamped with an older merge, so `merge_flow` sees a fresh record.
         (FlowRecord::new(id, v.first_seen_ns, v.last_seen_ns, self.merges.wrapping_sub(1) as u8), owner)
+    }
+
+    /// Takes over the previous run's ledger ([`reported`]): flows whose kernel
+    /// entry it names report only what came after.
+    pub fn carry(&mut self, ledger: Vec<LedgerEntry>) {
+        self.carried = ledger.into_iter().map(|e| (e.key, e)).collect();
+    }
+
+    /// The ledger to leave for the next run once [`Tables::end_all`] has
+    /// reported everything: each live flow's current kernel entry, as merged
+    /// last. The next run reports only what its kernel entry counts beyond.
+    pub fn ledger(&self) -> Vec<LedgerEntry> {
+        self.flows
+            .iter()
+            .filter_map(|(key, r)| {
+                let (kernel_first_ns, totals) = r.counts.kernel()?;
+                Some(LedgerEntry { key, kernel_first_ns, totals, last_seen_ns: r.last_seen_ns })
+            })
+            .collect()
+    }
+
+    /// `rec`'s side of a record about to be written: the frames since its
+    /// previous one.
+    fn side(&self, key: FlowKey, rec: FlowRecord, mac: [u8; 6]) -> Side {
+        let t = rec.totals();
+        let (delta, start_ns) = match self.reported.get(&rec.id) {
+            Some(p) => (t.saturating_sub(p.totals), p.last_seen_ns.max(rec.first_seen_ns)),
+            None => (t, rec.first_seen_ns),
+        };
+        Side { key, rec, mac, delta, start_ns }
     }
 
     /// Totals the previous run stored (the state database), applied to each device
@@ -565,23 +735,146 @@ impl Tables {
         self.stats.get(s as usize).copied().unwrap_or_default()
     }
 
-    /// Flows with no packet for longer than `idle_ns` before `now_ns`.
-    pub fn idle_flows(&self, now_ns: u64, idle_ns: u64) -> Vec<FlowKey> {
-        self.flows
-            .iter()
-            .filter(|(_, r)| now_ns.saturating_sub(r.last_seen_ns) > idle_ns)
-            .map(|(k, _)| k)
-            .collect()
+    /// Whether `k` belongs to a closed TCP conversation quiet for `closed_ns`.
+    /// Only flows that saw a FIN or RST themselves look their reverse up.
+    fn closed(&self, k: &FlowKey, r: &FlowRecord, now_ns: u64, closed_ns: u64) -> bool {
+        if k.proto != 6 || r.tcp_flags & (TCP_FIN | TCP_RST) == 0 || !quiet(r, now_ns, closed_ns) {
+            return false;
+        }
+        match self.flows.reverse_key(k).and_then(|rk| self.flows.get(&rk)) {
+            None => r.tcp_flags & TCP_RST != 0,
+            Some(rev) => {
+                (r.tcp_flags | rev.tcp_flags) & TCP_RST != 0
+                    || (r.tcp_flags & rev.tcp_flags & TCP_FIN != 0 && quiet(rev, now_ns, closed_ns))
+            }
+        }
     }
 
-    /// Drops an aged-out flow record; its counts stay with its device.
-    pub fn forget_flow(&mut self, k: &FlowKey) {
-        if let Some((mut r, owner)) = self.flows.remove(k) {
-            let t = std::mem::take(&mut r.owned).totals();
-            let d = self.devices.at_mut(owner);
-            d.flow_base += t;
-            d.flow_live = d.flow_live.saturating_sub(t);
+    /// One pass over every record: what this poll ages out (idle, closed)
+    /// and which long conversations report (see [`Tables::active_records`]).
+    ///
+    /// A conversation older than the active timeout reports each time the
+    /// clock passes its phase (a hash of its addresses, ports and protocol,
+    /// alike for both directions, modulo the timeout): once per timeout,
+    /// spread evenly over the polls, with no per-flow timer to look up.
+    pub fn due(&mut self, now_ns: u64, t: &Timeouts) -> Due {
+        let window = t.active_ns.map(|a| {
+            let prev = std::mem::replace(&mut self.active_scan_ns, now_ns);
+            // The first scan only sets the clock; a stalled poller (a window
+            // past the timeout) reports everything due once.
+            if prev == 0 { 0 } else { now_ns.saturating_sub(prev).min(a) }
+        });
+        // `now mod a` once: per flow, `(now - phase) mod a` is then a
+        // subtraction (no division in a pass over a million records).
+        let now_in_cycle = t.active_ns.map_or(0, |a| now_ns % a);
+        let mut due = Due::default();
+        for (k, r) in self.flows.iter() {
+            if quiet(r, now_ns, t.idle_ns) {
+                due.idle.push(k);
+            } else if t.closed_ns.is_some_and(|c| self.closed(&k, r, now_ns, c)) {
+                due.closed.push(k);
+            } else if let (Some(a), Some(w)) = (t.active_ns, window)
+                && now_ns.saturating_sub(r.first_seen_ns) > a
+            {
+                let p = phase(&k, a);
+                let since = if now_in_cycle >= p { now_in_cycle - p } else { now_in_cycle + a - p };
+                if since < w {
+                    due.active.push(k);
+                }
+            }
         }
+        due
+    }
+
+    /// The active-timeout records of `keys` ([`Tables::due`]): one per
+    /// conversation (both directions together) with frames since its last
+    /// record, after which it reports again from there.
+    pub fn active_records(&mut self, keys: Vec<FlowKey>) -> Vec<Ended> {
+        let mut done: std::collections::HashSet<u64> = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for k in keys {
+            let Some(me) = self.live_side(&k) else { continue };
+            if !done.insert(me.rec.id) {
+                continue;
+            }
+            let other = self.flows.reverse_key(&k).and_then(|rk| self.live_side(&rk));
+            let e = match other {
+                Some(o) if done.insert(o.rec.id) => paired(me, o, EndReason::Active),
+                _ => Ended { client: me, server: None, reason: EndReason::Active },
+            };
+            if !e.has_news() {
+                continue;
+            }
+            for s in [Some(&e.client), e.server.as_ref()].into_iter().flatten() {
+                let r = reported::Reported { totals: s.rec.totals(), last_seen_ns: s.rec.last_seen_ns };
+                self.reported.insert(s.rec.id, r);
+            }
+            out.push(e);
+        }
+        out
+    }
+
+    /// A live flow's side for a record.
+    fn live_side(&self, k: &FlowKey) -> Option<Side> {
+        let (r, owner) = self.flows.get_owned(k)?;
+        Some(self.side(*k, r.clone(), self.devices.key(owner).mac))
+    }
+
+    /// Drops an aged-out flow record; its counts stay with its device. Returns
+    /// its conversation when this ended it: alone, or with its reverse when
+    /// that ended before (a reverse still held keeps this one waiting). A
+    /// conversation with nothing new since its last active record ends
+    /// without one.
+    pub fn forget_flow(&mut self, k: &FlowKey, reason: EndReason) -> Option<Ended> {
+        let (mut r, owner) = self.flows.remove(k)?;
+        let t = std::mem::take(&mut r.owned).totals();
+        let d = self.devices.at_mut(owner);
+        d.flow_base += t;
+        d.flow_live = d.flow_live.saturating_sub(t);
+        let side = self.side(*k, r, self.devices.key(owner).mac);
+        self.reported.remove(&side.rec.id);
+        let conv = Conversation::of(k);
+        let e = if self.half_ended.get(&conv).is_some_and(|o| o.key.is_reverse_of(k)) {
+            let other = self.half_ended.remove(&conv).expect("just found");
+            paired(side, other, reason)
+        } else if self.flows.has_reverse(k) && self.half_ended.len() < HALF_ENDED_MAX {
+            self.half_ended.insert(conv, side);
+            return None;
+        } else {
+            Ended { client: side, server: None, reason }
+        };
+        e.has_news().then_some(e)
+    }
+
+    /// Every conversation held, as it stands (the agent stops): live flows
+    /// paired with their reverse, and directions waiting for theirs. Nothing
+    /// is removed, and conversations with nothing new since their last
+    /// active record are left out.
+    pub fn end_all(&self) -> Vec<Ended> {
+        let mut out = Vec::new();
+        let mut halves: HashMap<Conversation, Side> = self.half_ended.clone();
+        let mut live: Vec<Side> = self
+            .flows
+            .after_owned(0)
+            .map(|(key, owner, r)| self.side(key, r.clone(), self.devices.key(owner).mac))
+            .collect();
+        // Oldest first, so a direction meets its reverse in a stable order.
+        live.sort_by_key(|s| s.rec.id);
+        for side in live {
+            let conv = Conversation::of(&side.key);
+            if halves.get(&conv).is_some_and(|o| o.key.is_reverse_of(&side.key)) {
+                let other = halves.remove(&conv).expect("just found");
+                out.push(paired(side, other, EndReason::Shutdown));
+            } else if let Some(same_way) = halves.insert(conv, side) {
+                // The same direction on another interface: a conversation of its own.
+                out.push(Ended { client: same_way, server: None, reason: EndReason::Shutdown });
+            }
+        }
+        let mut rest: Vec<Side> = halves.into_values().collect();
+        rest.sort_by_key(|s| s.rec.id);
+        out.extend(rest.into_iter().map(|c| Ended { client: c, server: None, reason: EndReason::Shutdown }));
+        out.retain(Ended::has_news);
+        out
     }
 }
 
@@ -591,6 +884,27 @@ mod tests {
 
     fn key(sport: u16) -> FlowKey {
         FlowKey { ifindex: 2, vlan: 0, proto: 17, _pad: 0, src: [1; 16], dst: [2; 16], sport, dport: 53 }
+    }
+
+    /// A flow on interface 2 between `src` and `dst` (each address all one byte).
+    fn flow_key(proto: u8, src: u8, dst: u8, sport: u16, dport: u16) -> FlowKey {
+        FlowKey { ifindex: 2, vlan: 0, proto, _pad: 0, src: [src; 16], dst: [dst; 16], sport, dport }
+    }
+
+    /// Flows idle `idle_ns`, as [`Tables::due`] finds them.
+    fn idle(t: &mut Tables, now_ns: u64, idle_ns: u64) -> Vec<FlowKey> {
+        t.due(now_ns, &Timeouts { idle_ns, closed_ns: None, active_ns: None }).idle
+    }
+
+    /// Closed conversations quiet `closed_ns` (nothing is idle).
+    fn closed(t: &mut Tables, now_ns: u64, closed_ns: u64) -> Vec<FlowKey> {
+        t.due(now_ns, &Timeouts { idle_ns: u64::MAX, closed_ns: Some(closed_ns), active_ns: None }).closed
+    }
+
+    /// The active records due now, as the poller builds them.
+    fn active(t: &mut Tables, now_ns: u64, active_ns: u64) -> Vec<Ended> {
+        let due = t.due(now_ns, &Timeouts { idle_ns: u64::MAX, closed_ns: None, active_ns: Some(active_ns) });
+        t.active_records(due.active)
     }
 
     fn val(first: u64, packets: u64) -> FlowValue {
@@ -650,6 +964,155 @@ mod tests {
     }
 
     #[test]
+    fn a_conversation_ends_once_with_both_directions_client_first() {
+        let k = |ifindex, src: u8, dst: u8, sport, dport| FlowKey {
+            ifindex,
+            vlan: 0,
+            proto: 17,
+            _pad: 0,
+            src: [src; 16],
+            dst: [dst; 16],
+            sport,
+            dport,
+        };
+        // A query and its answer on another interface; a lone probe.
+        let (q, a, lone) = (k(2, 1, 2, 40000, 53), k(3, 2, 1, 53, 40000), k(2, 1, 9, 40001, 161));
+        let mut t = Tables::default();
+        t.merge(&[(q, val(10, 3)), (a, val(20, 2)), (lone, val(30, 4))], &[]);
+        // The answer ages out first: the query still runs, nothing ends yet.
+        assert!(t.forget_flow(&a, EndReason::Timeout).is_none());
+        let e = t.forget_flow(&q, EndReason::Timeout).expect("both directions gone");
+        assert_eq!(e.reason, EndReason::Timeout);
+        assert_eq!(e.client.key, q, "the query's sender is the client");
+        assert_eq!(e.client.rec.totals(), Totals { packets: 3, bytes: 300 });
+        let s = e.server.expect("the answer");
+        assert_eq!((s.key, s.rec.totals().packets), (a, 2));
+        let alone = t.forget_flow(&lone, EndReason::Timeout).expect("no reverse: ends alone");
+        assert!(alone.server.is_none() && alone.client.key == lone);
+        assert!(t.forget_flow(&lone, EndReason::Timeout).is_none(), "ends once");
+        // At a stop, every conversation held ends as it stands, paired, nothing removed.
+        t.merge(&[(q, val(40, 1)), (a, val(41, 1)), (lone, val(42, 1))], &[]);
+        assert!(t.forget_flow(&a, EndReason::Timeout).is_none());
+        let all = t.end_all();
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert!(all.iter().all(|e| e.reason == EndReason::Shutdown));
+        let pair = all.iter().find(|e| e.server.is_some()).unwrap();
+        assert_eq!((pair.client.key, pair.server.as_ref().unwrap().key), (q, a));
+        assert_eq!(t.flows.len(), 2);
+    }
+
+    #[test]
+    fn active_records_and_the_end_add_up_to_every_frame_once() {
+        let k = |src, dst, sport, dport| flow_key(17, src, dst, sport, dport);
+        let (q, a) = (k(1, 2, 40000, 53), k(2, 1, 53, 40000));
+        assert_eq!(phase(&q, 1000), phase(&a, 1000), "both directions share a phase");
+        let at = |first: u64, last: u64, packets: u64| FlowValue {
+            packets,
+            bytes: packets * 100,
+            first_seen_ns: first,
+            last_seen_ns: last,
+            ..Default::default()
+        };
+        let mut t = Tables::default();
+        // Polls every 50 ns for 6 active timeouts; a frame each way every 100.
+        let (mut records, mut sent) = (Vec::new(), (0, 0));
+        for now in (50..=6000).step_by(50) {
+            if now % 100 == 0 {
+                sent = (sent.0 + 1, sent.1 + 1);
+                t.merge(&[(q, at(10, now, sent.0)), (a, at(20, now, sent.1))], &[]);
+            }
+            for e in active(&mut t, now, 1000) {
+                records.push((now, e));
+            }
+        }
+        let times: Vec<u64> = records.iter().map(|(n, _)| *n).collect();
+        assert!(times.len() >= 4 && times.len() <= 6, "one per timeout after the first: {times:?}");
+        assert!(times[0] > 1010, "not before the conversation is a timeout old: {times:?}");
+        assert!(times.windows(2).all(|w| w[1] - w[0] == 1000), "once per timeout: {times:?}");
+        for (_, e) in &records {
+            assert_eq!(e.reason, EndReason::Active);
+            assert_eq!(e.client.key, q, "the query's sender is the client");
+            assert!(e.server.as_ref().is_some_and(|s| s.key == a), "both directions in one record");
+        }
+        // The end reports only what the active records did not.
+        assert!(t.forget_flow(&a, EndReason::Timeout).is_none());
+        let end = t.forget_flow(&q, EndReason::Timeout).unwrap();
+        let count = |e: &Ended| (e.client.delta.packets, e.server.as_ref().map_or(0, |s| s.delta.packets));
+        let (up, down) = records
+            .iter()
+            .map(|(_, e)| count(e))
+            .chain([count(&end)])
+            .fold((0, 0), |x, y| (x.0 + y.0, x.1 + y.1));
+        assert_eq!((up, down), sent, "every frame exactly once");
+        assert_eq!(
+            records[1].1.client.start_ns, records[0].1.client.rec.last_seen_ns,
+            "a later record starts where the last one ended"
+        );
+        assert!(t.reported.is_empty(), "nothing left behind for forgotten flows");
+        // Nothing new since the last record: neither an active record nor an end record.
+        let mut t = Tables::default();
+        t.merge(&[(q, at(10, 20, 3))], &[]);
+        assert_eq!(active(&mut t, 50, 1000).len(), 0, "the first scan only starts the clock");
+        let first: usize = (100..=3000).step_by(50).map(|now| active(&mut t, now, 1000).len()).sum();
+        assert_eq!(first, 1);
+        assert!(t.forget_flow(&q, EndReason::Timeout).is_none(), "reported already, nothing since");
+    }
+
+    #[test]
+    fn closed_tcp_conversations_end_after_their_quiet_time() {
+        let k = |src, dst, sport, dport| flow_key(6, src, dst, sport, dport);
+        let v = |flags: u64, last: u64| FlowValue {
+            packets: 4,
+            bytes: 400,
+            first_seen_ns: 1,
+            last_seen_ns: last,
+            tcp_flags: flags,
+            ..Default::default()
+        };
+        let (c, s) = (k(1, 2, 40000, 443), k(2, 1, 443, 40000));
+        let (c2, s2) = (k(1, 2, 40001, 443), k(2, 1, 443, 40001));
+        let (r, lone) = (k(1, 2, 40002, 443), k(1, 3, 40003, 22));
+        let mut t = Tables::default();
+        t.merge(
+            &[
+                (c, v(0x13, 100)),  // FIN from the client...
+                (s, v(0x12, 100)),  // ...but none back: still open.
+                (c2, v(0x11, 100)), // FIN each way: closed.
+                (s2, v(0x11, 150)),
+                (r, v(0x14, 100)),    // a RST, no reverse: closed.
+                (lone, v(0x11, 100)), // one FIN, no reverse: may be a one-way view.
+            ],
+            &[],
+        );
+        let mut got = closed(&mut t, 200, 60);
+        got.sort_by_key(|k| k.sport);
+        assert_eq!(got, vec![r], "the server's FIN is only 50 ns quiet: the pair waits for it");
+        let got: BTreeSet<_> = closed(&mut t, 300, 60).into_iter().map(|k| (k.sport, k.dport)).collect();
+        assert_eq!(got, [c2, r, s2].iter().map(|k| (k.sport, k.dport)).collect());
+        assert!(closed(&mut t, 120, 60).is_empty(), "nothing quiet long enough");
+    }
+
+    #[test]
+    fn the_ledger_carries_what_was_reported_over_a_restart() {
+        let k = |sport| flow_key(17, 1, 2, sport, 53);
+        let mut before = Tables::default();
+        before.merge(&[(k(1), val(10, 5)), (k(2), val(20, 7))], &[]);
+        let stopped: u64 = before.end_all().iter().map(|e| e.client.delta.packets).sum();
+        assert_eq!(stopped, 12);
+        let ledger = before.ledger();
+        assert_eq!(ledger.len(), 2);
+        // The next run: flow 1's kernel entry counted on; flow 2's was
+        // recreated meanwhile (another first sighting): all of it is new.
+        let mut after = Tables::default();
+        after.carry(ledger);
+        after.merge(&[(k(1), val(10, 8)), (k(2), val(900, 2))], &[]);
+        let mut again: Vec<(u16, u64)> =
+            after.end_all().iter().map(|e| (e.client.key.sport, e.client.delta.packets)).collect();
+        again.sort();
+        assert_eq!(again, vec![(1, 3), (2, 2)], "only what came after the stop");
+    }
+
+    #[test]
     fn counters_survive_eviction_and_recreation() {
         let mut t = Tables::default();
         t.merge(&[(key(1), val(10, 5))], &[]);
@@ -676,8 +1139,8 @@ mod tests {
     fn idle_flows_are_found_and_forgotten() {
         let mut t = Tables::default();
         t.merge(&[(key(1), val(10, 1)), (key(2), val(1000, 1))], &[]);
-        assert_eq!(t.idle_flows(1100, 500), vec![key(1)]);
-        t.forget_flow(&key(1));
+        assert_eq!(idle(&mut t, 1100, 500), vec![key(1)]);
+        t.forget_flow(&key(1), EndReason::Timeout);
         assert!(!t.flows.contains_key(&key(1)));
     }
 
@@ -713,8 +1176,8 @@ mod tests {
         assert_eq!(t.devices[&dev(a)].totals().packets, 3 + 7 + 2);
         t.merge(&[], &[(dev(a), entry(3))]);
         assert_eq!(t.devices[&dev(a)].totals().packets, 3 + 7 + 2);
-        t.forget_flow(&key(1));
-        t.forget_flow(&key(2));
+        t.forget_flow(&key(1), EndReason::Timeout);
+        t.forget_flow(&key(2), EndReason::Timeout);
         assert_eq!(t.devices[&dev(a)].totals().packets, 3 + 7 + 2);
         t.merge(&[], &[(dev(a), entry(3))]);
         assert_eq!(t.devices[&dev(a)].totals().packets, 3 + 7 + 2);

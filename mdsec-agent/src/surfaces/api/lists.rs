@@ -1,4 +1,4 @@
-//! The list endpoints: `/api/v1/flows`, `/devices`, `/events`. Each parses its
+//! The list endpoints: `/api/v1/flows`, `/devices`, `/events`, `/incidents`. Each parses its
 //! query in one step ([`query::parse`]), then answers a page (a JSON array;
 //! `X-Next-Cursor` and a `Link: rel="next"` header when more may follow) or,
 //! with `format=ndjson`, one JSON object per line. Work that scans tables runs
@@ -301,6 +301,7 @@ pub fn events_page(st: &AppState, q: &Query) -> Result<Page<model::Event>, BadPa
             && app.is_none_or(|a| e.app == a)
             && f.kind.as_ref().is_none_or(|k| e.kind == *k)
             && verdict_kind.is_none_or(|k| e.kind == k)
+            && f.incident.is_none_or(|i| e.incident == i)
             && since.as_ref().is_none_or(|s| e.time >= *s)
     };
     let store = st.events.read().unwrap();
@@ -311,6 +312,38 @@ pub fn events_page(st: &AppState, q: &Query) -> Result<Page<model::Event>, BadPa
 pub(super) async fn events(State(st): State<Arc<AppState>>, pairs: Pairs) -> Response {
     match parsed(Endpoint::Events, pairs) {
         Ok(q) => answer(st, Endpoint::Events, "since", q, events_page).await,
+        Err(m) => error(StatusCode::BAD_REQUEST, m),
+    }
+}
+
+/// One page of incidents, by id (the order they opened in).
+pub fn incidents_page(
+    st: &AppState,
+    q: &Query,
+) -> Result<Page<crate::detection::incident::Incident>, BadParam> {
+    let f = &q.filter;
+    check_names(st, f)?;
+    let mac = f.mac.map(crate::base::net::mac_string);
+    let ip = f.ip.map(|i| i.to_string());
+    let since = f.since.map(crate::base::clock::rfc3339);
+    let keep = |i: &&crate::detection::incident::Incident| {
+        mac.as_ref().is_none_or(|m| i.mac.as_ref() == Some(m))
+            && ip.as_ref().is_none_or(|ip| i.src == *ip || i.targets.iter().any(|t| t.ip == *ip))
+            && f.segment.as_ref().is_none_or(|s| i.segments.contains(s))
+            && f.kind.as_ref().is_none_or(|k| i.by_type.contains_key(k))
+            && f.state.as_ref().is_none_or(|s| i.state == *s)
+            && since.as_ref().is_none_or(|s| i.last_seen >= *s)
+    };
+    let store = st.events.read().unwrap();
+    let after = q.cursor.id();
+    let items = store.incidents.all.range(after + 1..).map(|(_, i)| i).filter(keep);
+    let page = take_page(items, q.limit, |i| i.id.to_string());
+    Ok(Page { items: page.items.into_iter().cloned().collect(), next: page.next })
+}
+
+pub(super) async fn incidents(State(st): State<Arc<AppState>>, pairs: Pairs) -> Response {
+    match parsed(Endpoint::Incidents, pairs) {
+        Ok(q) => answer(st, Endpoint::Incidents, "cursor", q, incidents_page).await,
         Err(m) => error(StatusCode::BAD_REQUEST, m),
     }
 }

@@ -173,6 +173,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/interfaces", get(interfaces))
         .route("/api/v1/events", get(lists::events))
+        .route("/api/v1/incidents", get(lists::incidents))
         .route("/api/v1/policy", get(policy_status))
         .route("/api/v1/baseline", get(baseline))
         .route("/api/v1/devices/{mac}/state", axum::routing::post(set_state))

@@ -21,6 +21,7 @@ pub enum Endpoint {
     Flows,
     Devices,
     Events,
+    Incidents,
 }
 
 impl Endpoint {
@@ -32,8 +33,12 @@ impl Endpoint {
                 &["mac", "ip", "segment", "iface", "app", "since", "limit", "cursor", "format", "verdict"]
             }
             Endpoint::Devices => &COMMON,
-            Endpoint::Events => {
-                &["mac", "ip", "segment", "iface", "app", "since", "limit", "format", "verdict", "type"]
+            Endpoint::Events => &[
+                "mac", "ip", "segment", "iface", "app", "since", "limit", "format", "verdict", "type",
+                "incident",
+            ],
+            Endpoint::Incidents => {
+                &["mac", "ip", "segment", "since", "limit", "cursor", "format", "type", "state"]
             }
         }
     }
@@ -43,6 +48,7 @@ impl Endpoint {
             Endpoint::Flows => "/api/v1/flows",
             Endpoint::Devices => "/api/v1/devices",
             Endpoint::Events => "/api/v1/events",
+            Endpoint::Incidents => "/api/v1/incidents",
         }
     }
 }
@@ -61,8 +67,12 @@ pub struct Filter {
     /// Flows and devices: seen at or after this time. Events: at or after it.
     pub since: Option<SystemTime>,
     pub verdict: Option<Verdict>,
-    /// Events: the event type.
+    /// Events: the event type. Incidents: holding events of that type.
     pub kind: Option<String>,
+    /// Events: of this incident.
+    pub incident: Option<u64>,
+    /// Incidents: `open` or `closed`.
+    pub state: Option<String>,
 }
 
 /// The page asked for.
@@ -163,6 +173,15 @@ pub fn parse(ep: Endpoint, pairs: &[(String, String)], now: SystemTime) -> Resul
                 }
                 f.kind = Some(v.to_string());
             }
+            "incident" => {
+                f.incident = Some(v.parse().map_err(|_| bad(name, format!("`{v}` is not an incident id")))?)
+            }
+            "state" => {
+                if v != "open" && v != "closed" {
+                    return Err(bad(name, format!("`{v}` is not an incident state (open, closed)")));
+                }
+                f.state = Some(v.to_string());
+            }
             "since" => {
                 // On events a number is the sequence cursor (as it always was).
                 if ep == Endpoint::Events
@@ -193,7 +212,7 @@ pub fn parse(ep: Endpoint, pairs: &[(String, String)], now: SystemTime) -> Resul
             }
             "cursor" => {
                 q.cursor = match ep {
-                    Endpoint::Flows => Cursor::Id(
+                    Endpoint::Flows | Endpoint::Incidents => Cursor::Id(
                         v.parse()
                             .map_err(|_| bad(name, format!("`{v}` is not a cursor this endpoint gave")))?,
                     ),
@@ -296,6 +315,10 @@ mod tests {
             (Endpoint::Devices, ("verdict", "drop"), "verdict"),
             (Endpoint::Flows, ("colour", "red"), "colour"),
             (Endpoint::Events, ("type", "bogus"), "type"),
+            (Endpoint::Events, ("incident", "x"), "incident"),
+            (Endpoint::Incidents, ("state", "resolved"), "state"),
+            (Endpoint::Incidents, ("cursor", "abc"), "cursor"),
+            (Endpoint::Incidents, ("iface", "gw1"), "iface"),
         ] {
             let e = p(ep, &[q]).unwrap_err();
             assert_eq!(e.param, param, "{q:?}: {e}");

@@ -24,6 +24,7 @@ use mdsec_tests::kernel::TestProg;
 
 mod curve;
 mod differential;
+mod export;
 mod forwarding;
 mod perpacket;
 mod scale;

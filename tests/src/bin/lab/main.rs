@@ -13,6 +13,7 @@
 //! `--cleanup` removes what a kept or killed lab left).
 
 mod args;
+mod eve;
 mod services;
 mod setup;
 mod summary;
@@ -193,6 +194,21 @@ fn run(args: &Args) -> Result<()> {
     summary.duration_secs = t0.elapsed().as_secs().min(total);
     summary.normal_would_drops_in_monitor = would_in_monitor;
     let report = evidence_report(&agent);
+    let keep = args.keep && !stopping();
+    let agent = if keep {
+        Some(agent)
+    } else {
+        // Stopped first: every conversation still open gets its flow record.
+        let _ = agent.stop();
+        let mut ifaces = Hospital::gw_ifs();
+        ifaces.extend([mdsec_tests::hospital::BUMP_WARD.into(), mdsec_tests::hospital::BUMP_CORE.into()]);
+        let log = work.join("eve.json");
+        summary.eve = Some(eve::check(&log, setup::EVE_SENSOR, &ifaces));
+        if let Some(dir) = summary::out_dir() {
+            let _ = std::fs::copy(&log, dir.join("eve.json"));
+        }
+        None
+    };
     if args.json {
         let mut v = serde_json::to_value(&summary)?;
         v["evidence_report"] = serde_json::json!(report.as_ref().map(|p| p.display().to_string()));

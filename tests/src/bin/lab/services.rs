@@ -21,7 +21,7 @@ use mdsec_agent::surfaces::model::Flow;
 use mdsec_tests::{
     frames::{self, RawSender, V4},
     hospital::Hospital,
-    netns::in_netns,
+    netns::{bind_in, in_netns},
 };
 
 /// `ip netns exec NS args…` (under `timeout SECS` if given), quiet and out
@@ -98,7 +98,7 @@ pub fn serve(
     handle: fn(TcpStream),
 ) -> Result<thread::JoinHandle<()>> {
     let addr = SocketAddr::new(ip.into(), port);
-    let l: TcpListener = in_netns(ns, move || TcpListener::bind(addr))??;
+    let l: TcpListener = bind_in(ns, move || TcpListener::bind(addr))?;
     l.set_nonblocking(true)?;
     Ok(thread::spawn(move || {
         while running.load(Ordering::SeqCst) {
@@ -377,6 +377,11 @@ pub fn attack(h: &Hospital) -> Result<Attack> {
 }
 
 impl Attack {
+    /// The addresses the attack's traffic comes from.
+    pub fn sources(&self) -> Vec<String> {
+        vec![self.attacker.clone(), self.outside_dns.0.clone(), self.rdp.0.clone()]
+    }
+
     pub fn is_attack(&self, f: &Flow) -> bool {
         f.src == self.attacker
             || (f.src == self.outside_dns.0 && f.dst == self.outside_dns.1)

@@ -54,15 +54,21 @@ pub fn start_agent(id: &str, work: &Path, learning: u64) -> Result<Agent> {
             _ => {}
         }
     }
+    // Every event and ended conversation as EVE too, checked at the end (eve.rs).
     let extra = format!(
-        "{}detection:\n  internal_resolvers: [10.40.0.53]\nregister: {}\nevidence:\n  snapshot_secs: 5\n{devices}",
+        "{}detection:\n  internal_resolvers: [10.40.0.53]\nregister: {}\nevidence:\n  snapshot_secs: 5\n{devices}\
+         events:\n  log: {}\n  log_format: eve\n  eve:\n    sensor_name: {EVE_SENSOR}\n",
         Hospital::bridges_yaml(),
-        work.join("register.yaml").display()
+        work.join("register.yaml").display(),
+        work.join("eve.json").display()
     );
     let opts =
         AgentOptions { policy, extra_yaml: extra, state_dir: Some(work.join("state")), ..Default::default() };
     Agent::start_on(id, &format!("{id}-gw"), &Hospital::gw_ifs(), opts)
 }
+
+/// The lab gateway's `events.eve.sensor_name` (EVE's `host`).
+pub const EVE_SENSOR: &str = "lab-gw";
 
 /// Writes the suggested allow-list of every segment in `mode` and reloads.
 pub fn apply_suggestion(agent: &Agent, mode: &str) -> Result<()> {

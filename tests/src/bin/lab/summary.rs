@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::Result;
-use mdsec_agent::surfaces::model::{Device, Event, Flow};
+use mdsec_agent::surfaces::model::{Device, Event, Flow, Incident};
 use mdsec_tests::{
     agent::{Agent, agent_bin},
     hospital::DEVICES,
@@ -47,6 +47,13 @@ pub struct Summary {
     /// (all normal traffic): how complete the suggestion was.
     pub normal_would_drops_in_monitor: Option<u64>,
     pub metrics: Option<String>,
+    /// Every incident of the run: (id, source, severity, events).
+    pub incidents: Vec<(u64, String, String, u64)>,
+    /// Incidents of sources that are not the attack's (the normal scenario
+    /// raises none).
+    pub normal_incidents: usize,
+    /// The EVE log checked once the agent stopped (not with `--keep`).
+    pub eve: Option<crate::eve::EveCheck>,
 }
 
 pub fn summarize(
@@ -59,6 +66,8 @@ pub fn summarize(
     let devices: Vec<Device> = agent.devices()?;
     let flows: Vec<Flow> = agent.flows()?;
     let events: Vec<Event> = agent.events()?;
+    let incidents: Vec<Incident> = agent.get("/api/v1/incidents?limit=10000")?;
+    let attack_sources = attack.map(|a| a.sources()).unwrap_or_default();
     let lines: Vec<DeviceLine> = DEVICES
         .iter()
         .map(|s| {
@@ -86,7 +95,15 @@ pub fn summarize(
         duration_secs: total,
         classes_as_expected: lines.iter().all(|l| l.class == l.expected_class),
         devices: lines,
-        apps_seen: flows.iter().filter(|f| f.app_confidence == "high").map(|f| f.app.clone()).collect(),
+        // What the devices were seen speaking over the run (flows that
+        // ended have left the flow table; the inventory keeps their apps).
+        apps_seen: devices
+            .iter()
+            .flat_map(|d| d.apps_client.iter().chain(&d.apps_server))
+            .filter(|a| *a != "unknown")
+            .cloned()
+            .chain(flows.iter().filter(|f| f.app_confidence == "high").map(|f| f.app.clone()))
+            .collect(),
         events_by_type: by_type,
         attack_events: events.iter().filter(|e| ATTACK_TYPES.contains(&e.kind.as_str())).cloned().collect(),
         attack_flows: attack_flows.len(),
@@ -97,6 +114,9 @@ pub fn summarize(
         normal_flows_dropped: normal_dropped.len(),
         normal_would_drops_in_monitor: None,
         metrics,
+        normal_incidents: incidents.iter().filter(|i| !attack_sources.contains(&i.src)).count(),
+        incidents: incidents.iter().map(|i| (i.id, i.src.clone(), i.severity.clone(), i.events)).collect(),
+        eve: None,
     })
 }
 
@@ -124,18 +144,36 @@ pub fn print_summary(s: &Summary) {
         "  attack flows blocked: {}/{} ({} packets); normal traffic dropped: {} packets",
         s.attack_flows_blocked, s.attack_flows, s.attack_packets_dropped, s.normal_drops
     );
+    for (id, src, severity, n) in &s.incidents {
+        println!("  incident {id} from {src}: {severity}, {n} events");
+    }
     if let Some(w) = s.normal_would_drops_in_monitor {
         println!("  suggested allow-lists in monitor mode: {w} packets would have been dropped");
     }
+    if let Some(e) = &s.eve {
+        println!(
+            "  EVE log: {} alerts, {} flow records, {} problems",
+            e.alerts, e.flow_records, e.problem_count
+        );
+        for p in &e.problems {
+            println!("    {p}");
+        }
+    }
 }
 
-/// The evidence report of the run, kept after teardown: in `MDSEC_LAB_OUT`
-/// (`cargo xtask lab` sets target/lab), else in the temp dir.
-pub fn evidence_report(agent: &Agent) -> Option<PathBuf> {
+/// Where the run's files are kept after teardown: `MDSEC_LAB_OUT` (`cargo
+/// xtask lab` sets target/lab), else a directory in the temp dir.
+pub fn out_dir() -> Option<PathBuf> {
     let dir = std::env::var_os("MDSEC_LAB_OUT")
         .map(PathBuf::from)
         .unwrap_or_else(|| std::env::temp_dir().join("mdsec-evidence"));
     std::fs::create_dir_all(&dir).ok()?;
+    Some(dir)
+}
+
+/// The evidence report of the run, kept after teardown (see [`out_dir`]).
+pub fn evidence_report(agent: &Agent) -> Option<PathBuf> {
+    let dir = out_dir()?;
     let out = dir.join("evidence.html");
     let st = Command::new(agent_bin())
         .args(["report", "--config"])
