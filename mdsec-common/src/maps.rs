@@ -61,15 +61,25 @@ pub const PORTS: &str = "PORTS";
 /// Two ports per bump; one entry per port.
 pub const PORTS_MAX: u32 = 64;
 
+/// Program array[1]: slot [`JUDGE_SLOT`] holds `mdsec_xdp`, which the mirror
+/// entry tail-calls once it has removed a frame's tunnel layers. Pinned: the
+/// kernel empties a program array when its last user reference goes, and a
+/// mirror port left attached by `on_exit: keep` must go on judging.
+pub const JUDGE: &str = "JUDGE";
+pub const JUDGE_SLOT: u32 = 0;
+
 /// All maps the agent pins, in a fixed order. The ring buffers (`EVENTS`,
 /// `SAMPLES`) and `EVENT_BUCKET` are not pinned: a new agent starts fresh ones.
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 16] = [
     FLOWS, FLOWS4, FLOW_SEED, DEVICES, FRAGS, STATS, SEG_STATS, IDENT, MACS, POLICY, SEGMENTS, CONFIG,
-    IFACES, ALLOWED, PORTS,
+    IFACES, ALLOWED, PORTS, JUDGE,
 ];
 
 /// Name of the XDP program in the object (routed, mirror and multi-port bridge ports).
 pub const PROGRAM: &str = "mdsec_xdp";
+/// Mirror (SPAN/RSPAN/ERSPAN) ports: removes up to `net::MAX_TUNNEL_DEPTH`
+/// tunnel layers, then tail-calls [`PROGRAM`] on the inner frame.
+pub const MIRROR_PROGRAM: &str = "mdsec_mirror";
 /// The same datapath for the two ports of a bump in the wire: forwards what it
 /// passes to the peer port (`PORTS`).
 pub const BRIDGE_PROGRAM: &str = "mdsec_bridge";

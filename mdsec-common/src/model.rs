@@ -5,9 +5,13 @@
 //! and malformed frames through both and requires the same action, flow key,
 //! verdict, app and packet count. Where the two disagree, one of them is wrong.
 //!
+//! Mirror ports are modelled by [`Model::run_mirror`]: [`decap`] (the twin of
+//! the kernel's decap stage) removes a frame's tunnel layers, and a deny on a
+//! mirror port is a would-drop.
+//!
 //! Not modelled: the per-CPU event rate limit and ring buffers (they never change
-//! a verdict), flow-table eviction and insert contention (the test clears both
-//! sides together, and runs on one CPU), and mirror ports.
+//! a verdict), and flow-table eviction and insert contention (the test clears
+//! both sides together, and runs on one CPU).
 
 use std::collections::{HashMap, HashSet};
 use std::vec::Vec;
@@ -310,6 +314,8 @@ pub struct Outcome {
 #[derive(Default)]
 pub struct Model {
     pub tables: Tables,
+    /// Interfaces flagged `IFACE_MIRROR`: their denies are would-drops.
+    pub mirrors: HashSet<u32>,
     pub flows: HashMap<FlowKey, FlowState>,
     /// Frames and bytes each device sent (every frame with an Ethernet header).
     pub devices: HashMap<DeviceKey, (u64, u64)>,
@@ -329,6 +335,15 @@ impl Model {
         self.devices.clear();
         self.frags.clear();
         self.allowed.clear();
+    }
+
+    /// One frame on mirror port `ifindex` (`mdsec_mirror`): its tunnel layers
+    /// removed, the inner frame judged. Returns the decap result too (the
+    /// kernel counts its layers and stop reason in STATS).
+    pub fn run_mirror(&mut self, frame: &[u8], ifindex: u32, now: u64) -> (Outcome, Decapped) {
+        self.mirrors.insert(ifindex);
+        let d = decap(frame);
+        (self.run(&d.frame, ifindex, now), d)
     }
 
     /// One frame on `ifindex` at `now` (CLOCK_MONOTONIC_COARSE ns).
@@ -357,7 +372,7 @@ impl Model {
                 fs.app_done = next_app_done(fs.app_done, conf == crate::app::Confidence::High, n);
             }
         }
-        let action = self.decide(&p, key, now);
+        let action = self.decide(&p, key, ifindex, now);
         Outcome { action, key: Some(key), reason: p.reason }
     }
 
@@ -433,20 +448,28 @@ impl Model {
         Some((v.rule, v.app, v.live_until(now)?, v.segment as u32))
     }
 
-    fn decide(&mut self, p: &Parsed, key: FlowKey, now: u64) -> u32 {
+    /// A deny on a mirror port is a would-drop (the kernel's `verdict::on_port`).
+    fn on_port(&self, v: Verdict, ifindex: u32) -> Verdict {
+        if v == Verdict::Drop && self.mirrors.contains(&ifindex) { Verdict::WouldDrop } else { v }
+    }
+
+    fn decide(&mut self, p: &Parsed, key: FlowKey, ifindex: u32, now: u64) -> u32 {
         let generation = self.tables.generation;
         if generation == 0 {
             return XDP_PASS;
         }
         let fs = self.flows[&key];
-        let mut fs =
-            if fs.generation != generation || now >= fs.valid_until { self.evaluate(p, fs, now) } else { fs };
+        let mut fs = if fs.generation != generation || now >= fs.valid_until {
+            self.evaluate(p, fs, ifindex, now)
+        } else {
+            fs
+        };
         if fs.verdict == Verdict::AppPending as u8 && fs.app_done == APP_FINAL {
             if app_satisfies(fs.app, fs.app_confidence, fs.required_app) {
                 fs.verdict = Verdict::Allow as u8;
             } else {
                 let (v, s) = deny(&self.seg(fs.src_id), &self.seg(fs.dst_id), true);
-                fs.verdict = v as u8;
+                fs.verdict = self.on_port(v, ifindex) as u8;
                 fs.segment = s;
             }
         }
@@ -454,7 +477,7 @@ impl Model {
         if fs.verdict == Verdict::Drop as u8 { XDP_DROP } else { XDP_PASS }
     }
 
-    fn evaluate(&mut self, p: &Parsed, mut fs: FlowState, now: u64) -> FlowState {
+    fn evaluate(&mut self, p: &Parsed, mut fs: FlowState, ifindex: u32, now: u64) -> FlowState {
         fs.generation = self.tables.generation;
         fs.valid_until = u64::MAX;
         fs.rule = 0;
@@ -495,8 +518,206 @@ impl Model {
             }
         }
         let (v, segment) = deny(&s, &d, false);
-        fs.verdict = v as u8;
+        fs.verdict = self.on_port(v, ifindex) as u8;
         fs.segment = segment;
         fs
+    }
+}
+
+/// What the decap stage made of a mirror port's frame.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decapped {
+    /// The frame the datapath judges: the innermost frame reached, with an
+    /// Ethernet header written in front of a bare IP one.
+    pub frame: Vec<u8>,
+    /// Each layer removed: its kind and its overhead in bytes.
+    pub layers: Vec<(Stat, u64)>,
+    /// Why decapsulation stopped inside a tunnel, if it did.
+    pub stop: Option<Stat>,
+}
+
+/// Where the next layer starts (the kernel decap stage's `Next`).
+#[derive(Clone, Copy)]
+enum Next {
+    Eth(usize),
+    Ip(usize, u16),
+}
+
+impl Next {
+    /// The frame offset this layer starts at once it is the front.
+    fn start(self) -> usize {
+        match self {
+            Next::Eth(o) => o,
+            Next::Ip(o, _) => o - ETH_HLEN,
+        }
+    }
+}
+
+enum Step {
+    Done,
+    Inner(Stat, Next),
+    Stop(Stat),
+}
+
+/// The reference twin of the kernel's decap stage (`mdsec-ebpf/src/decap.rs`).
+pub fn decap(f: &[u8]) -> Decapped {
+    let mut d = Decapped::default();
+    let mut at = Next::Eth(0);
+    let mut eth = 0;
+    for depth in 0..=MAX_TUNNEL_DEPTH {
+        match layer(f, at) {
+            Step::Done => break,
+            Step::Stop(reason) => {
+                d.stop = Some(reason);
+                break;
+            }
+            Step::Inner(kind, next) => {
+                if depth == MAX_TUNNEL_DEPTH {
+                    d.stop = Some(Stat::TunnelTooDeep);
+                    break;
+                }
+                let fits = match next {
+                    Next::Eth(o) => o + ETH_HLEN <= f.len(),
+                    Next::Ip(o, _) => o < f.len(),
+                };
+                if !fits {
+                    d.stop = Some(Stat::TunnelTruncated);
+                    break;
+                }
+                d.layers.push((kind, (next.start() - at.start()) as u64));
+                if let Next::Eth(o) = next {
+                    eth = o;
+                }
+                at = next;
+            }
+        }
+    }
+    d.frame = match at {
+        _ if d.layers.is_empty() => f.to_vec(),
+        Next::Eth(o) => f[o..].to_vec(),
+        Next::Ip(o, ethertype) => {
+            let mut v = f[eth..eth + 12].to_vec();
+            v.extend_from_slice(&ethertype.to_be_bytes());
+            v.extend_from_slice(&f[o..]);
+            v
+        }
+    };
+    d
+}
+
+fn layer(f: &[u8], at: Next) -> Step {
+    let (off, ethertype) = match at {
+        Next::Ip(o, t) => (o, t),
+        Next::Eth(o) => {
+            if f.len() < o + ETH_HLEN {
+                return Step::Done;
+            }
+            let mut off = o + ETH_HLEN;
+            let mut t = be16(f, o + 12);
+            for _ in 0..MAX_VLAN_TAGS {
+                if t != ETH_P_8021Q && t != ETH_P_8021AD {
+                    break;
+                }
+                if f.len() < off + 4 {
+                    return Step::Done;
+                }
+                t = be16(f, off + 2);
+                off += 4;
+            }
+            (off, t)
+        }
+    };
+    let tunnel = |p: u8| matches!(p, IPPROTO_IPIP | IPPROTO_IPV6 | IPPROTO_GRE | IPPROTO_UDP);
+    match ethertype {
+        ETH_P_PPPOE_SESSION => {
+            if f.len() < off + 8 {
+                return Step::Stop(Stat::TunnelTruncated);
+            }
+            if f[off] != 0x11 || f[off + 1] != 0 {
+                return Step::Stop(Stat::TunnelOpaque);
+            }
+            let (proto, body) =
+                if f[off + 6] & 1 != 0 { (f[off + 6] as u16, off + 7) } else { (be16(f, off + 6), off + 8) };
+            match proto {
+                PPP_IPV4 => Step::Inner(Stat::TunnelPppoe, Next::Ip(body, ETH_P_IP)),
+                PPP_IPV6 => Step::Inner(Stat::TunnelPppoe, Next::Ip(body, ETH_P_IPV6)),
+                _ => Step::Stop(Stat::TunnelOpaque),
+            }
+        }
+        ETH_P_IP => {
+            if f.len() < off + 20 {
+                return Step::Done;
+            }
+            let ihl = (f[off] & 0x0f) as usize * 4;
+            if f[off] >> 4 != 4 || ihl < 20 || !tunnel(f[off + 9]) {
+                return Step::Done;
+            }
+            if be16(f, off + 6) & 0x3fff != 0 {
+                return Step::Stop(Stat::TunnelFragment);
+            }
+            over_ip(f, f[off + 9], off + ihl)
+        }
+        ETH_P_IPV6 => {
+            if f.len() < off + 40 || f[off] >> 4 != 6 || !tunnel(f[off + 6]) {
+                return Step::Done;
+            }
+            over_ip(f, f[off + 6], off + 40)
+        }
+        _ => Step::Done,
+    }
+}
+
+fn over_ip(f: &[u8], proto: u8, off: usize) -> Step {
+    match proto {
+        IPPROTO_IPIP => Step::Inner(Stat::TunnelIpInIp, Next::Ip(off, ETH_P_IP)),
+        IPPROTO_IPV6 => Step::Inner(Stat::TunnelIpInIp, Next::Ip(off, ETH_P_IPV6)),
+        IPPROTO_GRE => gre(f, off),
+        _ => {
+            if f.len() < off + 16 || be16(f, off + 2) != VXLAN_PORT {
+                return Step::Done;
+            }
+            if f[off + 8] & 0x08 == 0 {
+                return Step::Stop(Stat::TunnelOpaque);
+            }
+            Step::Inner(Stat::TunnelVxlan, Next::Eth(off + 16))
+        }
+    }
+}
+
+fn gre(f: &[u8], off: usize) -> Step {
+    if f.len() < off + 4 {
+        return Step::Stop(Stat::TunnelTruncated);
+    }
+    let flags = be16(f, off);
+    if flags & 0x0007 != 0 || flags & 0x4000 != 0 {
+        return Step::Stop(Stat::TunnelOpaque);
+    }
+    let seq = flags & 0x1000 != 0;
+    let len = 4 + 4 * ((flags & 0x8000 != 0) as usize + (flags & 0x2000 != 0) as usize + seq as usize);
+    let body = off + len;
+    match be16(f, off + 2) {
+        ETH_P_TEB => Step::Inner(Stat::TunnelGre, Next::Eth(body)),
+        ETH_P_IP => Step::Inner(Stat::TunnelGre, Next::Ip(body, ETH_P_IP)),
+        ETH_P_IPV6 => Step::Inner(Stat::TunnelGre, Next::Ip(body, ETH_P_IPV6)),
+        ETH_P_ERSPAN if !seq => Step::Inner(Stat::TunnelErspan, Next::Eth(body)),
+        ETH_P_ERSPAN => {
+            if f.len() < body + 8 {
+                return Step::Stop(Stat::TunnelTruncated);
+            }
+            if f[body] >> 4 != 1 {
+                return Step::Stop(Stat::TunnelOpaque);
+            }
+            Step::Inner(Stat::TunnelErspan, Next::Eth(body + 8))
+        }
+        ETH_P_ERSPAN3 => {
+            if f.len() < body + 12 {
+                return Step::Stop(Stat::TunnelTruncated);
+            }
+            if f[body] >> 4 != 2 || (f[body + 10] >> 2) & 0x1f != 0 {
+                return Step::Stop(Stat::TunnelOpaque);
+            }
+            Step::Inner(Stat::TunnelErspan, Next::Eth(body + 12 + if f[body + 11] & 1 != 0 { 8 } else { 0 }))
+        }
+        _ => Step::Done,
     }
 }

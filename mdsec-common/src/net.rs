@@ -6,13 +6,30 @@ pub const ETH_P_IPV6: u16 = 0x86DD;
 pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88A8;
+/// PPPoE session stage (RFC 2516); discovery (0x8863) is not a tunnel.
+pub const ETH_P_PPPOE_SESSION: u16 = 0x8864;
+/// Transparent Ethernet bridging: GRE carrying a whole Ethernet frame.
+pub const ETH_P_TEB: u16 = 0x6558;
+/// GRE protocol of ERSPAN type I and II (type I has no sequence number and no
+/// ERSPAN header).
+pub const ETH_P_ERSPAN: u16 = 0x88BE;
+/// GRE protocol of ERSPAN type III.
+pub const ETH_P_ERSPAN3: u16 = 0x22EB;
+/// PPP protocol numbers of the network layers a PPPoE session carries.
+pub const PPP_IPV4: u16 = 0x0021;
+pub const PPP_IPV6: u16 = 0x0057;
 
 pub const IPPROTO_HOPOPTS: u8 = 0;
 pub const IPPROTO_ICMP: u8 = 1;
+/// IPv4 in IP (RFC 2003).
+pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+/// IPv6 in IP: 6in4 (RFC 4213) and IPv6 in IPv6.
+pub const IPPROTO_IPV6: u8 = 41;
 pub const IPPROTO_ROUTING: u8 = 43;
 pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_GRE: u8 = 47;
 pub const IPPROTO_ICMPV6: u8 = 58;
 pub const IPPROTO_DSTOPTS: u8 = 60;
 
@@ -35,6 +52,12 @@ pub const FRAG_LATER: u8 = 2;
 pub const MAX_VLAN_TAGS: usize = 2;
 /// At most this many IPv6 extension headers are skipped before giving up.
 pub const MAX_IPV6_EXT_HEADERS: usize = 6;
+
+/// VXLAN's IANA port (RFC 7348).
+pub const VXLAN_PORT: u16 = 4789;
+/// Mirror ports: at most this many tunnel layers are removed before a frame is
+/// judged (ERSPAN carrying a VXLAN fabric's frame is two).
+pub const MAX_TUNNEL_DEPTH: usize = 3;
 
 /// Writes an IPv4 address as an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), the
 /// single address form used in every map key.

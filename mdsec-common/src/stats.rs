@@ -114,12 +114,49 @@ stats! {
     DeviceUpdateFail = "device_update_failed",
     /// A first fragment could not be remembered in `FRAGS`.
     FragUpdateFail = "fragment_update_failed",
+    /// Mirror ports (`mdsec_mirror`): one tunnel layer removed before the inner
+    /// frame was judged, per kind. Bytes are the layer's overhead, so a tunnel
+    /// frame's outer length is its inner frame's (under `pass`) plus these.
+    TunnelErspan = "tunnel_erspan",
+    /// GRE carrying Ethernet (0x6558) or IP.
+    TunnelGre = "tunnel_gre",
+    TunnelVxlan = "tunnel_vxlan",
+    TunnelPppoe = "tunnel_pppoe",
+    /// IPv4 or IPv6 directly inside IPv4 or IPv6 (protocols 4 and 41: IP-in-IP, 6in4).
+    TunnelIpInIp = "tunnel_ip_in_ip",
+    /// Decapsulation stopped: the frame ends inside a tunnel header, or its
+    /// inner frame is shorter than an Ethernet header. Judged as it stands.
+    TunnelTruncated = "tunnel_truncated",
+    /// Decapsulation stopped at a tunnel mdsec does not open: GRE version 1
+    /// (PPTP) or with routing, ERSPAN of a non-Ethernet frame, VXLAN without a
+    /// VNI, PPP control (LCP, IPCP) in a PPPoE session. Judged as it stands.
+    TunnelOpaque = "tunnel_opaque",
+    /// Decapsulation stopped at an outer IP fragment: the inner frame is split
+    /// across datagrams. Judged as it stands.
+    TunnelFragment = "tunnel_fragment",
+    /// Still a tunnel after `net::MAX_TUNNEL_DEPTH` layers: judged at that depth.
+    TunnelTooDeep = "tunnel_too_deep",
+    /// The mirror entry could not hand the frame to the datapath (its tail call
+    /// failed): passed without a verdict. Never expected while an agent runs.
+    TunnelNoJudge = "tunnel_judge_missing",
 }
 
 /// Number of entries in the `STATS` array.
 pub const STATS_LEN: u32 = Stat::ALL.len() as u32;
 
 impl Stat {
+    /// Tunnel layers the mirror entry removes, by kind.
+    pub const TUNNEL_LAYERS: &'static [Stat] =
+        &[Stat::TunnelErspan, Stat::TunnelGre, Stat::TunnelVxlan, Stat::TunnelPppoe, Stat::TunnelIpInIp];
+    /// Why the mirror entry stopped inside a tunnel (or could not judge).
+    pub const TUNNEL_STOPS: &'static [Stat] = &[
+        Stat::TunnelTruncated,
+        Stat::TunnelOpaque,
+        Stat::TunnelFragment,
+        Stat::TunnelTooDeep,
+        Stat::TunnelNoJudge,
+    ];
+
     /// True for reasons that mean the frame was malformed or truncated.
     pub const fn is_malformed(self) -> bool {
         matches!(

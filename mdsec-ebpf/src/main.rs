@@ -1,6 +1,7 @@
-//! mdsec XDP datapath: one judgement per frame, behind two entries: `mdsec_xdp`
-//! (routed, mirror and multi-port bridge ports) and `mdsec_bridge` (the two ports
-//! of a bump in the wire, which forwards in XDP).
+//! mdsec XDP datapath: one judgement per frame, behind three entries: `mdsec_xdp`
+//! (routed and multi-port bridge ports), `mdsec_bridge` (the two ports of a bump
+//! in the wire, which forwards in XDP) and `mdsec_mirror` (mirror ports: [`decap`],
+//! then a tail call into `mdsec_xdp`).
 //!
 //! Stages, one module each: [`parse`] → [`account`] → [`app`] → [`verdict`]. Malformed
 //! frames are counted by reason and passed; nothing here ever stops the program early
@@ -21,6 +22,7 @@ mod account;
 mod app;
 mod atomic;
 mod bench;
+mod decap;
 mod flowtable;
 mod maps;
 mod parse;
@@ -30,11 +32,11 @@ mod verdict;
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext};
 use mdsec_common::stats::Stat;
 
-use crate::maps::PORTS;
+use crate::maps::{JUDGE, PORTS};
 
-/// A routed gateway's (or a mirror's, or a multi-port bridge member's) port:
-/// the verdict is the action; what passes goes up the stack (routing, or the
-/// kernel bridge).
+/// A routed gateway's (or a multi-port bridge member's) port: the verdict is
+/// the action; what passes goes up the stack (routing, or the kernel bridge).
+/// Also the judge of mirror ports, through [`mdsec_mirror`]'s tail call.
 #[xdp]
 pub fn mdsec_xdp(ctx: XdpContext) -> u32 {
     judge(&ctx, frame_len(&ctx))
@@ -57,6 +59,23 @@ pub fn mdsec_bridge(ctx: XdpContext) -> u32 {
     };
     stats::count(if a == xdp_action::XDP_REDIRECT { Stat::BridgeForwarded } else { Stat::BridgeNoPeer }, len);
     a
+}
+
+/// A mirror port: its tunnel layers removed ([`decap`]), the frame the tunnel
+/// carries is judged by [`mdsec_xdp`] through a tail call. A separate program
+/// because the verifier's budget for one program is nearly spent by `judge`.
+#[xdp]
+pub fn mdsec_mirror(ctx: XdpContext) -> u32 {
+    decap::strip(&ctx);
+    // SAFETY: a tail call with the program's own context; on success it does
+    // not return.
+    unsafe { JUDGE.tail_call(&ctx, mdsec_common::maps::JUDGE_SLOT) };
+    // Only without a judge in JUDGE (not while an agent has set it up): the
+    // copy passes, counted as a frame like every other.
+    let len = frame_len(&ctx);
+    stats::count(Stat::TunnelNoJudge, len);
+    stats::count(Stat::Pass, len);
+    xdp_action::XDP_PASS
 }
 
 #[inline(always)]

@@ -6,7 +6,7 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use mdsec_common::{
     device::{DeviceKey, DeviceValue},
@@ -88,6 +88,10 @@ pub static EVENT_BUCKET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1
 /// Bump in the wire: ingress ifindex → the peer port's devmap entry.
 #[map(name = "PORTS")]
 pub static PORTS: DevMapHash = DevMapHash::with_max_entries(PORTS_MAX, 0);
+
+/// Mirror ports: the datapath `mdsec_mirror` hands decapsulated frames to.
+#[map(name = "JUDGE")]
+pub static JUDGE: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 /// Benchmark only (see `crate::bench`): `[flows, frame offset of the flow number,
 /// stride through the flows, unused]`.

@@ -94,7 +94,20 @@ pub fn tables(c: &Compiled, generation: u32) -> Tables {
 
 impl Pair {
     pub fn new() -> Result<Pair> {
-        let (prog, maps, c, generation) = crate::kernel::with_policy(POLICY, 1_000_000)?;
+        Self::on(mdsec_common::maps::PROGRAM)
+    }
+
+    /// The mirror entry (`mdsec_mirror`, judging through `mdsec_xdp`) on a port
+    /// flagged as a mirror on both sides.
+    pub fn mirror() -> Result<Pair> {
+        let mut pair = Self::on(mdsec_common::maps::MIRROR_PROGRAM)?;
+        pair.prog.set_iface(TEST_IFINDEX, mdsec_common::policy::IFACE_MIRROR)?;
+        pair.model.mirrors.insert(TEST_IFINDEX);
+        Ok(pair)
+    }
+
+    fn on(program: &'static str) -> Result<Pair> {
+        let (prog, maps, c, generation) = crate::kernel::with_policy_in(program, POLICY, 1_000_000, &[])?;
         Ok(Pair {
             prog,
             _maps: maps,
@@ -103,6 +116,9 @@ impl Pair {
         })
     }
 }
+
+/// BPF_PROG_TEST_RUN's ingress interface (the loopback device's).
+pub const TEST_IFINDEX: u32 = 1;
 
 /// What a run found.
 #[derive(Debug, Default)]
@@ -120,6 +136,8 @@ pub struct Report {
     pub examples: Vec<String>,
     /// Frames by the model's parse outcome (for the record).
     pub reasons: BTreeMap<String, u64>,
+    /// Mirror runs: tunnel layers removed and decap stops, by stat name.
+    pub tunnels: BTreeMap<String, u64>,
 }
 
 /// An earlier flow (src, dst, proto, sport, dport, IPv6) to send a reply for.
@@ -301,32 +319,144 @@ fn frame(g: &mut Gen, payloads: &[Vec<u8>]) -> arbitrary::Result<Vec<u8>> {
     Ok(f)
 }
 
+/// Wraps `inner` in one random tunnel layer (sometimes a malformed one, or one
+/// the decap stage does not open), or returns it as it is.
+fn encap(g: &mut Gen, inner: Vec<u8>) -> arbitrary::Result<Vec<u8>> {
+    let raw = g.bytes(64);
+    let mut u = Unstructured::new(&raw);
+    let l3 = frames::l3_of(&inner).map(|(t, d)| (t, d.to_vec()));
+    let v6 = u.ratio(1, 3)?;
+    let mut frag = 0u16;
+    if u.ratio(1, 25)? {
+        frag = *u.choose(&[0x2000u16, 0x0008])?;
+    }
+    let ip = |proto: u8, payload: &[u8]| -> Vec<u8> {
+        if v6 {
+            frames::ipv6("fd00:99::1".parse().unwrap(), "fd00:99::2".parse().unwrap(), &[], proto, payload)
+        } else {
+            let mut h = V4::new([192, 0, 2, 1].into(), [192, 0, 2, 2].into(), proto);
+            h.frag = frag;
+            h.build(payload)
+        }
+    };
+    let gre_flags = |u: &mut Unstructured| -> arbitrary::Result<u16> {
+        Ok(*u.choose(&[0u16, 0, 0x8000, 0x2000, 0x1000, 0xb000, 0x0001, 0x4000])?)
+    };
+    let outer_type = if v6 { 0x86dd } else { 0x0800 };
+    let tags: Vec<(u16, u16)> = if u.ratio(1, 6)? { vec![(0x8100, 30)] } else { vec![] };
+    let (ethertype, payload) = match (u.int_in_range(0..=9u8)?, l3) {
+        (0, _) => {
+            let flags = if u.ratio(1, 15)? { 0 } else { 0x08 };
+            let port = if u.ratio(1, 15)? { 4790 } else { mdsec_common::net::VXLAN_PORT };
+            (outer_type, ip(17, &frames::udp(40000, port, &frames::vxlan(flags, 5001, &inner))))
+        }
+        (1, _) => {
+            let f = gre_flags(&mut u)?;
+            (outer_type, ip(47, &frames::gre(f, 0x6558, &inner)))
+        }
+        (2, _) => (outer_type, ip(47, &frames::gre(0, 0x88be, &inner))),
+        (3, _) => {
+            let mut e = frames::erspan2(7, &inner);
+            if u.ratio(1, 15)? {
+                e[0] = 0x00;
+            }
+            (outer_type, ip(47, &frames::gre(0x1000, 0x88be, &e)))
+        }
+        (4, _) => {
+            let mut e = frames::erspan3(9, u.ratio(1, 2)?, &inner);
+            if u.ratio(1, 15)? {
+                e[10] = 2 << 2; // frame type IP
+            }
+            (outer_type, ip(47, &frames::gre(0x1000, 0x22eb, &e)))
+        }
+        (5, Some((t, l3))) => {
+            let f = gre_flags(&mut u)?;
+            (outer_type, ip(47, &frames::gre(f, t, &l3)))
+        }
+        (6, Some((t, l3))) => (outer_type, ip(if t == 0x0800 { 4 } else { 41 }, &l3)),
+        (7, Some((t, l3))) => {
+            let ppp = if u.ratio(1, 10)? {
+                0xc021
+            } else if t == 0x0800 {
+                0x0021
+            } else {
+                0x0057
+            };
+            let mut p = frames::pppoe(0x1234, ppp, &l3);
+            // Protocol-field compression: the protocol's one odd byte.
+            if u.ratio(1, 3)? {
+                p.remove(6);
+            }
+            (0x8864, p)
+        }
+        _ => return Ok(inner),
+    };
+    Ok(frames::eth([2, 0, 0, 0, 0x99, 2], [2, 0, 0, 0, 0x99, 1], &tags, ethertype, &payload))
+}
+
 /// Runs `n` generated frames through both sides from `seed`.
 pub fn run(n: u64, seed: u64) -> Result<Report> {
-    let mut pair = Pair::new()?;
+    run_on(Pair::new()?, n, seed, false)
+}
+
+/// [`run`] on a mirror port: half of the frames wrapped in one to four tunnel
+/// layers first; the frame the kernel's decap stage leaves must equal the
+/// model's, and so must the tunnel counters.
+pub fn run_mirror(n: u64, seed: u64) -> Result<Report> {
+    run_on(Pair::mirror()?, n, seed, true)
+}
+
+fn run_on(mut pair: Pair, n: u64, seed: u64, mirror: bool) -> Result<Report> {
     let mut g = Gen { state: seed | 1, recent: Vec::new() };
     let mut r = Report::default();
     let mut model_reasons = [0u64; STATS_LEN as usize];
+    let mut model_tunnels = [(0u64, 0u64); STATS_LEN as usize];
     let mut last_stats = pair.prog.stats()?;
     const BATCH: u64 = 5000;
     for i in 0..n {
         let mut f = frame(&mut g, &pair.payloads).unwrap_or_default();
+        if mirror && g.bytes(1)[0] < 128 {
+            for _ in 0..=(g.bytes(1)[0] % 4) {
+                f = encap(&mut g, f).unwrap_or_default();
+            }
+            if g.bytes(1)[0] < 26 {
+                let cut = g.bytes(1)[0] as usize * f.len() / 256;
+                f.truncate(cut);
+            }
+        }
         // BPF_PROG_TEST_RUN refuses XDP input shorter than an Ethernet header (and
         // no driver hands XDP one): pad the runt instead of skipping it.
         if f.len() < 14 {
             f.resize(14, 0);
         }
         let now = mdsec_agent::base::clock::mono_ns();
-        let want = pair.model.run(&f, 1, now);
-        let got = pair.prog.run(&f)?;
+        let mut problem = None;
+        let (want, got) = if mirror {
+            let (want, d) = pair.model.run_mirror(&f, TEST_IFINDEX, now);
+            let (got, out) = pair.prog.run_out(&f)?;
+            for (kind, bytes) in &d.layers {
+                model_tunnels[*kind as usize].0 += 1;
+                model_tunnels[*kind as usize].1 += bytes;
+            }
+            if let Some(s) = d.stop {
+                model_tunnels[s as usize].0 += 1;
+            }
+            if out != d.frame {
+                problem = Some(format!("decapsulated frame: kernel {}, model {}", hex(&out), hex(&d.frame)));
+            }
+            (want, got)
+        } else {
+            (pair.model.run(&f, TEST_IFINDEX, now), pair.prog.run(&f)?)
+        };
         r.packets += 1;
         r.dropped += (got == mdsec_common::model::XDP_DROP) as u64;
         if let Some(s) = want.reason {
             model_reasons[s as usize] += 1;
         }
         *r.reasons.entry(want.reason.map_or("ok".to_string(), |s| s.name().to_string())).or_default() += 1;
-        let mut problem = None;
-        if got != want.action {
+        if problem.is_some() {
+            // The decapsulated frame already differs.
+        } else if got != want.action {
             problem = Some(format!("action: kernel {got}, model {}", want.action));
         } else if let Some(k) = want.key {
             let m = pair.model.flows[&k];
@@ -370,6 +500,25 @@ pub fn run(n: u64, seed: u64) -> Result<Report> {
                     }
                 }
             }
+            for s in Stat::TUNNEL_LAYERS.iter().chain(Stat::TUNNEL_STOPS) {
+                let si = *s as usize;
+                let k = (
+                    now_stats[si].packets - last_stats[si].packets,
+                    now_stats[si].bytes - last_stats[si].bytes,
+                );
+                *r.tunnels.entry(s.name().to_string()).or_default() += model_tunnels[si].0;
+                if k != model_tunnels[si] {
+                    r.disagreements += 1;
+                    if r.examples.len() < 10 {
+                        r.examples.push(format!(
+                            "batch ending at packet {i} (seed {seed}): {}: kernel {k:?}, model {:?}",
+                            s.name(),
+                            model_tunnels[si]
+                        ));
+                    }
+                }
+            }
+            model_tunnels = [(0, 0); STATS_LEN as usize];
             // Every device's frames, as the agent derives them from DEVICES and
             // the flows it owns, against the model's plain per-MAC count.
             let flows = pair.prog.flows()?;

@@ -302,3 +302,68 @@ impl Capture {
         out
     }
 }
+
+/// GRE header (RFC 2784/2890) with the optional fields `flags` asks for
+/// (checksum 0x8000, key 0x2000, sequence 0x1000; zeros in them), then `payload`.
+pub fn gre(flags: u16, proto: u16, payload: &[u8]) -> Vec<u8> {
+    let mut g = flags.to_be_bytes().to_vec();
+    g.extend_from_slice(&proto.to_be_bytes());
+    for bit in [0x8000u16, 0x2000, 0x1000] {
+        if flags & bit != 0 {
+            g.extend_from_slice(&[0, 0, 0, 1]);
+        }
+    }
+    g.extend_from_slice(payload);
+    g
+}
+
+/// ERSPAN type II header (version 1, `session`), then the mirrored frame.
+pub fn erspan2(session: u16, frame: &[u8]) -> Vec<u8> {
+    let mut e = vec![0x10, 0, (session >> 8) as u8 & 0x03, session as u8, 0, 0, 0, 0];
+    e.extend_from_slice(frame);
+    e
+}
+
+/// ERSPAN type III header (version 2, `session`, frame type Ethernet), with
+/// the optional 8-byte platform-specific subheader, then the mirrored frame.
+pub fn erspan3(session: u16, subheader: bool, frame: &[u8]) -> Vec<u8> {
+    let mut e =
+        vec![0x20, 0, (session >> 8) as u8 & 0x03, session as u8, 0, 0, 0, 1, 0, 0, 0, subheader as u8];
+    if subheader {
+        e.extend_from_slice(&[0x10, 0, 0, 0, 0, 0, 0, 0]);
+    }
+    e.extend_from_slice(frame);
+    e
+}
+
+/// VXLAN header (RFC 7348) with `flags` (0x08: the VNI is valid), then the frame.
+pub fn vxlan(flags: u8, vni: u32, frame: &[u8]) -> Vec<u8> {
+    let v = vni.to_be_bytes();
+    let mut x = vec![flags, 0, 0, 0, v[1], v[2], v[3], 0];
+    x.extend_from_slice(frame);
+    x
+}
+
+/// PPPoE session header (RFC 2516) and the PPP protocol, then its payload.
+pub fn pppoe(session: u16, ppp_proto: u16, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x11, 0];
+    p.extend_from_slice(&session.to_be_bytes());
+    p.extend_from_slice(&((payload.len() + 2) as u16).to_be_bytes());
+    p.extend_from_slice(&ppp_proto.to_be_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+/// The IP datagram inside an Ethernet frame (after its VLAN tags) and its
+/// ethertype, when it carries IPv4 or IPv6.
+pub fn l3_of(frame: &[u8]) -> Option<(u16, &[u8])> {
+    let mut off = 12;
+    loop {
+        let t = u16::from_be_bytes([*frame.get(off)?, *frame.get(off + 1)?]);
+        match t {
+            TPID_8021Q | TPID_8021AD => off += 4,
+            0x0800 | 0x86dd => return Some((t, &frame[off + 2..])),
+            _ => return None,
+        }
+    }
+}

@@ -62,13 +62,26 @@ impl TestProg {
             reopen(ebpf.map(names::FLOWS).context("no FLOWS")?)?,
             TEST_SEED,
         )?;
-        let prog: &mut Xdp = ebpf.program_mut(program).context("no program")?.try_into()?;
-        prog.load().map_err(|e| match e {
-            ProgramError::LoadError { verifier_log, .. } => {
-                anyhow::anyhow!("verifier: {verifier_log}")
-            }
-            e => e.into(),
-        })?;
+        let load = |ebpf: &mut Ebpf, program: &str| -> Result<()> {
+            let prog: &mut Xdp = ebpf.program_mut(program).context("no program")?.try_into()?;
+            prog.load().map_err(|e| match e {
+                ProgramError::LoadError { verifier_log, .. } => {
+                    anyhow::anyhow!("verifier: {verifier_log}")
+                }
+                e => e.into(),
+            })
+        };
+        load(&mut ebpf, program)?;
+        // The mirror entry judges through a tail call into mdsec_xdp, as the
+        // loader sets it up.
+        if program == names::MIRROR_PROGRAM {
+            load(&mut ebpf, names::PROGRAM)?;
+            let judge: &Xdp = ebpf.program(names::PROGRAM).unwrap().try_into()?;
+            let fd = judge.fd()?.try_clone()?;
+            let mut array: aya::maps::ProgramArray<_> =
+                aya::maps::ProgramArray::try_from(ebpf.map_mut(names::JUDGE).context("no JUDGE")?)?;
+            array.set(names::JUDGE_SLOT, &fd, 0)?;
+        }
         Ok(TestProg { ebpf, program, flows })
     }
 
@@ -76,6 +89,13 @@ impl TestProg {
     pub fn id(&self) -> Result<u32> {
         let prog: &Xdp = self.ebpf.program(self.program).unwrap().try_into()?;
         Ok(prog.info()?.id())
+    }
+
+    /// Instructions the verifier processed to load `program` of this object
+    /// (its budget is 1,000,000 per program).
+    pub fn verified_insns(&self, program: &str) -> Result<u32> {
+        let prog: &Xdp = self.ebpf.program(program).context("no program")?.try_into()?;
+        prog.info()?.verified_instruction_count().context("the kernel does not report verified_insns")
     }
 
     /// Attaches the program to `ifname` in the calling thread's network namespace
@@ -166,6 +186,21 @@ impl TestProg {
         let prog: &mut Xdp = self.ebpf.program_mut(self.program).unwrap().try_into()?;
         let r = prog.test_run(TestRunOptions { data_in: Some(frame), repeat: 1, ..Default::default() })?;
         Ok(r.return_value)
+    }
+
+    /// Runs the program once on `frame`; returns its XDP action and the frame
+    /// as the program left it (the mirror entry removes tunnel layers).
+    pub fn run_out(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let prog: &mut Xdp = self.ebpf.program_mut(self.program).unwrap().try_into()?;
+        let mut out = vec![0u8; frame.len() + 64];
+        let r = prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out))
     }
 
     /// STATS summed over CPUs, indexed like [`Stat::ALL`].

@@ -112,7 +112,8 @@ fn real_main() -> Result<()> {
                 std::env::set_var("MDSEC_DEB", &deb);
                 std::env::set_var("MDSEC_DEBIAN_BASE", &base);
             }
-            let mut test_args = vec!["test", "--workspace"];
+            // Every test binary runs even after a failure: one run shows every failing test.
+            let mut test_args = vec!["test", "--workspace", "--no-fail-fast"];
             test_args.extend(args.iter().map(String::as_str));
             let result = cargo_test(&test_args);
             let leaked = cleanup()?;
@@ -322,8 +323,10 @@ const TEST_PACKAGES: &[&str] = &[
     "tshark",
     // The incidents test scans a segment with a real nmap.
     "nmap",
-    // Independent frames for the L2 and infrastructure detections.
+    // Independent frames for the L2 and infrastructure detections and the
+    // mirror ports' tunnels, replayed as captures by tcpreplay.
     "python3-scapy",
+    "tcpreplay",
 ];
 /// Building and checking the Debian package: lintian, and debootstrap for the
 /// clean Debian 12 chroot it is installed into by the tests.

@@ -89,6 +89,7 @@ fn map_layout(name: &str) -> (u32, u32) {
         names::IFACES => (4, 4),
         names::ALLOWED => (size_of::<TupleKey>() as u32, 1),
         names::PORTS => (4, 8),
+        names::JUDGE => (4, 4),
         _ => unreachable!("unknown map {name}"),
     }
 }
@@ -122,7 +123,10 @@ impl Datapath {
             (names::IFACES, names::IFACES_MAX),
             (names::ALLOWED, names::DEFAULT_ALLOWED_MAX),
             (names::PORTS, names::PORTS_MAX),
+            (names::JUDGE, 1),
         ];
+        // A newer agent's STATS has more reasons (appended): the old counts move over.
+        let carried = carry_stats(&maps_dir.join(names::STATS));
         for (name, max) in sizes {
             drop_incompatible_pin(&maps_dir.join(name), name, max)?;
         }
@@ -147,10 +151,21 @@ impl Datapath {
             ports.iter().map(|p| Ok((p.name.as_str(), ifindex_of(&p.name)?))).collect::<Result<_>>()?;
         set_peers(&mut ebpf, ports, &ifindex)?;
 
+        if let Some(old) = carried {
+            restore_stats(&mut ebpf, old)?;
+        }
+
         let mut attached = Vec::new();
-        for (program, bump) in [(names::PROGRAM, false), (names::BRIDGE_PROGRAM, true)] {
-            let mine: Vec<&Port> = ports.iter().filter(|p| p.peer.is_some() == bump).collect();
-            if mine.is_empty() {
+        let program_of = |p: &Port| match (p.peer.is_some(), p.role) {
+            (true, _) => names::BRIDGE_PROGRAM,
+            (false, Role::Mirror) => names::MIRROR_PROGRAM,
+            (false, _) => names::PROGRAM,
+        };
+        let mirrors = ports.iter().any(|p| program_of(p) == names::MIRROR_PROGRAM);
+        for program in [names::PROGRAM, names::BRIDGE_PROGRAM, names::MIRROR_PROGRAM] {
+            let mine: Vec<&Port> = ports.iter().filter(|p| program_of(p) == program).collect();
+            // The mirror entry judges through mdsec_xdp: loaded whenever it is.
+            if mine.is_empty() && !(program == names::PROGRAM && mirrors) {
                 continue;
             }
             let prog: &mut Xdp = ebpf
@@ -158,6 +173,10 @@ impl Datapath {
                 .with_context(|| format!("{program} missing from object"))?
                 .try_into()?;
             prog.load().map_err(verifier_tail)?;
+            if program == names::PROGRAM && mirrors {
+                set_judge(&mut ebpf)?;
+            }
+            let prog: &mut Xdp = ebpf.program_mut(program).expect("loaded above").try_into()?;
             for p in mine {
                 attached.push(attach_port(prog, &links_dir, p, ifindex[p.name.as_str()])?);
             }
@@ -230,6 +249,40 @@ fn attach_port(prog: &mut Xdp, links_dir: &Path, p: &Port, ifindex: u32) -> Resu
         bridge: p.bridge.clone(),
         peer: p.peer.clone(),
     })
+}
+
+/// Puts the loaded `mdsec_xdp` into `JUDGE`, where the mirror entry's tail call
+/// finds it (before any mirror port is attached, so none runs without a judge).
+fn set_judge(ebpf: &mut Ebpf) -> Result<()> {
+    let prog: &Xdp = ebpf.program(names::PROGRAM).context("mdsec_xdp missing")?.try_into()?;
+    let fd = prog.fd()?.try_clone()?;
+    let mut judge: aya::maps::ProgramArray<_> =
+        aya::maps::ProgramArray::try_from(ebpf.map_mut(names::JUDGE).context("JUDGE missing")?)?;
+    judge.set(names::JUDGE_SLOT, &fd, 0).context("write JUDGE")
+}
+
+/// The per-CPU counts of a pinned `STATS` shorter than this agent's (an older
+/// agent's, before reasons were appended), to carry into the new map.
+fn carry_stats(path: &Path) -> Option<Vec<aya::maps::PerCpuValues<Counter>>> {
+    let info = MapInfo::from_pin(path).ok()?;
+    if info.max_entries() >= STATS_LEN || info.value_size() != std::mem::size_of::<Counter>() as u32 {
+        return None;
+    }
+    let data = aya::maps::MapData::from_pin(path).ok()?;
+    let old: aya::maps::PerCpuArray<_, Counter> =
+        aya::maps::PerCpuArray::try_from(Map::PerCpuArray(data)).ok()?;
+    let values: Vec<_> = (0..info.max_entries()).map_while(|i| old.get(&i, 0).ok()).collect();
+    info!("STATS: carrying {} counters of the pinned map into one with {STATS_LEN}", values.len());
+    Some(values)
+}
+
+fn restore_stats(ebpf: &mut Ebpf, old: Vec<aya::maps::PerCpuValues<Counter>>) -> Result<()> {
+    let mut stats: aya::maps::PerCpuArray<_, Counter> =
+        aya::maps::PerCpuArray::try_from(ebpf.map_mut(names::STATS).context("STATS missing")?)?;
+    for (i, v) in old.into_iter().enumerate() {
+        stats.set(i as u32, v, 0).context("carry STATS over")?;
+    }
+    Ok(())
 }
 
 /// Writes every bump port's peer into `PORTS` and removes entries of ports

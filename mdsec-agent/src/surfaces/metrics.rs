@@ -144,6 +144,29 @@ fn datapath(r: &R, st: &AppState) {
             bad.with_label_values(&[s.name()]).inc_by(t.stat(*s).packets);
         }
     }
+    let layers = r.counter(
+        "mdsec_tunnel_layers_total",
+        "Mirror ports: tunnel layers removed before the inner frame was judged, by kind.",
+        &["kind"],
+    );
+    let overhead = r.counter(
+        "mdsec_tunnel_overhead_bytes_total",
+        "Mirror ports: bytes of the tunnel layers removed, by kind (outer bytes = inner + these).",
+        &["kind"],
+    );
+    for s in Stat::TUNNEL_LAYERS {
+        let kind = s.name().trim_start_matches("tunnel_");
+        layers.with_label_values(&[kind]).inc_by(t.stat(*s).packets);
+        overhead.with_label_values(&[kind]).inc_by(t.stat(*s).bytes);
+    }
+    let stops = r.counter(
+        "mdsec_tunnel_stops_total",
+        "Mirror ports: frames whose decapsulation stopped inside a tunnel (judged as they stood), by reason.",
+        &["reason"],
+    );
+    for s in Stat::TUNNEL_STOPS {
+        stops.with_label_values(&[s.name().trim_start_matches("tunnel_")]).inc_by(t.stat(*s).packets);
+    }
     let lost = r.counter(
         "mdsec_datapath_events_lost_total",
         "Kernel events not delivered: ring buffer full or over the per-CPU event rate.",
