@@ -464,6 +464,14 @@ impl Model {
         } else {
             fs
         };
+        self.settle_app(&mut fs, ifindex);
+        self.flows.insert(key, fs);
+        if fs.verdict == Verdict::Drop as u8 { XDP_DROP } else { XDP_PASS }
+    }
+
+    /// An app rule's flow once its app is final: allowed if the app is the
+    /// rule's, denied otherwise.
+    fn settle_app(&self, fs: &mut FlowState, ifindex: u32) {
         if fs.verdict == Verdict::AppPending as u8 && fs.app_done == APP_FINAL {
             if app_satisfies(fs.app, fs.app_confidence, fs.required_app) {
                 fs.verdict = Verdict::Allow as u8;
@@ -473,8 +481,39 @@ impl Model {
                 fs.segment = s;
             }
         }
-        self.flows.insert(key, fs);
-        if fs.verdict == Verdict::Drop as u8 { XDP_DROP } else { XDP_PASS }
+    }
+
+    /// The verdict the datapath reaches for a new flow of `c` at `now`, once
+    /// its first payload is classified as `c.app` (an app rule's flow stays
+    /// `AppPending` without one): the same stages as [`Model::run`], without a
+    /// frame. What `mdsec-agent simulate` judges recorded communication with.
+    pub fn judge(&mut self, c: &Communication, now: u64) -> FlowState {
+        let p = Parsed {
+            has_eth: true,
+            src_mac: c.src_mac,
+            dst_mac: c.dst_mac,
+            vlan: c.vlan,
+            l3: if is_v4_mapped(&c.src) && is_v4_mapped(&c.dst) { L3_IPV4 } else { L3_IPV6 },
+            has_addrs: true,
+            src: c.src,
+            dst: c.dst,
+            proto: c.proto,
+            has_l4: true,
+            sport: c.sport,
+            dport: c.dport,
+            ..Default::default()
+        };
+        if self.tables.generation == 0 {
+            return FlowState::default();
+        }
+        let mut fs = self.evaluate(&p, FlowState::default(), c.ifindex, now);
+        if let Some(app) = c.app {
+            fs.app = app;
+            fs.app_confidence = crate::app::Confidence::High as u8;
+            fs.app_done = APP_FINAL;
+        }
+        self.settle_app(&mut fs, c.ifindex);
+        fs
     }
 
     fn evaluate(&mut self, p: &Parsed, mut fs: FlowState, ifindex: u32, now: u64) -> FlowState {
@@ -522,6 +561,23 @@ impl Model {
         fs.segment = segment;
         fs
     }
+}
+
+/// One communication to judge without a frame ([`Model::judge`]): addresses in
+/// the map form (IPv4-mapped), the MACs and VLAN identity lookups use, and the
+/// app its first payload was identified as, if one was seen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Communication {
+    pub ifindex: u32,
+    pub vlan: u16,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub app: Option<u8>,
 }
 
 /// What the decap stage made of a mirror port's frame.

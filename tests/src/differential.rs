@@ -13,9 +13,9 @@ use std::{collections::BTreeMap, net::Ipv6Addr};
 
 use anyhow::Result;
 use arbitrary::Unstructured;
-use mdsec_agent::policy::{compile::Compiled, maps::PolicyMaps};
+use mdsec_agent::policy::maps::PolicyMaps;
 use mdsec_common::{
-    model::{Model, Tables},
+    model::Model,
     stats::{STATS_LEN, Stat},
 };
 
@@ -79,19 +79,6 @@ pub struct Pair {
     payloads: Vec<Vec<u8>>,
 }
 
-/// The model's view of the tables the agent wrote for `generation` (the same
-/// key construction `PolicyMaps::apply` uses).
-pub fn tables(c: &Compiled, generation: u32) -> Tables {
-    let bit = (generation & 1) as u8;
-    Tables {
-        generation,
-        idents: c.idents.iter().map(|e| (e.prefix_len, e.data(bit), e.id)).collect(),
-        macs: c.macs.iter().map(|m| (m.key(bit), m.id)).collect(),
-        segments: c.segments.iter().copied().collect(),
-        policy: c.policy.iter().map(|(k, v)| (k.prefix_len, k.data(bit), *v)).collect(),
-    }
-}
-
 impl Pair {
     pub fn new() -> Result<Pair> {
         Self::on(mdsec_common::maps::PROGRAM)
@@ -111,7 +98,7 @@ impl Pair {
         Ok(Pair {
             prog,
             _maps: maps,
-            model: Model::new(tables(&c, generation)),
+            model: Model::new(c.model_tables(generation)),
             payloads: PAYLOADS.iter().map(|n| fixtures::load(n)).collect(),
         })
     }

@@ -347,3 +347,43 @@ pub fn test_run_on(fd: std::os::fd::RawFd, frame: &[u8], repeat: u32) -> Result<
     anyhow::ensure!(rc == 0, "BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
     Ok(u32::from_ne_bytes(attr[4..8].try_into().unwrap()))
 }
+
+/// Creates a per-CPU array of `Counter`s with `entries` cells, sets cell `i`
+/// to `counts[i]` on CPU 0, and pins it at `path`: what an older agent, with
+/// fewer `STATS` reasons, would have left behind. The raw syscalls: aya creates
+/// maps only from an object.
+pub fn pin_old_stats(path: &std::path::Path, entries: u32, counts: &[(u32, Counter)]) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let bpf = |cmd: libc::c_long, attr: &mut [u8]| -> Result<i64> {
+        // SAFETY: `attr` is a zero-padded union bpf_attr for `cmd`; the kernel
+        // reads only the pointers written into it, which outlive the call.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len() as u32) };
+        anyhow::ensure!(rc >= 0, "bpf({cmd}): {}", std::io::Error::last_os_error());
+        Ok(rc)
+    };
+    // BPF_MAP_CREATE: map_type PERCPU_ARRAY (6), key 4, value 16, max_entries.
+    let mut attr = [0u8; 128];
+    for (i, v) in [6u32, 4, std::mem::size_of::<Counter>() as u32, entries].iter().enumerate() {
+        attr[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    attr[48..52].copy_from_slice(b"STAT"); // map_name
+    let fd = bpf(0, &mut attr)? as u32;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    for (index, c) in counts {
+        let mut value = vec![Counter::default(); cpus];
+        value[0] = *c;
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&fd.to_ne_bytes());
+        attr[8..16].copy_from_slice(&(index as *const u32 as u64).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(value.as_ptr() as u64).to_ne_bytes());
+        bpf(2, &mut attr)?; // BPF_MAP_UPDATE_ELEM
+    }
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut attr = [0u8; 128];
+    attr[0..8].copy_from_slice(&(name.as_ptr() as u64).to_ne_bytes());
+    attr[8..12].copy_from_slice(&fd.to_ne_bytes());
+    let pinned = bpf(6, &mut attr); // BPF_OBJ_PIN
+    // SAFETY: our own descriptor; the pin holds the map from here on.
+    unsafe { libc::close(fd as i32) };
+    pinned.map(|_| ())
+}

@@ -192,3 +192,43 @@ fn a_pinned_policy_survives_a_keep_restart_and_goes_when_policy_dir_is_removed()
         &fs.0.join("mdsec"),
     ));
 }
+
+/// An upgrade appends counters to `STATS`: the pinned map an older agent left
+/// (fewer cells) is not thrown away, its counts move into the new one.
+#[test]
+fn an_upgrade_carries_the_older_agents_counters_over() {
+    use mdsec_common::stats::{Counter, STATS_LEN, Stat};
+    let topo = Topology::new(1).unwrap();
+    let fs = SharedBpffs::new(&topo.id);
+    let pin_dir = fs.0.join("mdsec");
+    let opts = || AgentOptions {
+        extra_yaml: format!("on_exit: keep\npin_dir: {}\n", pin_dir.display()),
+        ..Default::default()
+    };
+    let first = Agent::start(&topo, opts()).unwrap();
+    assert!(first.stop().unwrap().success());
+    // What an agent with ten reasons fewer would have pinned.
+    let stats = mdsec_agent::datapath::loader::layout_dir(&pin_dir).join("maps/STATS");
+    std::fs::remove_file(&stats).unwrap();
+    let old = [
+        (Stat::Pass as u32, Counter { packets: 7000, bytes: 700_000 }),
+        (Stat::Arp as u32, Counter { packets: 1234, bytes: 74_040 }),
+    ];
+    mdsec_tests::kernel::pin_old_stats(&stats, STATS_LEN - 10, &old).unwrap();
+
+    let second = Agent::start(&topo, opts()).unwrap();
+    assert!(
+        second.log().contains(&format!("STATS: carrying {} counters", STATS_LEN - 10)),
+        "{}",
+        second.log()
+    );
+    let s = second.stats().unwrap();
+    assert!(s["pass"].packets >= 7000 && s["pass"].bytes >= 700_000, "{:?}", s["pass"]);
+    assert!(s["arp"].packets >= 1234, "{:?}", s["arp"]);
+    // Counting goes on in the carried cells.
+    topo.warm_up().unwrap();
+    second
+        .wait_for(Duration::from_secs(10), |a| a.stat("arp"), |c| (c.packets > 1234).then_some(()))
+        .unwrap();
+    assert!(second.stop().unwrap().success());
+}

@@ -244,7 +244,12 @@ frames = [offer("02:00:00:00:03:02", "10.0.3.2"), ra("02:00:00:00:03:02", "fe80:
           offer("02:00:00:00:02:05", "10.0.2.5"), ra("02:00:00:00:04:04", "fe80::4"),
           claim("02:00:00:00:02:02", "10.0.2.2"), claim("02:00:00:00:01:01", "10.0.1.1"),
           claim("02:00:00:00:06:06", "10.0.2.2"), claim("02:00:00:00:07:07", "10.0.1.1")]
-wrpcap(sys.argv[1], [span(f) for f in frames for _ in range(3)])
+# 50 ms apart (tcpreplay keeps the capture's timing): the second claimer of
+# an address comes after the first, as on a real link.
+out = [span(f) for f in frames for _ in range(3)]
+for i, p in enumerate(out):
+    p.time = 1700000000 + i * 0.05
+wrpcap(sys.argv[1], out)
 "#;
     let pcap = agent.dir.join("l2.pcap");
     let out = Command::new("/usr/bin/python3").arg("-c").arg(code).arg(&pcap).output().unwrap();

@@ -238,9 +238,10 @@ fn remote_admin(app: App, proto: u8, dport: u16) -> Option<&'static str> {
     }
 }
 
-/// A device claiming more addresses than this is a router (on a bridge or
-/// mirror port its MAC carries every address it forwards for): it claims
-/// none of them for `arp_spoofing` or `duplicate_ip`.
+/// A device claiming more IPv4 addresses than this is a router (on a bridge
+/// or mirror port its MAC carries every address it forwards for): it claims
+/// none of them for `arp_spoofing` or `duplicate_ip`. IPv4 only: a host's
+/// IPv6 addresses (link-local, global, temporary) say nothing about routing.
 const MAX_HOST_IPS: usize = 4;
 /// Two hosts claim one address at once when both were seen within this.
 const CLAIM_ACTIVE: Duration = Duration::from_secs(300);
@@ -697,10 +698,15 @@ impl Detector {
         let anchor = Anchor::now();
         let active = |seen: u64| mono.saturating_sub(seen) <= CLAIM_ACTIVE.as_nanos() as u64;
         let mut out = Vec::new();
-        for (_, key, d) in tables.devices.iter() {
-            if d.ips.len() > MAX_HOST_IPS {
-                continue;
-            }
+        // In first-seen order: when two hosts' claims of one address reach the
+        // same pass, the one seen first holds it and the later one is reported.
+        let mut devices: Vec<_> = tables
+            .devices
+            .iter()
+            .filter(|(_, _, d)| d.ips.iter().filter(|ip| ip.is_ipv4()).count() <= MAX_HOST_IPS)
+            .collect();
+        devices.sort_by_key(|(_, k, d)| (d.first_seen_ns, *k));
+        for (_, key, d) in devices {
             for ip in d.ips.iter().filter(|ip| ip.is_ipv4()) {
                 let (kind, owner) = match self.arp_bindings.get(ip) {
                     Some(declared) if *declared != key.mac => ("arp_spoofing", *declared),
@@ -797,9 +803,12 @@ impl Detector {
             e.reason = format!("DNS from {src} to {dst}, which is not an internal resolver");
             return Some((*k, e, m.clone()));
         }
+        // Link-local control (DHCP, ND) is never policed, so never east-west:
+        // a segment's own router answering DHCP inside its CIDR is expected.
         if let (Some(a), Some(b)) = (sm, dm)
             && a.segment == b.segment
             && !named
+            && verdict != Verdict::Exempt
         {
             let mut e = event("east_west", "medium", k, r.app, a, now);
             e.reason = format!(

@@ -109,6 +109,22 @@ pub struct Compiled {
     pub ids: Vec<IdInfo>,
 }
 
+impl Compiled {
+    /// The reference model's view of the maps this policy is written into as
+    /// `generation` (the key construction `PolicyMaps::apply` uses): what the
+    /// differential test and `simulate` decide with.
+    pub fn model_tables(&self, generation: u32) -> mdsec_common::model::Tables {
+        let bit = (generation & 1) as u8;
+        mdsec_common::model::Tables {
+            generation,
+            idents: self.idents.iter().map(|e| (e.prefix_len, e.data(bit), e.id)).collect(),
+            macs: self.macs.iter().map(|m| (m.key(bit), m.id)).collect(),
+            segments: self.segments.iter().copied().collect(),
+            policy: self.policy.iter().map(|(k, v)| (k.prefix_len, k.data(bit), *v)).collect(),
+        }
+    }
+}
+
 /// Capacity limits (per generation) the compiled policy must fit.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {

@@ -26,6 +26,7 @@ mod curve;
 mod differential;
 mod export;
 mod forwarding;
+mod mirror;
 mod perpacket;
 mod scale;
 mod throughput;
@@ -81,7 +82,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 fn main() -> Result<()> {
     let which: Vec<String> = std::env::args().skip(1).collect();
-    let all = ["packet", "curve", "throughput", "forwarding", "scale", "policy", "differential"];
+    let all = ["packet", "mirror", "curve", "throughput", "forwarding", "scale", "policy", "differential"];
     for w in &which {
         if !all.contains(&w.as_str()) {
             anyhow::bail!("unknown benchmark {w} (one of: {})", all.join(", "));
@@ -90,6 +91,9 @@ fn main() -> Result<()> {
     let want = |n: &str| which.is_empty() || which.iter().any(|w| w == n);
     if want("packet") {
         perpacket::run()?;
+    }
+    if want("mirror") {
+        mirror::run()?;
     }
     if want("curve") {
         curve::run()?;

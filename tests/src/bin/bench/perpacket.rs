@@ -178,7 +178,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Pins this process, and so the `bpftool` runs it starts, to `cpu`.
-fn pin(cpu: usize) -> Result<()> {
+pub fn pin(cpu: usize) -> Result<()> {
     // SAFETY: a zeroed cpu_set_t with one bit set, for this process.
     let rc = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
