@@ -233,13 +233,14 @@ pub async fn run(cfg: Config) -> Result<()> {
             }
         })?
     };
-    info!("API on {scheme}://{}", cfg.listen);
-    let tables = state.tables.clone();
-    let server = tokio::spawn(api::serve(listener, tls, state));
-
+    // Before the API answers /readyz: a stop asked for the moment the agent
+    // is ready must be a clean stop, not the signal's default action.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    info!("API on {scheme}://{}", cfg.listen);
+    let tables = state.tables.clone();
+    let server = tokio::spawn(api::serve(listener, tls, state));
     tokio::pin!(server);
     let why = loop {
         tokio::select! {

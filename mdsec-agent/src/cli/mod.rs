@@ -1,7 +1,7 @@
 //! The command line: [`main`] → [`run`] → one function per command, in one
 //! module per command group (`agent`: run/check/detach; `lists`: flows,
 //! devices, events, incidents, stats; `device`: lifecycle; `evidence`: report, register;
-//! `policy`: suggest, schema). Every table goes through [`table::print`].
+//! `policy`: suggest, simulate, schema). Every table goes through [`table::print`].
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -80,6 +80,28 @@ enum Cmd {
         /// Write to this file (atomically) instead of standard output.
         #[arg(long, short)]
         out: Option<PathBuf>,
+    },
+    /// Judge a proposed policy directory against the communication recorded in
+    /// the state database (each segment's baseline), with the datapath's decision
+    /// code, before applying it. Exit status 3 when a device at the `--fail-on`
+    /// impact or worse would have communication dropped.
+    Simulate {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The proposed policy directory (zones.yaml and one file per segment).
+        #[arg(long)]
+        policy: PathBuf,
+        /// Only communication seen since, `YYYY-MM-DD` (UTC) or RFC 3339.
+        #[arg(long)]
+        from: Option<String>,
+        /// Only communication seen before.
+        #[arg(long)]
+        to: Option<String>,
+        /// Fail when a device of this clinical impact or worse would be cut off.
+        #[arg(long, default_value = "life-critical", value_parser = ["life-critical", "high", "moderate", "low", "none"])]
+        fail_on: String,
+        #[arg(long)]
+        json: bool,
     },
     /// Compensating-controls evidence for a period, from the state database, the
     /// policy and the vulnerability register (works with the agent stopped too).
@@ -250,6 +272,16 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         Cmd::Register(RegisterCmd::Import { csv, out }) => evidence::import(&csv, out.as_deref()),
         Cmd::Suggest { config, segment, mode, all, out } => {
             policy::suggest(&config, &segment, mode.as_deref(), all, out.as_ref())
+        }
+        Cmd::Simulate { config, policy: dir, from, to, fail_on, json } => {
+            policy::simulate(&policy::SimulateArgs {
+                config: &config,
+                policy: &dir,
+                from: from.as_deref(),
+                to: to.as_deref(),
+                fail_on: &fail_on,
+                json,
+            })
         }
         Cmd::Schema { out } => policy::schema(&out),
         Cmd::Manpages { out } => docs::manpages(&out),

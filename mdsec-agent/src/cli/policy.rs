@@ -1,4 +1,5 @@
-//! `suggest` and `schema`: writing policy files.
+//! `suggest`, `simulate` and `schema`: writing policy files, and judging one
+//! before it is applied.
 
 use std::{
     path::{Path, PathBuf},
@@ -47,6 +48,71 @@ pub fn suggest(
             std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("rename to {}: {e}", path.display()))?;
             eprintln!("wrote {}", path.display());
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub struct SimulateArgs<'a> {
+    pub config: &'a Path,
+    pub policy: &'a Path,
+    pub from: Option<&'a str>,
+    pub to: Option<&'a str>,
+    pub fail_on: &'a str,
+    pub json: bool,
+}
+
+/// Exit status of a simulation in which a device at the threshold would be cut off.
+pub const SIMULATE_DROPS: u8 = 3;
+
+pub fn simulate(a: &SimulateArgs) -> Result<ExitCode> {
+    use crate::{detection::triage::Impact, evidence::simulate};
+    let cfg = match load_config(a.config) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let when = |flag: &str, v: Option<&str>| {
+        v.map(|t| crate::evidence::report::parse_when(t).map_err(|e| anyhow::anyhow!("{flag} {e}")))
+            .transpose()
+    };
+    let (from, to) = (when("--from", a.from)?, when("--to", a.to)?);
+    if let (Some(f), Some(t)) = (from, to) {
+        anyhow::ensure!(f < t, "--from must be before --to");
+    }
+    let (policy, compiled, warnings) =
+        match crate::policy::runtime::prepare(a.policy, crate::policy::compile::Limits::DATAPATH) {
+            Ok(p) => p,
+            Err(diags) => return Ok(super::print_diags(diags)),
+        };
+    for w in warnings {
+        eprintln!("{w}");
+    }
+    let db = Store::open_existing(&cfg.state_dir)?;
+    let observations = db.load_observations(None)?;
+    let devices = db.load_devices()?;
+    let s = simulate::simulate(
+        &simulate::Inputs {
+            policy: &policy,
+            compiled: &compiled,
+            observations: &observations,
+            devices: &devices,
+            triage: &cfg.triage,
+            from,
+            to,
+            threshold: Impact::from_name(a.fail_on),
+        },
+        &a.policy.display().to_string(),
+    );
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print!("{}", simulate::text(&s));
+    }
+    if s.dropped_at_threshold > 0 {
+        eprintln!(
+            "{} communication(s) of {} devices or worse would be dropped",
+            s.dropped_at_threshold, s.threshold
+        );
+        return Ok(ExitCode::from(SIMULATE_DROPS));
     }
     Ok(ExitCode::SUCCESS)
 }

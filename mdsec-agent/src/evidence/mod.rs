@@ -6,6 +6,7 @@
 pub mod register;
 pub mod report;
 pub mod report_render;
+pub mod simulate;
 pub mod store;
 
 use std::{

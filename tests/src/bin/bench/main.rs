@@ -164,7 +164,9 @@ pub fn machine() -> String {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    // The machine's, not this thread's (benches pin themselves to one CPU).
+    let cores = std::fs::read_to_string("/proc/cpuinfo")
+        .map_or(0, |c| c.lines().filter(|l| l.starts_with("processor")).count());
     format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
 }
 

@@ -114,7 +114,9 @@ pub fn run() -> Result<()> {
          `mdsec_xdp`. One BPF_PROG_TEST_RUN per packet ({RUNS} runs, the kernel's own timing, pinned to one \
          CPU): with `repeat` N the kernel would run the program N times on one buffer, whose tunnel is gone \
          after the first. The per-run timing overhead is in every figure, the empty program's included. \
-         Machine: {}.\n\n{table}",
+         Machine: {}.\n\n{table}\nThe inner frame of GRE carrying IP gets the tunnel's MACs (a bare IP \
+         datagram has none), so the established flow's frames come from another MAC than its creator's: \
+         the foreign-MAC path, one `DEVICES` update per frame, on top of the rewrite.",
         crate::machine()
     );
     crate::write_section("## Mirror ports: opening tunnels", &section)
