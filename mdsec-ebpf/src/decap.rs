@@ -74,7 +74,9 @@ fn be16(a: u8, b: u8) -> u16 {
     ((a as u16) << 8) | b as u16
 }
 
-/// `N` bytes at `off`, or `None` past the frame's end.
+/// `N` bytes at `off`, or `None` past the frame's end. Valid until [`peel`]
+/// moves the frame's front (`bpf_xdp_adjust_head` invalidates every packet
+/// pointer): callers copy what they need first, and `peel` re-derives its own.
 #[inline(always)]
 fn bytes<const N: usize>(ctx: &XdpContext, off: usize) -> Option<&[u8; N]> {
     let start = ctx.data();
