@@ -184,6 +184,47 @@ fn a_simulated_policy_predicts_every_verdict_the_datapath_then_gives() {
     assert_eq!(verdicts, BTreeSet::from(["allow", "drop"]), "{sim:#}");
     assert_eq!(sim["dropped"].as_u64().unwrap() as usize, comms.iter().filter(|c| c.5 == "drop").count());
 
+    // The cutover report: the proposal against the active (learning) policy.
+    let report = |format: &str| {
+        let out = Command::new(agent_bin())
+            .args(["cutover-report", "--config"])
+            .arg(&cfg)
+            .arg("--policy")
+            .arg(&proposed)
+            .args(["--format", format])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let c: serde_json::Value = serde_json::from_str(&report("json")).unwrap();
+    let hash = c["content_hash"].as_str().unwrap().to_string();
+    assert!(hash.starts_with("sha256:") && hash.len() == 71, "{hash}");
+    assert_eq!(c["files"], serde_json::json!(["pumps.yaml", "zones.yaml"]));
+    let added: Vec<&str> = c["rules_added"].as_array().unwrap().iter().map(|r| r.as_str().unwrap()).collect();
+    assert!(added.contains(&"pumps: to pharmacy tcp 2575,2576 app hl7"), "{added:?}");
+    assert!(added.contains(&"pumps: from workstations tcp 8080"), "{added:?}");
+    assert_eq!(c["rules_removed"], serde_json::json!([]));
+    // Everything is a would-drop of the learning policy today: the drops are
+    // new drops, the rest newly allowed.
+    let n = |k: &str| c[k].as_array().unwrap().len();
+    assert_eq!((n("newly_dropped"), n("newly_allowed")), (4, 4), "{c:#}");
+    assert!(c["newly_dropped"].as_array().unwrap().iter().all(|x| x["before"] == "would-drop"));
+    assert!(n("would_drop_since_change") >= 1, "{c:#}");
+    let html = report("html");
+    for want in [hash.as_str(), "Newly dropped", "Sign-off", "Biomedical engineering", "10.0.1.2"] {
+        assert!(html.contains(want), "no {want} in the HTML report");
+    }
+    assert!(
+        !html.contains("<script") && !html.contains("http://") && !html.contains("https://"),
+        "self-contained"
+    );
+    // What was reviewed is what gets applied: the same bytes, the same hash.
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&report("json")).unwrap()["content_hash"],
+        hash.as_str()
+    );
+
     // 3. Applied in enforce mode, and the same traffic again.
     std::fs::write(agent.policy_dir().join("pumps.yaml"), pumps("enforce", PROPOSED)).unwrap();
     let st = agent.reload().unwrap();

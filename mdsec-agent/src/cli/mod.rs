@@ -1,7 +1,7 @@
 //! The command line: [`main`] → [`run`] → one function per command, in one
 //! module per command group (`agent`: run/check/detach; `lists`: flows,
 //! devices, events, incidents, stats; `device`: lifecycle; `evidence`: report, register;
-//! `policy`: suggest, simulate, schema). Every table goes through [`table::print`].
+//! `policy`: suggest, simulate, cutover-report, schema). Every table goes through [`table::print`].
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -102,6 +102,22 @@ enum Cmd {
         fail_on: String,
         #[arg(long)]
         json: bool,
+    },
+    /// A review of a proposed policy for sign-off before cutover: per device its
+    /// recorded communication under the proposal, what changes against the
+    /// active policy (rules, newly dropped, newly allowed), the would-drops
+    /// since the active policy changed, the content hash and a sign-off block.
+    CutoverReport {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The proposed policy directory.
+        #[arg(long)]
+        policy: PathBuf,
+        #[arg(long, default_value = "html", value_parser = ["html", "json"])]
+        format: String,
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
     },
     /// Compensating-controls evidence for a period, from the state database, the
     /// policy and the vulnerability register (works with the agent stopped too).
@@ -282,6 +298,9 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 fail_on: &fail_on,
                 json,
             })
+        }
+        Cmd::CutoverReport { config, policy: dir, format, out } => {
+            policy::cutover_report(&config, &dir, &format, out.as_deref())
         }
         Cmd::Schema { out } => policy::schema(&out),
         Cmd::Manpages { out } => docs::manpages(&out),

@@ -64,24 +64,19 @@ pub struct SimulateArgs<'a> {
 /// Exit status of a simulation in which a device at the threshold would be cut off.
 pub const SIMULATE_DROPS: u8 = 3;
 
-pub fn simulate(a: &SimulateArgs) -> Result<ExitCode> {
-    use crate::{detection::triage::Impact, evidence::simulate};
-    let cfg = match load_config(a.config) {
-        Ok(c) => c,
-        Err(code) => return Ok(code),
-    };
-    let when = |flag: &str, v: Option<&str>| {
-        v.map(|t| crate::evidence::report::parse_when(t).map_err(|e| anyhow::anyhow!("{flag} {e}")))
-            .transpose()
-    };
-    let (from, to) = (when("--from", a.from)?, when("--to", a.to)?);
-    if let (Some(f), Some(t)) = (from, to) {
-        anyhow::ensure!(f < t, "--from must be before --to");
-    }
+/// A policy directory loaded and compiled, and the recorded communication
+/// judged under it; `Err` carries the exit code after its diagnostics.
+fn simulation(
+    cfg: &crate::config::Config,
+    dir: &Path,
+    period: (Option<std::time::SystemTime>, Option<std::time::SystemTime>),
+    threshold: Option<crate::detection::triage::Impact>,
+) -> Result<Result<(crate::policy::model::Policy, crate::evidence::simulate::Simulation), ExitCode>> {
+    use crate::evidence::simulate;
     let (policy, compiled, warnings) =
-        match crate::policy::runtime::prepare(a.policy, crate::policy::compile::Limits::DATAPATH) {
+        match crate::policy::runtime::prepare(dir, crate::policy::compile::Limits::DATAPATH) {
             Ok(p) => p,
-            Err(diags) => return Ok(super::print_diags(diags)),
+            Err(diags) => return Ok(Err(super::print_diags(diags))),
         };
     for w in warnings {
         eprintln!("{w}");
@@ -96,12 +91,33 @@ pub fn simulate(a: &SimulateArgs) -> Result<ExitCode> {
             observations: &observations,
             devices: &devices,
             triage: &cfg.triage,
-            from,
-            to,
-            threshold: Impact::from_name(a.fail_on),
+            from: period.0,
+            to: period.1,
+            threshold,
         },
-        &a.policy.display().to_string(),
+        &dir.display().to_string(),
     );
+    Ok(Ok((policy, s)))
+}
+
+pub fn simulate(a: &SimulateArgs) -> Result<ExitCode> {
+    use crate::{detection::triage::Impact, evidence::simulate};
+    let cfg = match load_config(a.config) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let when = |flag: &str, v: Option<&str>| {
+        v.map(|t| crate::evidence::report::parse_when(t).map_err(|e| anyhow::anyhow!("{flag} {e}")))
+            .transpose()
+    };
+    let (from, to) = (when("--from", a.from)?, when("--to", a.to)?);
+    if let (Some(f), Some(t)) = (from, to) {
+        anyhow::ensure!(f < t, "--from must be before --to");
+    }
+    let s = match simulation(&cfg, a.policy, (from, to), Impact::from_name(a.fail_on))? {
+        Ok((_, s)) => s,
+        Err(code) => return Ok(code),
+    };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {
@@ -114,6 +130,58 @@ pub fn simulate(a: &SimulateArgs) -> Result<ExitCode> {
         );
         return Ok(ExitCode::from(SIMULATE_DROPS));
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The cutover report: the proposed policy against the active one (`policy_dir`).
+pub fn cutover_report(config: &Path, proposed: &Path, format: &str, out: Option<&Path>) -> Result<ExitCode> {
+    use crate::{detection::triage::Impact, evidence::cutover};
+    let cfg = match load_config(config) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let threshold = Impact::from_name("life-critical");
+    let (new_policy, new_sim) = match simulation(&cfg, proposed, (None, None), threshold)? {
+        Ok(x) => x,
+        Err(code) => return Ok(code),
+    };
+    // The active policy as the agent loads it; one that no longer loads is
+    // reported as absent (the agent keeps its last good generation).
+    let active = match &cfg.policy_dir {
+        Some(dir) => match simulation(&cfg, dir, (None, None), threshold)? {
+            Ok(x) => Some(x),
+            Err(_) => {
+                eprintln!("{}: the active policy does not load; comparing against no policy", dir.display());
+                None
+            }
+        },
+        None => None,
+    };
+    let changed = cfg.policy_dir.as_deref().and_then(cutover::changed);
+    let db = Store::open_existing(&cfg.state_dir)?;
+    let since = crate::base::clock::rfc3339(changed.unwrap_or(std::time::UNIX_EPOCH));
+    let until =
+        crate::base::clock::rfc3339(std::time::SystemTime::now() + std::time::Duration::from_secs(60));
+    let events = db.events_between(&since, &until)?;
+    let (active_policy, active_sim) = match active {
+        Some((p, s)) => (Some(p), Some(s)),
+        None => (None, None),
+    };
+    let c = cutover::build(cutover::Inputs {
+        proposed_dir: proposed,
+        proposed_policy: &new_policy,
+        proposed: new_sim,
+        active_dir: cfg.policy_dir.as_deref().filter(|_| active_policy.is_some()),
+        active_policy: active_policy.as_ref(),
+        active: active_sim,
+        events: &events,
+        active_changed: changed,
+    })?;
+    let text = match format {
+        "json" => serde_json::to_string_pretty(&c)? + "\n",
+        _ => cutover::html(&c),
+    };
+    super::write_out(out, &text)?;
     Ok(ExitCode::SUCCESS)
 }
 

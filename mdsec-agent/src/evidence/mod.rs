@@ -3,6 +3,7 @@
 //! the program KPIs, written to the state database every `evidence.snapshot_secs`
 //! and at a clean stop; plus the register assessment the metrics show.
 
+pub mod cutover;
 pub mod register;
 pub mod report;
 pub mod report_render;

@@ -10,7 +10,7 @@ pub const COLOR_DROPPED: &str = "#c0392b";
 pub const COLOR_WOULD_DROP: &str = "#e67e22";
 pub const COLOR_LAG: &str = "#2c7fb8";
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
@@ -120,29 +120,29 @@ fn segment_md(m: &mut String, s: &SegmentReport) {
 
 /// A table both renderings print from the same cells, so the Markdown and the
 /// HTML report cannot drift apart (they had: status names, a missing column).
-struct Table {
+pub(crate) struct Table {
     head: &'static [&'static str],
-    rows: Vec<Row>,
+    pub(crate) rows: Vec<Row>,
     /// Index of a column printed as code.
-    code: Option<usize>,
+    pub(crate) code: Option<usize>,
     /// A closing remark under the rows ("… and 12 earlier").
-    note: Option<String>,
+    pub(crate) note: Option<String>,
 }
 
-struct Row {
+pub(crate) struct Row {
     /// HTML row class (the CVE status colours the row).
-    class: Option<&'static str>,
-    cells: Vec<String>,
+    pub(crate) class: Option<&'static str>,
+    pub(crate) cells: Vec<String>,
 }
 
 impl Row {
-    fn new(cells: Vec<String>) -> Row {
+    pub(crate) fn new(cells: Vec<String>) -> Row {
         Row { class: None, cells }
     }
 }
 
 impl Table {
-    fn new(head: &'static [&'static str], rows: Vec<Row>) -> Table {
+    pub(crate) fn new(head: &'static [&'static str], rows: Vec<Row>) -> Table {
         Table { head, rows, code: None, note: None }
     }
 
@@ -163,7 +163,7 @@ impl Table {
         }
     }
 
-    fn html(&self, h: &mut String) {
+    pub(crate) fn html(&self, h: &mut String) {
         *h += "<table><thead><tr>";
         for c in self.head {
             let _ = write!(h, "<th>{}</th>", esc(c));
@@ -623,7 +623,7 @@ pub fn html(r: &Report) -> String {
     h
 }
 
-const CSS: &str = "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px;color:#222;max-width:1100px}\
+pub(crate) const CSS: &str = "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px;color:#222;max-width:1100px}\
 h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;border-bottom:2px solid #333;padding-bottom:2px;margin-top:28px}\
 h3{font-size:15px;margin:16px 0 4px}small{color:#666;font-weight:normal}\
 table{border-collapse:collapse;width:100%;margin:8px 0;font-size:12px}th,td{border:1px solid #bbb;padding:3px 6px;text-align:left;vertical-align:top}\
