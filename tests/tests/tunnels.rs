@@ -105,36 +105,42 @@ const POLICY: &[(&str, &str)] = &[
     ),
 ];
 
-#[test]
-fn a_mirror_port_judges_the_frames_inside_tunnels() {
-    let topo = Topology::new(1).unwrap();
-    let h1 = topo.host(1);
-    let agent = Agent::start_on(
-        &topo.id,
-        &topo.gw,
-        &[],
-        AgentOptions {
-            extra_yaml: format!(
-                "interfaces:\n  - name: {}\n    role: mirror\n    xdp_mode: driver\n",
-                h1.gw_if
-            ),
-            policy: POLICY.iter().map(|(n, t)| (n.to_string(), t.to_string())).collect(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let pcap = agent.dir.join("tunnels.pcap");
-    let out = Command::new("/usr/bin/python3").arg("-c").arg(GENERATOR).arg(&pcap).output().unwrap();
-    assert!(out.status.success(), "scapy: {}", String::from_utf8_lossy(&out.stderr));
-    let want: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+/// An agent whose only port is `h1`'s gateway side, as a mirror port, with
+/// the tests' policy and `extra` configuration.
+fn mirror_agent(topo: &Topology, extra: &str) -> Agent {
+    let yaml = format!(
+        "interfaces:\n  - name: {}\n    role: mirror\n    xdp_mode: driver\n{extra}",
+        topo.host(1).gw_if
+    );
+    let policy = POLICY.iter().map(|(n, t)| (n.to_string(), t.to_string())).collect();
+    Agent::start_on(&topo.id, &topo.gw, &[], AgentOptions { extra_yaml: yaml, policy, ..Default::default() })
+        .unwrap()
+}
 
-    let before = agent.stats().unwrap();
+/// Writes the capture the scapy program `code` makes (its first argument is
+/// the file), replays it with tcpreplay from `h1` into the mirror port, and
+/// returns what the program printed.
+fn replay(topo: &Topology, agent: &Agent, name: &str, code: &str) -> Vec<u8> {
+    let pcap = agent.dir.join(name);
+    let out = Command::new("/usr/bin/python3").arg("-c").arg(code).arg(&pcap).output().unwrap();
+    assert!(out.status.success(), "scapy: {}", String::from_utf8_lossy(&out.stderr));
     let replay = Command::new("ip")
-        .args(["netns", "exec", &h1.ns, "tcpreplay", "-q", "-i", "eth0"])
+        .args(["netns", "exec", &topo.host(1).ns, "tcpreplay", "-q", "-i", "eth0"])
         .arg(&pcap)
         .output()
         .unwrap();
     assert!(replay.status.success(), "tcpreplay: {}", String::from_utf8_lossy(&replay.stderr));
+    out.stdout
+}
+
+#[test]
+fn a_mirror_port_judges_the_frames_inside_tunnels() {
+    let topo = Topology::new(1).unwrap();
+    let h1 = topo.host(1);
+    let agent = mirror_agent(&topo, "");
+    let before = agent.stats().unwrap();
+    let want: serde_json::Value =
+        serde_json::from_slice(&replay(&topo, &agent, "tunnels.pcap", GENERATOR)).unwrap();
 
     let flows_of = |flows: &[Flow]| -> BTreeMap<u16, (u64, u64, String, String)> {
         flows
@@ -210,22 +216,11 @@ fn a_mirror_port_judges_the_frames_inside_tunnels() {
 fn l2_detections_work_on_a_mirror_port_behind_erspan() {
     let topo = Topology::new(1).unwrap();
     let h1 = topo.host(1);
-    let agent = Agent::start_on(
-        &topo.id,
-        &topo.gw,
-        &[],
-        AgentOptions {
-            extra_yaml: format!(
-                "interfaces:\n  - name: {}\n    role: mirror\n    xdp_mode: driver\n\
-                 detection:\n  dhcp_servers: [10.0.3.2]\n  ipv6_routers: [\"02:00:00:00:03:02\"]\n  \
-                 arp_bindings:\n    \"10.0.2.2\": \"02:00:00:00:02:02\"\n",
-                h1.gw_if
-            ),
-            policy: POLICY.iter().map(|(n, t)| (n.to_string(), t.to_string())).collect(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let agent = mirror_agent(
+        &topo,
+        "detection:\n  dhcp_servers: [10.0.3.2]\n  ipv6_routers: [\"02:00:00:00:03:02\"]\n  \
+         arp_bindings:\n    \"10.0.2.2\": \"02:00:00:00:02:02\"\n",
+    );
     let code = r#"
 import sys
 from scapy.all import *
@@ -251,15 +246,7 @@ for i, p in enumerate(out):
     p.time = 1700000000 + i * 0.05
 wrpcap(sys.argv[1], out)
 "#;
-    let pcap = agent.dir.join("l2.pcap");
-    let out = Command::new("/usr/bin/python3").arg("-c").arg(code).arg(&pcap).output().unwrap();
-    assert!(out.status.success(), "scapy: {}", String::from_utf8_lossy(&out.stderr));
-    let replay = Command::new("ip")
-        .args(["netns", "exec", &h1.ns, "tcpreplay", "-q", "-i", "eth0"])
-        .arg(&pcap)
-        .output()
-        .unwrap();
-    assert!(replay.status.success(), "tcpreplay: {}", String::from_utf8_lossy(&replay.stderr));
+    replay(&topo, &agent, "l2.pcap", code);
 
     let kinds = ["rogue_dhcp_server", "rogue_router_advertisement", "arp_spoofing", "duplicate_ip"];
     let found = |e: &Vec<mdsec_agent::surfaces::model::Event>| {
