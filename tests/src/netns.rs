@@ -332,3 +332,49 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A background process of the test's (a peer daemon in a namespace), ended
+/// by its own PID when dropped: SIGTERM, then SIGKILL if it is still there
+/// after 2 s (nfacctd's core process can outlive its plugin's exit). Once
+/// reaped it is never signalled again (the PID may belong to another process).
+pub struct Bg(std::process::Child);
+
+impl Bg {
+    pub fn spawn(cmd: &mut Command) -> Bg {
+        Bg(cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")))
+    }
+
+    /// `ip netns exec NS ARGS…`, its output discarded.
+    pub fn in_ns<S: AsRef<std::ffi::OsStr>>(ns: &str, args: &[S]) -> Bg {
+        Bg::spawn(
+            Command::new("ip")
+                .args(["netns", "exec", ns])
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null()),
+        )
+    }
+
+    pub fn stop(&mut self) {
+        if let Ok(Some(_)) = self.0.try_wait() {
+            return;
+        }
+        // SAFETY: signalling our own, not yet reaped child by PID.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < std::time::Duration::from_secs(2) {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

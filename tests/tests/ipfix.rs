@@ -11,13 +11,13 @@ use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use mdsec_tests::{
     agent::{Agent, AgentOptions},
-    netns::{SharedBpffs, TempDir, Topology, in_netns},
+    netns::{Bg, SharedBpffs, TempDir, Topology, in_netns},
     traffic::{self, Tap},
 };
 
@@ -26,7 +26,7 @@ const WAIT: Duration = Duration::from_secs(20);
 /// A collector daemon of ours in the gateway's namespace, with its working
 /// directory: stopped by PID and the directory removed when dropped.
 struct Collector {
-    child: Child,
+    bg: Bg,
     dir: PathBuf,
 }
 
@@ -35,35 +35,13 @@ impl Collector {
     /// sent before would be lost).
     fn start(ns: &str, dir: &Path, args: &[&std::ffi::OsStr], settle: Duration) -> Collector {
         std::fs::create_dir_all(dir).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let bg = Bg::in_ns(ns, args);
         std::thread::sleep(settle);
-        Collector { child, dir: dir.to_path_buf() }
+        Collector { bg, dir: dir.to_path_buf() }
     }
 
-    /// SIGTERM to our own child by PID, then SIGKILL if it is still there after
-    /// 2 s (nfacctd's core process can outlive its plugin's exit). Once it has
-    /// been reaped, never signals again (the PID may belong to another process).
     fn stop(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        // SAFETY: signalling our own, not yet reaped child by PID.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(2) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.bg.stop();
     }
 }
 

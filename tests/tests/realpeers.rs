@@ -5,39 +5,16 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
 use mdsec_agent::surfaces::model::{Device, Flow};
 use mdsec_tests::{
     agent::{Agent, AgentOptions},
-    netns::{Topology, in_netns, ip},
+    netns::{Bg, Topology, in_netns, ip},
     traffic,
 };
-
-/// A background process in a namespace, killed (by PID) when dropped.
-struct Bg(Child);
-
-impl Bg {
-    fn start(ns: &str, args: &[&str]) -> Bg {
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Bg(child)
-    }
-}
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn run(ns: &str, args: &[&str]) -> std::process::Output {
     Command::new("timeout").arg("10").args(["ip", "netns", "exec", ns]).args(args).output().unwrap()
@@ -76,7 +53,7 @@ fn real_peers_are_identified_by_their_bytes() {
 
     // DICOM: dcmtk echoscu against storescp on port 11199. No reverse DNS lookups:
     // the namespaces have no resolver, and dcmtk would wait for it.
-    let _scp = Bg::start(&h2.ns, &["storescp", "-dhl", "-aet", "ARCHIVE", "-od", "/tmp", "11199"]);
+    let _scp = Bg::in_ns(&h2.ns, &["storescp", "-dhl", "-aet", "ARCHIVE", "-od", "/tmp", "11199"]);
     std::thread::sleep(Duration::from_millis(500));
     let out = run(&h1.ns, &["echoscu", "-aet", "MONITOR-12", "-aec", "ARCHIVE", "10.0.2.2", "11199"]);
     assert!(
@@ -188,7 +165,7 @@ fn a_real_dhcp_exchange_leaves_hostname_and_option_55() {
     let agent = Agent::start(&topo, AgentOptions::default()).unwrap();
     let dir = std::env::temp_dir().join(format!("{}-dhcp", topo.id));
     std::fs::create_dir_all(&dir).unwrap();
-    let _dnsmasq = Bg::start(
+    let _dnsmasq = Bg::in_ns(
         &topo.gw,
         &[
             "dnsmasq",

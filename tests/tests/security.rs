@@ -7,13 +7,13 @@ use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use mdsec_tests::{
     agent::{Agent, AgentOptions, agent_bin, curl_in},
-    netns::{Topology, in_netns},
+    netns::{Bg, Topology, in_netns},
     pki::Pki,
 };
 
@@ -33,7 +33,11 @@ fn tls_yaml(pki: &Pki, listen: &str, token: Option<&Path>, users: &str) -> Strin
 }
 
 /// Debian's Prometheus in `ns`, scraping `target` over HTTPS with basic auth.
-struct Prometheus(Child, std::path::PathBuf);
+/// Ended by PID when dropped (`Bg`).
+struct Prometheus {
+    _bg: Bg,
+    dir: std::path::PathBuf,
+}
 
 impl Prometheus {
     fn start(ns: &str, dir: &Path, target: &str, ca: &Path) -> Prometheus {
@@ -44,27 +48,20 @@ impl Prometheus {
         );
         std::fs::write(dir.join("prometheus.yml"), cfg).unwrap();
         let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns, "prometheus"])
-            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-            .arg("--web.listen-address=127.0.0.1:19091")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Prometheus(child, dir.to_path_buf())
+        let bg = Bg::spawn(
+            Command::new("ip")
+                .args(["netns", "exec", ns, "prometheus"])
+                .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+                .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+                .arg("--web.listen-address=127.0.0.1:19091")
+                .stdout(log.try_clone().unwrap())
+                .stderr(log),
+        );
+        Prometheus { _bg: bg, dir: dir.to_path_buf() }
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.1.join("prometheus.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
     }
 }
 
