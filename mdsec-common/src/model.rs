@@ -337,11 +337,11 @@ impl Model {
         self.allowed.clear();
     }
 
-    /// One frame on mirror port `ifindex` (`mdsec_mirror`): its tunnel layers
-    /// removed, the inner frame judged. Returns the decap result too (the
-    /// kernel counts its layers and stop reason in STATS).
+    /// One frame through the mirror entry (`mdsec_mirror`) on `ifindex` (a
+    /// port in [`Model::mirrors`]): its tunnel layers removed, the inner frame
+    /// judged. Returns the decap result too (the kernel counts its layers and
+    /// stop reason in STATS).
     pub fn run_mirror(&mut self, frame: &[u8], ifindex: u32, now: u64) -> (Outcome, Decapped) {
-        self.mirrors.insert(ifindex);
         let d = decap(frame);
         (self.run(&d.frame, ifindex, now), d)
     }

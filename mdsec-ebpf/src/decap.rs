@@ -23,7 +23,10 @@ use mdsec_common::{
     stats::Stat,
 };
 
-use crate::stats::count;
+use crate::{
+    parse::{be16, ptr_at},
+    stats::count,
+};
 
 /// Where the next layer starts: an Ethernet header (`ethertype` 0), or a bare
 /// IP header of that ethertype. Plain integers, not an enum with payloads:
@@ -69,24 +72,15 @@ const fn stop(stat: Stat) -> Step {
     Step { outcome: STOP, stat, next: eth_at(0) }
 }
 
-#[inline(always)]
-fn be16(a: u8, b: u8) -> u16 {
-    ((a as u16) << 8) | b as u16
-}
-
-/// `N` bytes at `off`, or `None` past the frame's end. Valid until [`peel`]
-/// moves the frame's front (`bpf_xdp_adjust_head` invalidates every packet
-/// pointer): callers copy what they need first, and `peel` re-derives its own.
+/// `N` bytes at `off`, or `None` past the frame's end (the parser's
+/// bounds check). Valid until [`peel`] moves the frame's front
+/// (`bpf_xdp_adjust_head` invalidates every packet pointer): callers copy what
+/// they need first, and `peel` re-derives its own.
 #[inline(always)]
 fn bytes<const N: usize>(ctx: &XdpContext, off: usize) -> Option<&[u8; N]> {
-    let start = ctx.data();
-    if start + off + N > ctx.data_end() {
-        return None;
-    }
-    // SAFETY: in bounds of the frame, checked against data_end just above (the
-    // comparison the verifier needs to see); packet memory is valid for the
-    // program's run and nothing else writes it meanwhile.
-    Some(unsafe { &*((start + off) as *const [u8; N]) })
+    // SAFETY: `ptr_at` checked the bytes are inside the frame; packet memory
+    // is valid for the program's run and nothing else writes it meanwhile.
+    ptr_at::<[u8; N]>(ctx, off).map(|p| unsafe { &*p })
 }
 
 /// Removes the frame's tunnel layers in place, one at a time: each layer

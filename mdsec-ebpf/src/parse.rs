@@ -102,7 +102,7 @@ fn set_v4_mapped(dst: &mut [u8; 16], a: [u8; 4]) {
 /// Bounds-checked pointer to a `T` at `off` bytes into the frame. The explicit
 /// comparison against `data_end` is what the verifier needs to see.
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
+pub(crate) fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + off + size_of::<T>() > end {
@@ -112,7 +112,7 @@ fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
 }
 
 #[inline(always)]
-fn be16(a: u8, b: u8) -> u16 {
+pub(crate) fn be16(a: u8, b: u8) -> u16 {
     ((a as u16) << 8) | b as u16
 }
 

@@ -47,6 +47,18 @@ fn output(cmd: &mut Command) -> CliOutput {
     )
 }
 
+/// The events of these kinds as (kind, source, MAC), sorted: what one
+/// detection pass finds comes in its tables' hash order.
+pub fn sorted_kinds(events: &[model::Event], kinds: &[&str]) -> Vec<(String, String, Option<String>)> {
+    let mut f: Vec<_> = events
+        .iter()
+        .filter(|e| kinds.contains(&e.kind.as_str()))
+        .map(|e| (e.kind.clone(), e.src.clone(), e.mac.clone()))
+        .collect();
+    f.sort();
+    f
+}
+
 /// A list page: status, the items (or the error body) and the next cursor.
 pub type Page<T> = (u16, Result<Vec<T>, String>, Option<String>);
 

@@ -681,14 +681,8 @@ fn arp_claims_of_a_bound_address_and_of_an_active_hosts_address_are_detected() {
     // intruder instead: the broadcast claims poisoned the hosts' ARP caches.)
     send(pump, 5000, pharmacy, 9000, 5, &hl7(100));
     let kinds = ["arp_spoofing", "duplicate_ip"];
-    // Sorted: claims found in one detection pass come in the device table's order.
     let found = |e: &Vec<model::Event>| {
-        let mut f: Vec<(String, String, Option<String>)> = e
-            .iter()
-            .filter(|e| kinds.contains(&e.kind.as_str()))
-            .map(|e| (e.kind.clone(), e.src.clone(), e.mac.clone()))
-            .collect();
-        f.sort();
+        let f = mdsec_tests::agent::sorted_kinds(e, &kinds);
         (f.len() >= 2).then_some(f)
     };
     let got = a.wait_for(Duration::from_secs(20), |a| a.events(), found).unwrap();

@@ -280,18 +280,13 @@ fn dhcp_offers_and_router_advertisements_from_undeclared_hosts_are_rogue() {
     assert!(flows.iter().any(|f| f.src == "10.0.3.2" && f.sport == 67), "{flows:#?}");
     assert!(flows.iter().any(|f| f.src == "fe80::3" && f.proto == "icmpv6"), "{flows:#?}");
     let events = agent.events().unwrap();
-    let mut found: Vec<(&str, &str, Option<&str>)> = events
-        .iter()
-        .filter(|e| rogue.contains(&e.kind.as_str()))
-        .map(|e| (e.kind.as_str(), e.src.as_str(), e.mac.as_deref()))
-        .collect();
-    found.sort();
+    let found = mdsec_tests::agent::sorted_kinds(&events, &rogue);
     let h2_mac = mdsec_agent::base::net::mac_string(topo.host(2).mac().unwrap());
     assert_eq!(
         found,
         [
-            ("rogue_dhcp_server", "10.0.2.2", Some(h2_mac.as_str())),
-            ("rogue_router_advertisement", "fe80::4", Some(rogue_mac.as_str()))
+            ("rogue_dhcp_server".into(), "10.0.2.2".into(), Some(h2_mac)),
+            ("rogue_router_advertisement".into(), "fe80::4".into(), Some(rogue_mac.clone()))
         ],
         "{events:#?}"
     );

@@ -187,18 +187,8 @@ fn a_mirror_port_judges_the_frames_inside_tunnels() {
     );
 
     let after = agent.stats().unwrap();
-    for stat in [
-        "tunnel_erspan",
-        "tunnel_gre",
-        "tunnel_vxlan",
-        "tunnel_pppoe",
-        "tunnel_ip_in_ip",
-        "tunnel_opaque",
-        "tunnel_truncated",
-        "tunnel_fragment",
-        "tunnel_too_deep",
-        "tunnel_judge_missing",
-    ] {
+    use mdsec_common::stats::Stat;
+    for stat in Stat::TUNNEL_LAYERS.iter().chain(Stat::TUNNEL_STOPS).map(|s| s.name()) {
         let d = (after[stat].packets - before[stat].packets, after[stat].bytes - before[stat].bytes);
         let w = want["stats"].get(stat).map_or((0, 0), |v| (v[0].as_u64().unwrap(), v[1].as_u64().unwrap()));
         assert_eq!(d, w, "{stat} (packets, bytes)");
@@ -250,12 +240,7 @@ wrpcap(sys.argv[1], out)
 
     let kinds = ["rogue_dhcp_server", "rogue_router_advertisement", "arp_spoofing", "duplicate_ip"];
     let found = |e: &Vec<mdsec_agent::surfaces::model::Event>| {
-        let mut f: Vec<(String, String, Option<String>)> = e
-            .iter()
-            .filter(|e| kinds.contains(&e.kind.as_str()))
-            .map(|e| (e.kind.clone(), e.src.clone(), e.mac.clone()))
-            .collect();
-        f.sort();
+        let f = mdsec_tests::agent::sorted_kinds(e, &kinds);
         (f.len() >= 4).then_some(f)
     };
     let got = agent

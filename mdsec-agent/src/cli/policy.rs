@@ -64,32 +64,41 @@ pub struct SimulateArgs<'a> {
 /// Exit status of a simulation in which a device at the threshold would be cut off.
 pub const SIMULATE_DROPS: u8 = 3;
 
+/// What the state database recorded: each segment's observations, and the
+/// inventory (addresses' MACs and VLANs), read once per command.
+struct Recorded {
+    observations: Vec<(crate::detection::learn::ObsKey, crate::detection::learn::ObsVal)>,
+    devices: Vec<crate::inventory::Device>,
+}
+
+impl Recorded {
+    fn load(db: &Store) -> Result<Recorded> {
+        Ok(Recorded { observations: db.load_observations(None)?, devices: db.load_devices()? })
+    }
+}
+
 /// A policy directory loaded and compiled, and the recorded communication
 /// judged under it; `Err` carries the exit code after its diagnostics.
 fn simulation(
     cfg: &crate::config::Config,
     dir: &Path,
+    rec: &Recorded,
     period: (Option<std::time::SystemTime>, Option<std::time::SystemTime>),
     threshold: Option<crate::detection::triage::Impact>,
-) -> Result<Result<(crate::policy::model::Policy, crate::evidence::simulate::Simulation), ExitCode>> {
+) -> Result<(crate::policy::model::Policy, crate::evidence::simulate::Simulation), ExitCode> {
     use crate::evidence::simulate;
     let (policy, compiled, warnings) =
-        match crate::policy::runtime::prepare(dir, crate::policy::compile::Limits::DATAPATH) {
-            Ok(p) => p,
-            Err(diags) => return Ok(Err(super::print_diags(diags))),
-        };
+        crate::policy::runtime::prepare(dir, crate::policy::compile::Limits::DATAPATH)
+            .map_err(super::print_diags)?;
     for w in warnings {
         eprintln!("{w}");
     }
-    let db = Store::open_existing(&cfg.state_dir)?;
-    let observations = db.load_observations(None)?;
-    let devices = db.load_devices()?;
     let s = simulate::simulate(
         &simulate::Inputs {
             policy: &policy,
             compiled: &compiled,
-            observations: &observations,
-            devices: &devices,
+            observations: &rec.observations,
+            devices: &rec.devices,
             triage: &cfg.triage,
             from: period.0,
             to: period.1,
@@ -97,7 +106,7 @@ fn simulation(
         },
         &dir.display().to_string(),
     );
-    Ok(Ok((policy, s)))
+    Ok((policy, s))
 }
 
 pub fn simulate(a: &SimulateArgs) -> Result<ExitCode> {
@@ -114,7 +123,8 @@ pub fn simulate(a: &SimulateArgs) -> Result<ExitCode> {
     if let (Some(f), Some(t)) = (from, to) {
         anyhow::ensure!(f < t, "--from must be before --to");
     }
-    let s = match simulation(&cfg, a.policy, (from, to), Impact::from_name(a.fail_on))? {
+    let rec = Recorded::load(&Store::open_existing(&cfg.state_dir)?)?;
+    let s = match simulation(&cfg, a.policy, &rec, (from, to), Impact::from_name(a.fail_on)) {
         Ok((_, s)) => s,
         Err(code) => return Ok(code),
     };
@@ -140,33 +150,28 @@ pub fn cutover_report(config: &Path, proposed: &Path, format: &str, out: Option<
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    let threshold = Impact::from_name("life-critical");
-    let (new_policy, new_sim) = match simulation(&cfg, proposed, (None, None), threshold)? {
+    let threshold = Some(Impact::LifeCritical);
+    let db = Store::open_existing(&cfg.state_dir)?;
+    let rec = Recorded::load(&db)?;
+    let (new_policy, new_sim) = match simulation(&cfg, proposed, &rec, (None, None), threshold) {
         Ok(x) => x,
         Err(code) => return Ok(code),
     };
     // The active policy as the agent loads it; one that no longer loads is
     // reported as absent (the agent keeps its last good generation).
-    let active = match &cfg.policy_dir {
-        Some(dir) => match simulation(&cfg, dir, (None, None), threshold)? {
-            Ok(x) => Some(x),
-            Err(_) => {
-                eprintln!("{}: the active policy does not load; comparing against no policy", dir.display());
-                None
-            }
-        },
-        None => None,
-    };
+    let active = cfg.policy_dir.as_deref().and_then(|dir| {
+        let s = simulation(&cfg, dir, &rec, (None, None), threshold).ok();
+        if s.is_none() {
+            eprintln!("{}: the active policy does not load; comparing against no policy", dir.display());
+        }
+        s
+    });
     let changed = cfg.policy_dir.as_deref().and_then(cutover::changed);
-    let db = Store::open_existing(&cfg.state_dir)?;
     let since = crate::base::clock::rfc3339(changed.unwrap_or(std::time::UNIX_EPOCH));
     let until =
         crate::base::clock::rfc3339(std::time::SystemTime::now() + std::time::Duration::from_secs(60));
     let events = db.events_between(&since, &until)?;
-    let (active_policy, active_sim) = match active {
-        Some((p, s)) => (Some(p), Some(s)),
-        None => (None, None),
-    };
+    let (active_policy, active_sim) = active.unzip();
     let c = cutover::build(cutover::Inputs {
         proposed_dir: proposed,
         proposed_policy: &new_policy,

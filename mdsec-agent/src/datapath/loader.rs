@@ -162,21 +162,22 @@ impl Datapath {
             (false, _) => names::PROGRAM,
         };
         let mirrors = ports.iter().any(|p| program_of(p) == names::MIRROR_PROGRAM);
+        // In this order: the mirror entry judges through mdsec_xdp, which is
+        // loaded (whenever there is a mirror) and in JUDGE before a mirror
+        // port is attached.
         for program in [names::PROGRAM, names::BRIDGE_PROGRAM, names::MIRROR_PROGRAM] {
             let mine: Vec<&Port> = ports.iter().filter(|p| program_of(p) == program).collect();
-            // The mirror entry judges through mdsec_xdp: loaded whenever it is.
             if mine.is_empty() && !(program == names::PROGRAM && mirrors) {
                 continue;
+            }
+            if program == names::MIRROR_PROGRAM {
+                set_judge(&mut ebpf)?;
             }
             let prog: &mut Xdp = ebpf
                 .program_mut(program)
                 .with_context(|| format!("{program} missing from object"))?
                 .try_into()?;
             prog.load().map_err(verifier_tail)?;
-            if program == names::PROGRAM && mirrors {
-                set_judge(&mut ebpf)?;
-            }
-            let prog: &mut Xdp = ebpf.program_mut(program).expect("loaded above").try_into()?;
             for p in mine {
                 attached.push(attach_port(prog, &links_dir, p, ifindex[p.name.as_str()])?);
             }

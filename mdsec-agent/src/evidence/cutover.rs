@@ -18,7 +18,7 @@ use serde::Serialize;
 use super::{
     report::rule_text,
     report_render::{CSS, Row, Table, esc},
-    simulate::{DeviceResult, Judged, Simulation},
+    simulate::{DeviceResult, Judged, Simulation, service},
 };
 use crate::{base::clock::rfc3339, base::event::Event, policy::model::Policy};
 
@@ -258,10 +258,6 @@ fn change_table(rows: &[Change]) -> Table {
             })
             .collect(),
     )
-}
-
-fn service(proto: &str, port: u16) -> String {
-    if matches!(proto, "icmp" | "icmpv6") { proto.into() } else { format!("{proto}/{port}") }
 }
 
 fn outcome_class(o: &str) -> Option<&'static str> {

@@ -125,7 +125,12 @@ pub fn simulate(i: &Inputs, policy_dir: &str) -> Simulation {
         };
         let (src_mac, vlan) = ident.get(&src).copied().unwrap_or_default();
         let (dst_mac, _) = ident.get(&dst).copied().unwrap_or_default();
-        let app = App::from_name(&k.app).filter(|a| *a != App::Unknown).map(|a| a as u8);
+        // An ephemeral client port; ICMP: the echo request (type 8 / 128, code 0).
+        let (sport, dport) = match k.proto {
+            1 => (8, 0),
+            58 => (128, 0),
+            _ => (40000, k.port),
+        };
         let c = Communication {
             ifindex: 0,
             vlan,
@@ -134,10 +139,10 @@ pub fn simulate(i: &Inputs, policy_dir: &str) -> Simulation {
             src: ip_to_key(src),
             dst: ip_to_key(dst),
             proto: k.proto,
-            // An ephemeral client port; ICMP: the echo request (type 8 / 128, code 0).
-            sport: if matches!(k.proto, 1 | 58) { if k.proto == 1 { 8 } else { 128 } } else { 40000 },
-            dport: if matches!(k.proto, 1 | 58) { 0 } else { k.port },
-            app: if k.app.is_empty() { None } else { Some(app.unwrap_or(App::Unknown as u8)) },
+            sport,
+            dport,
+            // No payload seen: none to classify (an app rule stays pending).
+            app: (!k.app.is_empty()).then(|| App::from_name(&k.app).unwrap_or(App::Unknown) as u8),
         };
         let fs = model.judge(&c, now);
         let verdict = Verdict::from_u8(fs.verdict);
@@ -212,6 +217,11 @@ pub fn simulate(i: &Inputs, policy_dir: &str) -> Simulation {
     s
 }
 
+/// `tcp/2575`, or `icmp` alone (ICMP has no port).
+pub fn service(proto: &str, port: u16) -> String {
+    if matches!(proto, "icmp" | "icmpv6") { proto.into() } else { format!("{proto}/{port}") }
+}
+
 /// The simulation as a terminal report (80 columns): one block per device,
 /// its dropped communication first; dates and full paths are in `--json`.
 pub fn text(s: &Simulation) -> String {
@@ -236,11 +246,7 @@ pub fn text(s: &Simulation) -> String {
         comms.sort_by_key(|c| (c.outcome != "dropped", c.outcome != "would-drop", c.peer.clone(), c.port));
         for c in comms {
             let arrow = if c.direction == "out" { "->" } else { "<-" };
-            let service = if matches!(c.proto.as_str(), "icmp" | "icmpv6") {
-                c.proto.clone()
-            } else {
-                format!("{}/{}", c.proto, c.port)
-            };
+            let service = service(&c.proto, c.port);
             let app = if c.app.is_empty() { "-" } else { &c.app };
             out += &format!(
                 "  {:<10} {arrow} {:<15} {:<9} {:<7} {:>4}  {}\n",
