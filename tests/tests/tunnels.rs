@@ -186,12 +186,28 @@ fn a_mirror_port_judges_the_frames_inside_tunnels() {
         [want["outer_gre"][0].as_u64().unwrap(), want["outer_gre"][1].as_u64().unwrap()]
     );
 
-    let after = agent.stats().unwrap();
     use mdsec_common::stats::Stat;
-    for stat in Stat::TUNNEL_LAYERS.iter().chain(Stat::TUNNEL_STOPS).map(|s| s.name()) {
+    let names: Vec<&str> = Stat::TUNNEL_LAYERS.iter().chain(Stat::TUNNEL_STOPS).map(|s| s.name()).collect();
+    let wanted = |stat: &str| {
+        want["stats"].get(stat).map_or((0, 0), |v| (v[0].as_u64().unwrap(), v[1].as_u64().unwrap()))
+    };
+    // A poll reads the counters before the flow table: the last frames a flow
+    // shows may reach the counters a poll later.
+    let after = agent
+        .wait_for(
+            Duration::from_secs(10),
+            |a| a.stats(),
+            |after| {
+                names
+                    .iter()
+                    .all(|s| after[*s].packets - before[*s].packets >= wanted(s).0)
+                    .then(|| after.clone())
+            },
+        )
+        .unwrap();
+    for stat in names {
         let d = (after[stat].packets - before[stat].packets, after[stat].bytes - before[stat].bytes);
-        let w = want["stats"].get(stat).map_or((0, 0), |v| (v[0].as_u64().unwrap(), v[1].as_u64().unwrap()));
-        assert_eq!(d, w, "{stat} (packets, bytes)");
+        assert_eq!(d, wanted(stat), "{stat} (packets, bytes)");
     }
     // Nothing on a mirror port is dropped.
     assert_eq!(after["drop"].packets, before["drop"].packets);
