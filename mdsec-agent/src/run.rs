@@ -134,9 +134,21 @@ pub async fn run(cfg: Config) -> Result<()> {
     let pinned_generation = policy_maps.config()?.generation;
     match &cfg.policy_dir {
         Some(dir) => {
-            let mut reloader =
-                Reloader::new(policy_maps, dir.clone(), cfg.event_rate, policy.clone(), segstats.clone());
-            if !reloader.reload() {
+            // The policy history has its own connection: the policy thread
+            // appends to it while the store thread writes the rest.
+            let mut history_db = Store::open(&cfg.state_dir)?;
+            let last = history_db.last_policy_change()?;
+            let record: crate::policy::runtime::Recorder =
+                Box::new(move |c| history_db.append_policy_change(c));
+            let mut reloader = Reloader::new(
+                policy_maps,
+                dir.clone(),
+                cfg.event_rate,
+                policy.clone(),
+                segstats.clone(),
+                (record, last),
+            );
+            if !reloader.reload() && !reloader.restore(&cfg.state_dir.join(RESTORED_POLICY_DIR)) {
                 if pinned_generation != 0 {
                     error!(
                         "no valid policy at start: generation {pinned_generation} of the previous run stays active"
@@ -526,6 +538,10 @@ fn read_token(path: &std::path::Path) -> Result<String> {
     }
     Ok(token)
 }
+
+/// Where a start that refused the policy files writes the last recorded
+/// generation's files to load them (inside `state_dir`).
+pub const RESTORED_POLICY_DIR: &str = "policy-restored";
 
 /// The register file, reloaded when it changes; a bad edit keeps the last good one.
 struct RegisterFile {

@@ -153,7 +153,7 @@ fn a_simulated_policy_predicts_every_verdict_the_datapath_then_gives() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("pumps.yaml:9:") && err.contains("nowhere"), "{err}");
     assert!(out.stdout.is_empty());
     let text = String::from_utf8_lossy(&run(&[]).stdout).to_string();

@@ -136,6 +136,10 @@ enum Cmd {
         #[arg(long, short)]
         out: Option<PathBuf>,
     },
+    /// Policy change control: apply a reviewed policy with its approval, and
+    /// the history of installed generations.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
     /// Device lifecycle (through the running agent's API).
     #[command(subcommand)]
     Device(DeviceCmd),
@@ -177,6 +181,40 @@ enum DeviceCmd {
     Audit {
         #[arg(long)]
         mac: Option<String>,
+        #[command(flatten)]
+        q: Query,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Approve a reviewed policy directory and install it as the agent's
+    /// `policy_dir`: validates it, copies its files in (each replaced
+    /// atomically) and writes `approval.yaml` with its content hash, the
+    /// approver and the ticket. The agent installs it within a second.
+    Apply {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Who approves (recorded in the policy history).
+        #[arg(long)]
+        approved_by: String,
+        /// The change ticket.
+        #[arg(long)]
+        ticket: String,
+        /// Refuse unless the files still have this content hash (the one the
+        /// cutover report that was signed off shows).
+        #[arg(long)]
+        content_hash: Option<String>,
+        /// The reviewed directory (default: the config's policy_dir itself).
+        dir: Option<PathBuf>,
+    },
+    /// The installed generations of a running agent, oldest first.
+    History {
+        /// Only the rows after this id.
+        #[arg(long)]
+        cursor: Option<u64>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
         #[command(flatten)]
         q: Query,
     },
@@ -278,6 +316,16 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             device::set_state(&mac, &state, &reason, actor, &q)
         }
         Cmd::Device(DeviceCmd::Audit { mac, q }) => device::audit(mac.as_deref(), &q),
+        Cmd::Policy(PolicyCmd::Apply { config, approved_by, ticket, content_hash, dir }) => {
+            policy::apply(&policy::ApplyArgs {
+                config: &config,
+                approved_by: &approved_by,
+                ticket: &ticket,
+                content_hash: content_hash.as_deref(),
+                dir: dir.as_deref(),
+            })
+        }
+        Cmd::Policy(PolicyCmd::History { cursor, limit, q }) => policy::history(cursor, limit, &q),
         Cmd::Report { config, from, to, format, out } => evidence::report(&evidence::ReportArgs {
             config: &config,
             from: from.as_deref(),
@@ -321,6 +369,15 @@ fn print_diags(diags: impl IntoIterator<Item = impl std::fmt::Display>) -> ExitC
         eprintln!("{d}");
     }
     ExitCode::FAILURE
+}
+
+/// Exit status of a command given a policy directory with errors.
+pub const POLICY_ERRORS: u8 = 2;
+
+/// Prints every diagnostic of a policy that does not load; exit status 2.
+fn print_policy_diags(diags: impl IntoIterator<Item = impl std::fmt::Display>) -> ExitCode {
+    print_diags(diags);
+    ExitCode::from(POLICY_ERRORS)
 }
 
 /// The policy directory loaded now, or its diagnostics printed.

@@ -89,7 +89,7 @@ fn simulation(
     use crate::evidence::simulate;
     let (policy, compiled, warnings) =
         crate::policy::runtime::prepare(dir, crate::policy::compile::Limits::DATAPATH)
-            .map_err(super::print_diags)?;
+            .map_err(super::print_policy_diags)?;
     for w in warnings {
         eprintln!("{w}");
     }
@@ -190,6 +190,131 @@ pub fn cutover_report(config: &Path, proposed: &Path, format: &str, out: Option<
     Ok(ExitCode::SUCCESS)
 }
 
+pub struct ApplyArgs<'a> {
+    pub config: &'a Path,
+    pub approved_by: &'a str,
+    pub ticket: &'a str,
+    pub content_hash: Option<&'a str>,
+    pub dir: Option<&'a Path>,
+}
+
+/// Writes `text` to `path` through a temporary file beside it and a rename:
+/// the agent's file watcher never reads half a file.
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp~",
+        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+    ));
+    std::fs::write(&tmp, text).map_err(|e| anyhow::anyhow!("write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("rename to {}: {e}", path.display()))
+}
+
+/// `policy apply`: the reviewed directory validated, copied into the
+/// agent's `policy_dir`, and approved there by content hash.
+pub fn apply(a: &ApplyArgs) -> Result<ExitCode> {
+    use crate::policy::{approval, model::APPROVAL_FILE};
+    let cfg = match load_config(a.config) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let Some(target) = cfg.policy_dir.clone() else {
+        anyhow::bail!("{}: no policy_dir: there is no policy to apply to", a.config.display());
+    };
+    for (flag, v) in [("--approved-by", a.approved_by), ("--ticket", a.ticket)] {
+        anyhow::ensure!(!v.trim().is_empty(), "{flag} is empty");
+        anyhow::ensure!(!v.contains(['\n', '\r']), "{flag}: one line only");
+    }
+    let source = a.dir.unwrap_or(&target);
+    if let Err(diags) = crate::policy::runtime::prepare(source, crate::policy::compile::Limits::DATAPATH) {
+        return Ok(super::print_policy_diags(diags));
+    }
+    let contents = approval::read(source)?;
+    if let Some(h) = a.content_hash
+        && h.trim().to_ascii_lowercase() != contents.hash
+    {
+        eprintln!(
+            "{}: the files hash to {}, not {}: they changed since the review; nothing applied",
+            source.display(),
+            contents.hash,
+            h.trim()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    let same = |x: &Path, y: &Path| match (x.canonicalize(), y.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    };
+    if !same(source, &target) {
+        std::fs::create_dir_all(&target).map_err(|e| anyhow::anyhow!("create {}: {e}", target.display()))?;
+        for (name, text) in &contents.files {
+            write_atomic(&target.join(name), text)?;
+        }
+        // Files the reviewed directory does not have leave the policy.
+        for old in approval::read(&target)?.files.keys().filter(|n| !contents.files.contains_key(*n)) {
+            std::fs::remove_file(target.join(old))
+                .map_err(|e| anyhow::anyhow!("remove {}: {e}", target.join(old).display()))?;
+        }
+        let now = approval::read(&target)?;
+        anyhow::ensure!(
+            now.hash == contents.hash,
+            "{} changed while it was written ({}); run apply again",
+            target.display(),
+            approval::short(&now.hash)
+        );
+    }
+    let approval = approval::Approval {
+        content_hash: contents.hash.clone(),
+        approved_by: a.approved_by.trim().to_string(),
+        ticket: a.ticket.trim().to_string(),
+        approved_at: Some(crate::base::clock::rfc3339(std::time::SystemTime::now())),
+        at: (0, 0),
+    };
+    write_atomic(&target.join(APPROVAL_FILE), &approval::render(&approval))?;
+    println!(
+        "approved {} ({} files) by {} under {}: {} — the agent installs it within a second (or at SIGHUP)",
+        contents.hash,
+        contents.files.len(),
+        approval.approved_by,
+        approval.ticket,
+        target.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `policy history`: the running agent's installed generations.
+pub fn history(cursor: Option<u64>, limit: usize, q: &super::Query) -> Result<ExitCode> {
+    let mut path = format!("/api/v1/policy/history?limit={limit}");
+    if let Some(c) = cursor {
+        path += &format!("&cursor={c}");
+    }
+    let page: serde_json::Value = q.get(&path)?;
+    let rows: Vec<crate::policy::approval::Change> =
+        serde_json::from_value(page.get("items").cloned().unwrap_or_default())?;
+    let head = ["ID", "TIME", "GEN", "CONTENT", "CAUSE", "APPROVED BY", "TICKET", "CHANGE"];
+    super::table::print(q.json, &rows, &head, |c| {
+        let d = &c.diff;
+        vec![
+            c.id.to_string(),
+            c.time.clone(),
+            c.generation.to_string(),
+            crate::policy::approval::short(&c.content_hash).to_string(),
+            c.cause.clone(),
+            c.approved_by.clone().unwrap_or_else(|| "-".into()),
+            c.ticket.clone().unwrap_or_else(|| "-".into()),
+            format!(
+                "+{} -{} rules, {} files",
+                d.rules_added.len() + d.exceptions_added.len(),
+                d.rules_removed.len() + d.exceptions_removed.len(),
+                d.files_added.len() + d.files_removed.len() + d.files_changed.len()
+            ),
+        ]
+    })?;
+    if let Some(next) = page.get("next").and_then(|n| n.as_str()) {
+        eprintln!("more: --cursor {next}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Writes every published JSON Schema into `out`.
 pub fn schema(out: &Path) -> Result<ExitCode> {
     std::fs::create_dir_all(out)?;
@@ -209,6 +334,7 @@ pub fn schemas() -> Vec<(&'static str, String)> {
     let s = schemars::schema_for!(crate::detection::incident::Incident);
     all.push(("incident.schema.json", serde_json::to_string_pretty(&s).unwrap() + "\n"));
     all.push(("register.schema.json", crate::evidence::register::schema()));
+    all.push(("approval.schema.json", crate::policy::approval::schema()));
     all.push(("report.schema.json", crate::evidence::report::schema()));
     all
 }

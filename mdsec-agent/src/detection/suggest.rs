@@ -147,6 +147,9 @@ pub fn suggest(policy: &Policy, rows: &[(ObsKey, ObsVal)], opts: &Options) -> Re
     if seg.learning_period != DEFAULT_LEARNING {
         let _ = writeln!(y, "learning_period: {}", period_text(seg.learning_period));
     }
+    if seg.require_approval {
+        y += "require_approval: true\n";
+    }
     y += "members:\n";
     for m in &seg.members {
         let (key, value, vlan) = match m {

@@ -12,11 +12,10 @@ use std::{
     time::SystemTime,
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::Serialize;
 
 use super::{
-    report::rule_text,
     report_render::{CSS, Row, Table, esc},
     simulate::{DeviceResult, Judged, Simulation, service},
 };
@@ -86,35 +85,9 @@ pub struct Cutover {
     pub sign_off: Vec<SignOff>,
 }
 
-/// `sha256:HEX` over every `*.yaml` file of `dir` in name order (name, NUL,
-/// contents, NUL), and the names: what was reviewed is what is applied.
-pub fn content_hash(dir: &Path) -> Result<(String, Vec<String>)> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .with_context(|| format!("read {}", dir.display()))?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| n.ends_with(".yaml") || n.ends_with(".yml"))
-        .collect();
-    names.sort();
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    for n in &names {
-        let bytes = std::fs::read(dir.join(n)).with_context(|| format!("read {}", dir.join(n).display()))?;
-        ctx.update(n.as_bytes());
-        ctx.update(&[0]);
-        ctx.update(&bytes);
-        ctx.update(&[0]);
-    }
-    let hex: String = ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    Ok((format!("sha256:{hex}"), names))
-}
-
 /// Rules as `segment: rule` lines (exceptions are not permanent rules).
 fn rule_set(p: &Policy) -> BTreeSet<String> {
-    p.rules
-        .iter()
-        .filter(|r| r.exception.is_none())
-        .map(|r| format!("{}: {}", p.segments.get(r.segment).map_or("?", |s| s.name.as_str()), rule_text(r)))
-        .collect()
+    crate::policy::approval::rule_lines(p).0
 }
 
 type Key = (String, String, &'static str, String, String, u16, String);
@@ -138,7 +111,9 @@ pub struct Inputs<'a> {
 }
 
 pub fn build(i: Inputs) -> Result<Cutover> {
-    let (content_hash, files) = content_hash(i.proposed_dir)?;
+    // The hash an approval of this proposal must carry (`policy apply`).
+    let contents = crate::policy::approval::read(i.proposed_dir)?;
+    let (content_hash, files) = (contents.hash, contents.files.into_keys().collect());
     let new_rules = rule_set(i.proposed_policy);
     let old_rules = i.active_policy.map(rule_set).unwrap_or_default();
     let before: BTreeMap<Key, &'static str> = i

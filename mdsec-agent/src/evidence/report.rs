@@ -23,7 +23,7 @@ use crate::{
     evidence::{Kpi, SegmentCounts, Snapshot},
     inventory::Device,
     inventory::lifecycle::{AuditRow, Record},
-    policy::model::{DefaultVerdict, Direction, Member, Mode, Policy, Rule},
+    policy::model::{DefaultVerdict, Member, Mode, Policy, Rule},
 };
 
 pub const REPORT_VERSION: u32 = 1;
@@ -53,6 +53,10 @@ pub struct Report {
     /// Incidents active in the period (correlated events per source), by id.
     #[serde(default)]
     pub incidents: Vec<crate::detection::incident::Incident>,
+    /// Policy generations installed in the period (the policy history; file
+    /// texts left out), with their approval and diff.
+    #[serde(default)]
+    pub policy_changes: Vec<crate::policy::approval::Change>,
     /// What the report could not see (no snapshots, no register, …).
     pub caveats: Vec<String>,
 }
@@ -196,6 +200,14 @@ pub fn collect(
         audit: db.audit(None)?.into_iter().filter(|a| a.time >= from && a.time < to).collect(),
         events: db.events_between(&from, &to)?,
         incidents: db.incidents_between(&from, &to)?,
+        policy_changes: db
+            .policy_history_between(&from, &to)?
+            .into_iter()
+            .map(|mut c| {
+                c.files.iter_mut().for_each(|f| f.text = None);
+                c
+            })
+            .collect(),
         snapshots: db
             .snapshots_between(&from, &to)?
             .iter()
@@ -220,6 +232,7 @@ pub struct Inputs<'a> {
     pub audit: Vec<AuditRow>,
     pub events: Vec<Event>,
     pub incidents: Vec<crate::detection::incident::Incident>,
+    pub policy_changes: Vec<crate::policy::approval::Change>,
     pub snapshots: Vec<Snapshot>,
     pub triage: &'a TriageConfig,
     pub from: SystemTime,
@@ -235,27 +248,6 @@ fn is_policy(e: &Event) -> bool {
 /// report lists incidents on their own).
 fn is_detection(e: &Event) -> bool {
     !is_policy(e) && e.kind != "incident"
-}
-
-pub fn rule_text(r: &Rule) -> String {
-    let mut t = format!(
-        "{} {}",
-        match r.direction {
-            Direction::Out => "to",
-            Direction::In => "from",
-        },
-        r.peer
-    );
-    t += &format!(" {}", r.proto.map_or("any".into(), crate::base::net::proto_name));
-    if !r.ports.is_empty() {
-        let ports: Vec<String> =
-            r.ports.iter().map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect();
-        t += &format!(" {}", ports.join(","));
-    }
-    if let Some(a) = r.app {
-        t += &format!(" app {}", a.name());
-    }
-    t
 }
 
 fn member_text(m: &Member) -> String {
@@ -363,13 +355,13 @@ pub fn build(inp: &Inputs) -> Report {
                     DefaultVerdict::Allow => "allow".into(),
                 },
                 members: s.members.iter().map(member_text).collect(),
-                allow: rules.iter().filter(|r| r.exception.is_none()).map(|r| rule_text(r)).collect(),
+                allow: rules.iter().filter(|r| r.exception.is_none()).map(|r| r.text()).collect(),
                 exceptions: rules
                     .iter()
                     .filter_map(|r| {
                         let e = r.exception.as_ref()?;
                         Some(ExceptionReport {
-                            rule: rule_text(r),
+                            rule: r.text(),
                             expires: e.expires_text.clone(),
                             reason: e.reason.clone(),
                             ticket: e.ticket.clone(),
@@ -449,6 +441,7 @@ pub fn build(inp: &Inputs) -> Report {
         detections_not_listed: (detections.len() - listed.len()) as u64,
         detections: listed,
         incidents: inp.incidents.clone(),
+        policy_changes: inp.policy_changes.clone(),
         caveats,
     }
 }

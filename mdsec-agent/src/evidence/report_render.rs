@@ -87,6 +87,8 @@ pub fn markdown(r: &Report) -> String {
     detection_table(r).md(&mut m);
     let _ = writeln!(m, "\n## Lifecycle changes\n");
     lifecycle_table(r).md(&mut m);
+    let _ = writeln!(m, "\n## Policy changes\n");
+    policy_table(r).md(&mut m);
     m
 }
 
@@ -324,6 +326,44 @@ fn lifecycle_table(r: &Report) -> Table {
         })
         .collect();
     Table::new(&["Time", "MAC", "From", "To", "Reason", "By"], rows)
+}
+
+fn policy_table(r: &Report) -> Table {
+    let rows = r
+        .policy_changes
+        .iter()
+        .map(|c| {
+            let d = &c.diff;
+            let mut what: Vec<String> = Vec::new();
+            for (label, v) in [
+                ("+", &d.rules_added),
+                ("−", &d.rules_removed),
+                ("+ exception", &d.exceptions_added),
+                ("− exception", &d.exceptions_removed),
+            ] {
+                what.extend(v.iter().map(|x| format!("{label} {x}")));
+            }
+            if what.is_empty() {
+                what.push(
+                    if d.files_changed.is_empty() && d.files_added.is_empty() && d.files_removed.is_empty() {
+                        "no change".into()
+                    } else {
+                        "files changed, rules the same".into()
+                    },
+                );
+            }
+            Row::new(vec![
+                c.time.clone(),
+                c.generation.to_string(),
+                crate::policy::approval::short(&c.content_hash).to_string(),
+                c.cause.clone(),
+                c.approved_by.clone().unwrap_or_else(|| "not approved".into()),
+                c.ticket.clone().unwrap_or_default(),
+                what.join("; "),
+            ])
+        })
+        .collect();
+    Table::new(&["Time", "Generation", "Content", "Cause", "Approved by", "Ticket", "Change"], rows)
 }
 
 fn kpi_rows(r: &Report) -> Vec<(&'static str, String)> {
@@ -619,6 +659,8 @@ pub fn html(r: &Report) -> String {
     detection_table(r).html(&mut h);
     h += "</section><section><h2>Lifecycle changes</h2>";
     lifecycle_table(r).html(&mut h);
+    h += "</section><section><h2>Policy changes</h2>";
+    policy_table(r).html(&mut h);
     h += "</section></body></html>\n";
     h
 }

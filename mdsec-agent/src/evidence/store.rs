@@ -68,6 +68,11 @@ const MIGRATIONS: &[&str] = &[
     // Incidents, as the API shows them (rewritten while open).
     "CREATE TABLE incidents (id INTEGER PRIMARY KEY, first_seen TEXT NOT NULL, last_seen TEXT NOT NULL, doc TEXT NOT NULL);
      CREATE INDEX incidents_last_seen ON incidents (last_seen);",
+    // The policy history: every installed generation, its files, diff and approval.
+    "CREATE TABLE policy_history (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL,
+        generation INTEGER NOT NULL, content_hash TEXT NOT NULL, approved_by TEXT, ticket TEXT, doc TEXT NOT NULL);
+     CREATE TRIGGER policy_history_no_update BEFORE UPDATE ON policy_history BEGIN SELECT RAISE(ABORT, 'the policy_history table is append-only'); END;
+     CREATE TRIGGER policy_history_no_delete BEFORE DELETE ON policy_history BEGIN SELECT RAISE(ABORT, 'the policy_history table is append-only'); END;",
 ];
 
 /// One API write attempt: who (client address), what, and the answer's status.
@@ -405,6 +410,56 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Appends an installed generation to the policy history; sets its `id`.
+    pub fn append_policy_change(&mut self, c: &mut crate::policy::approval::Change) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let next: i64 =
+            tx.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM policy_history", [], |r| r.get(0))?;
+        c.id = next as u64;
+        tx.execute(
+            "INSERT INTO policy_history (id, time, generation, content_hash, approved_by, ticket, doc)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                next,
+                c.time,
+                c.generation,
+                c.content_hash,
+                c.approved_by,
+                c.ticket,
+                serde_json::to_string(c)?
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Up to `limit` history rows after `after` (an id), oldest first.
+    pub fn policy_history(&self, after: u64, limit: usize) -> Result<Vec<crate::policy::approval::Change>> {
+        let mut st =
+            self.conn.prepare("SELECT doc FROM policy_history WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+        let rows = st.query_map(params![after as i64, limit as i64], |r| r.get::<_, String>(0))?;
+        rows.map(|d| Ok(serde_json::from_str(&d?)?)).collect()
+    }
+
+    /// History rows installed in `from <= time < to`, oldest first.
+    pub fn policy_history_between(
+        &self,
+        from: &str,
+        to: &str,
+    ) -> Result<Vec<crate::policy::approval::Change>> {
+        let mut st =
+            self.conn.prepare("SELECT doc FROM policy_history WHERE time >= ?1 AND time < ?2 ORDER BY id")?;
+        let rows = st.query_map(params![from, to], |r| r.get::<_, String>(0))?;
+        rows.map(|d| Ok(serde_json::from_str(&d?)?)).collect()
+    }
+
+    /// The newest history row: the generation installed last.
+    pub fn last_policy_change(&self) -> Result<Option<crate::policy::approval::Change>> {
+        let mut st = self.conn.prepare("SELECT doc FROM policy_history ORDER BY id DESC LIMIT 1")?;
+        let mut rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        rows.next().map(|d| Ok(serde_json::from_str(&d?)?)).transpose()
+    }
+
     /// Appends events (the evidence report reads them back by time).
     pub fn save_events(&mut self, events: &[crate::base::event::Event]) -> Result<()> {
         let tx = self.conn.transaction()?;
@@ -629,6 +684,35 @@ mod tests {
         Connection::open(dir.join(FILE)).unwrap().pragma_update(None, "user_version", 99).unwrap();
         let e = Store::open(&dir).err().unwrap();
         assert!(format!("{e:#}").contains("newer than this agent"), "{e:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_policy_history_is_append_only_and_pages_in_order() {
+        let dir = std::env::temp_dir().join(format!("mdsec-t-history-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = Store::open(&dir).unwrap();
+        for g in 1..=3u32 {
+            let mut c = crate::policy::approval::Change {
+                generation: g,
+                time: format!("2026-12-02T10:0{g}:00.000Z"),
+                content_hash: format!("sha256:{g}"),
+                approved_by: (g == 2).then(|| "B. Med".into()),
+                ..Default::default()
+            };
+            s.append_policy_change(&mut c).unwrap();
+            assert_eq!(c.id, g as u64);
+        }
+        let page = s.policy_history(1, 10).unwrap();
+        assert_eq!(page.iter().map(|c| c.generation).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(page[0].approved_by.as_deref(), Some("B. Med"));
+        assert_eq!(s.last_policy_change().unwrap().unwrap().generation, 3);
+        assert_eq!(s.policy_history_between("2026-12-02T10:02", "2026-12-02T10:03").unwrap().len(), 1);
+        let e = s.raw_execute("DELETE FROM policy_history").unwrap_err();
+        assert!(e.to_string().contains("append-only"), "{e}");
+        let e = s.raw_execute("UPDATE policy_history SET approved_by = 'x'").unwrap_err();
+        assert!(e.to_string().contains("append-only"), "{e}");
+        drop(s);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

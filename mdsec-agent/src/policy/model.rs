@@ -38,6 +38,9 @@ pub const MAX_FILE_BYTES: u64 = 1 << 20;
 pub const MAX_FILES: usize = 1024;
 
 pub const ZONES_FILE: &str = "zones.yaml";
+/// The approval beside the policy files (`policy::approval`): not a segment
+/// file, and not part of the content it approves.
+pub const APPROVAL_FILE: &str = "approval.yaml";
 
 pub use crate::base::diag::Diagnostic;
 
@@ -77,6 +80,13 @@ pub struct SegmentYaml {
     /// device first seen later raises `new_device`. `30m`, `12h`, `7d`; default `7d`.
     #[schemars(with = "Option<String>")]
     learning_period: Option<Spanned<String>>,
+    /// Enforce segments only: a change of the policy directory is installed
+    /// only with an approval of its content hash (`mdsec-agent policy apply
+    /// --approved-by NAME --ticket T`, or `approval.yaml`); an unapproved
+    /// change is refused and the last approved generation keeps enforcing.
+    #[serde(default)]
+    #[schemars(with = "bool")]
+    require_approval: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
@@ -216,6 +226,15 @@ pub struct Segment {
     pub members: Vec<Member>,
     pub file: PathBuf,
     pub learning_period: std::time::Duration,
+    /// As written; it takes effect in enforce mode ([`Segment::approval_required`]).
+    pub require_approval: bool,
+}
+
+impl Segment {
+    /// Does a change of the policy need an approval because of this segment?
+    pub fn approval_required(&self) -> bool {
+        self.require_approval && self.mode == Mode::Enforce
+    }
 }
 
 #[cfg(test)]
@@ -234,6 +253,7 @@ impl Policy {
                 members,
                 file: PathBuf::from("pumps.yaml"),
                 learning_period,
+                require_approval: false,
             }],
         }
     }
@@ -293,6 +313,31 @@ impl Rule {
     /// `file:line:col`, for events and the API.
     pub fn origin(&self) -> String {
         format!("{}:{}:{}", self.file.display(), self.line, self.col)
+    }
+
+    /// `to PEER PROTO PORTS [app APP]`: how reports and diffs name a rule.
+    pub fn text(&self) -> String {
+        let mut t = format!(
+            "{} {}",
+            match self.direction {
+                Direction::Out => "to",
+                Direction::In => "from",
+            },
+            self.peer
+        );
+        t += &format!(" {}", self.proto.map_or("any".into(), crate::base::net::proto_name));
+        if !self.ports.is_empty() {
+            let ports: Vec<String> = self
+                .ports
+                .iter()
+                .map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") })
+                .collect();
+            t += &format!(" {}", ports.join(","));
+        }
+        if let Some(a) = self.app {
+            t += &format!(" app {}", a.name());
+        }
+        t
     }
 }
 
@@ -368,6 +413,7 @@ pub fn load_dir(dir: &Path, now: SystemTime) -> (Option<Policy>, Vec<Diagnostic>
             .flatten()
             .map(|e| e.path())
             .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml") && p.is_file())
+            .filter(|p| p.file_name().is_none_or(|n| n != APPROVAL_FILE))
             .collect(),
         Err(e) => {
             cx.err(dir, 0, 0, format!("cannot read the policy directory: {e}"));
@@ -608,7 +654,18 @@ fn build(
                     DEFAULT_LEARNING
                 }),
             },
+            require_approval: s.require_approval.as_ref().is_some_and(|r| r.value),
         });
+        if let Some(r) = &s.require_approval
+            && r.value
+            && s.mode == Mode::Monitor
+        {
+            cx.warn_at(
+                f,
+                r,
+                "require_approval takes effect in enforce mode only (a monitor segment never drops)",
+            );
+        }
         check_member_overlaps(cx, &policy, seg_index, f, &members);
 
         let raw_rules = s.allow.iter().map(|r| {

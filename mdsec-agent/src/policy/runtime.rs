@@ -12,6 +12,7 @@ use log::{error, info, warn};
 use serde::Serialize;
 
 use super::{
+    approval::{self, Approval, Change, Contents},
     compile::{self, Compiled},
     maps::PolicyMaps,
     model::{self, Policy},
@@ -27,6 +28,9 @@ pub struct Installed {
     pub generation: u32,
     pub policy: Policy,
     pub compiled: Compiled,
+    /// The files it was loaded from, and their content hash.
+    pub contents: Contents,
+    pub approval: Option<Approval>,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -45,6 +49,13 @@ pub struct Status {
     pub last_success_at: Option<SystemTime>,
     /// Diagnostics of the last attempt (`file:line:col: message`), warnings included.
     pub diagnostics: Vec<String>,
+    /// The active generation's content hash, and who approved it.
+    pub content_hash: Option<String>,
+    pub approved_by: Option<String>,
+    pub ticket: Option<String>,
+    /// The active generation was reinstalled from the policy history at start
+    /// because the files were refused: it is the last one installed before.
+    pub restored: bool,
 }
 
 #[derive(Default)]
@@ -86,12 +97,28 @@ pub fn prepare(dir: &Path, limits: compile::Limits) -> Result<(Policy, Compiled,
     }
 }
 
+/// Where installed generations are recorded (the state database's policy
+/// history, given by the app layer): it sets the row's id.
+pub type Recorder = Box<dyn FnMut(&mut Change) -> anyhow::Result<()> + Send>;
+
 pub struct Reloader {
     maps: PolicyMaps,
     dir: PathBuf,
     event_rate: u32,
     state: Arc<RwLock<PolicyState>>,
     segstats: Arc<Mutex<SegStats>>,
+    record: Recorder,
+    /// The newest history row (what a start compares the files with).
+    last: Option<Change>,
+}
+
+/// A policy ready to install, and what it was loaded from.
+struct Prepared {
+    policy: Policy,
+    compiled: Compiled,
+    diags: Vec<String>,
+    contents: Contents,
+    approval: Option<Approval>,
 }
 
 impl Reloader {
@@ -101,9 +128,108 @@ impl Reloader {
         event_rate: u32,
         state: Arc<RwLock<PolicyState>>,
         segstats: Arc<Mutex<SegStats>>,
+        (record, last): (Recorder, Option<Change>),
     ) -> Reloader {
         state.write().unwrap().status.policy_dir = Some(dir.display().to_string());
-        Reloader { maps, dir, event_rate, state, segstats }
+        Reloader { maps, dir, event_rate, state, segstats, record, last }
+    }
+
+    /// The directory's files read, approved, loaded and compiled. The files
+    /// are read before and after loading: an edit in between is refused
+    /// (and loaded at the next check), so what is approved and recorded is
+    /// exactly what is installed.
+    fn prepare(&self, dir: &Path, check_approval: bool) -> Result<Prepared, Vec<String>> {
+        let read = |d: &Path| approval::read(d).map_err(|e| vec![format!("{e:#}")]);
+        // A file the loader refuses (too large, unreadable) gets its located
+        // diagnostic from the loader, not from the hash.
+        let before = approval::read(dir).ok();
+        let (policy, compiled, diags) = prepare(dir, self.maps.limits())?;
+        let contents = read(dir)?;
+        if before.as_ref() != Some(&contents) {
+            return Err(vec![format!("{}: the policy files changed while loading", dir.display())]);
+        }
+        let approval = if check_approval {
+            let st = self.state.read().unwrap();
+            let active = match (&st.current, &self.last) {
+                (Some(i), _) => Some(approval::Active {
+                    generation: i.generation,
+                    hash: &i.contents.hash,
+                    approved_by: i.approval.as_ref().map(|a| a.approved_by.as_str()),
+                    requires_approval: i.policy.segments.iter().any(|s| s.approval_required()),
+                }),
+                // At start: the generation the history says was installed last.
+                (None, Some(c)) => Some(approval::Active {
+                    generation: c.generation,
+                    hash: &c.content_hash,
+                    approved_by: c.approved_by.as_deref(),
+                    requires_approval: c.requires_approval,
+                }),
+                (None, None) => None,
+            };
+            approval::decide(dir, active.as_ref(), &policy, &contents, approval::load(dir))?
+        } else {
+            None
+        };
+        Ok(Prepared { policy, compiled, diags, contents, approval })
+    }
+
+    /// At a start whose files were refused: the last generation of the
+    /// history, reinstalled from its recorded files (written to
+    /// `restore_dir`), so an unapproved or broken edit made while the agent
+    /// was down does not leave the segments unenforced.
+    pub fn restore(&mut self, restore_dir: &Path) -> bool {
+        let Some(last) = self.last.clone() else { return false };
+        let written = (|| -> anyhow::Result<()> {
+            let _ = std::fs::remove_dir_all(restore_dir);
+            std::fs::create_dir_all(restore_dir)?;
+            for (name, text) in &last.contents().files {
+                std::fs::write(restore_dir.join(name), text)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = written {
+            error!("policy: cannot write the last generation to {}: {e:#}", restore_dir.display());
+            return false;
+        }
+        let restored = self.prepare(restore_dir, false).and_then(|p| {
+            if p.contents.hash != last.content_hash {
+                return Err(vec![format!(
+                    "the recorded files hash to {}",
+                    approval::short(&p.contents.hash)
+                )]);
+            }
+            Ok(p)
+        });
+        match restored {
+            Ok(mut p) => {
+                p.approval = last.approved_by.clone().map(|by| Approval {
+                    content_hash: last.content_hash.clone(),
+                    approved_by: by,
+                    ticket: last.ticket.clone().unwrap_or_default(),
+                    approved_at: last.approved_at.clone(),
+                    at: (0, 0),
+                });
+                let keep = self.state.read().unwrap().status.diagnostics.clone();
+                let ok = self.finish(Ok(p), "restored");
+                if ok {
+                    warn!(
+                        "policy: generation {} reinstalled from the history ({}): the files in {} were refused",
+                        self.state.read().unwrap().status.generation,
+                        approval::short(&last.content_hash),
+                        self.dir.display()
+                    );
+                    let mut st = self.state.write().unwrap();
+                    st.status.restored = true;
+                    st.status.diagnostics = keep;
+                    st.status.last_reload_ok = false;
+                }
+                ok
+            }
+            Err(d) => {
+                error!("policy: the last recorded generation does not load: {}", d.join("; "));
+                false
+            }
+        }
     }
 
     /// Credits the counters of the half `c` is about to overwrite, then installs it.
@@ -116,35 +242,71 @@ impl Reloader {
 
     /// One reload attempt; returns whether a new generation is active.
     pub fn reload(&mut self) -> bool {
+        let cause = if self.state.read().unwrap().current.is_none() { "start" } else { "reload" };
+        let dir = self.dir.clone();
+        let prepared = self.prepare(&dir, true);
+        self.finish(prepared, cause)
+    }
+
+    /// Installs and records a prepared generation, or keeps the status of a
+    /// refused one.
+    fn finish(&mut self, prepared: Result<Prepared, Vec<String>>, cause: &str) -> bool {
         let at = SystemTime::now();
         let now = rfc3339(at);
-        let result =
-            prepare(&self.dir, self.maps.limits()).and_then(|(p, c, diags)| match self.install(&p, &c) {
-                Ok(g) => Ok((p, c, diags, g)),
-                Err(e) => Err(vec![format!("installing the policy failed: {e:#}")]),
-            });
+        let result = prepared.and_then(|p| match self.install(&p.policy, &p.compiled) {
+            Ok(g) => Ok((p, g)),
+            Err(e) => Err(vec![format!("installing the policy failed: {e:#}")]),
+        });
         let mut st = self.state.write().unwrap();
         st.status.reloads += 1;
         st.status.last_reload = Some(now.clone());
         st.status.last_reload_at = Some(at);
         match result {
-            Ok((policy, compiled, diags, generation)) => {
-                for d in &diags {
+            Ok((p, generation)) => {
+                for d in &p.diags {
                     warn!("policy: {d}");
                 }
                 info!(
-                    "policy generation {generation} active: {} segments, {} rules, {} datapath entries",
-                    policy.segments.len(),
-                    policy.rules.len(),
-                    compiled.policy.len()
+                    "policy generation {generation} active: {} segments, {} rules, {} datapath entries, {}{}",
+                    p.policy.segments.len(),
+                    p.policy.rules.len(),
+                    p.compiled.policy.len(),
+                    approval::short(&p.contents.hash),
+                    p.approval
+                        .as_ref()
+                        .map(|a| format!(", approved by {} ({})", a.approved_by, a.ticket))
+                        .unwrap_or_default()
                 );
+                // The history row, diffed against the one recorded before
+                // (at a start, the previous run's last generation).
+                let mut change = Change::new(&p.contents, self.last.as_ref(), &p.policy, p.approval.as_ref());
+                change.time = now.clone();
+                change.generation = generation;
+                change.policy_dir = self.dir.display().to_string();
+                change.cause = cause.into();
+                // A restart over unchanged files installs a new generation of
+                // the same content: recorded too, the history is every install.
+                if let Err(e) = (self.record)(&mut change) {
+                    error!("policy: recording generation {generation} in the history failed: {e:#}");
+                }
+                self.last = Some(change);
+                st.status.content_hash = Some(p.contents.hash.clone());
+                st.status.approved_by = p.approval.as_ref().map(|a| a.approved_by.clone());
+                st.status.ticket = p.approval.as_ref().map(|a| a.ticket.clone());
+                st.status.restored = false;
                 st.previous = st.current.take();
-                st.current = Some(Arc::new(Installed { generation, policy, compiled }));
+                st.current = Some(Arc::new(Installed {
+                    generation,
+                    policy: p.policy,
+                    compiled: p.compiled,
+                    contents: p.contents,
+                    approval: p.approval,
+                }));
                 st.status.generation = generation;
                 st.status.last_reload_ok = true;
                 st.status.last_success = Some(now);
                 st.status.last_success_at = Some(at);
-                st.status.diagnostics = diags;
+                st.status.diagnostics = p.diags;
                 true
             }
             Err(diags) => {

@@ -175,6 +175,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/events", get(lists::events))
         .route("/api/v1/incidents", get(lists::incidents))
         .route("/api/v1/policy", get(policy_status))
+        .route("/api/v1/policy/history", get(policy_history))
         .route("/api/v1/baseline", get(baseline))
         .route("/api/v1/devices/{mac}/state", axum::routing::post(set_state))
         .route("/api/v1/audit", get(audit))
@@ -265,6 +266,52 @@ pub(crate) fn describe_rule(p: &PolicyState, generation: u32, rule: u32) -> Stri
 
 async fn policy_status(axum::extract::State(st): S) -> Json<crate::policy::runtime::Status> {
     Json(st.policy.read().unwrap().status.clone())
+}
+
+/// `GET /api/v1/policy/history?cursor=ID&limit=N&files=true`: installed
+/// generations, oldest first, `{"items": [...], "next": ID}`; file texts only
+/// with `files=true`.
+async fn policy_history(
+    axum::extract::State(st): S,
+    axum::extract::Query(q): axum::extract::Query<Vec<(String, String)>>,
+) -> Response {
+    let (mut after, mut limit, mut files) = (0u64, query::DEFAULT_LIMIT, false);
+    for (k, v) in &q {
+        let bad = |m: &str| error(StatusCode::BAD_REQUEST, format!("{k}: {m}"));
+        match k.as_str() {
+            "cursor" => match v.parse() {
+                Ok(n) => after = n,
+                Err(_) => return bad("not a history id"),
+            },
+            "limit" => match v.parse::<usize>() {
+                Ok(n) if (1..=query::MAX_LIMIT).contains(&n) => limit = n,
+                _ => return bad(&format!("not a number from 1 to {}", query::MAX_LIMIT)),
+            },
+            "files" => match v.as_str() {
+                "true" => files = true,
+                "false" => files = false,
+                _ => return bad("true or false"),
+            },
+            _ => return bad("unknown parameter (cursor, limit, files)"),
+        }
+    }
+    let dir = st.state_dir.clone();
+    let rows = tokio::task::spawn_blocking(move || {
+        crate::evidence::store::Store::open(&dir)?.policy_history(after, limit + 1)
+    })
+    .await;
+    match rows {
+        Ok(Ok(mut rows)) => {
+            let next = (rows.len() > limit).then(|| rows[limit - 1].id.to_string());
+            rows.truncate(limit);
+            if !files {
+                rows.iter_mut().flat_map(|c| c.files.iter_mut()).for_each(|f| f.text = None);
+            }
+            Json(serde_json::json!({ "items": rows, "next": next })).into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 /// `POST /api/v1/devices/{mac}/state` with `{"state", "reason", "actor"}`: one

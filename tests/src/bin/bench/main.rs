@@ -54,6 +54,7 @@ fn synthetic(segments: usize, zones: usize, rules_per_segment: usize) -> Policy 
             members: vec![Member::Net { net: net(10, (s / 250) as u8, (s % 250) as u8), vlan: None }],
             file: PathBuf::from(format!("seg{s}.yaml")),
             learning_period: std::time::Duration::ZERO,
+            require_approval: false,
         });
         for r in 0..rules_per_segment {
             let id = p.rules.len() as u32 + 1;

@@ -1,0 +1,231 @@
+//! Clinical change control, with real traffic through real XDP: an enforce
+//! segment with `require_approval: true` installs only approved content; an
+//! unapproved edit is refused and the approved generation goes on enforcing;
+//! `policy apply` approves and installs; every installed generation is in the
+//! policy history; a restart over an unapproved edit reinstalls the last
+//! generation from the history.
+//!
+//! Topology: h1 = 10.0.1.2 an infusion pump (segment pumps), h2 = 10.0.2.2
+//! the pharmacy.
+
+use std::{net::SocketAddr, process::Command, time::Duration};
+
+use mdsec_agent::policy::approval;
+use mdsec_tests::{
+    agent::{Agent, AgentOptions, agent_bin},
+    netns::{TempDir, Topology},
+    traffic,
+};
+
+const ZONES: &str = "zones:\n  pharmacy: [10.0.2.0/24]\n";
+
+fn pumps(ports: &str) -> String {
+    format!(
+        "segment: pumps\nfunction: infusion-pump\nmode: enforce\ndefault: deny\nrequire_approval: true\n\
+         members:\n  - cidr: 10.0.1.0/24\nallow:\n  - to: pharmacy\n    proto: udp\n    ports: [{ports}]\n"
+    )
+}
+
+/// Three datagrams from a fresh socket of h1 to the pharmacy's `port`: how
+/// many arrived, and the flow's verdict and packets as the agent saw them.
+fn send(topo: &Topology, agent: &Agent, port: u16) -> (usize, String, u64) {
+    let rx = traffic::udp_receiver(topo.host(2), false, port).unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let tx = traffic::udp_socket(topo.host(1), false).unwrap();
+    let sport = tx.local_addr().unwrap().port();
+    let to: SocketAddr = format!("10.0.2.2:{port}").parse().unwrap();
+    for _ in 0..3 {
+        tx.send_to(&[0x5a; 40], to).unwrap();
+    }
+    let mut got = 0;
+    let mut buf = [0u8; 64];
+    while rx.recv(&mut buf).is_ok() {
+        got += 1;
+    }
+    let flow = agent
+        .wait_for(
+            Duration::from_secs(10),
+            |a| a.flows(),
+            |fs| fs.iter().find(|f| f.sport == sport && f.dport == port && f.packets == 3).cloned(),
+        )
+        .unwrap();
+    (got, flow.verdict, flow.packets)
+}
+
+fn cli(args: &[&str]) -> std::process::Output {
+    Command::new(agent_bin()).args(args).output().unwrap()
+}
+
+fn status(a: &Agent) -> serde_json::Value {
+    a.policy_status().unwrap()
+}
+
+/// Waits until the agent has tried the files again after `reloads` attempts.
+fn next_attempt(a: &Agent, reloads: u64) -> serde_json::Value {
+    a.wait_for(
+        Duration::from_secs(10),
+        |a| a.policy_status(),
+        |s| (s["reloads"].as_u64() > Some(reloads)).then(|| s.clone()),
+    )
+    .unwrap()
+}
+
+#[test]
+fn only_approved_policy_content_is_installed_and_every_generation_is_recorded() {
+    let topo = Topology::new(2).unwrap();
+    let state = TempDir(std::env::temp_dir().join(format!("{}-state", topo.id)));
+    // The first policy comes approved (an agent is ready only once a policy
+    // is installed): the approval of exactly these files, as `policy apply`
+    // writes it.
+    let scratch = TempDir(std::env::temp_dir().join(format!("{}-review", topo.id)));
+    std::fs::create_dir_all(&scratch.0).unwrap();
+    std::fs::write(scratch.0.join("zones.yaml"), ZONES).unwrap();
+    std::fs::write(scratch.0.join("pumps.yaml"), pumps("9000")).unwrap();
+    let approved = approval::read(&scratch.0).unwrap().hash;
+    let first = approval::render(&approval::Approval {
+        content_hash: approved.clone(),
+        approved_by: "B. Med (biomed)".into(),
+        ticket: "CHG-100".into(),
+        approved_at: None,
+        at: (0, 0),
+    });
+    let opts = |pumps_yaml: String, approval: Option<&str>| AgentOptions {
+        policy: [("zones.yaml", ZONES.to_string()), ("pumps.yaml", pumps_yaml)]
+            .into_iter()
+            .chain(approval.map(|a| ("approval.yaml", a.to_string())))
+            .map(|(n, t)| (n.to_string(), t))
+            .collect(),
+        state_dir: Some(state.0.clone()),
+        ..Default::default()
+    };
+    let agent = Agent::start(&topo, opts(pumps("9000"), Some(&first))).unwrap();
+    let cfg = agent.dir.join("agent.yaml");
+    let cfg = cfg.to_str().unwrap();
+    let pdir = agent.policy_dir();
+
+    // 1. Approved: installed, and enforcing exactly what it says.
+    let s = status(&agent);
+    assert_eq!(
+        (s["generation"].as_u64(), s["approved_by"].as_str()),
+        (Some(1), Some("B. Med (biomed)")),
+        "{s:#}"
+    );
+    assert_eq!(s["content_hash"], approved.as_str());
+    assert_eq!(send(&topo, &agent, 9000), (3, "allow".into(), 3));
+    assert_eq!(send(&topo, &agent, 9001), (0, "drop".into(), 3));
+
+    // 2. An edit without approval: refused, pointing at the approval; the
+    // approved generation keeps enforcing.
+    std::fs::write(pdir.join("pumps.yaml"), pumps("9000, 9001")).unwrap();
+    let s = next_attempt(&agent, s["reloads"].as_u64().unwrap());
+    assert_eq!((s["generation"].as_u64(), s["last_reload_ok"].as_bool()), (Some(1), Some(false)), "{s:#}");
+    let why = s["diagnostics"].to_string();
+    assert!(
+        why.contains("approval.yaml:3:15: the approval is for sha256:") && why.contains("generation 1"),
+        "{why}"
+    );
+    assert_eq!(send(&topo, &agent, 9001), (0, "drop".into(), 3));
+
+    // 3. An approval for other content is refused by `apply` and changes nothing.
+    let other = format!("sha256:{}", "0".repeat(64));
+    let out = cli(&[
+        "policy",
+        "apply",
+        "--config",
+        cfg,
+        "--approved-by",
+        "X",
+        "--ticket",
+        "T",
+        "--content-hash",
+        &other,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("changed since the review"), "{out:?}");
+    assert_eq!(status(&agent)["generation"], 1);
+    // A policy with errors is not approved (every diagnostic, exit 2).
+    let broken = agent.dir.join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("pumps.yaml"), pumps("9000").replace("to: pharmacy", "to: nowhere")).unwrap();
+    let out = cli(&[
+        "policy",
+        "apply",
+        "--config",
+        cfg,
+        "--approved-by",
+        "X",
+        "--ticket",
+        "T",
+        broken.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pumps.yaml:9:9: unknown zone or segment `nowhere`"),
+        "{out:?}"
+    );
+
+    // 4. The edit approved: generation 2 allows 9001.
+    let before = status(&agent)["reloads"].as_u64().unwrap();
+    let out =
+        cli(&["policy", "apply", "--config", cfg, "--approved-by", "C. Informatics", "--ticket", "CHG-101"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = agent
+        .wait_for(
+            Duration::from_secs(10),
+            |a| a.policy_status(),
+            |s| (s["generation"] == 2).then(|| s.clone()),
+        )
+        .unwrap();
+    assert!(s["reloads"].as_u64().unwrap() > before);
+    assert_eq!(s["ticket"], "CHG-101");
+    assert_eq!(send(&topo, &agent, 9001), (3, "allow".into(), 3));
+
+    // 5. The history: both generations, who approved them, and what changed.
+    let h: serde_json::Value = agent.get("/api/v1/policy/history").unwrap();
+    let rows = h["items"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{h:#}");
+    let col = |k: &str| rows.iter().map(|r| r[k].clone()).collect::<Vec<_>>();
+    assert_eq!(col("generation"), [1, 2]);
+    assert_eq!(col("approved_by"), ["B. Med (biomed)", "C. Informatics"]);
+    assert_eq!(col("ticket"), ["CHG-100", "CHG-101"]);
+    assert_eq!(rows[0]["content_hash"], approved.as_str());
+    assert_eq!(rows[1]["previous_hash"], approved.as_str());
+    assert_eq!(rows[1]["diff"]["files_changed"], serde_json::json!(["pumps.yaml"]));
+    assert_eq!(rows[1]["diff"]["rules_added"], serde_json::json!(["pumps: to pharmacy udp 9000,9001"]));
+    assert_eq!(rows[1]["diff"]["rules_removed"], serde_json::json!(["pumps: to pharmacy udp 9000"]));
+    assert!(rows[0]["files"][0].get("text").is_none(), "texts only when asked");
+    let page: serde_json::Value = agent.get("/api/v1/policy/history?limit=1&files=true").unwrap();
+    assert_eq!((page["items"][0]["id"].as_u64(), page["next"].as_str()), (Some(1), Some("1")));
+    assert!(page["items"][0]["files"][0]["text"].as_str().unwrap().contains("segment: pumps"));
+    let (code, body) = agent.request("GET", "/api/v1/policy/history?limt=1", None).unwrap();
+    assert_eq!(code, 400);
+    assert!(String::from_utf8_lossy(&body).contains("limt: unknown parameter"));
+    let (ok, text, err) = mdsec_tests::agent::cli_in(&topo.gw, &["policy", "history"]);
+    assert!(ok && text.contains("C. Informatics") && text.contains("CHG-101"), "{text}{err}");
+
+    // The evidence report lists the changes with their approvals.
+    let out = cli(&["report", "--config", cfg, "--format", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let changes = r["policy_changes"].as_array().unwrap();
+    assert_eq!(changes.iter().map(|c| c["ticket"].clone()).collect::<Vec<_>>(), ["CHG-100", "CHG-101"]);
+    let out = cli(&["report", "--config", cfg, "--format", "md"]);
+    let md = String::from_utf8_lossy(&out.stdout);
+    assert!(md.contains("## Policy changes") && md.contains("+ pumps: to pharmacy udp 9000,9001"), "{md}");
+
+    // 6. A restart over an unapproved edit: the last recorded generation
+    // (2) is reinstalled from the history and enforces; the edit is refused.
+    agent.stop().unwrap();
+    let agent = Agent::start(&topo, opts(pumps("9000, 9001, 9002"), None)).unwrap();
+    let s = status(&agent);
+    assert_eq!((s["restored"].as_bool(), s["ticket"].as_str()), (Some(true), Some("CHG-101")), "{s:#}");
+    assert!(s["diagnostics"].to_string().contains("requires approval"), "{s:#}");
+    assert_eq!(send(&topo, &agent, 9001), (3, "allow".into(), 3));
+    assert_eq!(send(&topo, &agent, 9002), (0, "drop".into(), 3));
+    let h: serde_json::Value = agent.get("/api/v1/policy/history").unwrap();
+    let last = h["items"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (last["cause"].as_str(), last["content_hash"] == rows[1]["content_hash"]),
+        (Some("restored"), true)
+    );
+}
