@@ -31,6 +31,32 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/mdsec";
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+pub struct ChangeControl {
+    /// Longest maintenance window a policy may declare, in minutes (default 720: 12 h).
+    #[serde(default = "default_max_window")]
+    pub max_window_minutes: u64,
+}
+
+fn default_max_window() -> u64 {
+    crate::policy::window::DEFAULT_MAX_WINDOW.as_secs() / 60
+}
+
+impl Default for ChangeControl {
+    fn default() -> Self {
+        ChangeControl { max_window_minutes: default_max_window() }
+    }
+}
+
+impl ChangeControl {
+    pub fn load_options(&self) -> crate::policy::model::LoadOptions {
+        crate::policy::model::LoadOptions {
+            max_window: std::time::Duration::from_secs(self.max_window_minutes * 60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Config {
     /// Gateway interfaces the datapath attaches to (routed or mirror ports).
     #[serde(default)]
@@ -101,6 +127,9 @@ pub struct Config {
     /// Correlation of events into incidents (thresholds, quiet period, updates).
     #[serde(default)]
     pub incidents: crate::detection::incident::IncidentConfig,
+    /// Limits of clinical change control (maintenance windows).
+    #[serde(default)]
+    pub change_control: ChangeControl,
     /// The vulnerability register (YAML; see docs/EVIDENCE.md). Relative to this file.
     #[serde(default)]
     pub register: Option<PathBuf>,
@@ -521,6 +550,12 @@ impl Config {
             let full: Vec<Step> = std::iter::once(Step::Key("detection")).chain(path).collect();
             at(&full, m)
         })?;
+        if !(1..=7 * 24 * 60).contains(&self.change_control.max_window_minutes) {
+            return Err(at(
+                &["change_control".into(), "max_window_minutes".into()],
+                "change_control.max_window_minutes must be from 1 to 10080 (a week)".into(),
+            ));
+        }
         self.incidents.validate().map_err(|(path, m)| {
             let full: Vec<Step> = std::iter::once(Step::Key("incidents")).chain(path).collect();
             at(&full, m)

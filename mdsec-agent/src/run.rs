@@ -147,7 +147,12 @@ pub async fn run(cfg: Config) -> Result<()> {
                 policy.clone(),
                 segstats.clone(),
                 (record, last),
-            );
+                {
+                    let store = store.clone();
+                    Box::new(move |e| store.write().unwrap().push(e))
+                },
+            )
+            .with_load_options(cfg.change_control.load_options());
             if !reloader.reload() && !reloader.restore(&cfg.state_dir.join(RESTORED_POLICY_DIR)) {
                 if pinned_generation != 0 {
                     error!(

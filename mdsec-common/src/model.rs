@@ -242,6 +242,8 @@ pub struct Tables {
     pub segments: HashMap<u32, SegmentInfo>,
     /// POLICY entries: (prefix length in bits, key, value).
     pub policy: Vec<(u32, PolicyData, PolicyValue)>,
+    /// `PolicyConfig::reevaluate_at_ns`: the next window opening, 0 = none.
+    pub reevaluate_at_ns: u64,
 }
 
 fn ident_bytes(d: &IdentData) -> [u8; 20] {
@@ -460,7 +462,13 @@ impl Model {
         }
         let fs = self.flows[&key];
         let mut fs = if fs.generation != generation || now >= fs.valid_until {
-            self.evaluate(p, fs, ifindex, now)
+            let mut fs = self.evaluate(p, fs, ifindex, now);
+            let cfg = crate::policy::PolicyConfig {
+                reevaluate_at_ns: self.tables.reevaluate_at_ns,
+                ..Default::default()
+            };
+            fs.valid_until = cfg.verdict_until(now, fs.valid_until);
+            fs
         } else {
             fs
         };

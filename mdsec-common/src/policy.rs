@@ -146,6 +146,9 @@ pub struct PolicyValue {
     pub segment: u16,
     /// `CLOCK_MONOTONIC_COARSE` ns after which the entry no longer allows; 0 = never.
     pub expires_ns: u64,
+    /// `CLOCK_MONOTONIC_COARSE` ns before which the entry does not allow yet
+    /// (a maintenance window's next opening); 0 = from the start.
+    pub opens_ns: u64,
 }
 
 impl PolicyValue {
@@ -153,6 +156,9 @@ impl PolicyValue {
     /// once it has expired. `u64::MAX` for an entry without expiry.
     #[inline(always)]
     pub fn live_until(&self, now: u64) -> Option<u64> {
+        if now < self.opens_ns {
+            return None;
+        }
         match self.expires_ns {
             0 => Some(u64::MAX),
             e if now >= e => None,
@@ -189,6 +195,19 @@ pub struct PolicyConfig {
     pub generation: u32,
     /// Events per second per CPU before rate limiting.
     pub event_rate: u32,
+    /// The next instant (`CLOCK_MONOTONIC_COARSE` ns) an entry opens (a
+    /// maintenance window): a verdict decided before it is decided again then,
+    /// so a flow denied before the window passes once it is open. 0 = none.
+    pub reevaluate_at_ns: u64,
+}
+
+impl PolicyConfig {
+    /// A verdict decided at `now` valid until `until` holds until this instead.
+    #[inline(always)]
+    pub fn verdict_until(&self, now: u64, until: u64) -> u64 {
+        let at = self.reevaluate_at_ns;
+        if at > now && at < until { at } else { until }
+    }
 }
 
 /// `IFACES[ifindex]` flags.

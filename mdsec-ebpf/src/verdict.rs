@@ -45,6 +45,7 @@ pub fn decide(ctx: *mut xdp_md, p: &Packet, flow: Option<*mut FlowValue>, now: u
     let fv = unsafe { &mut *f };
     if fv.generation != gen || now >= fv.valid_until_ns {
         evaluate(ctx, p, f, gen, now);
+        fv.valid_until_ns = cfg.verdict_until(now, fv.valid_until_ns);
     }
     // A rule's app is checked once the label is final; payloads too short to
     // decide pass meanwhile (at most APP_TRIES - 1 of them, each under

@@ -27,6 +27,9 @@ use crate::{
 
 /// The policy both sides decide with: enforce and monitor segments, a MAC
 /// member, a VLAN-scoped member, a default-allow segment, app rules, port ranges.
+/// Two maintenance windows that take turns (UTC mornings on tcp/22,
+/// afternoons on tcp/443): whenever the run happens, one entry is open and
+/// one opens later (`opens_ns`, `reevaluate_at_ns`), and both sides must agree.
 pub const POLICY: &[(&str, &str)] = &[
     (
         "zones.yaml",
@@ -34,7 +37,7 @@ pub const POLICY: &[(&str, &str)] = &[
     ),
     (
         "pumps.yaml",
-        "segment: pumps\nfunction: infusion-pump\nmode: enforce\ndefault: deny\nmembers:\n  - cidr: 10.0.1.0/24\n  - cidr: fd00:1::/64\n  - mac: 02:00:00:00:01:99\nallow:\n  - to: pharmacy\n    proto: tcp\n    ports: [2575]\n    app: hl7\n  - to: dns\n    proto: udp\n    ports: [53]\n  - to: pharmacy\n    proto: udp\n    ports: [\"9000-9010\"]\n  - to: pharmacy\n    proto: icmp\n  - to: pharmacy\n    proto: icmpv6\n",
+        "segment: pumps\nfunction: infusion-pump\nmode: enforce\ndefault: deny\nmembers:\n  - cidr: 10.0.1.0/24\n  - cidr: fd00:1::/64\n  - mac: 02:00:00:00:01:99\nallow:\n  - to: pharmacy\n    proto: tcp\n    ports: [2575]\n    app: hl7\n  - to: dns\n    proto: udp\n    ports: [53]\n  - to: pharmacy\n    proto: udp\n    ports: [\"9000-9010\"]\n  - to: pharmacy\n    proto: icmp\n  - to: pharmacy\n    proto: icmpv6\nmaintenance_windows:\n  - to: pharmacy\n    proto: tcp\n    ports: [22]\n    days: [mon, tue, wed, thu, fri, sat, sun]\n    start: \"00:00\"\n    end: \"12:00\"\n    time_zone: UTC\n    reason: morning window\n    ticket: T-1\n  - to: pharmacy\n    proto: tcp\n    ports: [443]\n    days: [mon, tue, wed, thu, fri, sat, sun]\n    start: \"12:00\"\n    end: \"24:00\"\n    time_zone: UTC\n    reason: afternoon window\n    ticket: T-2\n",
     ),
     (
         "imaging.yaml",

@@ -229,3 +229,97 @@ fn only_approved_policy_content_is_installed_and_every_generation_is_recorded() 
         (Some("restored"), true)
     );
 }
+
+/// A maintenance window opening and closing under traffic: the same UDP
+/// conversation (one socket) is dropped before the window, passes while it
+/// is open (the verdict cached before it is decided again at the opening),
+/// and is dropped again after it closes; each transition is an event and the
+/// open windows a metric. Minute-granular like the policy syntax, so the
+/// test waits for the next minute boundary.
+#[test]
+fn a_maintenance_window_opens_and_closes_on_time_under_traffic() {
+    use std::time::SystemTime;
+    let topo = Topology::new(2).unwrap();
+    // The window: the next whole minute (at least 20 s away) for one minute, UTC.
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    let opens = (now + 20).div_ceil(60) * 60;
+    let (start, end) = ((opens % 86_400) / 60, (opens % 86_400) / 60 + 1);
+    let hm = |m: u64| format!("{:02}:{:02}", m / 60, m % 60);
+    let window = format!(
+        "maintenance_windows:\n  - to: pharmacy\n    proto: udp\n    ports: [9100]\n    \
+         days: [mon, tue, wed, thu, fri, sat, sun]\n    start: \"{}\"\n    end: \"{}\"\n    \
+         time_zone: UTC\n    reason: \"vendor remote service\"\n    ticket: CHG-200\n",
+        hm(start),
+        hm(end)
+    );
+    let pumps = pumps("9000").replace("require_approval: true\n", "") + &window;
+    let agent = Agent::start(
+        &topo,
+        AgentOptions {
+            policy: vec![("zones.yaml".into(), ZONES.into()), ("pumps.yaml".into(), pumps)],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let rx = traffic::udp_receiver(topo.host(2), false, 9100).unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let tx = traffic::udp_socket(topo.host(1), false).unwrap();
+    let sport = tx.local_addr().unwrap().port();
+    let to: SocketAddr = "10.0.2.2:9100".parse().unwrap();
+    // Three datagrams of the one conversation: how many arrived, and the
+    // flow's verdict once the agent has seen `total` packets of it.
+    let probe = |total: u64| {
+        for _ in 0..3 {
+            tx.send_to(&[0x5a; 40], to).unwrap();
+        }
+        let (mut got, mut buf) = (0, [0u8; 64]);
+        while rx.recv(&mut buf).is_ok() {
+            got += 1;
+        }
+        let f = agent
+            .wait_for(
+                Duration::from_secs(10),
+                |a| a.flows(),
+                |fs| fs.iter().find(|f| f.sport == sport && f.dport == 9100 && f.packets == total).cloned(),
+            )
+            .unwrap();
+        (got, f.verdict)
+    };
+    let open_windows = || agent.metrics().unwrap().get("mdsec_maintenance_windows_open{segment=\"pumps\"}");
+    let wait_until = |t: u64| {
+        while SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs_f64() < t as f64 + 1.5
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let kinds = |a: &Agent| -> Vec<String> {
+        a.events()
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind.starts_with("maintenance_window"))
+            .map(|e| format!("{} {}", e.kind, e.rule_id))
+            .collect()
+    };
+
+    // Before: closed, dropped.
+    assert_eq!(open_windows(), Some(0.0));
+    assert_eq!(probe(3), (0, "drop".into()));
+    assert!(kinds(&agent).is_empty());
+    // Open: the same conversation passes, without a reload.
+    let generation = agent.generation().unwrap();
+    wait_until(opens);
+    assert_eq!(probe(6), (3, "allow".into()));
+    assert_eq!(agent.generation().unwrap(), generation, "no reload");
+    agent.wait_for(Duration::from_secs(5), |a| Ok(kinds(a)), |k| (k.len() == 1).then_some(())).unwrap();
+    assert_eq!(kinds(&agent), ["maintenance_window_open 2"]);
+    assert_eq!(open_windows(), Some(1.0));
+    // Closed again: dropped.
+    wait_until(opens + 60);
+    assert_eq!(probe(9), (0, "drop".into()));
+    agent.wait_for(Duration::from_secs(5), |a| Ok(kinds(a)), |k| (k.len() == 2).then_some(())).unwrap();
+    assert_eq!(kinds(&agent), ["maintenance_window_open 2", "maintenance_window_close 2"]);
+    let e = agent.events().unwrap().into_iter().find(|e| e.kind == "maintenance_window_close").unwrap();
+    assert!(e.reason.contains("CHG-200") && e.reason.contains("opens next"), "{}", e.reason);
+    assert_eq!(open_windows(), Some(0.0));
+    assert_eq!(agent.generation().unwrap(), generation, "no reload");
+}

@@ -29,6 +29,8 @@ pub const EVENT_TYPES: &[&str] = &[
     "arp_spoofing",
     "duplicate_ip",
     "incident",
+    "maintenance_window_open",
+    "maintenance_window_close",
 ];
 
 /// The event type a policy verdict raises: only denials do.

@@ -43,7 +43,11 @@ pub fn check(config: &Path) -> Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     if let Some(dir) = &cfg.policy_dir {
-        match crate::policy::runtime::prepare(dir, crate::policy::compile::Limits::DATAPATH) {
+        match crate::policy::runtime::prepare(
+            dir,
+            crate::policy::compile::Limits::DATAPATH,
+            &cfg.change_control.load_options(),
+        ) {
             Ok((p, c, diags)) => {
                 for d in diags {
                     eprintln!("{d}");
@@ -63,6 +67,43 @@ pub fn check(config: &Path) -> Result<ExitCode> {
                     p.rules.len(),
                     c.policy.len()
                 );
+                // What the agent would say about approval (against no active
+                // generation: `check` does not know the running one).
+                let contents = crate::policy::approval::read(dir)?;
+                match crate::policy::approval::load(dir) {
+                    Err(diags) => {
+                        for d in &diags {
+                            eprintln!("{d}");
+                        }
+                        return Ok(ExitCode::FAILURE);
+                    }
+                    Ok(Some(a)) if a.content_hash == contents.hash => {
+                        println!(
+                            "{}: approves {} ({}, {})",
+                            crate::policy::model::APPROVAL_FILE,
+                            a.content_hash,
+                            a.approved_by,
+                            a.ticket
+                        )
+                    }
+                    Ok(Some(a)) => println!(
+                        "{}: approves {}, not these files ({}){}",
+                        crate::policy::model::APPROVAL_FILE,
+                        a.content_hash,
+                        contents.hash,
+                        if p.segments.iter().any(|s| s.approval_required()) {
+                            ": the agent refuses them"
+                        } else {
+                            ""
+                        }
+                    ),
+                    Ok(None) if p.segments.iter().any(|s| s.approval_required()) => println!(
+                        "no {}: a change to these files ({}) is refused until approved (mdsec-agent policy apply)",
+                        crate::policy::model::APPROVAL_FILE,
+                        contents.hash
+                    ),
+                    Ok(None) => {}
+                }
             }
             Err(diags) => return Ok(print_diags(diags)),
         }

@@ -87,9 +87,12 @@ fn simulation(
     threshold: Option<crate::detection::triage::Impact>,
 ) -> Result<(crate::policy::model::Policy, crate::evidence::simulate::Simulation), ExitCode> {
     use crate::evidence::simulate;
-    let (policy, compiled, warnings) =
-        crate::policy::runtime::prepare(dir, crate::policy::compile::Limits::DATAPATH)
-            .map_err(super::print_policy_diags)?;
+    let (policy, compiled, warnings) = crate::policy::runtime::prepare(
+        dir,
+        crate::policy::compile::Limits::DATAPATH,
+        &cfg.change_control.load_options(),
+    )
+    .map_err(super::print_policy_diags)?;
     for w in warnings {
         eprintln!("{w}");
     }
@@ -225,7 +228,11 @@ pub fn apply(a: &ApplyArgs) -> Result<ExitCode> {
         anyhow::ensure!(!v.contains(['\n', '\r']), "{flag}: one line only");
     }
     let source = a.dir.unwrap_or(&target);
-    if let Err(diags) = crate::policy::runtime::prepare(source, crate::policy::compile::Limits::DATAPATH) {
+    if let Err(diags) = crate::policy::runtime::prepare(
+        source,
+        crate::policy::compile::Limits::DATAPATH,
+        &cfg.change_control.load_options(),
+    ) {
         return Ok(super::print_policy_diags(diags));
     }
     let contents = approval::read(source)?;

@@ -80,7 +80,7 @@ pub fn suggest(policy: &Policy, rows: &[(ObsKey, ObsVal)], opts: &Options) -> Re
     for (k, v) in &rows {
         let peer = label(policy, k.peer, &k.peer_segment);
         match rules.iter().find(|r| covers(policy, r, k)) {
-            Some(r) if r.exception.is_some() => by_exception += v.flows,
+            Some(r) if !r.permanent() => by_exception += v.flows,
             Some(_) => by_rule += v.flows,
             None if !matches!(k.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP | IPPROTO_ICMPV6) => {
                 inexpressible.insert(format!("{} {peer} proto {}", dir_word(k.direction), k.proto));
@@ -161,7 +161,7 @@ pub fn suggest(policy: &Policy, rows: &[(ObsKey, ObsVal)], opts: &Options) -> Re
             let _ = writeln!(y, "    vlan: {v}");
         }
     }
-    let kept: Vec<&&Rule> = rules.iter().filter(|r| r.exception.is_none()).collect();
+    let kept: Vec<&&Rule> = rules.iter().filter(|r| r.permanent()).collect();
     if !kept.is_empty() || !groups.is_empty() {
         y += "allow:\n";
     }
@@ -200,6 +200,23 @@ pub fn suggest(policy: &Policy, rows: &[(ObsKey, ObsVal)], opts: &Options) -> Re
         let _ = writeln!(y, "    expires: {}", yaml_str(&e.expires_text));
         let _ = writeln!(y, "    reason: {}", yaml_str(&e.reason));
         let _ = writeln!(y, "    ticket: {}", yaml_str(&e.ticket));
+    }
+    let windows: Vec<(&&Rule, &crate::policy::window::Window)> =
+        rules.iter().filter_map(|r| Some((r, r.window.as_ref()?))).collect();
+    if !windows.is_empty() {
+        y += "maintenance_windows:\n";
+    }
+    for (r, w) in windows {
+        use crate::policy::window::{DAY_NAMES, time_text};
+        let _ = writeln!(y, "  # kept from {}", r.origin());
+        write_rule(&mut y, r.direction, &r.peer, r.proto, &ports_text(&r.ports), r.app);
+        let days: Vec<&str> = (0..7).filter(|&d| w.days[d]).map(|d| DAY_NAMES[d]).collect();
+        let _ = writeln!(y, "    days: [{}]", days.join(", "));
+        let _ = writeln!(y, "    start: \"{}\"", time_text(w.start));
+        let _ = writeln!(y, "    end: \"{}\"", time_text(w.end));
+        let _ = writeln!(y, "    time_zone: {}", yaml_str(&w.time_zone_name));
+        let _ = writeln!(y, "    reason: {}", yaml_str(&w.reason));
+        let _ = writeln!(y, "    ticket: {}", yaml_str(&w.ticket));
     }
     Ok(y)
 }

@@ -355,7 +355,7 @@ pub fn build(inp: &Inputs) -> Report {
                     DefaultVerdict::Allow => "allow".into(),
                 },
                 members: s.members.iter().map(member_text).collect(),
-                allow: rules.iter().filter(|r| r.exception.is_none()).map(|r| r.text()).collect(),
+                allow: rules.iter().filter(|r| r.permanent()).map(|r| r.text()).collect(),
                 exceptions: rules
                     .iter()
                     .filter_map(|r| {
@@ -449,7 +449,7 @@ pub fn build(inp: &Inputs) -> Report {
 fn p_segment<'a>(p: Option<&'a Policy>, name: &str) -> Option<(&'a crate::policy::model::Segment, usize)> {
     let p = p?;
     let i = p.segment_index(name)?;
-    Some((&p.segments[i], p.rules.iter().filter(|r| r.segment == i && r.exception.is_none()).count()))
+    Some((&p.segments[i], p.rules.iter().filter(|r| r.segment == i && r.permanent()).count()))
 }
 
 /// JSON Schema of the JSON report.

@@ -262,16 +262,20 @@ pub struct Diff {
     pub exceptions_removed: Vec<String>,
 }
 
-/// Permanent rules and exceptions of a policy as `segment: rule` lines.
+/// Permanent rules, and exceptions and maintenance windows, of a policy as
+/// `segment: rule` lines.
 pub fn rule_lines(p: &Policy) -> (BTreeSet<String>, BTreeSet<String>) {
     let (mut rules, mut exceptions) = (BTreeSet::new(), BTreeSet::new());
     for r in &p.rules {
         let seg = p.segments.get(r.segment).map_or("?", |s| s.name.as_str());
-        match &r.exception {
-            None => rules.insert(format!("{seg}: {}", r.text())),
-            Some(e) => {
+        match (&r.exception, &r.window) {
+            (Some(e), _) => {
                 exceptions.insert(format!("{seg}: {} until {} ({})", r.text(), e.expires_text, e.ticket))
             }
+            (None, Some(w)) => {
+                exceptions.insert(format!("{seg}: {} during {} ({})", r.text(), w.text(), w.ticket))
+            }
+            (None, None) => rules.insert(format!("{seg}: {}", r.text())),
         };
     }
     (rules, exceptions)

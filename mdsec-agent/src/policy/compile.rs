@@ -7,6 +7,7 @@
 //! peer) whose addresses contain that prefix. A rule naming a zone therefore also
 //! covers a more specific prefix inside it that some other name introduced.
 
+use std::time::SystemTime;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
@@ -107,6 +108,8 @@ pub struct Compiled {
     pub segments: Vec<(u32, SegmentInfo)>,
     pub policy: Vec<(PolicyKey, PolicyValue)>,
     pub ids: Vec<IdInfo>,
+    /// The earliest future opening among the entries (`PolicyConfig::reevaluate_at_ns`), 0 = none.
+    pub reevaluate_at_ns: u64,
 }
 
 impl Compiled {
@@ -121,6 +124,7 @@ impl Compiled {
             macs: self.macs.iter().map(|m| (m.key(bit), m.id)).collect(),
             segments: self.segments.iter().copied().collect(),
             policy: self.policy.iter().map(|(k, v)| (k.prefix_len, k.data(bit), *v)).collect(),
+            reevaluate_at_ns: self.reevaluate_at_ns,
         }
     }
 }
@@ -260,14 +264,24 @@ pub fn compile(p: &Policy, anchor: &Anchor, limits: Limits) -> Result<Compiled, 
     // 4. Allow entries. Permanent rules win over exceptions on the same key.
     let mut entries: BTreeMap<PolicyKey, PolicyValue> = BTreeMap::new();
     let now = anchor.wall(anchor.mono_ns());
+    // Datapath time of a wall-clock instant (at least 1: 0 means "none").
+    let mono = |t: SystemTime| {
+        let ahead = t.duration_since(now).unwrap_or_default();
+        anchor.mono_ns().saturating_add(ahead.as_nanos() as u64).max(1)
+    };
     for r in &p.rules {
-        let (flags, expires_ns) = match &r.exception {
-            None => (0, 0),
-            Some(e) if e.expires <= now => continue,
-            Some(e) => {
-                let ahead = e.expires.duration_since(now).unwrap_or_default();
-                (POLICY_FLAG_EXCEPTION, anchor.mono_ns().saturating_add(ahead.as_nanos() as u64).max(1))
-            }
+        let (flags, expires_ns, opens_ns) = match (&r.exception, &r.window) {
+            (None, None) => (0, 0, 0),
+            (Some(e), _) if e.expires <= now => continue,
+            (Some(e), _) => (POLICY_FLAG_EXCEPTION, mono(e.expires), 0),
+            // The occurrence open now, or the next: the kernel opens and
+            // closes it; the reloader writes the one after (`runtime`).
+            (None, Some(w)) => match w.occurrence(now) {
+                None => continue,
+                Some((opens, closes)) => {
+                    (POLICY_FLAG_EXCEPTION, mono(closes), if opens > now { mono(opens) } else { 0 })
+                }
+            },
         };
         let value = PolicyValue {
             rule: r.id,
@@ -275,6 +289,7 @@ pub fn compile(p: &Policy, anchor: &Anchor, limits: Limits) -> Result<Compiled, 
             flags,
             segment: r.segment as u16 + 1,
             expires_ns,
+            opens_ns,
         };
         let own: Vec<u32> = ids_where(&c.ids, |i| i.segment == Some(r.segment));
         let peer: Vec<u32> = ids_where(&c.ids, |i| i.names.contains(&r.peer));
@@ -283,6 +298,11 @@ pub fn compile(p: &Policy, anchor: &Anchor, limits: Limits) -> Result<Compiled, 
                 let (src, dst) = if r.direction == Direction::Out { (a, b) } else { (b, a) };
                 for key in keys(src, dst, r.proto, &r.ports) {
                     match entries.get(&key) {
+                        // Windows on one key: the earliest occurrence
+                        // holds it (the next is written when it closes).
+                        Some(old) if old.opens_ns > 0 && value.opens_ns < old.opens_ns => {
+                            entries.insert(key, value);
+                        }
                         Some(old) if old.flags & POLICY_FLAG_EXCEPTION == 0 || flags != 0 => {}
                         _ => {
                             entries.insert(key, value);
@@ -293,6 +313,7 @@ pub fn compile(p: &Policy, anchor: &Anchor, limits: Limits) -> Result<Compiled, 
         }
     }
     drop_shadowed_exceptions(&mut entries);
+    c.reevaluate_at_ns = entries.values().map(|v| v.opens_ns).filter(|&o| o > 0).min().unwrap_or(0);
     c.policy = entries.into_iter().collect();
 
     if c.idents.len() > limits.idents {

@@ -45,7 +45,8 @@ impl PolicyMaps {
     /// Turns policy off (generation 0: every flow passes unevaluated), e.g. when a
     /// restarted agent has no `policy_dir` but finds a pinned policy.
     pub fn disable(&mut self, event_rate: u32) -> Result<()> {
-        self.config.set(0, PolicyConfig { generation: 0, event_rate }, 0).context("write CONFIG")?;
+        let cfg = PolicyConfig { generation: 0, event_rate, reevaluate_at_ns: 0 };
+        self.config.set(0, cfg, 0).context("write CONFIG")?;
         Ok(())
     }
 
@@ -75,8 +76,28 @@ impl PolicyMaps {
         for (k, v) in &c.policy {
             self.policy.insert(&Key::new(k.prefix_len, k.data(bit)), v, 0).context("write POLICY")?;
         }
-        self.config.set(0, PolicyConfig { generation: next, event_rate }, 0).context("flip CONFIG")?;
+        let cfg = PolicyConfig { generation: next, event_rate, reevaluate_at_ns: c.reevaluate_at_ns };
+        self.config.set(0, cfg, 0).context("flip CONFIG")?;
         Ok(next)
+    }
+
+    /// Rewrites entries of the active generation `gen` in place (a
+    /// maintenance window's next occurrence) and the instant verdicts are
+    /// decided again; no generation flip, no reload.
+    pub fn reschedule(
+        &mut self,
+        generation: u32,
+        entries: &[(super::compile::PolicyKey, PolicyValue)],
+        reevaluate_at_ns: u64,
+    ) -> Result<()> {
+        let mut cfg = self.config()?;
+        anyhow::ensure!(cfg.generation == generation, "generation {generation} is no longer active");
+        let bit = (generation & 1) as u8;
+        for (k, v) in entries {
+            self.policy.insert(&Key::new(k.prefix_len, k.data(bit)), v, 0).context("write POLICY")?;
+        }
+        cfg.reevaluate_at_ns = reevaluate_at_ns;
+        self.config.set(0, cfg, 0).context("write CONFIG")
     }
 
     /// Empties one generation's half of every policy map.

@@ -6,3 +6,4 @@ pub mod compile;
 pub mod maps;
 pub mod model;
 pub mod runtime;
+pub mod window;

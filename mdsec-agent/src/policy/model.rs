@@ -76,6 +76,11 @@ pub struct SegmentYaml {
     /// Time-bound allow rules (vendor maintenance, …) with a reason and a ticket.
     #[serde(default)]
     exceptions: Vec<ExceptionYaml>,
+    /// Recurring allow rules (vendor remote service): open on the given days
+    /// from `start` to `end` local time; the datapath opens and closes them
+    /// on the instant, without a reload.
+    #[serde(default)]
+    maintenance_windows: Vec<WindowYaml>,
     /// How long after the segment is first loaded devices are learned silently; a
     /// device first seen later raises `new_device`. `30m`, `12h`, `7d`; default `7d`.
     #[schemars(with = "Option<String>")]
@@ -182,6 +187,37 @@ struct ExceptionYaml {
     /// Why the exception exists.
     reason: String,
     /// Change or incident ticket.
+    ticket: String,
+}
+
+/// A maintenance window: a rule (as in `allow`) plus when it is open.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct WindowYaml {
+    #[schemars(with = "Option<String>")]
+    to: Option<Spanned<String>>,
+    #[schemars(with = "Option<String>")]
+    from: Option<Spanned<String>>,
+    #[schemars(with = "Option<ProtoName>")]
+    proto: Option<Spanned<String>>,
+    #[serde(default)]
+    #[schemars(with = "Vec<PortYaml>")]
+    ports: Vec<Spanned<PortYaml>>,
+    #[schemars(with = "Option<String>")]
+    app: Option<Spanned<String>>,
+    /// `mon` … `sun` (or full names); the day the window starts.
+    #[schemars(with = "Vec<String>")]
+    days: Spanned<Vec<Spanned<String>>>,
+    /// Local time `HH:MM`.
+    #[schemars(with = "String")]
+    start: Spanned<String>,
+    /// Local time `HH:MM` after `start` (up to `24:00`); a window over midnight is two windows.
+    #[schemars(with = "String")]
+    end: Spanned<String>,
+    /// IANA time zone, e.g. `Europe/Berlin`, `America/New_York`, `UTC`.
+    #[schemars(with = "String")]
+    time_zone: Spanned<String>,
+    reason: String,
     ticket: String,
 }
 
@@ -303,6 +339,8 @@ pub struct Rule {
     pub ports: Vec<(u16, u16)>,
     pub app: Option<App>,
     pub exception: Option<ExceptionInfo>,
+    /// A maintenance window: allows only while one of its occurrences is open.
+    pub window: Option<super::window::Window>,
     /// Where the rule is written (its `to`/`from`).
     pub file: PathBuf,
     pub line: u64,
@@ -313,6 +351,11 @@ impl Rule {
     /// `file:line:col`, for events and the API.
     pub fn origin(&self) -> String {
         format!("{}:{}:{}", self.file.display(), self.line, self.col)
+    }
+
+    /// Neither a time-bound exception nor a maintenance window.
+    pub fn permanent(&self) -> bool {
+        self.exception.is_none() && self.window.is_none()
     }
 
     /// `to PEER PROTO PORTS [app APP]`: how reports and diffs name a rule.
@@ -404,9 +447,27 @@ impl Ctx {
     }
 }
 
+/// What the agent config sets about loading policies (`change_control`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Longest maintenance window accepted.
+    pub max_window: std::time::Duration,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { max_window: super::window::DEFAULT_MAX_WINDOW }
+    }
+}
+
 /// Loads and validates a policy directory. Returns the policy when there are no
 /// errors, plus every diagnostic (warnings included) either way.
 pub fn load_dir(dir: &Path, now: SystemTime) -> (Option<Policy>, Vec<Diagnostic>) {
+    load_dir_with(dir, now, &LoadOptions::default())
+}
+
+/// [`load_dir`] with the agent config's options.
+pub fn load_dir_with(dir: &Path, now: SystemTime, opts: &LoadOptions) -> (Option<Policy>, Vec<Diagnostic>) {
     let mut cx = Ctx { diags: Vec::new() };
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(rd) => rd
@@ -438,7 +499,7 @@ pub fn load_dir(dir: &Path, now: SystemTime) -> (Option<Policy>, Vec<Diagnostic>
     if segments_yaml.is_empty() && !cx.diags.iter().any(|d| !d.warning) {
         cx.err(dir, 0, 0, "no segment files in the policy directory");
     }
-    let policy = build(&mut cx, zones_yaml, segments_yaml, now);
+    let policy = build(&mut cx, zones_yaml, segments_yaml, now, opts);
     let ok = !cx.diags.iter().any(|d| !d.warning);
     (if ok { policy } else { None }, cx.diags)
 }
@@ -576,6 +637,7 @@ fn build(
     zones_yaml: Option<(PathBuf, ZonesYaml)>,
     segments_yaml: Vec<(PathBuf, SegmentYaml)>,
     now: SystemTime,
+    opts: &LoadOptions,
 ) -> Option<Policy> {
     let mut policy = Policy { zones: Vec::new(), segments: Vec::new(), rules: Vec::new() };
     // Names: zones and segments share one namespace.
@@ -680,6 +742,32 @@ fn build(
                 policy.rules.push(rule);
             }
         }
+        let mut windows: Vec<(super::window::Window, Peer, Direction, u64, u64)> = Vec::new();
+        for w in &s.maintenance_windows {
+            let raw = RawRule { to: &w.to, from: &w.from, proto: &w.proto, ports: &w.ports, app: &w.app };
+            let id = policy.rules.len() as u32 + 1;
+            let window = parse_window(cx, f, w, opts);
+            if let (Some(mut rule), Some(window)) = (build_rule(cx, f, seg_index, id, raw, None, now), window)
+            {
+                for (other, peer, dir, line, _) in &windows {
+                    if *peer == rule.peer && *dir == rule.direction && other.overlaps(&window) {
+                        cx.err_at(
+                            f,
+                            &w.start,
+                            format!(
+                                "this window ({}) overlaps the window for {} at line {line} ({})",
+                                window.text(),
+                                rule.peer,
+                                other.text()
+                            ),
+                        );
+                    }
+                }
+                windows.push((window.clone(), rule.peer.clone(), rule.direction, rule.line, rule.col));
+                rule.window = Some(window);
+                policy.rules.push(rule);
+            }
+        }
     }
     // Peers must name a zone or a segment (checked once every name is known).
     for r in &policy.rules {
@@ -690,6 +778,79 @@ fn build(
         }
     }
     Some(policy)
+}
+
+fn parse_window(cx: &mut Ctx, f: &Path, w: &WindowYaml, opts: &LoadOptions) -> Option<super::window::Window> {
+    use super::window::{self, Window};
+    let errors = cx.diags.len();
+    let mut days = [false; 7];
+    for d in &w.days.value {
+        match window::parse_day(&d.value) {
+            Some(i) => days[i] = true,
+            None => {
+                cx.err_at(f, d, format!("`{}` is not a day (mon, tue, wed, thu, fri, sat, sun)", d.value))
+            }
+        }
+    }
+    if w.days.value.is_empty() {
+        cx.err_at(f, &w.days, "a window needs at least one day");
+    }
+    let time = |cx: &mut Ctx, s: &Spanned<String>| {
+        let t = window::parse_time(&s.value);
+        if t.is_none() {
+            cx.err_at(f, s, format!("`{}` is not a time of day HH:MM (00:00-24:00)", s.value));
+        }
+        t
+    };
+    let (start, end) = (time(cx, &w.start), time(cx, &w.end));
+    let tz = match jiff::tz::TimeZone::get(w.time_zone.value.trim()) {
+        Ok(tz) => Some(tz),
+        Err(_) => {
+            cx.err_at(
+                f,
+                &w.time_zone,
+                format!("unknown time zone `{}` (an IANA name like Europe/Berlin)", w.time_zone.value),
+            );
+            None
+        }
+    };
+    if w.reason.trim().is_empty() || w.ticket.trim().is_empty() {
+        cx.err_at(f, &w.start, "a maintenance window needs a `reason` and a `ticket`");
+    }
+    let (Some(start), Some(end), Some(time_zone)) = (start, end, tz) else { return None };
+    if end <= start {
+        cx.err_at(
+            f,
+            &w.end,
+            format!(
+                "the window ends ({}) before it starts ({}): write a window over midnight as two windows",
+                window::time_text(end),
+                window::time_text(start)
+            ),
+        );
+        return None;
+    }
+    let win = Window {
+        days,
+        start,
+        end,
+        time_zone,
+        time_zone_name: w.time_zone.value.trim().to_string(),
+        reason: w.reason.clone(),
+        ticket: w.ticket.clone(),
+    };
+    if win.length() > opts.max_window {
+        cx.err_at(
+            f,
+            &w.end,
+            format!(
+                "the window is {} min long; the longest allowed is {} min (change_control.max_window)",
+                win.length().as_secs() / 60,
+                opts.max_window.as_secs() / 60
+            ),
+        );
+    }
+    (cx.diags.len() == errors).then_some(win)
 }
 
 fn check_member_overlaps(cx: &mut Ctx, p: &Policy, seg: usize, f: &Path, members: &[(Member, u64, u64)]) {
@@ -854,6 +1015,7 @@ fn build_rule(
         ports,
         app,
         exception,
+        window: None,
         file: f.to_owned(),
         line: peer_s.referenced.line(),
         col: peer_s.referenced.column(),
@@ -909,5 +1071,48 @@ mod tests {
             "{:?}",
             diags[0]
         );
+    }
+
+    #[test]
+    fn bad_maintenance_windows_are_located_and_refused() {
+        let dir = std::env::temp_dir().join(format!("mdsec-t-windows-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let head = "segment: s\nfunction: f\nmode: enforce\ndefault: deny\nmembers:\n  - cidr: 10.0.0.0/24\nmaintenance_windows:\n";
+        let win = |days: &str, start: &str, end: &str, tz: &str| {
+            format!(
+                "  - to: 10.1.0.0/24\n    days: [{days}]\n    start: \"{start}\"\n    end: \"{end}\"\n    time_zone: {tz}\n    reason: vendor\n    ticket: T-1\n"
+            )
+        };
+        let cases = [
+            (win("tue", "22:00", "02:00", "UTC"), "11:10: the window ends (02:00) before it starts (22:00)"),
+            (win("tue", "08:00", "10:00", "Mars/Olympus"), "12:16: unknown time zone `Mars/Olympus`"),
+            (
+                win("tue", "00:00", "23:00", "UTC"),
+                "11:10: the window is 1380 min long; the longest allowed is 720 min",
+            ),
+            (win("tus", "08:00", "10:00", "UTC"), "9:12: `tus` is not a day"),
+            (win("tue", "8:00", "10:00", "UTC"), "10:12: `8:00` is not a time of day"),
+            (
+                win("tue", "08:00", "10:00", "UTC") + &win("mon, tue", "09:00", "11:00", "UTC"),
+                "17:12: this window (mon,tue 09:00-11:00 UTC) overlaps the window for 10.1.0.0/24 at line 8",
+            ),
+        ];
+        for (body, want) in cases {
+            std::fs::write(dir.join("s.yaml"), format!("{head}{body}")).unwrap();
+            let (p, diags) = load_dir(&dir, SystemTime::now());
+            let texts: Vec<String> = diags.iter().map(|d| d.to_string()).collect();
+            assert!(p.is_none(), "{want}: loaded");
+            assert!(texts.iter().any(|t| t.contains(&format!("s.yaml:{want}"))), "{want}: {texts:?}");
+        }
+        // A good one loads as a window rule, and two on one peer that do not overlap are fine.
+        std::fs::write(
+            dir.join("s.yaml"),
+            format!("{head}{}{}", win("tue", "08:00", "10:00", "UTC"), win("tue", "10:00", "11:00", "UTC")),
+        )
+        .unwrap();
+        let (p, diags) = load_dir(&dir, SystemTime::now());
+        std::fs::remove_dir_all(&dir).unwrap();
+        let p = p.unwrap_or_else(|| panic!("{diags:?}"));
+        assert_eq!(p.rules.iter().filter(|r| r.window.is_some() && !r.permanent()).count(), 2);
     }
 }

@@ -84,8 +84,12 @@ pub enum Trigger {
 }
 
 /// Loads, validates and compiles; returns the diagnostics on failure.
-pub fn prepare(dir: &Path, limits: compile::Limits) -> Result<(Policy, Compiled, Vec<String>), Vec<String>> {
-    let (policy, diags) = model::load_dir(dir, SystemTime::now());
+pub fn prepare(
+    dir: &Path,
+    limits: compile::Limits,
+    opts: &model::LoadOptions,
+) -> Result<(Policy, Compiled, Vec<String>), Vec<String>> {
+    let (policy, diags) = model::load_dir_with(dir, SystemTime::now(), opts);
     let mut texts: Vec<String> = diags.iter().map(|d| d.to_string()).collect();
     let Some(policy) = policy else { return Err(texts) };
     match compile::compile(&policy, &Anchor::now(), limits) {
@@ -101,6 +105,9 @@ pub fn prepare(dir: &Path, limits: compile::Limits) -> Result<(Policy, Compiled,
 /// history, given by the app layer): it sets the row's id.
 pub type Recorder = Box<dyn FnMut(&mut Change) -> anyhow::Result<()> + Send>;
 
+/// Where the policy thread's events go (`EventStore::push`, given by the app layer).
+pub type EventSink = Box<dyn FnMut(crate::base::event::Event) + Send>;
+
 pub struct Reloader {
     maps: PolicyMaps,
     dir: PathBuf,
@@ -110,6 +117,11 @@ pub struct Reloader {
     record: Recorder,
     /// The newest history row (what a start compares the files with).
     last: Option<Change>,
+    events: EventSink,
+    load_options: model::LoadOptions,
+    /// Maintenance windows (by their rule line) and whether each was open at
+    /// the last check: a change is an event and a reschedule.
+    windows_open: std::collections::BTreeMap<String, bool>,
 }
 
 /// A policy ready to install, and what it was loaded from.
@@ -129,9 +141,97 @@ impl Reloader {
         state: Arc<RwLock<PolicyState>>,
         segstats: Arc<Mutex<SegStats>>,
         (record, last): (Recorder, Option<Change>),
+        events: EventSink,
     ) -> Reloader {
         state.write().unwrap().status.policy_dir = Some(dir.display().to_string());
-        Reloader { maps, dir, event_rate, state, segstats, record, last }
+        Reloader {
+            maps,
+            dir,
+            event_rate,
+            state,
+            segstats,
+            record,
+            last,
+            events,
+            load_options: Default::default(),
+            windows_open: Default::default(),
+        }
+    }
+
+    /// The agent config's `change_control` limits for loading.
+    pub fn with_load_options(mut self, o: model::LoadOptions) -> Reloader {
+        self.load_options = o;
+        self
+    }
+
+    /// Raises an event for every maintenance window that opened or closed
+    /// since the last check and, if any did, writes the windows' next
+    /// occurrences into the active generation's entries (the kernel already
+    /// opened or closed them on the instant; this only schedules the next).
+    fn check_windows(&mut self, rescheduled_on_change: bool) {
+        let Some(cur) = self.state.read().unwrap().current.clone() else { return };
+        let now = SystemTime::now();
+        let mut changed = false;
+        let mut seen = std::collections::BTreeSet::new();
+        for r in &cur.policy.rules {
+            let Some(w) = &r.window else { continue };
+            let seg = &cur.policy.segments[r.segment];
+            let id = format!("{}: {} during {}", seg.name, r.text(), w.text());
+            let open = w.is_open(now);
+            seen.insert(id.clone());
+            let was = self.windows_open.insert(id, open);
+            if was == Some(open) || (was.is_none() && !open) {
+                continue;
+            }
+            changed = true;
+            let until = w.occurrence(now).map(|(o, c)| if open { c } else { o });
+            (self.events)(window_event(&cur, r, w, open, until, now));
+        }
+        self.windows_open.retain(|k, _| seen.contains(k));
+        if changed && rescheduled_on_change {
+            self.reschedule(&cur);
+        }
+    }
+
+    /// The windows' entries compiled for now, written where they differ.
+    fn reschedule(&mut self, cur: &Installed) {
+        let fresh = match compile::compile(&cur.policy, &Anchor::now(), self.maps.limits()) {
+            Ok(c) => c,
+            Err(e) => return error!("policy: maintenance windows: recompiling failed: {e}"),
+        };
+        let windowed =
+            |rule: u32| cur.policy.rules.get(rule as usize - 1).is_some_and(|r| r.window.is_some());
+        let installed: std::collections::HashMap<_, _> = cur.compiled.policy.iter().copied().collect();
+        let changed: Vec<_> = fresh
+            .policy
+            .iter()
+            .filter(|(k, v)| windowed(v.rule) && installed.get(k) != Some(v))
+            .copied()
+            .collect();
+        match self.maps.reschedule(cur.generation, &changed, fresh.reevaluate_at_ns) {
+            Ok(()) => {
+                info!("policy: maintenance windows: {} entries rescheduled", changed.len());
+                // What is in the maps now, for the next comparison.
+                let mut st = self.state.write().unwrap();
+                if let Some(c) = st.current.as_mut().filter(|c| c.generation == cur.generation) {
+                    let mut next = Installed {
+                        generation: c.generation,
+                        policy: c.policy.clone(),
+                        compiled: c.compiled.clone(),
+                        contents: c.contents.clone(),
+                        approval: c.approval.clone(),
+                    };
+                    for (k, v) in next.compiled.policy.iter_mut() {
+                        if let Some((_, nv)) = changed.iter().find(|(ck, _)| ck == k) {
+                            *v = *nv;
+                        }
+                    }
+                    next.compiled.reevaluate_at_ns = fresh.reevaluate_at_ns;
+                    *c = Arc::new(next);
+                }
+            }
+            Err(e) => error!("policy: maintenance windows: writing the next occurrences failed: {e:#}"),
+        }
     }
 
     /// The directory's files read, approved, loaded and compiled. The files
@@ -143,7 +243,7 @@ impl Reloader {
         // A file the loader refuses (too large, unreadable) gets its located
         // diagnostic from the loader, not from the hash.
         let before = approval::read(dir).ok();
-        let (policy, compiled, diags) = prepare(dir, self.maps.limits())?;
+        let (policy, compiled, diags) = prepare(dir, self.maps.limits(), &self.load_options)?;
         let contents = read(dir)?;
         if before.as_ref() != Some(&contents) {
             return Err(vec![format!("{}: the policy files changed while loading", dir.display())]);
@@ -307,6 +407,10 @@ impl Reloader {
                 st.status.last_success = Some(now);
                 st.status.last_success_at = Some(at);
                 st.status.diagnostics = p.diags;
+                drop(st);
+                // Windows open in the new generation that were not open
+                // before are events; its entries are already current.
+                self.check_windows(false);
                 true
             }
             Err(diags) => {
@@ -332,6 +436,7 @@ impl Reloader {
                 let mut seen = fingerprint(&self.dir);
                 let mut pending: Option<Vec<(PathBuf, SystemTime, u64)>> = None;
                 loop {
+                    self.check_windows(true);
                     match triggers.recv_timeout(Duration::from_millis(500)) {
                         Ok(Trigger::Reload) => {
                             self.reload();
@@ -356,6 +461,44 @@ impl Reloader {
                 }
             })
             .expect("spawn policy thread")
+    }
+}
+
+/// `maintenance_window_open` / `_close`: which window, its rule and when it
+/// closes (or opens next).
+fn window_event(
+    cur: &Installed,
+    r: &super::model::Rule,
+    w: &super::window::Window,
+    open: bool,
+    until: Option<SystemTime>,
+    now: SystemTime,
+) -> crate::base::event::Event {
+    let seg = &cur.policy.segments[r.segment];
+    let when = until.map(rfc3339).unwrap_or_else(|| "never".into());
+    crate::base::event::Event {
+        version: crate::base::event::EVENT_SCHEMA_VERSION,
+        kind: if open { "maintenance_window_open" } else { "maintenance_window_close" }.into(),
+        severity: "info".into(),
+        time: rfc3339(now),
+        dst: r.peer.to_string(),
+        proto: r.proto.map_or("any".into(), crate::base::net::proto_name),
+        dport: r.ports.first().map_or(0, |p| p.0),
+        segment: seg.name.clone(),
+        function: seg.function.clone(),
+        rule: r.origin(),
+        rule_id: r.id,
+        generation: cur.generation,
+        reason: format!(
+            "maintenance window {} ({}) {}: {}, ticket {}; {} {when}",
+            r.text(),
+            w.text(),
+            if open { "opened" } else { "closed" },
+            w.reason,
+            w.ticket,
+            if open { "closes" } else { "opens next" }
+        ),
+        ..Default::default()
     }
 }
 

@@ -371,6 +371,8 @@ const DETECTION_SIDS: &[(&str, u32)] = &[
     ("rogue_router_advertisement", 9_000_114),
     ("arp_spoofing", 9_000_115),
     ("duplicate_ip", 9_000_116),
+    ("maintenance_window_open", 9_000_117),
+    ("maintenance_window_close", 9_000_118),
 ];
 
 /// Policy signatures: 9,100,000 + a 20-bit hash of (segment, rule).

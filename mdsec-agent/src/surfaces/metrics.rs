@@ -322,9 +322,22 @@ fn policy(r: &R, st: &AppState) {
         "Segments of the active policy with their mode and clinical function; always 1.",
         &["segment", "mode", "function"],
     );
+    let windows = r.int_gauge(
+        "mdsec_maintenance_windows_open",
+        "Maintenance windows of the active policy open now, per segment.",
+        &["segment"],
+    );
     if let Some(cur) = &p.current {
         let now = SystemTime::now();
         for (i, seg) in cur.policy.segments.iter().enumerate() {
+            let open = cur
+                .policy
+                .rules
+                .iter()
+                .filter(|r| r.segment == i)
+                .filter(|r| r.window.as_ref().is_some_and(|w| w.is_open(now)))
+                .count();
+            windows.with_label_values(&[seg.name.as_str()]).set(open as i64);
             let n = cur
                 .policy
                 .rules

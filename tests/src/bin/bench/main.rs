@@ -67,6 +67,7 @@ fn synthetic(segments: usize, zones: usize, rules_per_segment: usize) -> Policy 
                 ports: vec![(1000 + r as u16, 1000 + r as u16)],
                 app: None,
                 exception: None,
+                window: None,
                 file: PathBuf::from(format!("seg{s}.yaml")),
                 line: 10 + r as u64,
                 col: 9,
