@@ -675,11 +675,19 @@ fn arp_claims_of_a_bound_address_and_of_an_active_hosts_address_are_detected() {
             .unwrap();
         assert!(out.status.success(), "scapy: {}", String::from_utf8_lossy(&out.stderr));
     };
+    // The pump is active (and its address known to this agent, which started
+    // after the warm-up) before the claims: after them its frames may never
+    // cross the bump, since the broadcast claims can poison the ward hosts'
+    // ARP caches (whether they do depends on the kernel's neighbour state).
+    send(pump, 5000, pharmacy, 9000, 5, &hl7(100));
+    a.wait_for(
+        Duration::from_secs(10),
+        |a| a.devices(),
+        |d| d.iter().any(|d| d.mac == mac(pump) && d.ips.contains(&pump.ip.to_string())).then_some(()),
+    )
+    .unwrap();
     claim(pharmacy.ip);
     claim(pump.ip);
-    // The pump stays active meanwhile. (Its frames may now reach the
-    // intruder instead: the broadcast claims poisoned the hosts' ARP caches.)
-    send(pump, 5000, pharmacy, 9000, 5, &hl7(100));
     let kinds = ["arp_spoofing", "duplicate_ip"];
     let found = |e: &Vec<model::Event>| {
         let f = mdsec_tests::agent::sorted_kinds(e, &kinds);
