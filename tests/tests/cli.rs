@@ -55,9 +55,12 @@ fn flows_and_devices_commands_print_tables_and_json() {
     let mine: Vec<Flow> =
         serde_json::from_str(&cli(&topo, &["flows", "--json", "--device", &mac, "--all"])).unwrap();
     assert!(mine.iter().any(|f| f.sport == sport));
-    // The device's own addresses, IPv6 too (its neighbour advertisements).
-    let own = [h1.v4().to_string(), h1.v6().to_string()];
-    assert!(mine.iter().all(|f| own.contains(&f.src) || own.contains(&f.dst)), "{mine:?}");
+    // The device's own addresses, IPv6 too (its neighbour advertisements,
+    // from its global or its link-local address): the ones the agent lists.
+    let listed: Vec<Device> = agent.devices().unwrap();
+    let mut own: Vec<String> = listed.iter().filter(|d| d.mac == mac).flat_map(|d| d.ips.clone()).collect();
+    own.extend([h1.v4().to_string(), h1.v6().to_string()]);
+    assert!(mine.iter().all(|f| own.contains(&f.src) || own.contains(&f.dst)), "{mine:?} {own:?}");
     let one: Vec<Flow> = serde_json::from_str(&cli(&topo, &["flows", "--json", "--limit", "1"])).unwrap();
     assert_eq!(one.len(), 1);
     let out = Command::new("ip")
