@@ -26,12 +26,10 @@ pub struct Contents {
     pub files: BTreeMap<String, String>,
 }
 
-fn sha256_hex(parts: &[&[u8]]) -> String {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    for p in parts {
-        ctx.update(p);
-    }
-    ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect()
+/// `sha256:HEX` of what `ctx` was fed.
+fn sha256_text(ctx: ring::digest::Context) -> String {
+    let hex: String = ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
 }
 
 /// Reads the policy files of `dir` (`*.yaml`, `*.yml`; not the approval).
@@ -63,8 +61,7 @@ pub fn read(dir: &Path) -> anyhow::Result<Contents> {
         ctx.update(&[0]);
         files.insert(n, String::from_utf8_lossy(&bytes).into_owned());
     }
-    let hex: String = ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    Ok(Contents { hash: format!("sha256:{hex}"), files })
+    Ok(Contents { hash: sha256_text(ctx), files })
 }
 
 /// `approval.yaml`: who approved which content, under which ticket.
@@ -364,7 +361,11 @@ impl Change {
                 .iter()
                 .map(|(name, text)| FileRecord {
                     name: name.clone(),
-                    sha256: format!("sha256:{}", sha256_hex(&[text.as_bytes()])),
+                    sha256: {
+                        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+                        ctx.update(text.as_bytes());
+                        sha256_text(ctx)
+                    },
                     text: Some(text.clone()),
                 })
                 .collect(),
@@ -375,6 +376,17 @@ impl Change {
         };
         c.diff = diff(previous, &c);
         c
+    }
+
+    /// The approval it was installed under, as the approval file said it.
+    pub fn approval(&self) -> Option<Approval> {
+        Some(Approval {
+            content_hash: self.content_hash.clone(),
+            approved_by: self.approved_by.clone()?,
+            ticket: self.ticket.clone().unwrap_or_default(),
+            approved_at: self.approved_at.clone(),
+            at: (0, 0),
+        })
     }
 
     /// The recorded files as read from a directory.

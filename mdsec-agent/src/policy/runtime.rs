@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// A generation as installed, kept so flows and events can be described.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Installed {
     pub generation: u32,
     pub policy: Policy,
@@ -214,15 +214,10 @@ impl Reloader {
                 // What is in the maps now, for the next comparison.
                 let mut st = self.state.write().unwrap();
                 if let Some(c) = st.current.as_mut().filter(|c| c.generation == cur.generation) {
-                    let mut next = Installed {
-                        generation: c.generation,
-                        policy: c.policy.clone(),
-                        compiled: c.compiled.clone(),
-                        contents: c.contents.clone(),
-                        approval: c.approval.clone(),
-                    };
+                    let written: std::collections::HashMap<_, _> = changed.iter().copied().collect();
+                    let mut next = (**c).clone();
                     for (k, v) in next.compiled.policy.iter_mut() {
-                        if let Some((_, nv)) = changed.iter().find(|(ck, _)| ck == k) {
+                        if let Some(nv) = written.get(k) {
                             *v = *nv;
                         }
                     }
@@ -302,13 +297,7 @@ impl Reloader {
         });
         match restored {
             Ok(mut p) => {
-                p.approval = last.approved_by.clone().map(|by| Approval {
-                    content_hash: last.content_hash.clone(),
-                    approved_by: by,
-                    ticket: last.ticket.clone().unwrap_or_default(),
-                    approved_at: last.approved_at.clone(),
-                    at: (0, 0),
-                });
+                p.approval = last.approval();
                 let keep = self.state.read().unwrap().status.diagnostics.clone();
                 let ok = self.finish(Ok(p), "restored");
                 if ok {
