@@ -35,6 +35,14 @@ pub struct ChangeControl {
     /// Longest maintenance window a policy may declare, in minutes (default 720: 12 h).
     #[serde(default = "default_max_window")]
     pub max_window_minutes: u64,
+    /// Longest on-demand exception (`exception open --for`), in minutes
+    /// (default 480: 8 h).
+    #[serde(default = "default_max_exception")]
+    pub max_exception_minutes: u64,
+}
+
+fn default_max_exception() -> u64 {
+    crate::policy::ondemand::DEFAULT_MAX.as_secs() / 60
 }
 
 fn default_max_window() -> u64 {
@@ -43,11 +51,18 @@ fn default_max_window() -> u64 {
 
 impl Default for ChangeControl {
     fn default() -> Self {
-        ChangeControl { max_window_minutes: default_max_window() }
+        ChangeControl {
+            max_window_minutes: default_max_window(),
+            max_exception_minutes: default_max_exception(),
+        }
     }
 }
 
 impl ChangeControl {
+    pub fn max_exception(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.max_exception_minutes * 60)
+    }
+
     pub fn load_options(&self) -> crate::policy::model::LoadOptions {
         crate::policy::model::LoadOptions {
             max_window: std::time::Duration::from_secs(self.max_window_minutes * 60),
@@ -556,6 +571,12 @@ impl Config {
                 "change_control.max_window_minutes must be from 1 to 10080 (a week)".into(),
             ));
         }
+        if !(1..=7 * 24 * 60).contains(&self.change_control.max_exception_minutes) {
+            return Err(at(
+                &["change_control".into(), "max_exception_minutes".into()],
+                "change_control.max_exception_minutes must be from 1 to 10080 (a week)".into(),
+            ));
+        }
         self.incidents.validate().map_err(|(path, m)| {
             let full: Vec<Step> = std::iter::once(Step::Key("incidents")).chain(path).collect();
             at(&full, m)
@@ -752,6 +773,18 @@ mod tests {
         for f in ["deploy/mdsec.yaml", "deploy/examples/agent.yaml"] {
             let c = Config::load(&root.join(f)).unwrap_or_else(|e| panic!("{e}"));
             assert!(c.listen.ip().is_loopback(), "{f}");
+        }
+    }
+
+    #[test]
+    fn change_control_limits_are_bounded() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!((c.change_control.max_window_minutes, c.change_control.max_exception_minutes), (720, 480));
+        for key in ["max_window_minutes", "max_exception_minutes"] {
+            for v in ["0", "10081"] {
+                let e = Config::parse(&format!("{GOOD}change_control:\n  {key}: {v}\n")).unwrap_err();
+                assert!(e.message.contains(&format!("change_control.{key} must be from 1")), "{e}");
+            }
         }
     }
 

@@ -152,7 +152,8 @@ pub async fn run(cfg: Config) -> Result<()> {
                     Box::new(move |e| store.write().unwrap().push(e))
                 },
             )
-            .with_load_options(cfg.change_control.load_options());
+            .with_load_options(cfg.change_control.load_options())
+            .with_grants(Box::new(StoredGrants(Store::open(&cfg.state_dir)?)));
             if !reloader.reload() && !reloader.restore(&cfg.state_dir.join(RESTORED_POLICY_DIR)) {
                 if pinned_generation != 0 {
                     error!(
@@ -232,6 +233,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         lifecycle: RwLock::new(pass.db.lifecycle().unwrap_or_default()),
         evidence: RwLock::new(Default::default()),
         state_dir: cfg.state_dir.clone(),
+        policy_trigger: cfg.policy_dir.is_some().then(|| reload_tx.clone()),
+        max_exception: cfg.change_control.max_exception(),
     });
     // The first poll has landed: the API starts with an inventory.
     state.rebuild_inventory();
@@ -646,5 +649,23 @@ impl EvidencePass {
             register_ok: self.register.ok,
             register_configured: self.register.path.is_some(),
         };
+    }
+}
+
+/// On-demand exceptions in the state database, for the policy thread (its
+/// own connection).
+struct StoredGrants(Store);
+
+impl crate::policy::runtime::GrantStore for StoredGrants {
+    fn open(&mut self) -> anyhow::Result<Vec<crate::policy::ondemand::Grant>> {
+        self.0.grants(true)
+    }
+
+    fn get(&mut self, id: u64) -> anyhow::Result<Option<crate::policy::ondemand::Grant>> {
+        Ok(self.0.grants(false)?.into_iter().find(|g| g.id == id))
+    }
+
+    fn close(&mut self, id: u64, c: &crate::policy::ondemand::Closed) -> anyhow::Result<()> {
+        self.0.close_grant(id, c)?.map(|_| ()).map_err(anyhow::Error::msg)
     }
 }

@@ -323,3 +323,212 @@ fn a_maintenance_window_opens_and_closes_on_time_under_traffic() {
     assert_eq!(open_windows(), Some(0.0));
     assert_eq!(agent.generation().unwrap(), generation, "no reload");
 }
+
+/// On-demand access under traffic: `exception open` lets one conversation
+/// through at once (a new generation of the same approved files), an early
+/// `exception close` and the expiry each end it in the kernel, every step is
+/// an event and a history row, bad requests change nothing, and an open
+/// exception survives a restart.
+#[test]
+fn on_demand_access_opens_closes_and_expires_under_traffic() {
+    let topo = Topology::new(2).unwrap();
+    let state = TempDir(std::env::temp_dir().join(format!("{}-state", topo.id)));
+    let scratch = TempDir(std::env::temp_dir().join(format!("{}-review", topo.id)));
+    std::fs::create_dir_all(&scratch.0).unwrap();
+    std::fs::write(scratch.0.join("zones.yaml"), ZONES).unwrap();
+    std::fs::write(scratch.0.join("pumps.yaml"), pumps("9000")).unwrap();
+    let approved = approval::read(&scratch.0).unwrap().hash;
+    let approval_yaml = approval::render(&approval::Approval {
+        content_hash: approved.clone(),
+        approved_by: "B. Med (biomed)".into(),
+        ticket: "CHG-100".into(),
+        approved_at: None,
+        at: (0, 0),
+    });
+    let opts = || AgentOptions {
+        policy: vec![
+            ("zones.yaml".into(), ZONES.into()),
+            ("pumps.yaml".into(), pumps("9000")),
+            ("approval.yaml".into(), approval_yaml.clone()),
+        ],
+        state_dir: Some(state.0.clone()),
+        ..Default::default()
+    };
+    let agent = Agent::start(&topo, opts()).unwrap();
+    let exc = |args: &[&str]| mdsec_tests::agent::cli_in(&topo.gw, &[&["exception"], args].concat());
+    let listed = |all: bool| -> Vec<serde_json::Value> {
+        let (ok, out, err) = exc(if all { &["list", "--all", "--json"] } else { &["list", "--json"] });
+        assert!(ok, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let kinds = |a: &Agent| -> Vec<String> {
+        a.events()
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind.starts_with("exception_"))
+            .map(|e| format!("{} {}", e.kind, e.rule))
+            .collect()
+    };
+
+    // One conversation of h1 to the pharmacy's port 9400, probed as in the
+    // window test.
+    let rx = traffic::udp_receiver(topo.host(2), false, 9400).unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let tx = traffic::udp_socket(topo.host(1), false).unwrap();
+    let sport = tx.local_addr().unwrap().port();
+    let probe = |total: u64| {
+        for _ in 0..3 {
+            tx.send_to(&[0x5a; 40], "10.0.2.2:9400".parse::<SocketAddr>().unwrap()).unwrap();
+        }
+        let (mut got, mut buf) = (0, [0u8; 64]);
+        while rx.recv(&mut buf).is_ok() {
+            got += 1;
+        }
+        let f = agent
+            .wait_for(
+                Duration::from_secs(10),
+                |a| a.flows(),
+                |fs| fs.iter().find(|f| f.sport == sport && f.dport == 9400 && f.packets == total).cloned(),
+            )
+            .unwrap();
+        (got, f.verdict)
+    };
+    assert_eq!(probe(3), (0, "drop".into()));
+    let generation = agent.generation().unwrap();
+
+    // Bad requests: each refused, naming its field; nothing recorded or installed.
+    let base = ["open", "--segment", "pumps", "--to", "pharmacy", "--proto", "udp", "--ports", "9400"];
+    for (extra, want) in [
+        (&["--for", "9h", "--ticket", "T", "--reason", "r"][..], "for: 9h is longer than the longest"),
+        (&["--for", "soon", "--ticket", "T", "--reason", "r"], "for: `soon` is not a duration"),
+        (&["--for", "1h", "--ticket", " ", "--reason", "r"], "ticket: an on-demand exception needs a ticket"),
+        (&["--for", "1h", "--ticket", "T", "--reason", "r", "--app", "gopher"], "app: unknown app `gopher`"),
+    ] {
+        let (ok, _, err) = exc(&[&base[..], extra].concat());
+        assert!(!ok && err.contains(want), "{extra:?}: {err}");
+    }
+    let (ok, _, err) = exc(&[
+        "open",
+        "--segment",
+        "nope",
+        "--peer",
+        "pharmacy",
+        "--for",
+        "1h",
+        "--ticket",
+        "T",
+        "--reason",
+        "r",
+    ]);
+    assert!(!ok && err.contains("segment: no segment `nope`"), "{err}");
+    assert!(listed(true).is_empty());
+    assert_eq!(agent.generation().unwrap(), generation);
+
+    // Open for 15 s: the same conversation passes at once, under the same
+    // approved content.
+    let (ok, out, err) = exc(&[
+        &base[..],
+        &["--for", "15s", "--ticket", "CHG-300", "--reason", "vendor remote service", "--by", "V. Endor"],
+    ]
+    .concat());
+    let opened = std::time::Instant::now();
+    assert!(ok && out.contains("on-demand exception #1 open in segment pumps"), "{out}{err}");
+    assert_eq!(probe(6), (3, "allow".into()));
+    let s = status(&agent);
+    assert_eq!(s["generation"].as_u64(), Some(generation + 1));
+    assert_eq!(
+        (s["content_hash"].as_str(), s["approved_by"].as_str()),
+        (Some(approved.as_str()), Some("B. Med (biomed)"))
+    );
+    let open = listed(false);
+    assert_eq!((open.len(), open[0]["opened_by"].as_str()), (1, Some("V. Endor")), "{open:?}");
+    let history: serde_json::Value = agent.get("/api/v1/policy/history").unwrap();
+    let last = history["items"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["cause"], "exception", "{last:#}");
+    assert!(last["diff"].to_string().contains("CHG-300"), "{last:#}");
+    agent.wait_for(Duration::from_secs(5), |a| Ok(kinds(a)), |k| (k.len() == 1).then_some(())).unwrap();
+    assert_eq!(kinds(&agent), ["exception_open on-demand exception #1"]);
+
+    // A second one, closed early: allowed, then dropped.
+    let (ok, out, err) = exc(&[
+        "open",
+        "--segment",
+        "pumps",
+        "--to",
+        "10.0.2.2",
+        "--proto",
+        "udp",
+        "--ports",
+        "9401",
+        "--for",
+        "5m",
+        "--ticket",
+        "CHG-301",
+        "--reason",
+        "firmware upload",
+    ]);
+    assert!(ok && out.contains("#2"), "{out}{err}");
+    assert_eq!(send(&topo, &agent, 9401), (3, "allow".into(), 3));
+    let (ok, out, err) = exc(&["close", "2", "--reason", "upload done", "--by", "B. Med"]);
+    assert!(ok && out.contains("closed"), "{out}{err}");
+    assert_eq!(send(&topo, &agent, 9401), (0, "drop".into(), 3));
+    let (ok, _, err) = exc(&["close", "2", "--reason", "again"]);
+    assert!(!ok && err.contains("was closed at"), "{err}");
+    let (ok, _, err) = exc(&["close", "9", "--reason", "x"]);
+    assert!(!ok && err.contains("no on-demand exception #9"), "{err}");
+
+    // #1 expires: the kernel ends the conversation on the instant.
+    std::thread::sleep(Duration::from_secs(16).saturating_sub(opened.elapsed()));
+    assert_eq!(probe(9), (0, "drop".into()));
+    agent.wait_for(Duration::from_secs(5), |a| Ok(kinds(a)), |k| (k.len() == 4).then_some(())).unwrap();
+    let events = agent.events().unwrap();
+    let reasons: Vec<&str> =
+        events.iter().filter(|e| e.kind == "exception_close").map(|e| e.reason.as_str()).collect();
+    assert!(
+        reasons[0].contains("#2")
+            && reasons[0].contains("closed by B. Med")
+            && reasons[0].contains("upload done"),
+        "{reasons:?}"
+    );
+    assert!(reasons[1].contains("#1") && reasons[1].contains("expired at"), "{reasons:?}");
+    let all = listed(true);
+    let closed: Vec<(u64, &str)> = all
+        .iter()
+        .map(|g| (g["id"].as_u64().unwrap(), g["closed"]["reason"].as_str().unwrap_or("-")))
+        .collect();
+    assert_eq!(closed, [(1, "expired"), (2, "upload done")]);
+    assert!(listed(false).is_empty());
+    // Every write attempt, refused ones too, is in the API audit.
+    let writes: Vec<serde_json::Value> = agent.get("/api/v1/writes").unwrap();
+    let codes: Vec<u64> = writes
+        .iter()
+        .filter(|w| w["path"].as_str().is_some_and(|p| p.starts_with("/api/v1/exceptions")))
+        .map(|w| w["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(codes, [400, 400, 400, 400, 400, 201, 201, 200, 409, 404]);
+
+    // Open across a restart: applied again from the state database.
+    let (ok, out, err) = exc(&[
+        "open",
+        "--segment",
+        "pumps",
+        "--to",
+        "pharmacy",
+        "--proto",
+        "udp",
+        "--ports",
+        "9402",
+        "--for",
+        "5m",
+        "--ticket",
+        "CHG-302",
+        "--reason",
+        "overnight service",
+    ]);
+    assert!(ok && out.contains("#3"), "{out}{err}");
+    agent.stop().unwrap();
+    let agent = Agent::start(&topo, opts()).unwrap();
+    assert_eq!(send(&topo, &agent, 9402), (3, "allow".into(), 3));
+    assert_eq!(send(&topo, &agent, 9401), (0, "drop".into(), 3));
+    agent.stop().unwrap();
+}

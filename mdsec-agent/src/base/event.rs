@@ -31,6 +31,8 @@ pub const EVENT_TYPES: &[&str] = &[
     "incident",
     "maintenance_window_open",
     "maintenance_window_close",
+    "exception_open",
+    "exception_close",
 ];
 
 /// The event type a policy verdict raises: only denials do.

@@ -1,6 +1,7 @@
 //! The command line: [`main`] → [`run`] → one function per command, in one
 //! module per command group (`agent`: run/check/detach; `lists`: flows,
-//! devices, events, incidents, stats; `device`: lifecycle; `evidence`: report, register;
+//! devices, events, incidents, stats; `device`: lifecycle; `exception`: on-demand
+//! access; `evidence`: report, register;
 //! `policy`: suggest, simulate, cutover-report, schema). Every table goes through [`table::print`].
 
 use std::{path::PathBuf, process::ExitCode};
@@ -17,6 +18,7 @@ mod agent;
 mod device;
 mod docs;
 mod evidence;
+mod exception;
 mod lists;
 mod policy;
 pub mod table;
@@ -143,6 +145,10 @@ enum Cmd {
     /// Device lifecycle (through the running agent's API).
     #[command(subcommand)]
     Device(DeviceCmd),
+    /// Time-boxed on-demand access (vendor service) through the running
+    /// agent's API: recorded, audited and closed by the kernel on expiry.
+    #[command(subcommand)]
+    Exception(ExceptionCmd),
     /// The vulnerability register.
     #[command(subcommand)]
     Register(RegisterCmd),
@@ -181,6 +187,64 @@ enum DeviceCmd {
     Audit {
         #[arg(long)]
         mac: Option<String>,
+        #[command(flatten)]
+        q: Query,
+    },
+}
+
+// Parsed once per run: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
+enum ExceptionCmd {
+    /// Open access for a peer to or from an enforce segment, for a while.
+    Open {
+        #[arg(long)]
+        segment: String,
+        /// The peer, either way (an address, CIDR, zone or segment).
+        #[arg(long, group = "peer_of")]
+        peer: Option<String>,
+        /// Only from the segment to this peer.
+        #[arg(long, group = "peer_of")]
+        to: Option<String>,
+        /// Only from this peer to the segment (a vendor's remote service).
+        #[arg(long, group = "peer_of")]
+        from: Option<String>,
+        /// tcp, udp, icmp, icmpv6 or any (default any).
+        #[arg(long)]
+        proto: Option<String>,
+        /// Ports or ranges (with --proto tcp or udp), e.g. 22,8000-8010.
+        #[arg(long, value_delimiter = ',')]
+        ports: Vec<String>,
+        /// Only this application (by payload), e.g. ssh.
+        #[arg(long)]
+        app: Option<String>,
+        /// How long, e.g. 90m or 2h (at most change_control.max_exception_minutes).
+        #[arg(long = "for")]
+        duration: String,
+        #[arg(long)]
+        ticket: String,
+        #[arg(long)]
+        reason: String,
+        /// Who opens it (default: $SUDO_USER or $USER).
+        #[arg(long)]
+        by: Option<String>,
+        #[command(flatten)]
+        q: Query,
+    },
+    /// Close an open exception before it expires.
+    Close {
+        id: u64,
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        by: Option<String>,
+        #[command(flatten)]
+        q: Query,
+    },
+    /// The open exceptions (with --all, also those closed or expired).
+    List {
+        #[arg(long)]
+        all: bool,
         #[command(flatten)]
         q: Query,
     },
@@ -316,6 +380,38 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             device::set_state(&mac, &state, &reason, actor, &q)
         }
         Cmd::Device(DeviceCmd::Audit { mac, q }) => device::audit(mac.as_deref(), &q),
+        Cmd::Exception(ExceptionCmd::Open {
+            segment,
+            peer,
+            to,
+            from,
+            proto,
+            ports,
+            app,
+            duration,
+            ticket,
+            reason,
+            by,
+            q,
+        }) => exception::open(
+            crate::policy::ondemand::Request {
+                segment,
+                peer,
+                to,
+                from,
+                proto,
+                ports,
+                app,
+                duration,
+                ticket,
+                reason,
+                actor: String::new(),
+            },
+            by,
+            &q,
+        ),
+        Cmd::Exception(ExceptionCmd::Close { id, reason, by, q }) => exception::close(id, &reason, by, &q),
+        Cmd::Exception(ExceptionCmd::List { all, q }) => exception::list(all, &q),
         Cmd::Policy(PolicyCmd::Apply { config, approved_by, ticket, content_hash, dir }) => {
             policy::apply(&policy::ApplyArgs {
                 config: &config,

@@ -11,7 +11,10 @@ use rusqlite::{Connection, params};
 use crate::{
     detection::learn::{ObsKey, ObsVal},
     inventory::{Device, doc::DeviceDoc},
-    policy::model::Direction,
+    policy::{
+        model::Direction,
+        ondemand::{Closed, Grant},
+    },
 };
 
 pub const FILE: &str = "mdsec.db";
@@ -73,6 +76,14 @@ const MIGRATIONS: &[&str] = &[
         generation INTEGER NOT NULL, content_hash TEXT NOT NULL, approved_by TEXT, ticket TEXT, doc TEXT NOT NULL);
      CREATE TRIGGER policy_history_no_update BEFORE UPDATE ON policy_history BEGIN SELECT RAISE(ABORT, 'the policy_history table is append-only'); END;
      CREATE TRIGGER policy_history_no_delete BEFORE DELETE ON policy_history BEGIN SELECT RAISE(ABORT, 'the policy_history table is append-only'); END;",
+    // On-demand exceptions: each opening, and its closing, append-only.
+    "CREATE TABLE exceptions_opened (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, expires TEXT NOT NULL, doc TEXT NOT NULL);
+     CREATE TABLE exceptions_closed (exception INTEGER PRIMARY KEY REFERENCES exceptions_opened (id), time TEXT NOT NULL,
+        by TEXT NOT NULL, reason TEXT NOT NULL);
+     CREATE TRIGGER exceptions_opened_no_update BEFORE UPDATE ON exceptions_opened BEGIN SELECT RAISE(ABORT, 'the exceptions_opened table is append-only'); END;
+     CREATE TRIGGER exceptions_opened_no_delete BEFORE DELETE ON exceptions_opened BEGIN SELECT RAISE(ABORT, 'the exceptions_opened table is append-only'); END;
+     CREATE TRIGGER exceptions_closed_no_update BEFORE UPDATE ON exceptions_closed BEGIN SELECT RAISE(ABORT, 'the exceptions_closed table is append-only'); END;
+     CREATE TRIGGER exceptions_closed_no_delete BEFORE DELETE ON exceptions_closed BEGIN SELECT RAISE(ABORT, 'the exceptions_closed table is append-only'); END;",
 ];
 
 /// One API write attempt: who (client address), what, and the answer's status.
@@ -460,6 +471,67 @@ impl Store {
         rows.next().map(|d| Ok(serde_json::from_str(&d?)?)).transpose()
     }
 
+    /// Records an on-demand exception; returns it with its id.
+    pub fn open_grant(&mut self, g: &Grant) -> Result<Grant> {
+        let tx = self.conn.transaction()?;
+        let next: i64 =
+            tx.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM exceptions_opened", [], |r| r.get(0))?;
+        let g = Grant { id: next as u64, closed: None, ..g.clone() };
+        tx.execute(
+            "INSERT INTO exceptions_opened (id, time, expires, doc) VALUES (?1, ?2, ?3, ?4)",
+            params![next, g.opened_at, g.expires, serde_json::to_string(&g)?],
+        )?;
+        tx.commit()?;
+        Ok(g)
+    }
+
+    /// Closes an on-demand exception: the grant as closed, or why not
+    /// (`Ok(Err)`: unknown id, or closed before).
+    pub fn close_grant(&mut self, id: u64, c: &Closed) -> Result<std::result::Result<Grant, String>> {
+        let Some(g) = self.grants(false)?.into_iter().find(|g| g.id == id) else {
+            return Ok(Err(format!("no on-demand exception #{id}")));
+        };
+        if let Some(was) = &g.closed {
+            return Ok(Err(format!(
+                "on-demand exception #{id} was closed at {} by {} ({})",
+                was.time, was.by, was.reason
+            )));
+        }
+        self.conn.execute(
+            "INSERT INTO exceptions_closed (exception, time, by, reason) VALUES (?1, ?2, ?3, ?4)",
+            params![id as i64, c.time, c.by, c.reason],
+        )?;
+        Ok(Ok(Grant { closed: Some(c.clone()), ..g }))
+    }
+
+    /// On-demand exceptions, oldest first: all, or only those not closed.
+    pub fn grants(&self, open_only: bool) -> Result<Vec<Grant>> {
+        let mut st = self.conn.prepare(
+            "SELECT o.doc, c.time, c.by, c.reason FROM exceptions_opened o
+             LEFT JOIN exceptions_closed c ON c.exception = o.id
+             WHERE NOT ?1 OR c.exception IS NULL ORDER BY o.id",
+        )?;
+        let rows = st.query_map(params![open_only], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, Option<String>>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (doc, time, by, reason) = row?;
+            let mut g: Grant = serde_json::from_str(&doc)?;
+            g.closed = match (time, by, reason) {
+                (Some(time), Some(by), Some(reason)) => Some(Closed { time, by, reason }),
+                _ => None,
+            };
+            out.push(g);
+        }
+        Ok(out)
+    }
+
     /// Appends events (the evidence report reads them back by time).
     pub fn save_events(&mut self, events: &[crate::base::event::Event]) -> Result<()> {
         let tx = self.conn.transaction()?;
@@ -713,6 +785,41 @@ mod tests {
         let e = s.raw_execute("UPDATE policy_history SET approved_by = 'x'").unwrap_err();
         assert!(e.to_string().contains("append-only"), "{e}");
         drop(s);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn on_demand_exceptions_open_and_close_once_and_stay_recorded() {
+        let dir = std::env::temp_dir().join(format!("mdsec-t-grants-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = Store::open(&dir).unwrap();
+        let g = Grant {
+            id: 0,
+            segment: "pumps".into(),
+            access: crate::policy::ondemand::Access::From,
+            peer: "192.0.2.7".into(),
+            proto: Some(6),
+            ports: vec![(22, 22)],
+            app: None,
+            opened_at: "2026-12-02T10:00:00.000Z".into(),
+            expires: "2026-12-02T12:00:00.000Z".into(),
+            ticket: "CHG-1".into(),
+            reason: "vendor".into(),
+            opened_by: "ana".into(),
+            closed: None,
+        };
+        let (a, b) = (s.open_grant(&g).unwrap(), s.open_grant(&g).unwrap());
+        assert_eq!((a.id, b.id), (1, 2));
+        let c = Closed { time: "2026-12-02T11:00:00.000Z".into(), by: "ana".into(), reason: "done".into() };
+        let closed = s.close_grant(1, &c).unwrap().unwrap();
+        assert_eq!(closed.closed.as_ref(), Some(&c));
+        assert!(s.close_grant(1, &c).unwrap().unwrap_err().contains("was closed at"));
+        assert!(s.close_grant(7, &c).unwrap().unwrap_err().contains("no on-demand exception #7"));
+        assert_eq!(s.grants(true).unwrap().iter().map(|g| g.id).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(s.grants(false).unwrap().len(), 2);
+        for sql in ["UPDATE exceptions_opened SET expires = 'x'", "DELETE FROM exceptions_closed"] {
+            assert!(s.raw_execute(sql).unwrap_err().to_string().contains("append-only"), "{sql}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

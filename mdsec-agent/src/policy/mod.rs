@@ -5,5 +5,6 @@ pub mod approval;
 pub mod compile;
 pub mod maps;
 pub mod model;
+pub mod ondemand;
 pub mod runtime;
 pub mod window;

@@ -350,6 +350,10 @@ pub struct Rule {
 impl Rule {
     /// `file:line:col`, for events and the API.
     pub fn origin(&self) -> String {
+        // On-demand exceptions have no file position (`ondemand`).
+        if self.line == 0 {
+            return self.file.display().to_string();
+        }
         format!("{}:{}:{}", self.file.display(), self.line, self.col)
     }
 

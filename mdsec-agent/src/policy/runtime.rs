@@ -16,6 +16,7 @@ use super::{
     compile::{self, Compiled},
     maps::PolicyMaps,
     model::{self, Policy},
+    ondemand::{self, Closed, Grant},
 };
 use crate::{
     base::clock::{Anchor, rfc3339},
@@ -31,6 +32,19 @@ pub struct Installed {
     /// The files it was loaded from, and their content hash.
     pub contents: Contents,
     pub approval: Option<Approval>,
+    /// `policy.rules[..file_rules]` are the files'; the rest are these
+    /// on-demand exceptions' (`ondemand::merge`).
+    pub file_rules: usize,
+    pub grants: Vec<Grant>,
+}
+
+impl Installed {
+    /// The policy as its files say, without on-demand exceptions.
+    pub fn file_policy(&self) -> Policy {
+        let mut p = self.policy.clone();
+        p.rules.truncate(self.file_rules);
+        p
+    }
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -81,6 +95,20 @@ impl PolicyState {
 pub enum Trigger {
     /// SIGHUP or an API request.
     Reload,
+    /// On-demand exceptions were opened or closed: reinstall the active
+    /// generation's files with the open ones. The answer is the generation
+    /// installed, or why none was.
+    Grants(Option<mpsc::Sender<Result<u32, String>>>),
+}
+
+/// Where on-demand exceptions are kept (the state database, given by the
+/// app layer).
+pub trait GrantStore: Send {
+    /// Those not closed, oldest first.
+    fn open(&mut self) -> anyhow::Result<Vec<Grant>>;
+    /// One grant, closed or not.
+    fn get(&mut self, id: u64) -> anyhow::Result<Option<Grant>>;
+    fn close(&mut self, id: u64, c: &Closed) -> anyhow::Result<()>;
 }
 
 /// Loads, validates and compiles; returns the diagnostics on failure.
@@ -89,15 +117,47 @@ pub fn prepare(
     limits: compile::Limits,
     opts: &model::LoadOptions,
 ) -> Result<(Policy, Compiled, Vec<String>), Vec<String>> {
+    let m = prepare_merged(dir, limits, opts, &[])?;
+    Ok((m.policy, m.compiled, m.diags))
+}
+
+/// A loaded policy with on-demand exceptions merged, compiled.
+struct Merged {
+    policy: Policy,
+    compiled: Compiled,
+    diags: Vec<String>,
+    file_rules: usize,
+    grants: Vec<Grant>,
+}
+
+fn prepare_merged(
+    dir: &Path,
+    limits: compile::Limits,
+    opts: &model::LoadOptions,
+    grants: &[Grant],
+) -> Result<Merged, Vec<String>> {
     let (policy, diags) = model::load_dir_with(dir, SystemTime::now(), opts);
-    let mut texts: Vec<String> = diags.iter().map(|d| d.to_string()).collect();
+    let texts: Vec<String> = diags.iter().map(|d| d.to_string()).collect();
     let Some(policy) = policy else { return Err(texts) };
-    match compile::compile(&policy, &Anchor::now(), limits) {
-        Ok(c) => Ok((policy, c, texts)),
-        Err(e) => {
-            texts.push(format!("{}: {e}", dir.display()));
-            Err(texts)
-        }
+    merge_compile(policy, texts, grants, limits).map_err(|(mut texts, e)| {
+        texts.push(format!("{}: {e}", dir.display()));
+        texts
+    })
+}
+
+fn merge_compile(
+    policy: Policy,
+    mut texts: Vec<String>,
+    grants: &[Grant],
+    limits: compile::Limits,
+) -> Result<Merged, (Vec<String>, String)> {
+    let file_rules = policy.rules.len();
+    let (merged, applied, warnings) = ondemand::merge(&policy, grants, SystemTime::now());
+    texts.extend(warnings);
+    let grants = grants.iter().filter(|g| applied.contains(&g.id)).cloned().collect();
+    match compile::compile(&merged, &Anchor::now(), limits) {
+        Ok(c) => Ok(Merged { policy: merged, compiled: c, diags: texts, file_rules, grants }),
+        Err(e) => Err((texts, e.to_string())),
     }
 }
 
@@ -122,6 +182,7 @@ pub struct Reloader {
     /// Maintenance windows (by their rule line) and whether each was open at
     /// the last check: a change is an event and a reschedule.
     windows_open: std::collections::BTreeMap<String, bool>,
+    grant_store: Option<Box<dyn GrantStore>>,
 }
 
 /// A policy ready to install, and what it was loaded from.
@@ -131,6 +192,8 @@ struct Prepared {
     diags: Vec<String>,
     contents: Contents,
     approval: Option<Approval>,
+    file_rules: usize,
+    grants: Vec<Grant>,
 }
 
 impl Reloader {
@@ -155,6 +218,84 @@ impl Reloader {
             events,
             load_options: Default::default(),
             windows_open: Default::default(),
+            grant_store: None,
+        }
+    }
+
+    /// Where on-demand exceptions are kept: each install merges the open ones.
+    pub fn with_grants(mut self, g: Box<dyn GrantStore>) -> Reloader {
+        self.grant_store = Some(g);
+        self
+    }
+
+    /// The open on-demand exceptions. Those expired (also while the agent
+    /// was down) are closed here, each with its event.
+    fn open_grants(&mut self) -> Vec<Grant> {
+        let Some(gs) = self.grant_store.as_mut() else { return Vec::new() };
+        let open = match gs.open() {
+            Ok(v) => v,
+            Err(e) => {
+                error!("policy: reading on-demand exceptions failed: {e:#}; none applied");
+                return Vec::new();
+            }
+        };
+        let now = SystemTime::now();
+        let (live, expired): (Vec<_>, Vec<_>) =
+            open.into_iter().partition(|g| g.expires_at().is_some_and(|t| t > now));
+        for mut g in expired {
+            let c = Closed { time: rfc3339(now), by: "mdsec".into(), reason: "expired".into() };
+            if let Err(e) = gs.close(g.id, &c) {
+                error!("policy: recording the expiry of on-demand exception #{} failed: {e:#}", g.id);
+                continue;
+            }
+            info!("policy: on-demand exception #{} ({}) expired at {}", g.id, g.ticket, g.expires);
+            g.closed = Some(c);
+            let generation = self.state.read().unwrap().status.generation;
+            (self.events)(grant_event(&g, false, generation, now));
+        }
+        live
+    }
+
+    /// An on-demand exception of the active generation has expired: the
+    /// kernel stopped allowing it on the instant; this records it and
+    /// reinstalls without it.
+    fn check_grants(&mut self) {
+        let now = SystemTime::now();
+        let due = self
+            .state
+            .read()
+            .unwrap()
+            .current
+            .as_ref()
+            .is_some_and(|c| c.grants.iter().any(|g| g.expires_at().is_none_or(|t| t <= now)));
+        if due && let Err(e) = self.regrant() {
+            error!("policy: removing expired on-demand exceptions failed: {e}");
+        }
+    }
+
+    /// The active generation's files reinstalled with the open on-demand
+    /// exceptions (no re-read of the files, so an unapproved edit waiting in
+    /// the directory does not stop an exception from opening or closing).
+    fn regrant(&mut self) -> Result<u32, String> {
+        let Some(cur) = self.state.read().unwrap().current.clone() else {
+            return Err("no policy generation is active".into());
+        };
+        let grants = self.open_grants();
+        let m = merge_compile(cur.file_policy(), Vec::new(), &grants, self.maps.limits())
+            .map_err(|(_, e)| format!("compiling with the on-demand exceptions failed: {e}"))?;
+        let p = Prepared {
+            policy: m.policy,
+            compiled: m.compiled,
+            diags: m.diags,
+            contents: cur.contents.clone(),
+            approval: cur.approval.clone(),
+            file_rules: m.file_rules,
+            grants: m.grants,
+        };
+        if self.finish(Ok(p), "exception") {
+            Ok(self.state.read().unwrap().status.generation)
+        } else {
+            Err(self.state.read().unwrap().status.diagnostics.join("; "))
         }
     }
 
@@ -233,12 +374,14 @@ impl Reloader {
     /// are read before and after loading: an edit in between is refused
     /// (and loaded at the next check), so what is approved and recorded is
     /// exactly what is installed.
-    fn prepare(&self, dir: &Path, check_approval: bool) -> Result<Prepared, Vec<String>> {
+    fn prepare(&mut self, dir: &Path, check_approval: bool) -> Result<Prepared, Vec<String>> {
         let read = |d: &Path| approval::read(d).map_err(|e| vec![format!("{e:#}")]);
         // A file the loader refuses (too large, unreadable) gets its located
         // diagnostic from the loader, not from the hash.
         let before = approval::read(dir).ok();
-        let (policy, compiled, diags) = prepare(dir, self.maps.limits(), &self.load_options)?;
+        let grants = self.open_grants();
+        let Merged { policy, compiled, diags, file_rules, grants } =
+            prepare_merged(dir, self.maps.limits(), &self.load_options, &grants)?;
         let contents = read(dir)?;
         if before.as_ref() != Some(&contents) {
             return Err(vec![format!("{}: the policy files changed while loading", dir.display())]);
@@ -265,7 +408,7 @@ impl Reloader {
         } else {
             None
         };
-        Ok(Prepared { policy, compiled, diags, contents, approval })
+        Ok(Prepared { policy, compiled, diags, contents, approval, file_rules, grants })
     }
 
     /// At a start whose files were refused: the last generation of the
@@ -383,6 +526,14 @@ impl Reloader {
                 st.status.approved_by = p.approval.as_ref().map(|a| a.approved_by.clone());
                 st.status.ticket = p.approval.as_ref().map(|a| a.ticket.clone());
                 st.status.restored = false;
+                let before: Vec<Grant> = st.current.as_ref().map(|c| c.grants.clone()).unwrap_or_default();
+                let grant_changes = st.current.is_some().then(|| {
+                    let opened: Vec<Grant> =
+                        p.grants.iter().filter(|g| !before.iter().any(|b| b.id == g.id)).cloned().collect();
+                    let closed: Vec<Grant> =
+                        before.into_iter().filter(|b| !p.grants.iter().any(|g| g.id == b.id)).collect();
+                    (opened, closed)
+                });
                 st.previous = st.current.take();
                 st.current = Some(Arc::new(Installed {
                     generation,
@@ -390,6 +541,8 @@ impl Reloader {
                     compiled: p.compiled,
                     contents: p.contents,
                     approval: p.approval,
+                    file_rules: p.file_rules,
+                    grants: p.grants,
                 }));
                 st.status.generation = generation;
                 st.status.last_reload_ok = true;
@@ -400,6 +553,9 @@ impl Reloader {
                 // Windows open in the new generation that were not open
                 // before are events; its entries are already current.
                 self.check_windows(false);
+                if let Some((opened, closed)) = grant_changes {
+                    self.grant_events(opened, closed, generation, at);
+                }
                 true
             }
             Err(diags) => {
@@ -415,6 +571,28 @@ impl Reloader {
         }
     }
 
+    /// `exception_open` for grants this install applied, `exception_close`
+    /// for those it removed (closed by an operator, or expired: that event
+    /// was raised when the expiry was recorded).
+    fn grant_events(&mut self, opened: Vec<Grant>, closed: Vec<Grant>, generation: u32, at: SystemTime) {
+        for g in opened {
+            info!(
+                "policy: on-demand exception #{} open until {} ({}, by {})",
+                g.id, g.expires, g.ticket, g.opened_by
+            );
+            (self.events)(grant_event(&g, true, generation, at));
+        }
+        for g in closed {
+            let stored = self.grant_store.as_mut().and_then(|s| s.get(g.id).ok().flatten());
+            let g = stored.unwrap_or(g);
+            if g.closed.as_ref().is_some_and(|c| c.by == "mdsec" && c.reason == "expired") {
+                continue;
+            }
+            info!("policy: on-demand exception #{} ({}) closed", g.id, g.ticket);
+            (self.events)(grant_event(&g, false, generation, at));
+        }
+    }
+
     /// Reloads on triggers and when the directory's files change (checked twice a
     /// second; a change must hold still for one check so half-written files are not
     /// read).
@@ -426,11 +604,18 @@ impl Reloader {
                 let mut pending: Option<Vec<(PathBuf, SystemTime, u64)>> = None;
                 loop {
                     self.check_windows(true);
+                    self.check_grants();
                     match triggers.recv_timeout(Duration::from_millis(500)) {
                         Ok(Trigger::Reload) => {
                             self.reload();
                             seen = fingerprint(&self.dir);
                             pending = None;
+                        }
+                        Ok(Trigger::Grants(answer)) => {
+                            let r = self.regrant();
+                            if let Some(a) = answer {
+                                let _ = a.send(r);
+                            }
                         }
                         Err(mpsc::RecvTimeoutError::Timeout) => {
                             let now = fingerprint(&self.dir);
@@ -486,6 +671,36 @@ fn window_event(
             w.reason,
             w.ticket,
             if open { "closes" } else { "opens next" }
+        ),
+        ..Default::default()
+    }
+}
+
+/// `exception_open` / `exception_close` of an on-demand exception.
+fn grant_event(g: &Grant, open: bool, generation: u32, now: SystemTime) -> crate::base::event::Event {
+    let how = match (&g.closed, open) {
+        (_, true) => format!("opened by {} until {}", g.opened_by, g.expires),
+        (Some(c), false) if c.by == "mdsec" && c.reason == "expired" => format!("expired at {}", g.expires),
+        (Some(c), false) => format!("closed by {} before {}: {}", c.by, g.expires, c.reason),
+        (None, false) => "no longer applied (see the policy diagnostics)".into(),
+    };
+    crate::base::event::Event {
+        version: crate::base::event::EVENT_SCHEMA_VERSION,
+        kind: if open { "exception_open" } else { "exception_close" }.into(),
+        severity: "info".into(),
+        time: rfc3339(now),
+        dst: g.peer.clone(),
+        proto: g.proto.map_or("any".into(), crate::base::net::proto_name),
+        dport: g.ports.first().map_or(0, |p| p.0),
+        segment: g.segment.clone(),
+        rule: g.origin().display().to_string(),
+        generation,
+        reason: format!(
+            "on-demand exception #{} {} ({}, ticket {}): {how}",
+            g.id,
+            g.text(),
+            g.reason,
+            g.ticket
         ),
         ..Default::default()
     }

@@ -373,6 +373,8 @@ const DETECTION_SIDS: &[(&str, u32)] = &[
     ("duplicate_ip", 9_000_116),
     ("maintenance_window_open", 9_000_117),
     ("maintenance_window_close", 9_000_118),
+    ("exception_open", 9_000_119),
+    ("exception_close", 9_000_120),
 ];
 
 /// Policy signatures: 9,100,000 + a 20-bit hash of (segment, rule).

@@ -53,6 +53,11 @@ pub struct AppState {
     pub evidence: RwLock<crate::evidence::EvidenceStatus>,
     /// Where the state database lives (lifecycle changes open their own connection).
     pub state_dir: std::path::PathBuf,
+    /// The policy thread's triggers (none without a policy_dir): on-demand
+    /// exceptions are installed through it.
+    pub policy_trigger: Option<std::sync::mpsc::Sender<crate::policy::runtime::Trigger>>,
+    /// `change_control.max_exception_minutes`.
+    pub max_exception: std::time::Duration,
 }
 
 impl AppState {
@@ -88,6 +93,8 @@ impl AppState {
             lifecycle: Default::default(),
             evidence: Default::default(),
             state_dir,
+            policy_trigger: None,
+            max_exception: crate::policy::ondemand::DEFAULT_MAX,
         }
     }
 }

@@ -1,4 +1,4 @@
-//! HTTP surface: `/api/v1/{flows,devices,stats,interfaces,events,policy}`,
+//! HTTP surface: `/api/v1/{flows,devices,stats,interfaces,events,policy,exceptions}`,
 //! `/metrics`, `/healthz`, `/readyz`.
 //!
 //! Every request passes the per-client rate limit and the size limits; `/api/*`
@@ -17,6 +17,7 @@ use axum::{
 };
 use mdsec_common::stats::Stat;
 
+mod exceptions;
 mod flows;
 mod lists;
 pub mod query;
@@ -179,6 +180,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/baseline", get(baseline))
         .route("/api/v1/devices/{mac}/state", axum::routing::post(set_state))
         .route("/api/v1/audit", get(audit))
+        .route("/api/v1/exceptions", get(exceptions::list).post(exceptions::open))
+        .route("/api/v1/exceptions/{id}/close", axum::routing::post(exceptions::close))
         .route("/api/v1/writes", get(writes))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
         // Outside the token check, so refused writes are audited too.
