@@ -149,11 +149,26 @@ pub async fn run(cfg: Config) -> Result<()> {
                 (record, last),
                 {
                     let store = store.clone();
-                    Box::new(move |e| store.write().unwrap().push(e))
+                    let state_dir = cfg.state_dir.clone();
+                    Box::new(move |e| {
+                        // Quarantine steps belong to the device's audit trail too.
+                        if let (Some(mac), "quarantine" | "quarantine_lifted") = (&e.mac, e.kind.as_str()) {
+                            let on = e.kind == "quarantine";
+                            let saved = Store::open(&state_dir)
+                                .and_then(|mut db| db.audit_quarantine(mac, on, &e.reason, &e.time));
+                            if let Err(err) = saved {
+                                warn!("recording the quarantine of {mac} in the audit trail failed: {err:#}");
+                            }
+                        }
+                        store.write().unwrap().push(e)
+                    })
                 },
             )
             .with_load_options(cfg.change_control.load_options())
-            .with_grants(Box::new(StoredGrants(Store::open(&cfg.state_dir)?)));
+            .with_grants(Box::new(StoredGrants(Store::open(&cfg.state_dir)?)))
+            // The devices quarantined when the agent stopped stay so from
+            // the first install, not only from the first store pass.
+            .with_quarantine(read_quarantine(&cfg.state_dir));
             if !reloader.reload() && !reloader.restore(&cfg.state_dir.join(RESTORED_POLICY_DIR)) {
                 if pinned_generation != 0 {
                     error!(
@@ -198,6 +213,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             pruned: None,
         },
         config_decommissioned: cfg.decommissioned_macs(),
+        quarantine: None,
         db,
     };
     pass.detector.seed(history.values());
@@ -365,6 +381,8 @@ struct StorePass {
     detector: crate::detection::detect::Detector,
     evidence: EvidencePass,
     config_decommissioned: std::collections::BTreeSet<String>,
+    /// The quarantine set last handed to the policy thread.
+    quarantine: Option<Vec<crate::policy::quarantine::Quarantined>>,
 }
 
 impl StorePass {
@@ -384,6 +402,7 @@ impl StorePass {
                 &self.config_decommissioned,
             );
             self.detect(state, &installed, devices, &starts, now);
+            self.quarantine(state, &installed.policy, devices, &starts);
         }
         self.evidence.pass(state, &mut self.db, devices, stop);
         match self.db.save_devices(devices) {
@@ -395,6 +414,44 @@ impl StorePass {
             }
             Err(e) => warn!("saving devices failed: {e:#}"),
         }
+    }
+
+    /// Hands the policy thread the devices to quarantine when the set
+    /// changed (and keeps it in `state_dir` for the next start).
+    fn quarantine(
+        &mut self,
+        state: &AppState,
+        policy: &Policy,
+        devices: &[crate::inventory::Device],
+        starts: &HashMap<String, SystemTime>,
+    ) {
+        let Some(tx) = &state.policy_trigger else { return };
+        let ends = |seg: &str| {
+            let s = policy.segments.iter().find(|s| s.name == seg)?;
+            Some(*starts.get(seg)? + s.learning_period)
+        };
+        let configured = state.overrides.keys().copied().collect();
+        let (list, skipped) = crate::detection::quarantine::select(devices, policy, ends, &configured);
+        if self.quarantine.as_ref() == Some(&list) {
+            return;
+        }
+        for s in skipped {
+            warn!(
+                "quarantine: not applied to {s}: more than {} addresses look like a router",
+                crate::detection::quarantine::MAX_ADDRESSES
+            );
+        }
+        let path = state.state_dir.join(QUARANTINE_FILE);
+        let tmp = path.with_extension("json.tmp");
+        let saved = serde_json::to_vec(&list)
+            .map_err(anyhow::Error::from)
+            .and_then(|b| Ok(std::fs::write(&tmp, b)?))
+            .and_then(|()| Ok(std::fs::rename(&tmp, &path)?));
+        if let Err(e) = saved {
+            warn!("saving the quarantine to {} failed: {e:#}", path.display());
+        }
+        let _ = tx.send(Trigger::Quarantine(list.clone()));
+        self.quarantine = Some(list);
     }
 
     /// When each segment's learning period started: the first time a policy
@@ -667,5 +724,22 @@ impl crate::policy::runtime::GrantStore for StoredGrants {
 
     fn close(&mut self, id: u64, c: &crate::policy::ondemand::Closed) -> anyhow::Result<()> {
         self.0.close_grant(id, c)?.map(|_| ()).map_err(anyhow::Error::msg)
+    }
+}
+
+/// The quarantine set as last handed to the policy thread (`state_dir`).
+const QUARANTINE_FILE: &str = "quarantine.json";
+
+fn read_quarantine(dir: &std::path::Path) -> Vec<crate::policy::quarantine::Quarantined> {
+    let path = dir.join(QUARANTINE_FILE);
+    match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+            warn!(
+                "{}: {e}; no device starts in quarantine (the first store pass selects them)",
+                path.display()
+            );
+            Vec::new()
+        }),
+        Err(_) => Vec::new(),
     }
 }

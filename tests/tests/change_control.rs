@@ -532,3 +532,136 @@ fn on_demand_access_opens_closes_and_expires_under_traffic() {
     assert_eq!(send(&topo, &agent, 9401), (0, "drop".into(), 3));
     agent.stop().unwrap();
 }
+
+/// Quarantine of a new device: h1 (10.0.1.2) is a pump seen during the
+/// learning period, h3 (10.0.3.2) one first seen after it. h3 gets only its
+/// segment's `quarantine_allow` (the onboarding port of 10.0.2.2) while h1
+/// keeps the segment's rules; moving h3 to `active` lifts the quarantine.
+/// Each step is an event, a policy-history row and an audit row.
+#[test]
+fn a_new_device_is_quarantined_until_it_is_moved_to_active() {
+    let topo = Topology::new(3).unwrap();
+    let zones = "zones:\n  pharmacy: [10.0.2.0/24]\n  onboarding: [10.0.2.2/32]\n";
+    let pumps = "segment: pumps\nfunction: infusion-pump\nmode: enforce\ndefault: deny\nlearning_period: 3s\n\
+                 new_devices: quarantine\nmembers:\n  - cidr: 10.0.1.0/24\n  - cidr: 10.0.3.0/24\n\
+                 allow:\n  - to: pharmacy\n    proto: udp\n    ports: [9000]\n\
+                 quarantine_allow:\n  - to: onboarding\n    proto: udp\n    ports: [9500]\n";
+    let agent = Agent::start(
+        &topo,
+        AgentOptions {
+            policy: vec![("zones.yaml".into(), zones.into()), ("pumps.yaml".into(), pumps.into())],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // Three datagrams from a fresh socket of host `h` to 10.0.2.2:`port`:
+    // how many arrived, and the flow's verdict.
+    let send_from = |h: u8, port: u16| {
+        let rx = traffic::udp_receiver(topo.host(2), false, port).unwrap();
+        rx.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        let tx = traffic::udp_socket(topo.host(h), false).unwrap();
+        let sport = tx.local_addr().unwrap().port();
+        for _ in 0..3 {
+            tx.send_to(&[0x5a; 40], format!("10.0.2.2:{port}").parse::<SocketAddr>().unwrap()).unwrap();
+        }
+        let (mut got, mut buf) = (0, [0u8; 64]);
+        while rx.recv(&mut buf).is_ok() {
+            got += 1;
+        }
+        let f = agent
+            .wait_for(
+                Duration::from_secs(10),
+                |a| a.flows(),
+                |fs| fs.iter().find(|f| f.sport == sport && f.dport == port && f.packets == 3).cloned(),
+            )
+            .unwrap();
+        (got, f.verdict)
+    };
+    let quarantined = |a: &Agent| -> Vec<String> {
+        let q: Vec<serde_json::Value> = a.get("/api/v1/quarantine").unwrap();
+        q.iter().map(|q| q["mac"].as_str().unwrap().to_string()).collect()
+    };
+
+    // h1 during learning: a member like any other.
+    assert_eq!(send_from(1, 9000), (3, "allow".into()));
+    agent
+        .wait_for(
+            Duration::from_secs(15),
+            |a| a.get::<serde_json::Value>("/api/v1/baseline"),
+            |b| (b["segments"]["pumps"]["learning"] == false).then_some(()),
+        )
+        .unwrap();
+    // h3 appears after it: quarantined within a store pass.
+    let _ = send_from(3, 9000);
+    let mac3 = agent
+        .wait_for(
+            Duration::from_secs(10),
+            |a| a.devices(),
+            |ds| ds.iter().find(|d| d.ips.iter().any(|ip| ip == "10.0.3.2")).map(|d| d.mac.clone()),
+        )
+        .unwrap();
+    agent
+        .wait_for(Duration::from_secs(10), |a| Ok(quarantined(a)), |q| (*q == [mac3.clone()]).then_some(()))
+        .unwrap();
+    assert_eq!(send_from(3, 9000), (0, "drop".into()), "quarantined: the segment's rules do not apply");
+    assert_eq!(send_from(3, 9500), (3, "allow".into()), "quarantine_allow applies");
+    assert_eq!(send_from(1, 9000), (3, "allow".into()), "the learned pump is not quarantined");
+    assert_eq!(send_from(1, 9500), (0, "drop".into()), "quarantine_allow is for quarantined devices only");
+    let m = agent.metrics().unwrap();
+    assert_eq!(m.get("mdsec_quarantined_devices{mode=\"quarantine\",segment=\"pumps\"}"), Some(1.0));
+    let e = agent
+        .wait_for(
+            Duration::from_secs(5),
+            |a| a.events(),
+            |es| es.iter().find(|e| e.kind == "quarantine").cloned(),
+        )
+        .unwrap();
+    assert_eq!(
+        (e.mac.as_deref(), e.segment.as_str(), e.src.as_str()),
+        (Some(mac3.as_str()), "pumps", "10.0.3.2")
+    );
+    let history: serde_json::Value = agent.get("/api/v1/policy/history").unwrap();
+    assert!(history["items"].as_array().unwrap().iter().any(|c| c["cause"] == "quarantine"), "{history:#}");
+
+    // Biomed moves it to active: lifted, and the segment's rules apply.
+    let (ok, _, err) = mdsec_tests::agent::cli_in(
+        &topo.gw,
+        &["device", "set-state", &mac3, "active", "--reason", "validated by biomed", "--actor", "biomed:ana"],
+    );
+    assert!(ok, "{err}");
+    agent.wait_for(Duration::from_secs(10), |a| Ok(quarantined(a)), |q| q.is_empty().then_some(())).unwrap();
+    assert_eq!(send_from(3, 9000), (3, "allow".into()));
+    assert_eq!(send_from(3, 9500), (0, "drop".into()));
+    agent
+        .wait_for(
+            Duration::from_secs(5),
+            |a| a.events(),
+            |es| {
+                es.iter().find(|e| e.kind == "quarantine_lifted" && e.mac.as_deref() == Some(&mac3)).cloned()
+            },
+        )
+        .unwrap();
+    let (ok, out, err) = mdsec_tests::agent::cli_in(&topo.gw, &["device", "audit", "--mac", &mac3, "--json"]);
+    assert!(ok, "{err}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let steps: Vec<(String, String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["from"].as_str().unwrap().into(),
+                r["to"].as_str().unwrap().into(),
+                r["actor"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let want = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
+    assert_eq!(
+        steps,
+        [
+            want("onboarding", "quarantine", "mdsec"),
+            want("onboarding", "active", "biomed:ana"),
+            want("quarantine", "active", "mdsec"),
+        ]
+    );
+    agent.stop().unwrap();
+}

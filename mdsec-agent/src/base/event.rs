@@ -33,6 +33,8 @@ pub const EVENT_TYPES: &[&str] = &[
     "maintenance_window_close",
     "exception_open",
     "exception_close",
+    "quarantine",
+    "quarantine_lifted",
 ];
 
 /// The event type a policy verdict raises: only denials do.

@@ -150,6 +150,9 @@ pub fn suggest(policy: &Policy, rows: &[(ObsKey, ObsVal)], opts: &Options) -> Re
     if seg.require_approval {
         y += "require_approval: true\n";
     }
+    if seg.new_devices != crate::policy::model::NewDevices::Allow {
+        let _ = writeln!(y, "new_devices: {}", seg.new_devices.name());
+    }
     y += "members:\n";
     for m in &seg.members {
         let (key, value, vlan) = match m {
@@ -161,7 +164,7 @@ pub fn suggest(policy: &Policy, rows: &[(ObsKey, ObsVal)], opts: &Options) -> Re
             let _ = writeln!(y, "    vlan: {v}");
         }
     }
-    let kept: Vec<&&Rule> = rules.iter().filter(|r| r.permanent()).collect();
+    let kept: Vec<&&Rule> = rules.iter().filter(|r| r.permanent() && !r.quarantine).collect();
     if !kept.is_empty() || !groups.is_empty() {
         y += "allow:\n";
     }
@@ -188,6 +191,14 @@ pub fn suggest(policy: &Policy, rows: &[(ObsKey, ObsVal)], opts: &Options) -> Re
             _ => None,
         };
         write_rule(&mut y, *dir, peer, proto, &ports_text(&ranges), *app);
+    }
+    let quarantine: Vec<&&Rule> = rules.iter().filter(|r| r.quarantine).collect();
+    if !quarantine.is_empty() {
+        y += "quarantine_allow:\n";
+    }
+    for r in quarantine {
+        let _ = writeln!(y, "  # kept from {}", r.origin());
+        write_rule(&mut y, r.direction, &r.peer, r.proto, &ports_text(&r.ports), r.app);
     }
     let exceptions: Vec<&&Rule> = rules.iter().filter(|r| r.exception.is_some()).collect();
     if !exceptions.is_empty() {
@@ -401,6 +412,25 @@ mod tests {
         // Idempotent: suggesting again from the new file adds nothing.
         let again = suggest(&p2, &rows, &opts).unwrap();
         assert_eq!(again.matches("# observed:").count(), 0, "{again}");
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_suggestion_keeps_the_quarantine_settings() {
+        let pumps = PUMPS.replace("mode: monitor", "mode: enforce")
+            + "new_devices: quarantine\nquarantine_allow:\n  - to: workstations\n    proto: tcp\n    ports: [443]\n";
+        let d = dir("quarantine", &pumps);
+        let (p, diags) = load_dir(&d, SystemTime::now());
+        let p = p.unwrap_or_else(|| panic!("{diags:?}"));
+        let rows = vec![obs(Direction::Out, "10.0.1.2", "10.0.2.10", 6, 2575, "hl7", 5)];
+        let opts = Options { segment: "pumps", mode: None, all: false, now: "T".into() };
+        let y = suggest(&p, &rows, &opts).unwrap();
+        std::fs::write(d.join("pumps.yaml"), &y).unwrap();
+        let (p2, diags) = load_dir(&d, SystemTime::now());
+        let p2 = p2.unwrap_or_else(|| panic!("{y}\n{diags:?}"));
+        assert_eq!(p2.segments[0].new_devices, crate::policy::model::NewDevices::Quarantine, "{y}");
+        let q: Vec<String> = p2.rules.iter().filter(|r| r.quarantine).map(|r| r.text()).collect();
+        assert_eq!(q, ["quarantine to workstations tcp 443"], "{y}");
         std::fs::remove_dir_all(d).unwrap();
     }
 

@@ -377,6 +377,22 @@ impl Store {
         })
     }
 
+    /// A quarantine step in a device's audit trail: `on` from its lifecycle
+    /// state to `quarantine`, or back. The lifecycle state itself does not
+    /// change (a quarantine is lifted by a change to `active`).
+    pub fn audit_quarantine(&mut self, mac: &str, on: bool, reason: &str, now: &str) -> Result<()> {
+        let state: String = self
+            .conn
+            .query_row("SELECT state FROM lifecycle WHERE mac = ?1", params![mac], |r| r.get(0))
+            .unwrap_or_else(|_| crate::inventory::lifecycle::State::Onboarding.name().into());
+        let (from, to) = if on { (state.as_str(), "quarantine") } else { ("quarantine", state.as_str()) };
+        self.conn.execute(
+            "INSERT INTO audit (time, mac, from_state, to_state, reason, actor) VALUES (?1, ?2, ?3, ?4, ?5, 'mdsec')",
+            params![now, mac, from, to, reason],
+        )?;
+        Ok(())
+    }
+
     /// The audit trail, oldest first (of one MAC or all).
     pub fn audit(&self, mac: Option<&str>) -> Result<Vec<crate::inventory::lifecycle::AuditRow>> {
         let mut st = self.conn.prepare(

@@ -24,7 +24,7 @@ use mdsec_common::{
     segstats::MAX_SEGMENTS,
 };
 
-use super::model::{DefaultVerdict, Direction, Member, Mode, Peer, Policy};
+use super::model::{DefaultVerdict, Direction, Member, Mode, NewDevices, Peer, Policy};
 use crate::base::clock::Anchor;
 
 /// An IDENT entry without its generation byte.
@@ -98,6 +98,8 @@ pub struct IdInfo {
     pub names: BTreeSet<Peer>,
     pub segment: Option<usize>,
     pub description: String,
+    /// The quarantine identity of `segment` (`policy::quarantine`).
+    pub quarantine: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -244,6 +246,44 @@ pub fn compile(p: &Policy, anchor: &Anchor, limits: Limits) -> Result<Compiled, 
             }
         }
     }
+    // 2b. Quarantine: one identity per segment that quarantines new
+    // devices, named by no peer; the devices' MACs and in-segment addresses
+    // map to it (an address entry replaces a member prefix of the same key).
+    for (i, s) in p.segments.iter().enumerate() {
+        if s.mode != Mode::Enforce || s.new_devices == NewDevices::Allow {
+            continue;
+        }
+        let id = c.ids.len() as u32;
+        c.ids.push(IdInfo {
+            segment: Some(i),
+            description: format!("quarantine of {}", s.name),
+            quarantine: true,
+            ..Default::default()
+        });
+        let mut macs = BTreeSet::new();
+        for q in p.quarantined.iter().filter(|q| q.segment == s.name) {
+            if let Some(mac) = q.mac_bytes()
+                && macs.insert(mac)
+            {
+                c.macs.push(MacEntry { mac, vlan: None, id });
+            }
+            for ip in &q.ips {
+                let (addr, bits) = v4_or_v6(&IpNet::from(*ip));
+                let scopes = std::iter::once(None).chain((q.vlan != 0).then_some(Some(q.vlan)));
+                for vlan in scopes {
+                    let e = IdentEntry { prefix_len: IDENT_HEADER_BITS + bits, vlan, addr, id };
+                    match c
+                        .idents
+                        .iter_mut()
+                        .find(|x| (x.prefix_len, x.vlan, x.addr) == (e.prefix_len, vlan, addr))
+                    {
+                        Some(x) => x.id = id,
+                        None => c.idents.push(e),
+                    }
+                }
+            }
+        }
+    }
     if c.ids.len() >= MAX_IDS as usize {
         return Err(format!("{} identities; the datapath holds {}", c.ids.len() - 1, MAX_IDS - 1));
     }
@@ -252,11 +292,18 @@ pub fn compile(p: &Policy, anchor: &Anchor, limits: Limits) -> Result<Compiled, 
         if let Some(si) = info.segment {
             let s = &p.segments[si];
             let mut flags = SEG_MEMBER;
-            if s.mode == Mode::Enforce {
-                flags |= SEG_ENFORCE;
-            }
-            if s.default == DefaultVerdict::Allow {
-                flags |= SEG_DEFAULT_ALLOW;
+            if info.quarantine {
+                // Default deny; `new_devices: monitor` only counts.
+                if s.new_devices == NewDevices::Quarantine {
+                    flags |= SEG_ENFORCE;
+                }
+            } else {
+                if s.mode == Mode::Enforce {
+                    flags |= SEG_ENFORCE;
+                }
+                if s.default == DefaultVerdict::Allow {
+                    flags |= SEG_DEFAULT_ALLOW;
+                }
             }
             c.segments.push((id as u32, SegmentInfo { flags, _pad: [0; 3], segment: si as u32 + 1 }));
         }
@@ -291,7 +338,8 @@ pub fn compile(p: &Policy, anchor: &Anchor, limits: Limits) -> Result<Compiled, 
             expires_ns,
             opens_ns,
         };
-        let own: Vec<u32> = ids_where(&c.ids, |i| i.segment == Some(r.segment));
+        let own: Vec<u32> =
+            ids_where(&c.ids, |i| i.segment == Some(r.segment) && i.quarantine == r.quarantine);
         let peer: Vec<u32> = ids_where(&c.ids, |i| i.names.contains(&r.peer));
         for &a in &own {
             for &b in &peer {
@@ -455,6 +503,69 @@ mod policy_tests {
         assert_eq!(info("10.12.0.0/24").flags, SEG_MEMBER | SEG_ENFORCE);
         // Zones are not segments.
         assert!(!c.segments.iter().any(|(id, _)| *id == id_of(&c, "10.21.0.0/24")));
+    }
+
+    /// A quarantined device, judged by the reference model over the
+    /// compiled tables: its own traffic and traffic towards it get only the
+    /// quarantine rules; its neighbours keep the segment's; a monitor
+    /// segment never quarantines.
+    #[test]
+    fn quarantined_devices_get_only_quarantine_rules() {
+        use mdsec_common::{
+            model::{Communication, Model},
+            policy::Verdict,
+        };
+        let dir = std::env::temp_dir().join(format!("mdsec-t-quarantine-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("zones.yaml"),
+            "zones:\n  pharmacy: [10.0.2.0/24]\n  onboarding: [10.0.2.9/32]\n",
+        )
+        .unwrap();
+        let seg = |mode: &str| {
+            format!(
+                "segment: pumps\nfunction: infusion-pump\nmode: {mode}\ndefault: deny\nnew_devices: quarantine\n\
+                 members:\n  - cidr: 10.0.1.0/24\nallow:\n  - to: pharmacy\n    proto: udp\n    ports: [9000]\n  \
+                 - from: pharmacy\n    proto: udp\n    ports: [7000]\n\
+                 quarantine_allow:\n  - to: onboarding\n    proto: udp\n    ports: [9500]\n"
+            )
+        };
+        let q = crate::policy::quarantine::Quarantined {
+            segment: "pumps".into(),
+            mac: "02:00:00:00:00:07".into(),
+            vlan: 0,
+            ips: vec!["10.0.1.7".parse().unwrap()],
+            first_seen: String::new(),
+            mode: String::new(),
+        };
+        let key = |ip: &str| ip_to_key(ip.parse().unwrap());
+        let verdict = |mode: &str, src: ([u8; 6], &str), dst: &str, dport: u16| {
+            std::fs::write(dir.join("pumps.yaml"), seg(mode)).unwrap();
+            let (p, d) = load_dir(&dir, SystemTime::now());
+            let mut p = p.unwrap_or_else(|| panic!("{d:?}"));
+            p.quarantined = crate::policy::quarantine::applicable(&p, std::slice::from_ref(&q));
+            let c = compile(&p, &Anchor::now(), Limits { idents: 1000, macs: 1000, policy: 10_000 }).unwrap();
+            let mut m = Model::new(c.model_tables(2));
+            let comm = Communication {
+                src_mac: src.0,
+                src: key(src.1),
+                dst: key(dst),
+                proto: 17,
+                sport: 40000,
+                dport,
+                ..Default::default()
+            };
+            Verdict::from_u8(m.judge(&comm, 1).verdict)
+        };
+        let (quarantined, neighbour) = (([2, 0, 0, 0, 0, 7], "10.0.1.7"), ([2, 0, 0, 0, 0, 8], "10.0.1.8"));
+        let pharmacy = ([2, 0, 0, 0, 2, 2], "10.0.2.2");
+        assert_eq!(verdict("enforce", quarantined, "10.0.2.2", 9000), Verdict::Drop);
+        assert_eq!(verdict("enforce", quarantined, "10.0.2.9", 9500), Verdict::Allow);
+        assert_eq!(verdict("enforce", pharmacy, "10.0.1.7", 7000), Verdict::Drop, "towards it, by address");
+        assert_eq!(verdict("enforce", neighbour, "10.0.2.2", 9000), Verdict::Allow);
+        assert_eq!(verdict("enforce", pharmacy, "10.0.1.8", 7000), Verdict::Allow);
+        assert_eq!(verdict("monitor", quarantined, "10.0.2.2", 9000), Verdict::Allow, "monitor: never");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -6,5 +6,6 @@ pub mod compile;
 pub mod maps;
 pub mod model;
 pub mod ondemand;
+pub mod quarantine;
 pub mod runtime;
 pub mod window;

@@ -92,6 +92,39 @@ pub struct SegmentYaml {
     #[serde(default)]
     #[schemars(with = "bool")]
     require_approval: Option<Spanned<bool>>,
+    /// Enforce segments only: what a device inside the segment's addresses
+    /// gets when it is first seen after the learning period, is not a MAC
+    /// member and is still `onboarding`. `quarantine`: only exempt traffic
+    /// and `quarantine_allow` until it is moved to `active`; `monitor`: the
+    /// same, counted as would-drop instead of dropped; `allow` (default):
+    /// the segment's rules.
+    #[serde(default)]
+    #[schemars(with = "Option<NewDevices>")]
+    new_devices: Option<Spanned<NewDevices>>,
+    /// What a quarantined device may reach (or be reached by), e.g. the
+    /// biomed onboarding server; rules as in `allow`.
+    #[serde(default)]
+    quarantine_allow: Vec<RuleYaml>,
+}
+
+/// `new_devices:` of a segment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NewDevices {
+    Quarantine,
+    Monitor,
+    #[default]
+    Allow,
+}
+
+impl NewDevices {
+    pub fn name(self) -> &'static str {
+        match self {
+            NewDevices::Quarantine => "quarantine",
+            NewDevices::Monitor => "monitor",
+            NewDevices::Allow => "allow",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
@@ -245,6 +278,9 @@ pub struct Policy {
     pub zones: Vec<Zone>,
     pub segments: Vec<Segment>,
     pub rules: Vec<Rule>,
+    /// Devices in quarantine now (not from the files: the agent selects
+    /// them from the inventory and merges them in, `policy::quarantine`).
+    pub quarantined: Vec<super::quarantine::Quarantined>,
 }
 
 #[derive(Debug, Clone)]
@@ -264,6 +300,9 @@ pub struct Segment {
     pub learning_period: std::time::Duration,
     /// As written; it takes effect in enforce mode ([`Segment::approval_required`]).
     pub require_approval: bool,
+    /// As written; it takes effect in enforce mode only (every user checks
+    /// the mode too).
+    pub new_devices: NewDevices,
 }
 
 impl Segment {
@@ -290,7 +329,9 @@ impl Policy {
                 file: PathBuf::from("pumps.yaml"),
                 learning_period,
                 require_approval: false,
+                new_devices: NewDevices::Allow,
             }],
+            quarantined: vec![],
         }
     }
 }
@@ -341,6 +382,9 @@ pub struct Rule {
     pub exception: Option<ExceptionInfo>,
     /// A maintenance window: allows only while one of its occurrences is open.
     pub window: Option<super::window::Window>,
+    /// From `quarantine_allow`: it applies to the segment's quarantined
+    /// devices, not to its members.
+    pub quarantine: bool,
     /// Where the rule is written (its `to`/`from`).
     pub file: PathBuf,
     pub line: u64,
@@ -362,10 +406,12 @@ impl Rule {
         self.exception.is_none() && self.window.is_none()
     }
 
-    /// `to PEER PROTO PORTS [app APP]`: how reports and diffs name a rule.
+    /// `to PEER PROTO PORTS [app APP]`: how reports and diffs name a rule
+    /// (`quarantine to …` for a `quarantine_allow` rule).
     pub fn text(&self) -> String {
         let mut t = format!(
-            "{} {}",
+            "{}{} {}",
+            if self.quarantine { "quarantine " } else { "" },
             match self.direction {
                 Direction::Out => "to",
                 Direction::In => "from",
@@ -643,7 +689,8 @@ fn build(
     now: SystemTime,
     opts: &LoadOptions,
 ) -> Option<Policy> {
-    let mut policy = Policy { zones: Vec::new(), segments: Vec::new(), rules: Vec::new() };
+    let mut policy =
+        Policy { zones: Vec::new(), segments: Vec::new(), rules: Vec::new(), quarantined: Vec::new() };
     // Names: zones and segments share one namespace.
     let mut names: HashMap<String, String> = HashMap::new();
     if let Some((f, z)) = &zones_yaml {
@@ -721,7 +768,27 @@ fn build(
                 }),
             },
             require_approval: s.require_approval.as_ref().is_some_and(|r| r.value),
+            new_devices: s.new_devices.as_ref().map_or(NewDevices::Allow, |n| n.value),
         });
+        if let Some(n) = &s.new_devices
+            && n.value != NewDevices::Allow
+            && s.mode == Mode::Monitor
+        {
+            cx.warn_at(
+                f,
+                n,
+                format!(
+                    "new_devices: {} takes effect in enforce mode only (a monitor segment quarantines nothing)",
+                    n.value.name()
+                ),
+            );
+        }
+        if let Some(r) = s.quarantine_allow.first()
+            && policy.segments[seg_index].new_devices == NewDevices::Allow
+            && let Some(at) = r.to.as_ref().or(r.from.as_ref())
+        {
+            cx.warn_at(f, at, "quarantine_allow has no effect without new_devices: quarantine or monitor");
+        }
         if let Some(r) = &s.require_approval
             && r.value
             && s.mode == Mode::Monitor
@@ -744,6 +811,13 @@ fn build(
             let id = policy.rules.len() as u32 + 1;
             if let Some(rule) = build_rule(cx, f, seg_index, id, raw, exc, now) {
                 policy.rules.push(rule);
+            }
+        }
+        for r in &s.quarantine_allow {
+            let raw = RawRule { to: &r.to, from: &r.from, proto: &r.proto, ports: &r.ports, app: &r.app };
+            let id = policy.rules.len() as u32 + 1;
+            if let Some(rule) = build_rule(cx, f, seg_index, id, raw, None, now) {
+                policy.rules.push(Rule { quarantine: true, ..rule });
             }
         }
         let mut windows: Vec<(super::window::Window, Peer, Direction, u64, u64)> = Vec::new();
@@ -1020,6 +1094,7 @@ fn build_rule(
         app,
         exception,
         window: None,
+        quarantine: false,
         file: f.to_owned(),
         line: peer_s.referenced.line(),
         col: peer_s.referenced.column(),
@@ -1055,6 +1130,37 @@ mod tests {
         for bad in ["", "7", "d", "7w", "-1h", "1.5h"] {
             assert_eq!(parse_period(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn quarantine_settings_that_do_nothing_are_warnings() {
+        let d = std::env::temp_dir().join(format!("mdsec-t-newdev-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let head = "segment: s\nfunction: f\ndefault: deny\nmembers:\n  - cidr: 10.0.0.0/24\n";
+        let q = "quarantine_allow:\n  - to: 10.9.0.0/24\n";
+        for (yaml, want) in [
+            (format!("{head}mode: monitor\nnew_devices: quarantine\n"), Some((7, "enforce mode only"))),
+            (format!("{head}mode: enforce\n{q}"), Some((8, "quarantine_allow has no effect"))),
+            (format!("{head}mode: enforce\nnew_devices: monitor\n{q}"), None),
+        ] {
+            std::fs::write(d.join("s.yaml"), &yaml).unwrap();
+            let (p, diags) = load_dir(&d, SystemTime::now());
+            assert!(p.is_some(), "{diags:?}");
+            match want {
+                None => assert!(diags.is_empty(), "{diags:?}"),
+                Some((line, text)) => assert!(
+                    diags.len() == 1
+                        && diags[0].warning
+                        && diags[0].line == line
+                        && diags[0].message.contains(text),
+                    "{yaml}: {diags:?}"
+                ),
+            }
+        }
+        std::fs::write(d.join("s.yaml"), format!("{head}mode: enforce\nnew_devices: isolate\n")).unwrap();
+        let (p, diags) = load_dir(&d, SystemTime::now());
+        assert!(p.is_none() && diags[0].line == 7, "{diags:?}");
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

@@ -318,6 +318,7 @@ pub fn merge(policy: &Policy, grants: &[Grant], now: SystemTime) -> (Policy, Vec
                     ticket: g.ticket.clone(),
                 }),
                 window: None,
+                quarantine: false,
                 file: g.origin(),
                 line: 0,
                 col: 0,

@@ -17,6 +17,7 @@ use super::{
     maps::PolicyMaps,
     model::{self, Policy},
     ondemand::{self, Closed, Grant},
+    quarantine::{self, Quarantined},
 };
 use crate::{
     base::clock::{Anchor, rfc3339},
@@ -43,6 +44,7 @@ impl Installed {
     pub fn file_policy(&self) -> Policy {
         let mut p = self.policy.clone();
         p.rules.truncate(self.file_rules);
+        p.quarantined.clear();
         p
     }
 }
@@ -99,6 +101,9 @@ pub enum Trigger {
     /// generation's files with the open ones. The answer is the generation
     /// installed, or why none was.
     Grants(Option<mpsc::Sender<Result<u32, String>>>),
+    /// The devices to quarantine now (from the inventory, each store pass
+    /// that changes the set): reinstall the active generation with them.
+    Quarantine(Vec<Quarantined>),
 }
 
 /// Where on-demand exceptions are kept (the state database, given by the
@@ -117,7 +122,7 @@ pub fn prepare(
     limits: compile::Limits,
     opts: &model::LoadOptions,
 ) -> Result<(Policy, Compiled, Vec<String>), Vec<String>> {
-    let m = prepare_merged(dir, limits, opts, &[])?;
+    let m = prepare_merged(dir, limits, opts, &[], &[])?;
     Ok((m.policy, m.compiled, m.diags))
 }
 
@@ -135,11 +140,12 @@ fn prepare_merged(
     limits: compile::Limits,
     opts: &model::LoadOptions,
     grants: &[Grant],
+    quarantined: &[Quarantined],
 ) -> Result<Merged, Vec<String>> {
     let (policy, diags) = model::load_dir_with(dir, SystemTime::now(), opts);
     let texts: Vec<String> = diags.iter().map(|d| d.to_string()).collect();
     let Some(policy) = policy else { return Err(texts) };
-    merge_compile(policy, texts, grants, limits).map_err(|(mut texts, e)| {
+    merge_compile(policy, texts, grants, quarantined, limits).map_err(|(mut texts, e)| {
         texts.push(format!("{}: {e}", dir.display()));
         texts
     })
@@ -149,10 +155,12 @@ fn merge_compile(
     policy: Policy,
     mut texts: Vec<String>,
     grants: &[Grant],
+    quarantined: &[Quarantined],
     limits: compile::Limits,
 ) -> Result<Merged, (Vec<String>, String)> {
     let file_rules = policy.rules.len();
-    let (merged, applied, warnings) = ondemand::merge(&policy, grants, SystemTime::now());
+    let (mut merged, applied, warnings) = ondemand::merge(&policy, grants, SystemTime::now());
+    merged.quarantined = quarantine::applicable(&merged, quarantined);
     texts.extend(warnings);
     let grants = grants.iter().filter(|g| applied.contains(&g.id)).cloned().collect();
     match compile::compile(&merged, &Anchor::now(), limits) {
@@ -183,6 +191,8 @@ pub struct Reloader {
     /// the last check: a change is an event and a reschedule.
     windows_open: std::collections::BTreeMap<String, bool>,
     grant_store: Option<Box<dyn GrantStore>>,
+    /// The devices the app layer last asked to quarantine.
+    quarantine: Vec<Quarantined>,
 }
 
 /// A policy ready to install, and what it was loaded from.
@@ -219,7 +229,15 @@ impl Reloader {
             load_options: Default::default(),
             windows_open: Default::default(),
             grant_store: None,
+            quarantine: Vec::new(),
         }
+    }
+
+    /// The devices in quarantine at the previous stop: merged from the
+    /// first install on (the store pass sends the current set after).
+    pub fn with_quarantine(mut self, q: Vec<Quarantined>) -> Reloader {
+        self.quarantine = q;
+        self
     }
 
     /// Where on-demand exceptions are kept: each install merges the open ones.
@@ -277,11 +295,17 @@ impl Reloader {
     /// exceptions (no re-read of the files, so an unapproved edit waiting in
     /// the directory does not stop an exception from opening or closing).
     fn regrant(&mut self) -> Result<u32, String> {
+        self.reinstall("exception")
+    }
+
+    /// The active generation's files reinstalled with the current grants and
+    /// quarantine, recorded with `cause`.
+    fn reinstall(&mut self, cause: &str) -> Result<u32, String> {
         let Some(cur) = self.state.read().unwrap().current.clone() else {
             return Err("no policy generation is active".into());
         };
         let grants = self.open_grants();
-        let m = merge_compile(cur.file_policy(), Vec::new(), &grants, self.maps.limits())
+        let m = merge_compile(cur.file_policy(), Vec::new(), &grants, &self.quarantine, self.maps.limits())
             .map_err(|(_, e)| format!("compiling with the on-demand exceptions failed: {e}"))?;
         let p = Prepared {
             policy: m.policy,
@@ -292,7 +316,7 @@ impl Reloader {
             file_rules: m.file_rules,
             grants: m.grants,
         };
-        if self.finish(Ok(p), "exception") {
+        if self.finish(Ok(p), cause) {
             Ok(self.state.read().unwrap().status.generation)
         } else {
             Err(self.state.read().unwrap().status.diagnostics.join("; "))
@@ -381,7 +405,7 @@ impl Reloader {
         let before = approval::read(dir).ok();
         let grants = self.open_grants();
         let Merged { policy, compiled, diags, file_rules, grants } =
-            prepare_merged(dir, self.maps.limits(), &self.load_options, &grants)?;
+            prepare_merged(dir, self.maps.limits(), &self.load_options, &grants, &self.quarantine)?;
         let contents = read(dir)?;
         if before.as_ref() != Some(&contents) {
             return Err(vec![format!("{}: the policy files changed while loading", dir.display())]);
@@ -527,6 +551,21 @@ impl Reloader {
                 st.status.ticket = p.approval.as_ref().map(|a| a.ticket.clone());
                 st.status.restored = false;
                 let before: Vec<Grant> = st.current.as_ref().map(|c| c.grants.clone()).unwrap_or_default();
+                let quarantine_changes = if st.current.is_none() {
+                    // At a start: raised by the run that quarantined them.
+                    (Vec::new(), Vec::new())
+                } else {
+                    let before: Vec<Quarantined> =
+                        st.current.as_ref().map(|c| c.policy.quarantined.clone()).unwrap_or_default();
+                    let key = |q: &Quarantined| (q.segment.clone(), q.mac.clone());
+                    let now: Vec<_> = p.policy.quarantined.iter().map(key).collect();
+                    let was: Vec<_> = before.iter().map(key).collect();
+                    let added: Vec<Quarantined> =
+                        p.policy.quarantined.iter().filter(|q| !was.contains(&key(q))).cloned().collect();
+                    let lifted: Vec<Quarantined> =
+                        before.into_iter().filter(|q| !now.contains(&key(q))).collect();
+                    (added, lifted)
+                };
                 let grant_changes = st.current.is_some().then(|| {
                     let opened: Vec<Grant> =
                         p.grants.iter().filter(|g| !before.iter().any(|b| b.id == g.id)).cloned().collect();
@@ -555,6 +594,17 @@ impl Reloader {
                 self.check_windows(false);
                 if let Some((opened, closed)) = grant_changes {
                     self.grant_events(opened, closed, generation, at);
+                }
+                let (added, lifted) = quarantine_changes;
+                for (q, on) in added.iter().map(|q| (q, true)).chain(lifted.iter().map(|q| (q, false))) {
+                    info!(
+                        "policy: {} {} in segment {} ({})",
+                        q.mac,
+                        if on { "quarantined" } else { "out of quarantine" },
+                        q.segment,
+                        q.mode
+                    );
+                    (self.events)(quarantine_event(q, on, generation, at));
                 }
                 true
             }
@@ -610,6 +660,14 @@ impl Reloader {
                             self.reload();
                             seen = fingerprint(&self.dir);
                             pending = None;
+                        }
+                        Ok(Trigger::Quarantine(list)) => {
+                            if list != self.quarantine {
+                                self.quarantine = list;
+                                if let Err(e) = self.reinstall("quarantine") {
+                                    error!("policy: applying the quarantine failed: {e}");
+                                }
+                            }
                         }
                         Ok(Trigger::Grants(answer)) => {
                             let r = self.regrant();
@@ -672,6 +730,41 @@ fn window_event(
             w.ticket,
             if open { "closes" } else { "opens next" }
         ),
+        ..Default::default()
+    }
+}
+
+/// `quarantine` / `quarantine_lifted` of a device.
+fn quarantine_event(
+    q: &Quarantined,
+    on: bool,
+    generation: u32,
+    now: SystemTime,
+) -> crate::base::event::Event {
+    let ips: Vec<String> = q.ips.iter().map(|ip| ip.to_string()).collect();
+    crate::base::event::Event {
+        version: crate::base::event::EVENT_SCHEMA_VERSION,
+        kind: if on { "quarantine" } else { "quarantine_lifted" }.into(),
+        severity: if on { "medium" } else { "info" }.into(),
+        time: rfc3339(now),
+        src: ips.first().cloned().unwrap_or_default(),
+        vlan: q.vlan,
+        segment: q.segment.clone(),
+        mac: Some(q.mac.clone()),
+        generation,
+        reason: if on {
+            format!(
+                "new device first seen {} after the learning period, not declared by the segment: quarantined \
+                 ({}): only exempt traffic and quarantine_allow{} until it is moved to active",
+                q.first_seen,
+                q.mode,
+                if q.mode == "monitor" { " pass silently, the rest is counted as would-drop" } else { "" }
+            )
+        } else {
+            "out of quarantine: no longer an onboarding device the segment quarantines (moved to active, declared, \
+             or the segment's policy changed)"
+                .into()
+        },
         ..Default::default()
     }
 }

@@ -375,6 +375,8 @@ const DETECTION_SIDS: &[(&str, u32)] = &[
     ("maintenance_window_close", 9_000_118),
     ("exception_open", 9_000_119),
     ("exception_close", 9_000_120),
+    ("quarantine", 9_000_121),
+    ("quarantine_lifted", 9_000_122),
 ];
 
 /// Policy signatures: 9,100,000 + a 20-bit hash of (segment, rule).

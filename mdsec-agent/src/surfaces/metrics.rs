@@ -327,8 +327,20 @@ fn policy(r: &R, st: &AppState) {
         "Maintenance windows of the active policy open now, per segment.",
         &["segment"],
     );
+    let quarantined = r.int_gauge(
+        "mdsec_quarantined_devices",
+        "Devices in quarantine now (new_devices: quarantine or monitor), per segment and mode.",
+        &["segment", "mode"],
+    );
     if let Some(cur) = &p.current {
         let now = SystemTime::now();
+        for seg in cur.policy.segments.iter().filter(|s| {
+            s.new_devices != crate::policy::model::NewDevices::Allow
+                && s.mode == crate::policy::model::Mode::Enforce
+        }) {
+            let n = cur.policy.quarantined.iter().filter(|q| q.segment == seg.name).count();
+            quarantined.with_label_values(&[seg.name.as_str(), seg.new_devices.name()]).set(n as i64);
+        }
         for (i, seg) in cur.policy.segments.iter().enumerate() {
             let open = cur
                 .policy

@@ -181,6 +181,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/devices/{mac}/state", axum::routing::post(set_state))
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/exceptions", get(exceptions::list).post(exceptions::open))
+        .route("/api/v1/quarantine", get(quarantine))
         .route("/api/v1/exceptions/{id}/close", axum::routing::post(exceptions::close))
         .route("/api/v1/writes", get(writes))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
@@ -408,6 +409,11 @@ async fn writes(axum::extract::State(st): S) -> Response {
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// `GET /api/v1/quarantine`: the devices the active generation quarantines.
+async fn quarantine(axum::extract::State(st): S) -> Json<Vec<crate::policy::quarantine::Quarantined>> {
+    Json(st.policy.read().unwrap().current.as_ref().map(|c| c.policy.quarantined.clone()).unwrap_or_default())
 }
 
 async fn baseline(axum::extract::State(st): S) -> Json<crate::detection::learn::Status> {

@@ -17,7 +17,7 @@ use mdsec_agent::{
     policy::{
         compile,
         maps::PolicyMaps,
-        model::{DefaultVerdict, Direction, Member, Mode, Peer, Policy, Rule, Segment, Zone},
+        model::{DefaultVerdict, Direction, Member, Mode, NewDevices, Peer, Policy, Rule, Segment, Zone},
     },
 };
 use mdsec_tests::kernel::TestProg;
@@ -38,7 +38,8 @@ fn net(a: u8, b: u8, c: u8) -> IpNet {
 /// `segments` segments of `rules_per_segment` rules each, every rule one zone and
 /// one TCP port.
 fn synthetic(segments: usize, zones: usize, rules_per_segment: usize) -> Policy {
-    let mut p = Policy { zones: Vec::new(), segments: Vec::new(), rules: Vec::new() };
+    let mut p =
+        Policy { zones: Vec::new(), segments: Vec::new(), rules: Vec::new(), quarantined: Vec::new() };
     for z in 0..zones {
         p.zones.push(Zone {
             name: format!("zone{z}"),
@@ -55,6 +56,7 @@ fn synthetic(segments: usize, zones: usize, rules_per_segment: usize) -> Policy 
             file: PathBuf::from(format!("seg{s}.yaml")),
             learning_period: std::time::Duration::ZERO,
             require_approval: false,
+            new_devices: NewDevices::Allow,
         });
         for r in 0..rules_per_segment {
             let id = p.rules.len() as u32 + 1;
@@ -68,6 +70,7 @@ fn synthetic(segments: usize, zones: usize, rules_per_segment: usize) -> Policy 
                 app: None,
                 exception: None,
                 window: None,
+                quarantine: false,
                 file: PathBuf::from(format!("seg{s}.yaml")),
                 line: 10 + r as u64,
                 col: 9,
