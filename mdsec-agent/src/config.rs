@@ -789,6 +789,20 @@ mod tests {
     }
 
     #[test]
+    fn gratuitous_arp_flood_thresholds_are_bounded() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!((c.detection.garp_flood_frames, c.detection.garp_flood_window_secs), (20, 10));
+        for (yaml, want) in [
+            ("garp_flood_frames: 1", "garp_flood_frames must be at least 2"),
+            ("garp_flood_window_secs: 0", "garp_flood_window_secs must be from 1 to 3600"),
+            ("garp_flood_window_secs: 3601", "garp_flood_window_secs must be from 1 to 3600"),
+        ] {
+            let e = Config::parse(&format!("{GOOD}detection:\n  {yaml}\n")).unwrap_err();
+            assert!(e.message.contains(want), "{yaml}: {e}");
+        }
+    }
+
+    #[test]
     fn event_outputs_are_validated() {
         let e = Config::parse(&format!("{GOOD}events:\n  log: events.jsonl\n")).unwrap_err();
         assert_eq!(e.line, 6, "{e}");

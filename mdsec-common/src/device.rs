@@ -26,7 +26,9 @@ pub struct DeviceValue {
     pub ipv4: [u8; 4],
     /// Last IPv6 source address, all zero if none yet.
     pub ipv6: [u8; 16],
-    pub _pad: [u8; 4],
+    /// Gratuitous ARPs ([`crate::net::arp_gratuitous`]) this MAC sent, for
+    /// the flood detection (it wraps; users take differences).
+    pub gratuitous_arps: u32,
 }
 
 #[cfg(feature = "user")]

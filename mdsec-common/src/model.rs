@@ -38,6 +38,8 @@ pub struct Parsed {
     /// Why parsing stopped early, if it did.
     pub reason: Option<Stat>,
     pub has_eth: bool,
+    /// A gratuitous ARP (`net::arp_gratuitous`).
+    pub arp_gratuitous: bool,
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
     pub vlan: u16,
@@ -94,7 +96,11 @@ fn parse_into(f: &[u8], p: &mut Parsed) -> Result<(), Stat> {
         ETH_P_IPV6 => ipv6(f, off, p),
         ETH_P_ARP => {
             p.l3 = L3_ARP;
-            if f.len() < off + 28 { Err(Stat::TruncArp) } else { Ok(()) }
+            if f.len() < off + 28 {
+                return Err(Stat::TruncArp);
+            }
+            p.arp_gratuitous = crate::net::arp_gratuitous(f[off..off + 28].try_into().unwrap());
+            Ok(())
         }
         _ => {
             p.l3 = L3_OTHER;
@@ -321,6 +327,8 @@ pub struct Model {
     pub flows: HashMap<FlowKey, FlowState>,
     /// Frames and bytes each device sent (every frame with an Ethernet header).
     pub devices: HashMap<DeviceKey, (u64, u64)>,
+    /// Gratuitous ARPs each device sent (`DeviceValue::gratuitous_arps`).
+    pub gratuitous_arps: HashMap<DeviceKey, u32>,
     frags: HashMap<FragKey, (u16, u16)>,
     allowed: HashSet<TupleKey>,
 }
@@ -335,6 +343,7 @@ impl Model {
     pub fn clear(&mut self) {
         self.flows.clear();
         self.devices.clear();
+        self.gratuitous_arps.clear();
         self.frags.clear();
         self.allowed.clear();
     }
@@ -355,6 +364,13 @@ impl Model {
             let d = self.devices.entry(DeviceKey { ifindex, vlan: p.vlan, mac: p.src_mac }).or_default();
             d.0 += 1;
             d.1 += frame.len() as u64;
+            if p.l3 == L3_ARP && p.arp_gratuitous {
+                let g = self
+                    .gratuitous_arps
+                    .entry(DeviceKey { ifindex, vlan: p.vlan, mac: p.src_mac })
+                    .or_default();
+                *g = g.wrapping_add(1);
+            }
         }
         let Some(key) = self.flow_key(&p, ifindex) else {
             return Outcome { action: XDP_PASS, key: None, reason: p.reason };

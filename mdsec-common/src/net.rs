@@ -66,6 +66,31 @@ pub fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
     [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
 }
 
+/// A gratuitous ARP (an announcement, request or reply): Ethernet/IPv4 ARP
+/// whose sender address is set and equal to its target address. `arp` is
+/// the ARP header and body (28 bytes). Element by element: a slice compare
+/// would be a memcmp call in BPF.
+#[inline(always)]
+pub fn arp_gratuitous(arp: &[u8; 28]) -> bool {
+    let eth_ipv4 = arp[0] == 0 && arp[1] == 1 && arp[2] == 0x08 && arp[3] == 0x00;
+    let spa = [arp[14], arp[15], arp[16], arp[17]];
+    let tpa = [arp[24], arp[25], arp[26], arp[27]];
+    eth_ipv4 && arp_announces(spa, tpa) == 1
+}
+
+/// 1 when the sender address is set and equals the target address, else 0.
+/// Arithmetic only: in the datapath a branch here would be followed by the
+/// verifier through the whole rest of the program.
+#[inline(always)]
+pub fn arp_announces(spa: [u8; 4], tpa: [u8; 4]) -> u32 {
+    let (s, t) = (u32::from_ne_bytes(spa), u32::from_ne_bytes(tpa));
+    let x = s ^ t;
+    // The top bit of `v | -v` is set exactly when `v != 0`.
+    let differ = (x | x.wrapping_neg()) >> 31;
+    let set = (s | s.wrapping_neg()) >> 31;
+    (differ ^ 1) & set
+}
+
 /// True for `::ffff:a.b.c.d`, the form [`v4_mapped`] writes.
 #[inline(always)]
 pub fn is_v4_mapped(a: &[u8; 16]) -> bool {
@@ -95,3 +120,29 @@ mod user {
 }
 #[cfg(feature = "user")]
 pub use user::*;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gratuitous_arps_are_announcements_of_a_set_address() {
+        let arp = |htype: u8, spa: [u8; 4], tpa: [u8; 4]| {
+            let mut a = [0u8; 28];
+            a[..8].copy_from_slice(&[0, htype, 8, 0, 6, 4, 0, 1]);
+            a[14..18].copy_from_slice(&spa);
+            a[24..28].copy_from_slice(&tpa);
+            a
+        };
+        assert!(arp_gratuitous(&arp(1, [10, 0, 1, 2], [10, 0, 1, 2])));
+        assert!(!arp_gratuitous(&arp(1, [10, 0, 1, 2], [10, 0, 1, 1])), "an ordinary request");
+        assert!(!arp_gratuitous(&arp(1, [0; 4], [0; 4])), "a probe (sender 0.0.0.0)");
+        assert!(!arp_gratuitous(&arp(6, [10, 0, 1, 2], [10, 0, 1, 2])), "not Ethernet");
+        for (s, t) in [([1, 2, 3, 4], [1, 2, 3, 4]), ([255; 4], [255; 4]), ([0, 0, 0, 1], [0, 0, 0, 1])] {
+            assert_eq!(arp_announces(s, t), 1, "{s:?}");
+        }
+        for (s, t) in [([1, 2, 3, 4], [1, 2, 3, 5]), ([0; 4], [0; 4]), ([128, 0, 0, 0], [0; 4])] {
+            assert_eq!(arp_announces(s, t), 0, "{s:?} {t:?}");
+        }
+    }
+}

@@ -24,7 +24,7 @@ use crate::{
     stats::count,
 };
 
-use crate::atomic::{add, or};
+use crate::atomic::{add, add32, or};
 
 /// Accounts the frame and returns its flow entry, if it has one, for the verdict
 /// stage.
@@ -109,9 +109,12 @@ fn device(p: &Packet, now: u64, packets: u64, len: u64) {
         v6 = p.src;
     }
     let link_local = v6[0] == 0xfe && v6[1] & 0xc0 == 0x80;
+    // Zero unless an Ethernet/IPv4 ARP set the addresses; added
+    // unconditionally, so the verifier has no branch on it to follow.
+    let garp = mdsec_common::net::arp_announces(p.arp_spa, p.arp_tpa);
 
     if let Some(d) = DEVICES.get_ptr_mut(&key) {
-        update_device(d, now, packets, len, &v4, &v6, link_local);
+        update_device(d, now, packets, len, &v4, &v6, link_local, garp);
         return;
     }
     let new = DeviceValue {
@@ -121,18 +124,21 @@ fn device(p: &Packet, now: u64, packets: u64, len: u64) {
         bytes: len,
         ipv4: v4,
         ipv6: v6,
-        _pad: [0; 4],
+        gratuitous_arps: garp,
     };
     if DEVICES.insert(&key, &new, BPF_NOEXIST as u64).is_ok() {
         return;
     }
     // Another CPU created it between our lookup and insert.
     match DEVICES.get_ptr_mut(&key) {
-        Some(d) => update_device(d, now, packets, len, &v4, &v6, link_local),
+        Some(d) => update_device(d, now, packets, len, &v4, &v6, link_local, garp),
         None => count(Stat::DeviceUpdateFail, len),
     }
 }
 
+// One call site per path (found / raced): arguments are cheaper than a struct on
+// the 512-byte stack.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn update_device(
     d: *mut DeviceValue,
@@ -142,6 +148,7 @@ fn update_device(
     v4: &[u8; 4],
     v6: &[u8; 16],
     ll: bool,
+    garp: u32,
 ) {
     // SAFETY: `d` is a live map value; racing plain stores of timestamps/addresses
     // only ever write a value some CPU just observed.
@@ -151,6 +158,7 @@ fn update_device(
             add(&mut (*d).bytes, len);
         }
         (*d).last_seen_ns = now;
+        add32(&mut (*d).gratuitous_arps, garp);
         if !is_zero(v4) {
             (*d).ipv4 = *v4;
         }

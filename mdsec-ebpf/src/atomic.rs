@@ -14,6 +14,22 @@ pub fn add(cell: *mut u64, v: u64) {
 
 #[cfg(target_arch = "bpf")]
 #[inline(always)]
+pub fn add32(cell: *mut u32, v: u32) {
+    use core::intrinsics::{atomic_xadd, AtomicOrdering};
+    // SAFETY: as for `add` (a 32-bit BPF_ATOMIC add).
+    unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(cell, v) };
+}
+
+#[cfg(not(target_arch = "bpf"))]
+#[inline(always)]
+pub fn add32(cell: *mut u32, v: u32) {
+    use core::sync::atomic::{AtomicU32, Ordering};
+    // SAFETY: `cell` points into a live, 4-byte aligned map value.
+    unsafe { AtomicU32::from_ptr(cell) }.fetch_add(v, Ordering::Relaxed);
+}
+
+#[cfg(target_arch = "bpf")]
+#[inline(always)]
 pub fn or(cell: *mut u64, v: u64) {
     use core::intrinsics::{atomic_or, AtomicOrdering};
     // SAFETY: as for `add`.

@@ -38,6 +38,9 @@ pub struct Packet {
     pub src_mac: [u8; 6],
     /// ARP sender protocol address.
     pub arp_spa: [u8; 4],
+    /// ARP target protocol address (with `arp_spa`, for
+    /// `mdsec_common::net::arp_announces`).
+    pub arp_tpa: [u8; 4],
     pub ifindex: u32,
     pub frag_id: u32,
     /// Innermost VLAN id, 0 when untagged.
@@ -165,6 +168,7 @@ fn parse_arp(ctx: &XdpContext, off: usize, p: &mut Packet) -> Result<(), Stat> {
     // Only Ethernet (1) / IPv4 (0x0800) ARP carries an IPv4 sender address.
     if be16(h[0], h[1]) == 1 && be16(h[2], h[3]) == ETH_P_IP {
         p.arp_spa = [h[14], h[15], h[16], h[17]];
+        p.arp_tpa = [h[24], h[25], h[26], h[27]];
     }
     Ok(())
 }

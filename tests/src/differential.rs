@@ -118,6 +118,8 @@ pub struct Report {
     pub flows: u64,
     /// Devices compared (summed over batches).
     pub devices: u64,
+    /// Gratuitous ARPs the model counted (and the kernel agreed on).
+    pub gratuitous_arps: u64,
     /// Frames of a flow sent by another MAC than its creator's (the device
     /// accounting's second path).
     pub foreign: u64,
@@ -300,6 +302,20 @@ fn frame(g: &mut Gen, payloads: &[Vec<u8>]) -> arbitrary::Result<Vec<u8>> {
         (_, 1) => 0x88cc,
         (true, _) => 0x86dd,
         (false, _) => 0x0800,
+    };
+    // Half the ARP frames are well-formed Ethernet/IPv4 ARP, most of those
+    // gratuitous (sender = target address).
+    let l3 = if ethertype == 0x0806 && u.ratio(1, 2)? {
+        let spa: [u8; 4] = u.arbitrary()?;
+        let tpa: [u8; 4] = if u.ratio(2, 3)? { spa } else { u.arbitrary()? };
+        let mut a = vec![0, 1, 8, 0, 6, 4, 0, *u.choose(&[1u8, 2])?];
+        a.extend_from_slice(&src_mac);
+        a.extend_from_slice(&spa);
+        a.extend_from_slice(&[0; 6]);
+        a.extend_from_slice(&tpa);
+        a
+    } else {
+        l3
     };
     let mut f = frames::eth(dst_mac, src_mac, &tags, ethertype, &l3);
     if u.ratio(1, 10)? {
@@ -531,6 +547,25 @@ fn run_on(mut pair: Pair, n: u64, seed: u64, mirror: bool) -> Result<Report> {
                     ));
                 }
             }
+            // Gratuitous ARPs per device: DEVICES' counter against the model's.
+            let kernel_garp: std::collections::BTreeMap<_, _> = pair
+                .prog
+                .devices()?
+                .into_iter()
+                .filter(|(_, v)| v.gratuitous_arps != 0)
+                .map(|(k, v)| (k, v.gratuitous_arps))
+                .collect();
+            let model_garp: std::collections::BTreeMap<_, _> =
+                pair.model.gratuitous_arps.iter().map(|(k, v)| (*k, *v)).collect();
+            if kernel_garp != model_garp {
+                r.disagreements += 1;
+                if r.examples.len() < 10 {
+                    r.examples.push(format!(
+                        "batch ending at packet {i} (seed {seed}): gratuitous ARPs differ: kernel {kernel_garp:?}, model {model_garp:?}"
+                    ));
+                }
+            }
+            r.gratuitous_arps += model_garp.values().map(|&n| n as u64).sum::<u64>();
             r.devices += model_devices.len() as u64;
             r.foreign += flows.iter().map(|(_, v)| v.foreign_packets).sum::<u64>();
             model_reasons = [0; STATS_LEN as usize];

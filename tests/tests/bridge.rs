@@ -714,4 +714,24 @@ fn arp_claims_of_a_bound_address_and_of_an_active_hosts_address_are_detected() {
     assert!(dup.reason.contains(&mac(pump)), "{}", dup.reason);
     // Pump 1's own address is its own: it is reported as neither.
     assert!(events.iter().filter(|e| kinds.contains(&e.kind.as_str())).all(|e| e.mac != Some(mac(pump))));
+    // Three announcements each were no flood; thirty from the pump are.
+    assert!(!events.iter().any(|e| e.kind == "gratuitous_arp_flood"), "{events:#?}");
+    let code = format!(
+        "from scapy.all import *\nm=get_if_hwaddr('eth0')\n\
+         sendp([Ether(src=m,dst='ff:ff:ff:ff:ff:ff')/ARP(op=1,hwsrc=m,psrc='{ip}',pdst='{ip}')]*30,iface='eth0',verbose=0)",
+        ip = pump.ip
+    );
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &pump.ns, "/usr/bin/python3", "-c", &code])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "scapy: {}", String::from_utf8_lossy(&out.stderr));
+    let flood = |e: &Vec<model::Event>| {
+        let f = mdsec_tests::agent::sorted_kinds(e, &["gratuitous_arp_flood"]);
+        (!f.is_empty()).then_some(f)
+    };
+    let got = a.wait_for(Duration::from_secs(10), |a| a.events(), flood).unwrap();
+    assert_eq!(got, [("gratuitous_arp_flood".to_string(), pump.ip.to_string(), Some(mac(pump)))]);
+    let e = a.events().unwrap().into_iter().find(|e| e.kind == "gratuitous_arp_flood").unwrap();
+    assert!(e.reason.contains(" gratuitous ARPs in ") && e.severity == "high", "{}", e.reason);
 }

@@ -299,3 +299,47 @@ fn dhcp_offers_and_router_advertisements_from_undeclared_hosts_are_rogue() {
     srcs.sort();
     assert_eq!(srcs, ["10.0.2.2", "fe80::4"]);
 }
+
+/// A gratuitous-ARP flood on a routed port, in real frames: h1 announces
+/// its address 40 times in a burst, h2 three times (a normal host at
+/// link-up). Only h1 is reported, once, as an incident of its own.
+#[test]
+fn a_gratuitous_arp_flood_is_reported_once_and_a_few_announcements_are_not() {
+    let topo = Topology::new(2).unwrap();
+    topo.warm_up().unwrap();
+    let agent = Agent::start(&topo, AgentOptions { policy: policy(), ..Default::default() }).unwrap();
+    let announce = |h: u8, n: usize| {
+        let ip = topo.host(h).v4();
+        scapy(
+            &topo.host(h).ns,
+            &format!(
+                "m=get_if_hwaddr('eth0')\nsendp([Ether(src=m,dst='ff:ff:ff:ff:ff:ff')/ARP(op=1,hwsrc=m,psrc='{ip}',pdst='{ip}')]*{n},iface='eth0',verbose=0)"
+            ),
+        )
+    };
+    announce(2, 3);
+    announce(1, 40);
+    let kinds = ["gratuitous_arp_flood"];
+    let found = |e: &Vec<Event>| {
+        let f = mdsec_tests::agent::sorted_kinds(e, &kinds);
+        (!f.is_empty()).then_some(f)
+    };
+    agent.wait_for(Duration::from_secs(10), |a| a.events(), found).unwrap();
+    // Another burst within dedup_secs is the same flood.
+    announce(1, 40);
+    std::thread::sleep(Duration::from_secs(5));
+    let h1_mac = mdsec_agent::base::net::mac_string(topo.host(1).mac().unwrap());
+    let events = agent.events().unwrap();
+    assert_eq!(
+        mdsec_tests::agent::sorted_kinds(&events, &kinds),
+        [("gratuitous_arp_flood".to_string(), "10.0.1.2".to_string(), Some(h1_mac))],
+        "{events:#?}"
+    );
+    let e = events.iter().find(|e| e.kind == "gratuitous_arp_flood").unwrap();
+    assert_eq!((e.severity.as_str(), e.iface.as_str()), ("high", topo.host(1).gw_if.as_str()));
+    // All 40, or (a store pass fell inside the burst) at least the threshold.
+    let sent: u64 = e.reason.split(" sent ").nth(1).and_then(|r| r.split(' ').next()?.parse().ok()).unwrap();
+    assert!((20..=40).contains(&sent) && e.reason.contains("gratuitous ARPs in"), "{}", e.reason);
+    let incidents: Vec<mdsec_agent::surfaces::model::Incident> = agent.get("/api/v1/incidents").unwrap();
+    assert_eq!(incidents.iter().map(|i| i.src.as_str()).collect::<Vec<_>>(), ["10.0.1.2"]);
+}

@@ -13,7 +13,7 @@ fn kernel_and_reference_model_agree_on_generated_frames() {
         assert_eq!(r.disagreements, 0, "seed {seed}: {:#?}", r.examples);
         // The generator reaches every part of the program.
         assert!(r.dropped > 500 && r.flows > 5000, "{r:?}");
-        assert!(r.devices > 10 && r.foreign > 500, "{r:?}");
+        assert!(r.devices > 10 && r.foreign > 500 && r.gratuitous_arps > 10, "{r:?}");
         for reason in [
             "ok",
             "truncated_l4",

@@ -248,16 +248,25 @@ frames = [offer("02:00:00:00:03:02", "10.0.3.2"), ra("02:00:00:00:03:02", "fe80:
 # 50 ms apart (tcpreplay keeps the capture's timing): the second claimer of
 # an address comes after the first, as on a real link.
 out = [span(f) for f in frames for _ in range(3)]
+# A gratuitous-ARP flood: 30 announcements of one host (the claims above
+# are 3 each, below detection.garp_flood_frames).
+out += [span(claim("02:00:00:00:08:08", "10.0.2.8")) for _ in range(30)]
 for i, p in enumerate(out):
     p.time = 1700000000 + i * 0.05
 wrpcap(sys.argv[1], out)
 "#;
     replay(&topo, &agent, "l2.pcap", code);
 
-    let kinds = ["rogue_dhcp_server", "rogue_router_advertisement", "arp_spoofing", "duplicate_ip"];
+    let kinds = [
+        "rogue_dhcp_server",
+        "rogue_router_advertisement",
+        "arp_spoofing",
+        "duplicate_ip",
+        "gratuitous_arp_flood",
+    ];
     let found = |e: &Vec<mdsec_agent::surfaces::model::Event>| {
         let f = mdsec_tests::agent::sorted_kinds(e, &kinds);
-        (f.len() >= 4).then_some(f)
+        (f.len() >= 5).then_some(f)
     };
     let got = agent
         .wait_for(Duration::from_secs(20), |a| a.events(), found)
@@ -270,6 +279,7 @@ wrpcap(sys.argv[1], out)
         [
             (s("arp_spoofing"), s("10.0.2.2"), Some(s("02:00:00:00:06:06"))),
             (s("duplicate_ip"), s("10.0.1.1"), Some(s("02:00:00:00:07:07"))),
+            (s("gratuitous_arp_flood"), s("10.0.2.8"), Some(s("02:00:00:00:08:08"))),
             (s("rogue_dhcp_server"), s("10.0.2.5"), Some(s("02:00:00:00:02:05"))),
             (s("rogue_router_advertisement"), s("fe80::4"), Some(s("02:00:00:00:04:04"))),
         ]

@@ -27,6 +27,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "rogue_dhcp_server",
     "rogue_router_advertisement",
     "arp_spoofing",
+    "gratuitous_arp_flood",
     "duplicate_ip",
     "incident",
     "maintenance_window_open",

@@ -80,6 +80,21 @@ pub struct DetectionConfig {
     /// (as ARP sender or IP source) raises `arp_spoofing`.
     #[serde(default)]
     pub arp_bindings: std::collections::BTreeMap<String, String>,
+    /// A host sending at least this many gratuitous ARPs (sender address =
+    /// target address) within `garp_flood_window_secs` raises
+    /// `gratuitous_arp_flood` (a cache-poisoning or failover storm; a normal
+    /// host sends a few at link-up).
+    #[serde(default = "default_garp_frames")]
+    pub garp_flood_frames: u64,
+    #[serde(default = "default_garp_window")]
+    pub garp_flood_window_secs: u64,
+}
+
+fn default_garp_frames() -> u64 {
+    20
+}
+fn default_garp_window() -> u64 {
+    10
 }
 
 fn default_scan_hosts() -> usize {
@@ -108,6 +123,8 @@ impl Default for DetectionConfig {
             dhcp_servers: Vec::new(),
             ipv6_routers: Vec::new(),
             arp_bindings: Default::default(),
+            garp_flood_frames: default_garp_frames(),
+            garp_flood_window_secs: default_garp_window(),
         }
     }
 }
@@ -142,6 +159,18 @@ impl DetectionConfig {
             if v < 2 {
                 return Err((vec![key.into()], format!("detection.{key} must be at least 2")));
             }
+        }
+        if self.garp_flood_frames < 2 {
+            return Err((
+                vec!["garp_flood_frames".into()],
+                "detection.garp_flood_frames must be at least 2".into(),
+            ));
+        }
+        if !(1..=3600).contains(&self.garp_flood_window_secs) {
+            return Err((
+                vec!["garp_flood_window_secs".into()],
+                "detection.garp_flood_window_secs must be from 1 to 3600".into(),
+            ));
         }
         for (key, v) in [("scan_window_secs", self.scan_window_secs), ("dedup_secs", self.dedup_secs)] {
             if v == 0 {
@@ -400,6 +429,11 @@ pub struct Detector {
     bindings: HashMap<(u32, u16, IpAddr), ([u8; 6], u64)>,
     /// (address, claimer) pairs already reported.
     claims_reported: HashSet<(IpAddr, [u8; 6])>,
+    /// Per device that sent gratuitous ARPs: (monotonic ns, its total) at
+    /// each pass within the flood window, oldest first.
+    garp_samples: HashMap<DeviceKey, std::collections::VecDeque<(u64, u64)>>,
+    /// When each device's flood was last reported (monotonic ns).
+    garp_reported: HashMap<DeviceKey, u64>,
     /// The policy generation whose unknown zone names were last logged.
     zones_checked: Option<u32>,
     /// Baselines and `new_*` detections.
@@ -439,6 +473,8 @@ impl Detector {
             arp_bindings,
             bindings: HashMap::new(),
             claims_reported: HashSet::new(),
+            garp_samples: HashMap::new(),
+            garp_reported: HashMap::new(),
             zones_checked: None,
             learner,
         }
@@ -653,8 +689,10 @@ impl Detector {
             out.push(e);
         }
 
-        // 5. Address claims on each link (interface and VLAN) by hosts.
+        // 5. Address claims on each link (interface and VLAN) by hosts, and
+        // gratuitous-ARP floods.
         out.extend(self.claims(tables, &members, now));
+        out.extend(self.garp_floods(tables, &members, now));
 
         // 6. Decommissioned devices that sent traffic (in this run) after they were
         // decommissioned: once per device and decommissioning.
@@ -754,6 +792,66 @@ impl Detector {
                 e.evidence = format!("claimer last seen {}", rfc3339(anchor.wall(d.last_seen_ns)));
                 out.push(e);
             }
+        }
+        out
+    }
+
+    /// `gratuitous_arp_flood`: a host sent `garp_flood_frames` gratuitous
+    /// ARPs or more within the window (compared with its total at the
+    /// oldest pass inside the window, so a flood straddling passes counts
+    /// whole). Once per host per `dedup_secs`.
+    fn garp_floods(&mut self, tables: &Tables, members: &Members, now: SystemTime) -> Vec<Event> {
+        let mono = crate::base::clock::mono_ns();
+        let window = self.cfg.garp_flood_window_secs * 1_000_000_000;
+        let dedup = self.cfg.dedup_secs.saturating_mul(1_000_000_000);
+        let mut out = Vec::new();
+        for (_, key, d) in tables.devices.iter() {
+            if !self.garp_samples.contains_key(&key) && self.garp_samples.len() >= MAX_BINDINGS {
+                continue;
+            }
+            // Every device gets a first sample, so a quiet host's first burst
+            // counts whole; later ones only when its total changed.
+            let samples = self.garp_samples.entry(key).or_insert_with(|| {
+                // First seen within the window: everything it sent is recent;
+                // else (an entry kept from before the start) its past is not.
+                let first = if mono.saturating_sub(d.first_seen_ns) <= window {
+                    (d.first_seen_ns, 0)
+                } else {
+                    (mono, d.gratuitous_arps)
+                };
+                std::collections::VecDeque::from([first])
+            });
+            if samples.back().is_some_and(|s| s.1 == d.gratuitous_arps) {
+                continue;
+            }
+            // The base: the newest sample at or before the window's start
+            // (the total held from then until the next sample).
+            while samples.len() > 1 && mono.saturating_sub(samples[1].0) >= window {
+                samples.pop_front();
+            }
+            let (since, base) = samples[0];
+            let sent = d.gratuitous_arps.saturating_sub(base);
+            samples.push_back((mono, d.gratuitous_arps));
+            let recent = self.garp_reported.get(&key).is_some_and(|&t| mono.saturating_sub(t) < dedup);
+            if sent < self.cfg.garp_flood_frames || recent {
+                continue;
+            }
+            self.garp_reported.insert(key, mono);
+            let ip = d.ips.iter().find(|ip| ip.is_ipv4()).copied();
+            let target = ip.and_then(|ip| members.target(&ip)).unwrap_or_default();
+            let mac = crate::base::net::mac_string(key.mac);
+            let mut e = base_event("gratuitous_arp_flood", "high", &target, now);
+            e.src = ip.map(|ip| ip.to_string()).unwrap_or_default();
+            e.vlan = key.vlan;
+            e.iface = iface(&self.ifnames, key.ifindex);
+            e.mac = Some(mac.clone());
+            let secs = (mono.saturating_sub(since).min(window) as f64 / 1e9).max(0.1);
+            e.reason = format!(
+                "{mac} sent {sent} gratuitous ARPs in {secs:.1} s (detection.garp_flood_frames: {} within {} s)",
+                self.cfg.garp_flood_frames, self.cfg.garp_flood_window_secs
+            );
+            e.evidence = format!("{} gratuitous ARPs from it since the agent started", d.gratuitous_arps);
+            out.push(e);
         }
         out
     }

@@ -119,6 +119,7 @@ pub const DETECTIONS: &[&str] = &[
     "rogue_dhcp_server",
     "rogue_router_advertisement",
     "arp_spoofing",
+    "gratuitous_arp_flood",
     "duplicate_ip",
     "rogue_device",
     "decommissioned_device",

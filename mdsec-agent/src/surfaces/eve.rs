@@ -377,6 +377,7 @@ const DETECTION_SIDS: &[(&str, u32)] = &[
     ("exception_close", 9_000_120),
     ("quarantine", 9_000_121),
     ("quarantine_lifted", 9_000_122),
+    ("gratuitous_arp_flood", 9_000_123),
 ];
 
 /// Policy signatures: 9,100,000 + a 20-bit hash of (segment, rule).
@@ -421,6 +422,7 @@ fn category(kind: &str) -> &'static str {
         | "rogue_dhcp_server"
         | "rogue_router_advertisement"
         | "arp_spoofing"
+        | "gratuitous_arp_flood"
         | "duplicate_ip"
         | "incident" => "Potentially Bad Traffic",
         "new_device" | "new_destination" | "new_port" | "new_app" => "Misc activity",

@@ -159,6 +159,11 @@ pub struct DeviceRecord {
     pub ips: BTreeSet<IpAddr>,
     /// Insertion order of `ips`, to know which is oldest.
     ip_order: Vec<IpAddr>,
+    /// Gratuitous ARPs sent since the agent started (`DeviceValue::
+    /// gratuitous_arps` differences, across re-created entries).
+    pub gratuitous_arps: u64,
+    /// The kernel entry they were last read from: (its first_seen, its count).
+    garp_entry: (u64, u32),
 }
 
 impl DeviceRecord {
@@ -172,7 +177,18 @@ impl DeviceRecord {
             last_seen_ns,
             ips: BTreeSet::new(),
             ip_order: Vec::new(),
+            gratuitous_arps: 0,
+            garp_entry: (0, 0),
         }
+    }
+
+    /// Adds what the kernel entry counted since the last read: all of it
+    /// when the entry is a new one (evicted and created again).
+    fn observe_garp(&mut self, entry_first_seen: u64, count: u32) {
+        let (first, last) = self.garp_entry;
+        let new = if first == entry_first_seen { count.wrapping_sub(last) } else { count };
+        self.gratuitous_arps += new as u64;
+        self.garp_entry = (entry_first_seen, count);
     }
 
     /// Every frame the device sent: its own entry and its flows.
@@ -668,6 +684,7 @@ impl Tables {
             let r = self.devices.at_mut(i);
             r.seen = now;
             self.device_evictions += r.counts.observe(v.first_seen_ns, v.packets, v.bytes) as u64;
+            r.observe_garp(v.first_seen_ns, v.gratuitous_arps);
             r.first_seen_ns = r.first_seen_ns.min(v.first_seen_ns);
             r.last_seen_ns = r.last_seen_ns.max(v.last_seen_ns);
             if v.ipv4 != [0; 4] {
@@ -1149,6 +1166,30 @@ mod tests {
         v.foreign_packets = foreign;
         v.foreign_bytes = foreign * 100;
         v
+    }
+
+    #[test]
+    fn gratuitous_arps_add_up_across_reads_and_recreated_entries() {
+        let mut t = Tables::default();
+        let k = DeviceKey { ifindex: 2, vlan: 0, mac: [2, 0, 0, 0, 0, 1] };
+        let entry = |first_seen_ns, gratuitous_arps| DeviceValue {
+            first_seen_ns,
+            last_seen_ns: first_seen_ns,
+            packets: 1,
+            gratuitous_arps,
+            ..Default::default()
+        };
+        let garps = |t: &Tables| t.devices.iter().map(|(_, _, r)| r.gratuitous_arps).sum::<u64>();
+        t.merge(&[], &[(k, entry(5, 5))]);
+        t.merge(&[], &[(k, entry(5, 9))]);
+        assert_eq!(garps(&t), 9);
+        // Evicted and created again: its count starts over.
+        t.merge(&[], &[(k, entry(50, 2))]);
+        assert_eq!(garps(&t), 11);
+        // The counter wraps.
+        t.merge(&[], &[(k, entry(50, u32::MAX))]);
+        t.merge(&[], &[(k, entry(50, 3))]);
+        assert_eq!(garps(&t), 11 + (u32::MAX as u64 - 2) + 4);
     }
 
     #[test]
