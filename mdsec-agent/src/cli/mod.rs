@@ -198,6 +198,7 @@ enum DeviceCmd {
 enum ExceptionCmd {
     /// Open access for a peer to or from an enforce segment, for a while.
     Open {
+        /// The enforce segment the access is for.
         #[arg(long)]
         segment: String,
         /// The peer, either way (an address, CIDR, zone or segment).
@@ -221,8 +222,10 @@ enum ExceptionCmd {
         /// How long, e.g. 90m or 2h (at most change_control.max_exception_minutes).
         #[arg(long = "for")]
         duration: String,
+        /// The change or incident ticket (recorded, and in its events).
         #[arg(long)]
         ticket: String,
+        /// Why (recorded, and in its events).
         #[arg(long)]
         reason: String,
         /// Who opens it (default: $SUDO_USER or $USER).
@@ -233,9 +236,12 @@ enum ExceptionCmd {
     },
     /// Close an open exception before it expires.
     Close {
+        /// Its id (`exception list`).
         id: u64,
+        /// Why it closes early (recorded).
         #[arg(long)]
         reason: String,
+        /// Who closes it (default: $SUDO_USER or $USER).
         #[arg(long)]
         by: Option<String>,
         #[command(flatten)]
