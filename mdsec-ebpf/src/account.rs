@@ -109,8 +109,8 @@ fn device(p: &Packet, now: u64, packets: u64, len: u64) {
         v6 = p.src;
     }
     let link_local = v6[0] == 0xfe && v6[1] & 0xc0 == 0x80;
-    // Zero unless an Ethernet/IPv4 ARP set the addresses; added
-    // unconditionally, so the verifier has no branch on it to follow.
+    // Zero unless an Ethernet/IPv4 ARP set the addresses; computed without
+    // a branch (one here is followed through the rest of the program).
     let garp = mdsec_common::net::arp_announces(p.arp_spa, p.arp_tpa);
 
     if let Some(d) = DEVICES.get_ptr_mut(&key) {
@@ -158,7 +158,11 @@ fn update_device(
             add(&mut (*d).bytes, len);
         }
         (*d).last_seen_ns = now;
-        add32(&mut (*d).gratuitous_arps, garp);
+        // Only then: an atomic add of 0 on every device update would cost
+        // the per-packet path for nothing.
+        if garp != 0 {
+            add32(&mut (*d).gratuitous_arps, garp);
+        }
         if !is_zero(v4) {
             (*d).ipv4 = *v4;
         }

@@ -70,6 +70,24 @@ fn next_attempt(a: &Agent, reloads: u64) -> serde_json::Value {
     .unwrap()
 }
 
+/// The approval of the first policy (zones + `pumps("9000")`), as `policy
+/// apply` writes it: (its content hash, `approval.yaml`).
+fn first_approval(topo: &Topology) -> (String, String) {
+    let scratch = TempDir(std::env::temp_dir().join(format!("{}-review", topo.id)));
+    std::fs::create_dir_all(&scratch.0).unwrap();
+    std::fs::write(scratch.0.join("zones.yaml"), ZONES).unwrap();
+    std::fs::write(scratch.0.join("pumps.yaml"), pumps("9000")).unwrap();
+    let hash = approval::read(&scratch.0).unwrap().hash;
+    let yaml = approval::render(&approval::Approval {
+        content_hash: hash.clone(),
+        approved_by: "B. Med (biomed)".into(),
+        ticket: "CHG-100".into(),
+        approved_at: None,
+        at: (0, 0),
+    });
+    (hash, yaml)
+}
+
 #[test]
 fn only_approved_policy_content_is_installed_and_every_generation_is_recorded() {
     let topo = Topology::new(2).unwrap();
@@ -77,18 +95,7 @@ fn only_approved_policy_content_is_installed_and_every_generation_is_recorded() 
     // The first policy comes approved (an agent is ready only once a policy
     // is installed): the approval of exactly these files, as `policy apply`
     // writes it.
-    let scratch = TempDir(std::env::temp_dir().join(format!("{}-review", topo.id)));
-    std::fs::create_dir_all(&scratch.0).unwrap();
-    std::fs::write(scratch.0.join("zones.yaml"), ZONES).unwrap();
-    std::fs::write(scratch.0.join("pumps.yaml"), pumps("9000")).unwrap();
-    let approved = approval::read(&scratch.0).unwrap().hash;
-    let first = approval::render(&approval::Approval {
-        content_hash: approved.clone(),
-        approved_by: "B. Med (biomed)".into(),
-        ticket: "CHG-100".into(),
-        approved_at: None,
-        at: (0, 0),
-    });
+    let (approved, first) = first_approval(&topo);
     let opts = |pumps_yaml: String, approval: Option<&str>| AgentOptions {
         policy: [("zones.yaml", ZONES.to_string()), ("pumps.yaml", pumps_yaml)]
             .into_iter()
@@ -333,18 +340,7 @@ fn a_maintenance_window_opens_and_closes_on_time_under_traffic() {
 fn on_demand_access_opens_closes_and_expires_under_traffic() {
     let topo = Topology::new(2).unwrap();
     let state = TempDir(std::env::temp_dir().join(format!("{}-state", topo.id)));
-    let scratch = TempDir(std::env::temp_dir().join(format!("{}-review", topo.id)));
-    std::fs::create_dir_all(&scratch.0).unwrap();
-    std::fs::write(scratch.0.join("zones.yaml"), ZONES).unwrap();
-    std::fs::write(scratch.0.join("pumps.yaml"), pumps("9000")).unwrap();
-    let approved = approval::read(&scratch.0).unwrap().hash;
-    let approval_yaml = approval::render(&approval::Approval {
-        content_hash: approved.clone(),
-        approved_by: "B. Med (biomed)".into(),
-        ticket: "CHG-100".into(),
-        approved_at: None,
-        at: (0, 0),
-    });
+    let (approved, approval_yaml) = first_approval(&topo);
     let opts = || AgentOptions {
         policy: vec![
             ("zones.yaml".into(), ZONES.into()),

@@ -409,29 +409,34 @@ impl Rule {
     /// `to PEER PROTO PORTS [app APP]`: how reports and diffs name a rule
     /// (`quarantine to …` for a `quarantine_allow` rule).
     pub fn text(&self) -> String {
-        let mut t = format!(
-            "{}{} {}",
-            if self.quarantine { "quarantine " } else { "" },
-            match self.direction {
-                Direction::Out => "to",
-                Direction::In => "from",
-            },
-            self.peer
-        );
-        t += &format!(" {}", self.proto.map_or("any".into(), crate::base::net::proto_name));
-        if !self.ports.is_empty() {
-            let ports: Vec<String> = self
-                .ports
-                .iter()
-                .map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") })
-                .collect();
-            t += &format!(" {}", ports.join(","));
-        }
-        if let Some(a) = self.app {
-            t += &format!(" app {}", a.name());
-        }
-        t
+        let word = match self.direction {
+            Direction::Out => "to",
+            Direction::In => "from",
+        };
+        let t = rule_text(word, &self.peer.to_string(), self.proto, &self.ports, self.app.map(|a| a.name()));
+        if self.quarantine { format!("quarantine {t}") } else { t }
     }
+}
+
+/// `WORD PEER PROTO [PORTS] [app APP]`: one text for rules and on-demand
+/// exceptions (`ondemand::Grant::text`).
+pub fn rule_text(
+    word: &str,
+    peer: &str,
+    proto: Option<u8>,
+    ports: &[(u16, u16)],
+    app: Option<&str>,
+) -> String {
+    let mut t = format!("{word} {peer} {}", proto.map_or("any".into(), crate::base::net::proto_name));
+    if !ports.is_empty() {
+        let ports: Vec<String> =
+            ports.iter().map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect();
+        t += &format!(" {}", ports.join(","));
+    }
+    if let Some(a) = app {
+        t += &format!(" app {a}");
+    }
+    t
 }
 
 #[derive(Debug, Clone)]

@@ -99,6 +99,35 @@ pub struct CloseRequest {
     pub actor: String,
 }
 
+impl CloseRequest {
+    /// The closing it asks for at `now`, or the error naming the field.
+    pub fn closed(&self, now: SystemTime) -> Result<Closed, String> {
+        if self.reason.trim().is_empty() {
+            return Err("reason: a closing needs a reason".into());
+        }
+        one_line("reason", &self.reason, 1024)?;
+        one_line("actor", &self.actor, 128)?;
+        Ok(Closed {
+            time: rfc3339(now),
+            by: actor_or_unknown(&self.actor),
+            reason: self.reason.trim().into(),
+        })
+    }
+}
+
+/// At most `limit` bytes and no control characters (a ticket, reason or
+/// actor goes into logs and syslog lines).
+fn one_line(field: &str, v: &str, limit: usize) -> Result<(), String> {
+    if v.len() > limit || v.chars().any(char::is_control) {
+        return Err(format!("{field}: at most {limit} bytes, no control characters"));
+    }
+    Ok(())
+}
+
+fn actor_or_unknown(actor: &str) -> String {
+    if actor.trim().is_empty() { "unknown".into() } else { actor.trim().into() }
+}
+
 impl Grant {
     pub fn expires_at(&self) -> Option<SystemTime> {
         self.expires.parse::<jiff::Timestamp>().ok().map(SystemTime::from)
@@ -106,28 +135,12 @@ impl Grant {
 
     /// `to PEER tcp 22 for CHG-1`: how events and lists name it.
     pub fn text(&self) -> String {
-        let mut t = format!(
-            "{} {}",
-            match self.access {
-                Access::To => "to",
-                Access::From => "from",
-                Access::Both => "with",
-            },
-            self.peer
-        );
-        t += &format!(" {}", self.proto.map_or("any".into(), crate::base::net::proto_name));
-        if !self.ports.is_empty() {
-            let p: Vec<String> = self
-                .ports
-                .iter()
-                .map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") })
-                .collect();
-            t += &format!(" {}", p.join(","));
-        }
-        if let Some(a) = &self.app {
-            t += &format!(" app {a}");
-        }
-        t
+        let word = match self.access {
+            Access::To => "to",
+            Access::From => "from",
+            Access::Both => "with",
+        };
+        super::model::rule_text(word, &self.peer, self.proto, &self.ports, self.app.as_deref())
     }
 
     /// Where its rules say they come from (`Rule::file`).
@@ -203,16 +216,13 @@ pub fn validate(
             max.as_secs() / 60
         ));
     }
-    for (field, v, limit) in
-        [("ticket", &req.ticket, 128), ("reason", &req.reason, 1024), ("actor", &req.actor, 128)]
-    {
-        if field != "actor" && v.trim().is_empty() {
+    for (field, v, limit) in [("ticket", &req.ticket, 128), ("reason", &req.reason, 1024)] {
+        if v.trim().is_empty() {
             return Err(format!("{field}: an on-demand exception needs a {field}"));
         }
-        if v.len() > limit || v.chars().any(char::is_control) {
-            return Err(format!("{field}: at most {limit} bytes, no control characters"));
-        }
+        one_line(field, v, limit)?;
     }
+    one_line("actor", &req.actor, 128)?;
     Ok(Grant {
         id: 0,
         segment: seg.name.clone(),
@@ -225,7 +235,7 @@ pub fn validate(
         expires: rfc3339(now + duration),
         ticket: req.ticket.trim().into(),
         reason: req.reason.trim().into(),
-        opened_by: if req.actor.trim().is_empty() { "unknown".into() } else { req.actor.trim().into() },
+        opened_by: actor_or_unknown(&req.actor),
         closed: None,
     })
 }

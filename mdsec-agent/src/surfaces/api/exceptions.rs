@@ -129,19 +129,9 @@ pub async fn close(
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("body: {e}")),
     };
-    if req.reason.trim().is_empty() || req.reason.len() > 1024 || req.reason.chars().any(char::is_control) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "reason: a closing needs a reason (at most 1024 bytes, one line)",
-        );
-    }
-    if req.actor.len() > 128 || req.actor.chars().any(char::is_control) {
-        return error(StatusCode::BAD_REQUEST, "actor: at most 128 bytes, no control characters");
-    }
-    let c = Closed {
-        time: rfc3339(std::time::SystemTime::now()),
-        by: if req.actor.trim().is_empty() { "unknown".into() } else { req.actor.trim().into() },
-        reason: req.reason.trim().into(),
+    let c = match req.closed(std::time::SystemTime::now()) {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let st2 = st.clone();
     let r = tokio::task::spawn_blocking(move || {
