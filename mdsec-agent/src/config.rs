@@ -131,6 +131,10 @@ pub struct Config {
     /// "Send flows to your collector").
     #[serde(default)]
     pub ipfix: Option<crate::surfaces::ipfix::IpfixConfig>,
+    /// Events, flow records and inventory to a Kafka broker the fleet shares
+    /// (docs/FLEET.md).
+    #[serde(default)]
+    pub kafka: Option<crate::surfaces::kafka::KafkaConfig>,
     /// Clinical triage matrix: clinical function → patient-safety impact →
     /// escalation path. Every event carries the impact and escalation of its
     /// segment's function.
@@ -356,7 +360,7 @@ impl Config {
             .collect()
     }
 
-    /// What this host says against the export sinks: a log or socket in a
+    /// What this host says against the export sinks (and `kafka:`): a log or socket in a
     /// directory that does not exist, a collector or syslog host that does
     /// not resolve (errors); a socket nobody listens on yet (a warning: the
     /// exporter connects when its consumer starts).
@@ -398,6 +402,11 @@ impl Config {
                     let steps = vec![Step::Key("ipfix"), "collectors".into(), Step::Index(i)];
                     at(steps, false, format!("ipfix collector `{c}`: the address does not resolve"));
                 }
+            }
+        }
+        if let Some(k) = &self.kafka {
+            for p in k.host_problems(&self.state_dir) {
+                at(kafka_steps(&p), false, p.message.clone());
             }
         }
         if let Some(sl) = &self.events.syslog {
@@ -638,6 +647,9 @@ impl Config {
                 ));
             }
         }
+        if let Some(p) = self.kafka.as_ref().and_then(|k| k.problems().into_iter().next()) {
+            return Err(at(&kafka_steps(&p), p.message.clone()));
+        }
         if let Some(sl) = &self.events.syslog {
             let here = |key: &'static str| [Step::Key("events"), "syslog".into(), key.into()];
             SyslogTarget::parse(&sl.target)
@@ -738,6 +750,14 @@ impl Config {
     pub fn ports(&self) -> Vec<Port> {
         Port::all(&self.interfaces, &self.bridges)
     }
+}
+
+/// Where under `kafka:` a problem is.
+fn kafka_steps(p: &crate::surfaces::kafka::config::Problem) -> Vec<Step<'_>> {
+    let mut steps = vec![Step::Key("kafka")];
+    steps.extend(p.steps.iter().map(|s| Step::Key(s.as_str())));
+    steps.extend(p.index.map(Step::Index));
+    steps
 }
 
 #[cfg(test)]

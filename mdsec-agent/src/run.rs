@@ -74,10 +74,21 @@ pub async fn run(cfg: Config) -> Result<()> {
     let ipfix_stats = Arc::new(crate::surfaces::ipfix::IpfixStats::default());
     let ipfix =
         cfg.ipfix.as_ref().map(|c| crate::surfaces::ipfix::spawn(c, ipfix_stats.clone())).transpose()?;
+    let kafka_stats = Arc::new(crate::surfaces::kafka::KafkaStats::default());
+    let kafka = match &cfg.kafka {
+        Some(k) => {
+            let eve = crate::surfaces::eve::Eve::new(&cfg.events.eve, &crate::base::net::hostname());
+            let sink = crate::surfaces::kafka::spawn(k, &cfg.state_dir, eve, kafka_stats.clone())?;
+            sink.interfaces(dp.ifnames());
+            info!("kafka: producing to {} as site {} gateway {}", k.brokers.join(","), k.site, k.gateway());
+            Some(sink)
+        }
+        None => None,
+    };
     if let Some(x) = &exporter {
         x.interfaces(dp.ifnames());
     }
-    let ended = EndedSinks { events: exporter.clone(), ipfix };
+    let ended = EndedSinks { events: exporter.clone(), ipfix, kafka: kafka.clone() };
     if ended.any() {
         let sinks = ended.clone();
         poller.on_ended(move |e| sinks.send(e));
@@ -118,6 +129,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let policy = Arc::new(RwLock::new(PolicyState::default()));
     let store = Arc::new(RwLock::new(EventStore {
         exporter: exporter.clone(),
+        kafka: kafka.clone(),
         triage: cfg.triage.clone(),
         incidents: crate::detection::incident::Incidents::new(
             cfg.incidents.clone(),
@@ -214,6 +226,11 @@ pub async fn run(cfg: Config) -> Result<()> {
         },
         config_decommissioned: cfg.decommissioned_macs(),
         quarantine: None,
+        inventory_feed: kafka.clone().map(|k| InventoryFeed {
+            sink: k,
+            publisher: Default::default(),
+            refresh: Duration::from_secs(cfg.kafka.as_ref().map_or(300, |c| c.inventory_refresh_secs)),
+        }),
         db,
     };
     pass.detector.seed(history.values());
@@ -241,6 +258,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         started: SystemTime::now(),
         export_stats,
         ipfix_stats,
+        kafka_stats,
+        kafka_configured: cfg.kafka.is_some(),
         token,
         basic_auth: crate::surfaces::tls::BasicAuth::new(cfg.api.basic_auth_users.clone()),
         metrics_token: cfg.api.metrics_token,
@@ -320,6 +339,9 @@ pub async fn run(cfg: Config) -> Result<()> {
             }
         }
     }
+    if let Some(k) = &kafka {
+        k.stop(Duration::from_secs(5));
+    }
     match cfg.on_exit {
         OnExit::Detach => {
             info!("{why}: detaching XDP and removing pins");
@@ -338,11 +360,12 @@ pub async fn run(cfg: Config) -> Result<()> {
 struct EndedSinks {
     events: Option<crate::surfaces::export::Exporter>,
     ipfix: Option<crate::surfaces::ipfix::Ipfix>,
+    kafka: Option<crate::surfaces::kafka::KafkaSink>,
 }
 
 impl EndedSinks {
     fn any(&self) -> bool {
-        self.events.is_some() || self.ipfix.is_some()
+        self.events.is_some() || self.ipfix.is_some() || self.kafka.is_some()
     }
 
     /// One batch to both (shared: the exporters' threads encode it).
@@ -353,6 +376,9 @@ impl EndedSinks {
         let batch = Arc::new(batch);
         if let Some(ix) = &self.ipfix {
             ix.send(batch.clone());
+        }
+        if let Some(k) = &self.kafka {
+            k.ended(batch.clone());
         }
         if let Some(x) = &self.events {
             x.ended(batch);
@@ -371,6 +397,11 @@ impl EndedSinks {
         {
             warn!("the event exporter did not finish writing {n} flow records within 10 s");
         }
+        if let Some(k) = &self.kafka
+            && !k.flush(Duration::from_secs(10))
+        {
+            warn!("the kafka spool did not take {n} flow records within 10 s");
+        }
     }
 }
 
@@ -383,6 +414,14 @@ struct StorePass {
     config_decommissioned: std::collections::BTreeSet<String>,
     /// The quarantine set last handed to the policy thread.
     quarantine: Option<Vec<crate::policy::quarantine::Quarantined>>,
+    /// The inventory's changes to the fleet's compacted topic.
+    inventory_feed: Option<InventoryFeed>,
+}
+
+struct InventoryFeed {
+    sink: crate::surfaces::kafka::KafkaSink,
+    publisher: crate::surfaces::kafka::InventoryPublisher,
+    refresh: Duration,
 }
 
 impl StorePass {
@@ -413,6 +452,9 @@ impl StorePass {
                 }
             }
             Err(e) => warn!("saving devices failed: {e:#}"),
+        }
+        if let Some(f) = &mut self.inventory_feed {
+            f.sink.inventory(f.publisher.changes(devices, f.refresh, SystemTime::now()));
         }
     }
 

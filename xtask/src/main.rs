@@ -292,6 +292,9 @@ fn dpkg_installed(pkg: &str) -> bool {
 /// `dnsmasq-base` rather than `dnsmasq`: the binary without a system service.
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
+    // librdkafka (the fleet's Kafka client) links the system OpenSSL.
+    "libssl-dev",
+    "pkg-config",
     // GRO on the veth peers of a bump in the wire: native XDP_REDIRECT into a
     // veth needs NAPI on the receiving end.
     "ethtool",
@@ -376,6 +379,21 @@ fn setup_with(extra: &[&'static str]) -> Result<()> {
             .args(["install", "bpf-linker", "--locked", "--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }
+    if !tansu_ready() {
+        // The fleet tests' Kafka-protocol broker (Apache Kafka's jars need
+        // Maven Central, which these machines cannot reach). Built once into
+        // cargo's bin directory; a fresh machine's first setup pays ~15 min.
+        eprintln!("xtask setup: building the Tansu Kafka broker {TANSU_VERSION} (about 15 minutes, once)");
+        run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args([
+            "install",
+            "tansu",
+            "--version",
+            TANSU_VERSION,
+            "--locked",
+            "--features",
+            "libsql",
+        ]))?;
+    }
     match toolchain::detect() {
         Some(tc) => {
             eprintln!("xtask setup: eBPF toolchain ready ({tc:?})");
@@ -383,6 +401,16 @@ fn setup_with(extra: &[&'static str]) -> Result<()> {
         }
         None => bail!("no eBPF toolchain after setup: see shared/toolchain.md"),
     }
+}
+
+/// The broker the fleet tests run (`tansu --version` prints `tansu 0.6.0`).
+const TANSU_VERSION: &str = "0.6.0";
+
+fn tansu_ready() -> bool {
+    Command::new(toolchain::cargo_bin_dir().join("tansu"))
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == format!("tansu {TANSU_VERSION}"))
 }
 
 /// Test and lab artefacts are all named with these prefixes.

@@ -238,7 +238,7 @@ Version: {version}
 Architecture: {arch}
 Maintainer: mdsec maintainers <mdsec@example.org>
 Installed-Size: {size}
-Depends: libc6 (>= {libc}), libgcc-s1 (>= 4.2)
+Depends: libc6 (>= {libc}), libgcc-s1 (>= 4.2), libssl3 (>= 3.0.0), zlib1g (>= 1:1.2.0)
 Recommends: ieee-data
 Section: net
 Priority: optional

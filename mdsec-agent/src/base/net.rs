@@ -147,3 +147,20 @@ impl Backoff {
         self.retry_at = std::time::Instant::now();
     }
 }
+
+/// This machine's host name (EVE's `host`, the Kafka gateway id by default).
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
+    // within it on success.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let name = if ok {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    // RFC 5424 HOSTNAME: printable ASCII without spaces, at most 255; `-` if unknown.
+    let clean: String = name.chars().filter(|c| c.is_ascii_graphic()).take(255).collect();
+    if clean.is_empty() { "-".into() } else { clean }
+}

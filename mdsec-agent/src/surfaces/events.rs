@@ -35,6 +35,8 @@ pub struct EventStore {
     /// Detections not emitted because an equal one was, by type (for metrics).
     pub suppressed: BTreeMap<String, u64>,
     pub exporter: Option<crate::surfaces::export::Exporter>,
+    /// The fleet's events topic.
+    pub kafka: Option<crate::surfaces::kafka::KafkaSink>,
     pub triage: crate::detection::triage::TriageConfig,
     /// Events not yet in the state database (the store thread writes them).
     pub unsaved: Vec<model::Event>,
@@ -68,6 +70,9 @@ impl EventStore {
         *self.by_type.entry(e.kind.clone()).or_default() += 1;
         if let Some(x) = self.exporter.as_ref().filter(|_| !e.subsumed) {
             x.send(&e);
+        }
+        if let Some(k) = self.kafka.as_ref().filter(|_| !e.subsumed) {
+            k.event(&e);
         }
         if self.unsaved.len() < UNSAVED_MAX {
             self.unsaved.push(e.clone());

@@ -123,7 +123,7 @@ pub fn spawn(cfg: &EventsConfig, stats: Arc<ExportStats>) -> Result<Option<Expor
         return Ok(None);
     }
     let mut log = cfg.log.as_deref().map(open_log).transpose()?;
-    let eve = Eve::new(&cfg.eve, &hostname());
+    let eve = Eve::new(&cfg.eve, &crate::base::net::hostname());
     let log_format = cfg.log_format;
     let syslog_format = cfg.syslog.as_ref().map_or(Format::Native, |s| s.format);
     let socket_format = cfg.socket.as_ref().map_or(Format::Native, |s| s.format);
@@ -336,7 +336,7 @@ impl Syslog {
             target,
             facility,
             app_name,
-            hostname: hostname(),
+            hostname: crate::base::net::hostname(),
             conn: None,
             backoff: Default::default(),
         };
@@ -398,22 +398,6 @@ impl Syslog {
         }
         Ok(r?)
     }
-}
-
-fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
-    // within it on success.
-    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
-    let name = if ok {
-        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-        String::from_utf8_lossy(&buf[..end]).into_owned()
-    } else {
-        String::new()
-    };
-    // RFC 5424 HOSTNAME: printable ASCII without spaces, at most 255; `-` if unknown.
-    let clean: String = name.chars().filter(|c| c.is_ascii_graphic()).take(255).collect();
-    if clean.is_empty() { "-".into() } else { clean }
 }
 
 /// Escapes a structured-data parameter value (RFC 5424 section 6.3.3).

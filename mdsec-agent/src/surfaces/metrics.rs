@@ -75,6 +75,7 @@ pub fn render(st: &AppState) -> String {
     baseline(&r, st);
     evidence(&r, st);
     events(&r, st);
+    kafka(&r, st);
     let mut out = Vec::new();
     TextEncoder::new().encode(&r.0.gather(), &mut out).expect("text encoding");
     String::from_utf8(out).expect("text exposition is UTF-8")
@@ -538,4 +539,61 @@ fn events(r: &R, st: &AppState) {
     r.counter("mdsec_ipfix_messages_total", "IPFIX messages sent, over every collector.", &[])
         .with_label_values::<&str>(&[])
         .inc_by(ix.messages_sent.load(Ordering::Relaxed));
+}
+
+/// The fleet producer (docs/FLEET.md); absent without `kafka:`.
+fn kafka(r: &R, st: &AppState) {
+    if !st.kafka_configured {
+        return;
+    }
+    let k = &st.kafka_stats;
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let spooled = r.counter(
+        "mdsec_kafka_spooled_total",
+        "Messages appended to the Kafka spool (every message is, before it is sent), by topic.",
+        &["topic"],
+    );
+    let delivered = r.counter(
+        "mdsec_kafka_delivered_total",
+        "Messages the broker acknowledged (acks=all), by topic.",
+        &["topic"],
+    );
+    for (i, t) in crate::surfaces::kafka::TOPIC_KINDS.iter().enumerate() {
+        spooled.with_label_values(&[t]).inc_by(load(&k.spooled[i]));
+        delivered.with_label_values(&[t]).inc_by(load(&k.delivered[i]));
+    }
+    let plain = |name: &str, help: &str, v: u64| {
+        r.counter(name, help, &[]).with_label_values::<&str>(&[]).inc_by(v);
+    };
+    plain(
+        "mdsec_kafka_delivery_failures_total",
+        "Deliveries that failed (each message is sent again from the spool).",
+        load(&k.failed),
+    );
+    plain(
+        "mdsec_kafka_dropped_total",
+        "Messages removed undelivered because the spool was full (kafka.spool.max_mb).",
+        load(&k.dropped),
+    );
+    plain(
+        "mdsec_kafka_spool_errors_total",
+        "Messages that could not be written to the spool.",
+        load(&k.spool_errors),
+    );
+    let gauge = |name: &str, help: &str, v: u64| {
+        r.int_gauge(name, help, &[]).with_label_values::<&str>(&[]).set(v as i64);
+    };
+    gauge(
+        "mdsec_kafka_queued",
+        "Messages handed to the client and not yet acknowledged.",
+        load(&k.in_flight),
+    );
+    gauge("mdsec_kafka_spool_messages", "Messages in the spool not yet acknowledged.", load(&k.pending));
+    gauge("mdsec_kafka_spool_bytes", "Size of the spool on disk.", load(&k.spool_bytes));
+    gauge(
+        "mdsec_kafka_connected",
+        "1 when the last thing the broker did was acknowledge a message; 0 after a client error.",
+        load(&k.connected),
+    );
+    r.0.register(Box::new(k.latency.clone())).expect("unique metric");
 }

@@ -8,6 +8,7 @@ pub mod eve;
 pub mod events;
 pub mod export;
 pub mod ipfix;
+pub mod kafka;
 pub mod limiter;
 pub mod metrics;
 pub mod model;

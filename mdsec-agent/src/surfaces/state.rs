@@ -38,6 +38,9 @@ pub struct AppState {
     pub started: SystemTime,
     pub export_stats: Arc<crate::surfaces::export::ExportStats>,
     pub ipfix_stats: Arc<crate::surfaces::ipfix::IpfixStats>,
+    pub kafka_stats: Arc<crate::surfaces::kafka::KafkaStats>,
+    /// `kafka:` is configured (its metrics appear from the start).
+    pub kafka_configured: bool,
     /// Bearer token `/api/*` requires, if configured.
     pub token: Option<String>,
     /// `api.basic_auth_users` (for `/metrics`).
@@ -85,6 +88,8 @@ impl AppState {
             started: SystemTime::now(),
             export_stats: Default::default(),
             ipfix_stats: Default::default(),
+            kafka_stats: Default::default(),
+            kafka_configured: false,
             token: None,
             basic_auth: crate::surfaces::tls::BasicAuth::new(Default::default()),
             metrics_token: false,
