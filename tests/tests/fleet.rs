@@ -12,7 +12,7 @@ use std::{
 };
 
 use mdsec_tests::{
-    agent::{Agent, AgentOptions},
+    agent::{Agent, AgentOptions, cli_in},
     netns::{TempDir, Topology, in_netns},
     traffic,
 };
@@ -276,6 +276,30 @@ fn every_spooled_message_reaches_the_broker_across_an_agent_kill_and_a_broker_ki
         let text = mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
         assert!(macs.contains(&text), "{text} not in {macs:?}");
     }
+    // The fleet view: each device once, with its site and gateway.
+    let brokers = format!("127.0.0.1:{PORT}");
+    let (ok, out, err) = cli_in(&topo.gw, &["fleet", "--brokers", &brokers, "--json"]);
+    assert!(ok, "{err}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let shown: Vec<(String, String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["site"].as_str().unwrap().into(),
+                r["gateway"].as_str().unwrap().into(),
+                r["mac"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let mut expect: Vec<(String, String, String)> =
+        macs.iter().map(|m| ("north".to_string(), "gw-a".to_string(), m.clone())).collect();
+    expect.sort();
+    assert_eq!(shown, expect);
+    let (ok, out, err) = cli_in(&topo.gw, &["fleet", "--brokers", &brokers, "--show", "sites", "--json"]);
+    assert!(ok, "{err}");
+    let sites: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(sites[0]["site"], "north");
+    assert_eq!(sites[0]["devices"], 2);
     agent.stop().unwrap();
     drop(broker);
 }

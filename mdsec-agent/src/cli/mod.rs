@@ -19,6 +19,7 @@ mod device;
 mod docs;
 mod evidence;
 mod exception;
+mod fleet;
 mod lists;
 mod policy;
 pub mod table;
@@ -152,6 +153,42 @@ enum Cmd {
     /// The vulnerability register.
     #[command(subcommand)]
     Register(RegisterCmd),
+    /// Every site at once: devices, per-site numbers, devices that moved
+    /// between sites, recent incidents, read (read-only) from the Kafka topics
+    /// the gateways produce (docs/FLEET.md).
+    Fleet {
+        /// Bootstrap brokers, HOST:PORT[,HOST:PORT…].
+        #[arg(long)]
+        brokers: String,
+        /// What to list: devices, sites, moved or incidents.
+        #[arg(long, default_value = "devices")]
+        show: String,
+        #[arg(long, default_value = "mdsec.inventory")]
+        inventory_topic: String,
+        #[arg(long, default_value = "mdsec.events")]
+        events_topic: String,
+        /// A librdkafka property (TLS, SASL), PROPERTY=VALUE; repeatable.
+        #[arg(long)]
+        client: Vec<String>,
+        /// Only this site.
+        #[arg(long)]
+        site: Option<String>,
+        /// Only devices of this clinical class.
+        #[arg(long)]
+        class: Option<String>,
+        /// Only devices of this vendor (case-insensitive).
+        #[arg(long)]
+        vendor: Option<String>,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Skip this many rows first.
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
+        /// The rows as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the man pages (one per command) into a directory.
     #[command(hide = true)]
     Manpages {
@@ -418,6 +455,29 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
         ),
         Cmd::Exception(ExceptionCmd::Close { id, reason, by, q }) => exception::close(id, &reason, by, &q),
         Cmd::Exception(ExceptionCmd::List { all, q }) => exception::list(all, &q),
+        Cmd::Fleet {
+            brokers,
+            show,
+            inventory_topic,
+            events_topic,
+            client,
+            site,
+            class,
+            vendor,
+            limit,
+            offset,
+            json,
+        } => fleet::run(fleet::FleetArgs {
+            brokers,
+            inventory_topic,
+            events_topic,
+            client,
+            show,
+            filter: crate::surfaces::kafka::fleet::Filter { site, class, vendor },
+            limit,
+            offset,
+            json,
+        }),
         Cmd::Policy(PolicyCmd::Apply { config, approved_by, ticket, content_hash, dir }) => {
             policy::apply(&policy::ApplyArgs {
                 config: &config,

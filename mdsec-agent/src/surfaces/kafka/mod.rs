@@ -10,6 +10,8 @@
 //! other end only writes to the page cache.
 
 pub mod config;
+pub mod consume;
+pub mod fleet;
 pub mod producer;
 pub mod spool;
 
